@@ -1,0 +1,16 @@
+"""diffusers-retina: diffusion models for retinal image analysis as Hugging Face diffusers pipelines."""
+
+__version__ = "0.1.0"
+
+from .pipelines import (  # noqa: E402
+    RetinaPipelineMixin,
+    SegmentationEnsemblePipeline,
+    SegmentationEnsemblePipelineOutput,
+)
+
+__all__ = [
+    "RetinaPipelineMixin",
+    "SegmentationEnsemblePipeline",
+    "SegmentationEnsemblePipelineOutput",
+    "__version__",
+]

@@ -1,0 +1,169 @@
+"""Model cards for diffusers-retina checkpoints (huggingface_hub ``ModelCard`` / ``ModelCardData``).
+
+A trained pipeline folder holds two JSON files next to the weights:
+
+* ``training_info.json`` written by the training script (arguments, command, steps, time, parameters);
+* ``evaluation.json`` written by the evaluation benchmark (measured test metrics), optional.
+
+``write_segmentation_card(folder)`` renders ``model_cards/segmentation_ensemble.md`` from both, so the card always
+reports what was measured, and the same function serves the training script, the benchmark and ``push_to_hub``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "model_cards"
+TRAINING_INFO = "training_info.json"
+EVALUATION = "evaluation.json"
+
+CHASE_DB1_DESCRIPTION = (
+    "[CHASE_DB1](https://researchdata.kingston.ac.uk/96/) (Kingston University London / St George's, University of "
+    "London), licensed **CC BY 4.0**: 28 fundus photographs (999x960) of both eyes of 14 children with vessel "
+    "masks by two observers. Training used the first 20 images (Image_01L–Image_10R) with the first observer's masks "
+    "(`1stHO`); the 8 test images (Image_11L–Image_14R) were not used for training. Cite: Fraz MM, Remagnino P, "
+    "Hoppe A, Uyyanonvara B, Rudnicka AR, Owen CG, Barman SA, *An ensemble classification-based approach applied to "
+    "retinal blood vessel segmentation*, IEEE Trans. Biomed. Eng. 59(9):2538–2548, 2012."
+)
+
+METRIC_LABELS = {
+    "dice": "Dice",
+    "cldice": "clDice",
+    "iou": "IoU",
+    "auc_roc": "AUC-ROC",
+    "auc_pr": "AUC-PR",
+    "ece": "ECE",
+    "hd95": "HD95 (px)",
+}
+
+
+def write_json(path: Union[str, os.PathLike], data: Dict[str, Any]) -> None:
+    """Write JSON atomically (temporary file, then rename) so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Union[str, os.PathLike]) -> Optional[Dict[str, Any]]:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def command_line(argv: List[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def _format_duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "unknown time"
+    hours, rest = divmod(int(round(seconds)), 3600)
+    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+
+
+def _evaluation_markdown(evaluation: Optional[Dict[str, Any]]) -> str:
+    if not evaluation:
+        return "Not evaluated yet: run `python benchmarks/evaluate_segmentation.py --pipeline <this folder>`."
+    rows = evaluation["rows"]
+    metrics = [m for m in METRIC_LABELS if any(m in row["metrics"] for row in rows)]
+    lines = [
+        f"{evaluation['description']}",
+        "",
+        "| Method | " + " | ".join(METRIC_LABELS[m] for m in metrics) + " | s / image |",
+        "|---|" + "---|" * (len(metrics) + 1),
+    ]
+    for row in rows:
+        cells = []
+        for m in metrics:
+            value = row["metrics"].get(m)
+            std = row["metrics"].get(m + "_std")
+            cells.append("–" if value is None else f"{value:.3f}" + (f" ± {std:.3f}" if std is not None else ""))
+        seconds = row.get("seconds_per_image")
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + f" | {'–' if seconds is None else f'{seconds:.1f}'} |")
+    if evaluation.get("uncertainty"):
+        u = evaluation["uncertainty"]
+        lines += ["", "Uncertainty (mean over test pixels, fused ensemble): "
+                  + ", ".join(f"{k.replace('_', ' ')} = {v:.4f}" for k, v in u.items()) + "."]
+    if evaluation.get("notes"):
+        lines += ["", evaluation["notes"]]
+    lines += ["", "Measured with:", "", "```bash", evaluation["command"], "```"]
+    return "\n".join(lines)
+
+
+def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[str] = None) -> ModelCard:
+    """Build the model card of a trained `SegmentationEnsemblePipeline` folder from its JSON records.
+
+    Example:
+        >>> card = segmentation_model_card("checkpoints/segmentation-ensemble-chase")  # doctest: +SKIP
+        >>> card.save("checkpoints/segmentation-ensemble-chase/README.md")  # doctest: +SKIP
+    """
+    folder = Path(folder)
+    info = read_json(folder / TRAINING_INFO)
+    if info is None:
+        raise FileNotFoundError(f"{folder / TRAINING_INFO} is missing: it is written by the training script.")
+    evaluation = read_json(folder / EVALUATION)
+    args = info["args"]
+    repo_id = repo_id or args.get("hub_model_id") or f"diffusers-retina/{folder.name}"
+
+    eval_results = []
+    if evaluation:
+        main_row = evaluation["rows"][0]
+        for metric, value in main_row["metrics"].items():
+            if metric in METRIC_LABELS and value is not None:
+                eval_results.append(EvalResult(
+                    task_type="image-segmentation", dataset_type="chase_db1", dataset_name="CHASE_DB1",
+                    dataset_split="test (Image_11L–Image_14R, 1stHO, full resolution)", metric_type=metric,
+                    metric_name=METRIC_LABELS[metric], metric_value=round(float(value), 4),
+                ))
+    on_chase = "chase" in str(args.get("train_data_dir", "")).lower()
+    card_data = ModelCardData(
+        license="cc-by-4.0" if on_chase else "apache-2.0",
+        library_name="diffusers",
+        pipeline_tag="image-segmentation",
+        tags=["diffusers-retina", "diffusers", "medical-imaging", "retina", "vessel-segmentation",
+              "diffusion-segmentation", "uncertainty"],
+        datasets=["CHASE_DB1"] if on_chase else None,
+        metrics=["dice"],
+        model_name=repo_id,
+        eval_results=eval_results or None,
+    )
+    ema = f"EMA (max decay {args['ema_max_decay']})" if args.get("use_ema") else "no EMA"
+    validation = info.get("validation_dice")
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATES / "segmentation_ensemble.md"),
+        model_name=repo_id,
+        repo_id=repo_id,
+        num_parameters=f"{info['num_parameters']:,}",
+        save_dtype=args.get("save_dtype", "float32"),
+        inference_steps=(evaluation or {}).get("inference_steps", args.get("validation_inference_steps", 2)),
+        ensemble_size=(evaluation or {}).get("ensemble_size", 5),
+        data_description=CHASE_DB1_DESCRIPTION if on_chase else f"`{args.get('train_data_dir') or args.get('dataset_name')}`.",
+        seed=args["seed"],
+        command=info["command"],
+        global_step=info["global_step"],
+        batch_size=args["train_batch_size"],
+        resolution=args["resolution"],
+        learning_rate=args["learning_rate"],
+        lr_scheduler=args["lr_scheduler"],
+        ema=ema,
+        num_train_timesteps=args["num_train_timesteps"],
+        beta_schedule=args["beta_schedule"],
+        prediction_type=args["prediction_type"],
+        training_time=_format_duration(info.get("training_seconds")),
+        validation_dice="not run" if validation is None else f"{validation:.3f}",
+        evaluation=_evaluation_markdown(evaluation),
+    )
+
+
+def write_segmentation_card(folder: Union[str, os.PathLike], repo_id: Optional[str] = None) -> Path:
+    """Render and save ``README.md`` in ``folder``; returns its path."""
+    path = Path(folder) / "README.md"
+    segmentation_model_card(folder, repo_id=repo_id).save(str(path))
+    return path

@@ -1,0 +1,158 @@
+"""Conversions between user inputs (PIL / numpy / torch) and the tensors the models see.
+
+Contracts (DESIGN.md section 3):
+
+* images are float tensors ``NCHW`` in ``[-1, 1]``;
+* masks are stored as ``{0, 1}`` (binary) or class indices; in diffusion space a binary mask is ``2m - 1`` with one
+  channel and ``K`` classes are ``K`` one-hot channels in ``[-1, 1]``.
+
+``diffusers.image_processor.VaeImageProcessor`` was checked: it resizes to a multiple of the VAE factor instead of
+padding, and it does not know masks, so the few conversions needed here are written out.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple, Union
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[PIL.Image.Image], Sequence[np.ndarray]]
+
+
+def _numpy_to_unit_float(array: np.ndarray, name: str) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / 65535.0
+    if array.dtype == bool:
+        return array.astype(np.float32)
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"`{name}` contains NaN or infinite values.")
+    if array.size and (array.min() < 0.0 or array.max() > 1.0):
+        raise ValueError(
+            f"`{name}` is a float numpy array with values in [{array.min():.3g}, {array.max():.3g}]; "
+            "float arrays must lie in [0, 1] (or pass uint8)."
+        )
+    return array
+
+
+def _pil_to_numpy(image: PIL.Image.Image, num_channels: int) -> np.ndarray:
+    mode = {1: "L", 3: "RGB"}.get(num_channels)
+    if mode is not None and image.mode != mode:
+        image = image.convert(mode)
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return _numpy_to_unit_float(array, "image")
+
+
+def prepare_images(image: ImageInput, num_channels: int, name: str = "image") -> torch.Tensor:
+    """Turn PIL images, numpy arrays or tensors (single or batched) into a float ``NCHW`` tensor in ``[-1, 1]``.
+
+    * PIL images are converted to RGB (3 channels) or L (1 channel) as the model needs.
+    * numpy arrays are ``HWC`` / ``NHWC`` (or ``HW`` for one channel), uint8 or float in ``[0, 1]``.
+    * tensors are ``CHW`` / ``NCHW`` already in ``[-1, 1]`` (the contract of every model in this package).
+
+    Raises ``ValueError`` naming ``name`` for a wrong channel count, NaN, values out of range or a batch whose
+    images differ in size.
+    """
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach()
+        if tensor.ndim == 3:
+            tensor = tensor.unsqueeze(0)
+        if tensor.ndim != 4:
+            raise ValueError(f"`{name}` tensor must be CHW or NCHW, got shape {tuple(image.shape)}.")
+        tensor = tensor.float()
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"`{name}` contains NaN or infinite values.")
+        if tensor.numel() and (tensor.min() < -1.0 - 1e-4 or tensor.max() > 1.0 + 1e-4):
+            raise ValueError(
+                f"`{name}` tensor has values in [{tensor.min():.3g}, {tensor.max():.3g}]; tensors must lie in [-1, 1]."
+            )
+    else:
+        items: List = list(image) if isinstance(image, (list, tuple)) else [image]
+        if isinstance(image, np.ndarray) and image.ndim == 4:
+            items = list(image)
+        if not items:
+            raise ValueError(f"`{name}` is an empty list.")
+        arrays = []
+        for item in items:
+            if isinstance(item, PIL.Image.Image):
+                arrays.append(_pil_to_numpy(item, num_channels))
+            elif isinstance(item, np.ndarray):
+                array = item if item.ndim == 3 else item[:, :, None] if item.ndim == 2 else None
+                if array is None:
+                    raise ValueError(f"`{name}` numpy arrays must be HW, HWC or NHWC, got shape {item.shape}.")
+                arrays.append(_numpy_to_unit_float(array, name))
+            else:
+                raise TypeError(f"`{name}` must be PIL images, numpy arrays or a torch tensor, got {type(item)}.")
+        sizes = {a.shape[:2] for a in arrays}
+        if len(sizes) > 1:
+            raise ValueError(f"All images in `{name}` must have the same size to run as one batch, got {sorted(sizes)}.")
+        tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
+    if tensor.shape[1] != num_channels:
+        raise ValueError(f"`{name}` has {tensor.shape[1]} channels but the model expects {num_channels}.")
+    return tensor
+
+
+def mask_to_diffusion(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class-index masks ``(N, H, W)`` (long) to diffusion space ``(N, C, H, W)`` in ``[-1, 1]``.
+
+    Binary (``num_classes == 2``): one channel ``2m - 1``. ``K > 2`` classes: ``K`` one-hot channels scaled to ``[-1, 1]``.
+    """
+    if mask.ndim != 3:
+        raise ValueError(f"`mask` must be (N, H, W) class indices, got shape {tuple(mask.shape)}.")
+    mask = mask.long()
+    if num_classes == 2:
+        return mask.unsqueeze(1).float() * 2.0 - 1.0
+    one_hot = F.one_hot(mask, num_classes).permute(0, 3, 1, 2).float()
+    return one_hot * 2.0 - 1.0
+
+
+def diffusion_to_probabilities(sample: torch.Tensor) -> torch.Tensor:
+    """Diffusion-space masks ``(N, C, H, W)`` to probabilities.
+
+    One channel: foreground probability ``(x + 1) / 2`` clipped to ``[0, 1]``. ``K`` channels: the clipped channel
+    values normalised to sum to one over the classes (uniform where all channels are at ``-1``).
+    """
+    probabilities = ((sample.float().clamp(-1.0, 1.0) + 1.0) / 2.0)
+    if probabilities.shape[1] == 1:
+        return probabilities
+    total = probabilities.sum(dim=1, keepdim=True)
+    uniform = torch.full_like(probabilities, 1.0 / probabilities.shape[1])
+    return torch.where(total > 1e-6, probabilities / total.clamp_min(1e-6), uniform)
+
+
+def probabilities_to_mask(probabilities: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """``(N, C, H, W)`` probabilities to ``(N, H, W)`` class indices: threshold for one channel, argmax for ``K``."""
+    if probabilities.shape[1] == 1:
+        return (probabilities[:, 0] > threshold).long()
+    return probabilities.argmax(dim=1)
+
+
+def pad_to_multiple(tensor: torch.Tensor, multiple: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """Reflect-pad the bottom/right of ``NCHW`` so H and W are multiples of ``multiple``; returns the original size."""
+    height, width = tensor.shape[-2:]
+    pad_h = (-height) % multiple
+    pad_w = (-width) % multiple
+    if pad_h or pad_w:
+        # reflect padding needs pad < size; fall back to replicate for tiny inputs
+        mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+        tensor = F.pad(tensor, (0, pad_w, 0, pad_h), mode=mode)
+    return tensor, (height, width)
+
+
+def numpy_to_pil_masks(masks: np.ndarray, num_classes: int) -> List[PIL.Image.Image]:
+    """``(N, H, W)`` class indices to PIL "L" images (binary masks as 0/255, class indices kept as values)."""
+    scale = 255 if num_classes == 2 else 1
+    return [PIL.Image.fromarray((mask * scale).astype(np.uint8), mode="L") for mask in masks]
+
+
+def numpy_to_pil_maps(maps: np.ndarray, max_value: float = 1.0) -> List[PIL.Image.Image]:
+    """``(N, H, W)`` float maps in ``[0, max_value]`` to 8-bit PIL "L" images."""
+    scaled = np.clip(maps / max(max_value, 1e-12), 0.0, 1.0)
+    return [PIL.Image.fromarray((m * 255).round().astype(np.uint8), mode="L") for m in scaled]

@@ -1,0 +1,320 @@
+"""SegmentationEnsemblePipeline: diffusion segmentation with implicit ensembles (Wolleb et al. 2022).
+
+A DDPM over the *mask*: at every denoising step the noisy mask is concatenated with the clean image, so the
+denoiser is a plain ``UNet2DModel`` with ``in_channels = image_channels + mask_channels``. Sampling several
+members from different noise gives an ensemble whose spread is an uncertainty map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.schedulers import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..fusion import fuse_members, uncertainty_maps
+from ..image_processing import (
+    ImageInput,
+    diffusion_to_probabilities,
+    numpy_to_pil_maps,
+    numpy_to_pil_masks,
+    pad_to_multiple,
+    prepare_images,
+)
+from .loading import RetinaPipelineMixin
+
+FUSION_METHODS = ("mean", "majority", "staple")
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> from skimage.data import retina
+        >>> from diffusers import DDIMScheduler
+        >>> from diffusers_retina import SegmentationEnsemblePipeline
+
+        >>> pipe = SegmentationEnsemblePipeline.from_pretrained("checkpoints/segmentation-ensemble-chase")
+        >>> pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # any diffusers scheduler
+        >>> result = pipe(retina()[::2, ::2], num_inference_steps=2, ensemble_size=5, fusion="staple",
+        ...               generator=torch.Generator().manual_seed(0), tile_size=256)
+        >>> result.masks[0].save("vessels.png")
+        >>> result.entropy[0].save("uncertainty.png")
+        ```
+"""
+
+
+@dataclass
+class SegmentationEnsemblePipelineOutput(BaseOutput):
+    """Output of [`SegmentationEnsemblePipeline`].
+
+    Args:
+        masks: fused masks, class indices (binary: 0/1). ``pt``/``np``: ``(B, H, W)``; ``pil``: list of "L" images
+            (binary masks as 0/255).
+        probabilities: fused probabilities. ``pt``: ``(B, C, H, W)``; ``np``: ``(B, H, W, C)``; ``pil``: list of
+            "L" images of the foreground probability (binary) or of the winning class' probability (multi-class).
+            ``C`` is 1 for binary masks (foreground probability) and ``K`` for ``K`` classes.
+        variance: per-pixel variance of the member probabilities, ``(B, H, W)`` (``pil``: scaled so 0.25 is white).
+        entropy: predictive entropy of the mean probability in nats, ``(B, H, W)`` (``pil``: ``ln K`` is white).
+        mutual_information: entropy of the mean minus the mean member entropy (epistemic part), ``(B, H, W)``.
+        members: with ``return_members=True``, member probabilities ``(B, E, C, H, W)`` (``np``: channels last;
+            ``pil``: one list of "L" foreground-probability images per input image); otherwise ``None``.
+    """
+
+    masks: Union[List, np.ndarray, torch.Tensor]
+    probabilities: Union[List, np.ndarray, torch.Tensor]
+    variance: Union[List, np.ndarray, torch.Tensor]
+    entropy: Union[List, np.ndarray, torch.Tensor]
+    mutual_information: Union[List, np.ndarray, torch.Tensor]
+    members: Optional[Union[List, np.ndarray, torch.Tensor]] = None
+
+
+class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
+    r"""Diffusion segmentation with implicit ensembles and uncertainty maps (Wolleb et al. 2022).
+
+    Args:
+        unet: denoiser of the mask. Input: the (scaled) noisy mask concatenated with the clean image along channels,
+            so ``in_channels = image_channels + mask_channels``; output: ``mask_channels`` (or twice that for a
+            learned variance). A stock ``UNet2DModel`` works; so does any model with the same call contract.
+        scheduler: any diffusers scheduler (DDPM, DDIM, DPM-Solver, Euler, ...).
+
+    Masks have one channel (binary, ``2m - 1``) or ``K`` one-hot channels in ``[-1, 1]`` (``K`` classes).
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    # ------------------------------------------------------------------ model facts
+    @property
+    def mask_channels(self) -> int:
+        out_channels = self.unet.config.out_channels
+        if self.scheduler.config.get("variance_type") in ("learned", "learned_range"):
+            return out_channels // 2
+        return out_channels
+
+    @property
+    def num_classes(self) -> int:
+        """2 for binary masks (one channel), ``K`` for ``K`` one-hot channels."""
+        return 2 if self.mask_channels == 1 else self.mask_channels
+
+    @property
+    def image_channels(self) -> int:
+        return self.unet.config.in_channels - self.mask_channels
+
+    @property
+    def size_multiple(self) -> int:
+        """Inputs are padded to a multiple of the UNet's total down-sampling factor."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------ helpers
+    def check_inputs(self, ensemble_size, fusion, threshold, batch_size, tile_size, tile_overlap, output_type,
+                     callback_on_step_end_tensor_inputs):
+        if not isinstance(ensemble_size, int) or ensemble_size < 1:
+            raise ValueError(f"`ensemble_size` must be a positive integer, got {ensemble_size!r}.")
+        if fusion not in FUSION_METHODS:
+            raise ValueError(f"`fusion` must be one of {FUSION_METHODS}, got {fusion!r}.")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"`threshold` must lie in (0, 1), got {threshold!r}.")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size!r}.")
+        if tile_size is not None and (tile_size < self.size_multiple or tile_size % self.size_multiple):
+            raise ValueError(
+                f"`tile_size` must be a positive multiple of the UNet's down-sampling factor {self.size_multiple}, "
+                f"got {tile_size!r}."
+            )
+        if not 0.0 <= tile_overlap < 1.0:
+            raise ValueError(f"`tile_overlap` is a fraction of the tile in [0, 1), got {tile_overlap!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: {self._callback_tensor_inputs}."
+            )
+
+    @staticmethod
+    def member_generators(
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]], count: int, device: torch.device
+    ) -> List[torch.Generator]:
+        """One generator per sample (image x member). A single generator (or none, meaning torch's global RNG)
+        is split into ``count`` seeded generators, so results do not depend on ``batch_size``."""
+        if isinstance(generator, list):
+            if len(generator) != count:
+                raise ValueError(
+                    f"`generator` is a list of {len(generator)} generators; pass one per member and image "
+                    f"({count} = images x ensemble_size), or a single generator."
+                )
+            return generator
+        seeds = torch.randint(0, 2**62, (count,), generator=generator, device=generator.device if generator else "cpu")
+        return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+
+    def predict(self, model_input: torch.Tensor, timestep: torch.Tensor, tile_size: Optional[int],
+                tile_overlap: float) -> torch.Tensor:
+        """One denoiser evaluation; with ``tile_size``, overlapping windows blended with a Gaussian (MONAI)."""
+
+        def forward(window: torch.Tensor) -> torch.Tensor:
+            return self.unet(window, timestep, return_dict=False)[0]
+
+        height, width = model_input.shape[-2:]
+        if tile_size is None or (height <= tile_size and width <= tile_size):
+            return forward(model_input)
+        from monai.inferers import sliding_window_inference
+
+        roi = (min(tile_size, height), min(tile_size, width))
+        return sliding_window_inference(
+            model_input, roi_size=roi, sw_batch_size=model_input.shape[0], predictor=forward,
+            overlap=tile_overlap, mode="gaussian", progress=False,
+        )
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageInput,
+        num_inference_steps: int = 50,
+        ensemble_size: int = 5,
+        fusion: str = "mean",
+        threshold: float = 0.5,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        batch_size: Optional[int] = None,
+        tile_size: Optional[int] = None,
+        tile_overlap: float = 0.25,
+        output_type: str = "pil",
+        return_members: bool = False,
+        return_dict: bool = True,
+        callback_on_step_end: Optional[
+            Union[Callable[[Any, int, int, Dict], Dict], PipelineCallback, MultiPipelineCallbacks]
+        ] = None,
+        callback_on_step_end_tensor_inputs: Optional[List[str]] = None,
+    ) -> Union[SegmentationEnsemblePipelineOutput, tuple]:
+        r"""Segment ``image`` with an ensemble of ``ensemble_size`` diffusion samples.
+
+        Args:
+            image: PIL image(s), numpy array(s) (``HWC``/``NHWC``, uint8 or float in [0, 1]) or a tensor
+                (``CHW``/``NCHW`` in [-1, 1]). Any size: padded (reflect) to the UNet's factor and cropped back.
+            num_inference_steps: denoising steps of the scheduler.
+            ensemble_size: members sampled per image.
+            fusion: ``"mean"`` (average probabilities), ``"majority"`` (vote of hard member masks) or ``"staple"``
+                (STAPLE, Warfield et al. 2004, on the hard member masks).
+            threshold: foreground threshold for binary masks (members and fused probabilities).
+            generator: a ``torch.Generator`` or a list with one per sample (images x members, image-major). Same
+                generators, same output, whatever ``batch_size``.
+            batch_size: samples (images x members) denoised together; default all at once. Lower it to save memory.
+            tile_size: if set and the image is larger, each denoiser call runs on overlapping ``tile_size`` windows
+                blended with a Gaussian (MONAI ``sliding_window_inference``); the noisy mask stays one image, so any
+                scheduler works unchanged. Must be a multiple of the UNet's down-sampling factor.
+            tile_overlap: overlap of neighbouring windows as a fraction of ``tile_size``.
+            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
+            return_members: also return each member's probabilities.
+            return_dict: return a [`SegmentationEnsemblePipelineOutput`] instead of a tuple.
+            callback_on_step_end: called after every step as ``callback(pipe, step, timestep, callback_kwargs)``;
+                may return ``{"latents": ...}`` to replace the noisy masks of the current batch.
+            callback_on_step_end_tensor_inputs: tensors passed in ``callback_kwargs`` (``["latents"]``).
+
+        Examples:
+        """
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+
+        # 1. Check inputs
+        self.check_inputs(ensemble_size, fusion, threshold, batch_size, tile_size, tile_overlap, output_type,
+                          callback_on_step_end_tensor_inputs)
+        device = self._execution_device
+        dtype = self.unet.dtype
+
+        # 2. Prepare the image prior (padded) and one generator per sample
+        images = prepare_images(image, self.image_channels).to(device=device, dtype=dtype)
+        images, (height, width) = pad_to_multiple(images, self.size_multiple)
+        num_images = images.shape[0]
+        num_samples = num_images * ensemble_size
+        generators = self.member_generators(generator, num_samples, device)
+        batch_size = batch_size or num_samples
+        sample_shape = (self.mask_channels,) + tuple(images.shape[-2:])
+
+        # 3. Denoise the samples (image-major order), chunk by chunk
+        chunks = [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
+        samples = []
+        with self.progress_bar(total=len(chunks) * self._num_timesteps) as progress_bar:
+            for chunk in chunks:
+                # multistep schedulers keep per-run state: start each chunk afresh
+                self.scheduler.set_timesteps(num_inference_steps, device=device)
+                chunk_generators = [generators[i] for i in chunk]
+                prior = images[[i // ensemble_size for i in chunk]]
+                latents = randn_tensor((len(chunk),) + sample_shape, generator=chunk_generators, device=device,
+                                       dtype=dtype)
+                latents = latents * self.scheduler.init_noise_sigma
+                for step_index, t in enumerate(self.scheduler.timesteps):
+                    model_input = torch.cat([self.scheduler.scale_model_input(latents, t), prior], dim=1)
+                    model_output = self.predict(model_input, t, tile_size, tile_overlap)
+                    if model_output.shape[1] != self.mask_channels and self.scheduler.config.get(
+                        "variance_type"
+                    ) not in ("learned", "learned_range"):
+                        # a learned-variance model used with a scheduler that does not take the variance
+                        model_output = model_output[:, : self.mask_channels]
+                    latents = self.scheduler.step(model_output, t, latents, generator=chunk_generators,
+                                                  return_dict=False)[0]
+
+                    if callback_on_step_end is not None:
+                        callback_kwargs = {}
+                        for name in callback_on_step_end_tensor_inputs:
+                            callback_kwargs[name] = locals()[name]
+                        callback_outputs = callback_on_step_end(self, step_index, t, callback_kwargs)
+                        latents = callback_outputs.pop("latents", latents)
+                    progress_bar.update()
+                samples.append(latents[..., :height, :width].float())
+
+        # 4. Post-process: member probabilities -> fusion -> uncertainty
+        member_probs = diffusion_to_probabilities(torch.cat(samples))
+        member_probs = member_probs.reshape(num_images, ensemble_size, *member_probs.shape[1:])
+        masks, probabilities = fuse_members(member_probs, method=fusion, threshold=threshold)
+        uncertainty = uncertainty_maps(member_probs)
+        self.maybe_free_model_hooks()
+
+        output = self._format_output(masks, probabilities, uncertainty, member_probs if return_members else None,
+                                     output_type)
+        if not return_dict:
+            return tuple(output.values())
+        return SegmentationEnsemblePipelineOutput(**output)
+
+    def _format_output(self, masks, probabilities, uncertainty, members, output_type) -> Dict[str, Any]:
+        output = {"masks": masks, "probabilities": probabilities, **uncertainty, "members": members}
+        if output_type == "pt":
+            return output
+        output = {k: (None if v is None else v.cpu().numpy()) for k, v in output.items()}
+        output["probabilities"] = np.moveaxis(output["probabilities"], 1, -1)
+        if members is not None:
+            output["members"] = np.moveaxis(output["members"], 2, -1)
+        if output_type == "np":
+            return output
+        num_classes = self.num_classes
+        max_entropy = float(np.log(num_classes))
+        winning = output["probabilities"].max(axis=-1) if num_classes > 2 else output["probabilities"][..., 0]
+        pil = {
+            "masks": numpy_to_pil_masks(output["masks"], num_classes),
+            "probabilities": numpy_to_pil_maps(winning),
+            "variance": numpy_to_pil_maps(output["variance"], 0.25),
+            "entropy": numpy_to_pil_maps(output["entropy"], max_entropy),
+            "mutual_information": numpy_to_pil_maps(output["mutual_information"], max_entropy),
+            "members": None,
+        }
+        if members is not None:
+            member_maps = output["members"].max(axis=-1) if num_classes > 2 else output["members"][..., 0]
+            pil["members"] = [numpy_to_pil_maps(per_image) for per_image in member_maps]
+        return pil
+
+
+SegmentationEnsemblePipeline.__call__.__doc__ = SegmentationEnsemblePipeline.__call__.__doc__.replace(
+    "        Examples:\n", "        Examples:\n" + EXAMPLE_DOC_STRING, 1
+)

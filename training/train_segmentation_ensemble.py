@@ -1,0 +1,435 @@
+#!/usr/bin/env python
+"""Train a SegmentationEnsemblePipeline (Wolleb et al. 2022: a DDPM over the mask, the image as a prior).
+
+In the shape of diffusers' ``examples/unconditional_image_generation/train_unconditional.py``: one file, argparse at
+the top, ``main()`` with the accelerate loop. Runs unchanged on CPU, one GPU or many
+(``accelerate launch --multi_gpu training/train_segmentation_ensemble.py ...``).
+
+Reference checkpoint (CHASE_DB1 train split, CPU):
+
+    python training/train_segmentation_ensemble.py \
+        --train_data_dir ../shared/data/chase_db1 --mask_dir 1stHO --mask_suffix _1stHO \
+        --train_stems "Image_0*,Image_10*" --output_dir checkpoints/segmentation-ensemble-chase ...
+
+(the exact command and its figures are in the checkpoint's model card and the README).
+"""
+
+import argparse
+import fnmatch
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from diffusers_retina import SegmentationEnsemblePipeline
+from diffusers_retina.data import FolderPairDataset, HFSegmentationDataset, RandomPatchDataset
+from diffusers_retina.image_processing import mask_to_diffusion
+from diffusers_retina.metrics import dice as dice_score
+
+logger = get_logger(__name__, log_level="INFO")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train a diffusion segmentation ensemble (Wolleb et al.).")
+    # data
+    parser.add_argument("--train_data_dir", type=str, default=None, help="Folder with images/ and masks/ sub-folders.")
+    parser.add_argument("--dataset_name", type=str, default=None, help="A `datasets` dataset with image/mask columns.")
+    parser.add_argument("--dataset_config_name", type=str, default=None)
+    parser.add_argument("--image_column", type=str, default="image")
+    parser.add_argument("--mask_column", type=str, default="mask")
+    parser.add_argument("--image_dir", type=str, default="images")
+    parser.add_argument("--mask_dir", type=str, default="masks")
+    parser.add_argument("--image_suffix", type=str, default="")
+    parser.add_argument("--mask_suffix", type=str, default="")
+    parser.add_argument("--train_stems", type=str, default=None,
+                        help="Comma-separated glob patterns of file stems used for training (default: all).")
+    parser.add_argument("--validation_stems", type=str, default=None,
+                        help="Comma-separated glob patterns of stems used for the validation pass (monitoring only).")
+    parser.add_argument("--validation_crop", type=int, default=256,
+                        help="Validate on the central crop of this size (0: whole image).")
+    parser.add_argument("--num_classes", type=int, default=2, help="2: binary (one mask channel); K: K one-hot channels.")
+    parser.add_argument("--image_channels", type=int, default=3)
+    parser.add_argument("--resolution", type=int, default=64, help="Side of the random training patches.")
+    parser.add_argument("--patches_per_image", type=int, default=50)
+    parser.add_argument("--foreground_fraction", type=float, default=0.5)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    # model
+    parser.add_argument("--block_out_channels", type=str, default="32,64,128")
+    parser.add_argument("--layers_per_block", type=int, default=1)
+    parser.add_argument("--norm_num_groups", type=int, default=8)
+    parser.add_argument("--attention", action="store_true", help="Use attention blocks at the lowest resolution.")
+    parser.add_argument("--prediction_type", type=str, default="sample", choices=["epsilon", "sample", "v_prediction"],
+                        help="Wolleb et al. use epsilon; x0 ('sample') learned faster on CPU and works at 2 DDIM steps.")
+    parser.add_argument("--num_train_timesteps", type=int, default=1000)
+    parser.add_argument("--beta_schedule", type=str, default="linear")
+    # optimisation
+    parser.add_argument("--train_batch_size", type=int, default=8)
+    parser.add_argument("--num_epochs", type=int, default=100)
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_epochs.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--lr_scheduler", type=str, default="cosine")
+    parser.add_argument("--lr_warmup_steps", type=int, default=100)
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
+    parser.add_argument("--use_ema", action="store_true")
+    parser.add_argument("--ema_max_decay", type=float, default=0.999)
+    parser.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    parser.add_argument("--ema_power", type=float, default=3 / 4)
+    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--seed", type=int, default=0)
+    # checkpoints, validation, logging, hub
+    parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help='A checkpoint folder, or "latest" to continue from the newest one in --output_dir.')
+    parser.add_argument("--validation_steps", type=int, default=500)
+    parser.add_argument("--validation_ensemble_size", type=int, default=3)
+    parser.add_argument("--validation_inference_steps", type=int, default=2)
+    parser.add_argument("--save_dtype", type=str, default="float16", choices=["float32", "float16", "bfloat16"],
+                        help="dtype of the saved pipeline weights.")
+    parser.add_argument("--report_to", type=str, default="tensorboard")
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", type=str, default=None)
+    parser.add_argument("--hub_token", type=str, default=None)
+    parser.add_argument("--hub_private_repo", action="store_true")
+    args = parser.parse_args(argv)
+    if args.train_data_dir is None and args.dataset_name is None:
+        parser.error("Give --train_data_dir (images/ + masks/ folders) or --dataset_name.")
+    return args
+
+
+def select_stems(dataset_root, args, patterns):
+    """Stems of image files under ``image_dir`` that match any of the comma-separated glob ``patterns``."""
+    folder = Path(dataset_root) / args.image_dir
+    stems = sorted(p.stem[: len(p.stem) - len(args.image_suffix)] if args.image_suffix else p.stem
+                   for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    selected = [s for s in stems if any(fnmatch.fnmatch(s, pat.strip()) for pat in patterns.split(","))]
+    if not selected:
+        raise ValueError(f"No image stems in {folder} match {patterns!r}.")
+    return selected
+
+
+def build_datasets(args):
+    if args.dataset_name is not None:
+        train = HFSegmentationDataset(args.dataset_name, split="train", image_column=args.image_column,
+                                      mask_column=args.mask_column, num_classes=args.num_classes,
+                                      image_channels=args.image_channels, name=args.dataset_config_name)
+        return train, None
+    common = dict(image_dir=args.image_dir, mask_dir=args.mask_dir, image_suffix=args.image_suffix,
+                  mask_suffix=args.mask_suffix, num_classes=args.num_classes, image_channels=args.image_channels)
+    train_stems = select_stems(args.train_data_dir, args, args.train_stems) if args.train_stems else None
+    train = FolderPairDataset(args.train_data_dir, stems=train_stems, **common)
+    validation = None
+    if args.validation_stems:
+        validation = FolderPairDataset(args.train_data_dir,
+                                       stems=select_stems(args.train_data_dir, args, args.validation_stems), **common)
+    return train, validation
+
+
+def build_unet(args):
+    mask_channels = 1 if args.num_classes == 2 else args.num_classes
+    channels = tuple(int(c) for c in args.block_out_channels.split(","))
+    down = ["DownBlock2D"] * len(channels)
+    up = ["UpBlock2D"] * len(channels)
+    if args.attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(
+        sample_size=args.resolution,
+        in_channels=args.image_channels + mask_channels,
+        out_channels=mask_channels,
+        block_out_channels=channels,
+        layers_per_block=args.layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=args.norm_num_groups,
+    )
+
+
+class TrainingClock:
+    """Wall time spent training, saved in accelerate checkpoints so resumed runs report the total."""
+
+    def __init__(self):
+        self.seconds, self._since = 0.0, time.time()
+
+    def elapsed(self):
+        return self.seconds + time.time() - self._since
+
+    def state_dict(self):
+        return {"seconds": self.elapsed()}
+
+    def load_state_dict(self, state):
+        self.seconds, self._since = float(state["seconds"]), time.time()
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same batches as an uninterrupted one."""
+
+    def __init__(self, length, seed):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self):
+        return self.length
+
+
+def central_crop(tensor, size):
+    if not size:
+        return tensor
+    height, width = tensor.shape[-2:]
+    top, left = max((height - size) // 2, 0), max((width - size) // 2, 0)
+    return tensor[..., top: top + size, left: left + size]
+
+
+def run_validation(unet, noise_scheduler, validation, args, seed):
+    """Sample the validation images with a few DDIM steps and return their mean Dice (monitoring only)."""
+    pipeline = SegmentationEnsemblePipeline(unet=unet, scheduler=DDIMScheduler.from_config(noise_scheduler.config))
+    pipeline.set_progress_bar_config(disable=True)
+    scores = []
+    for index in range(len(validation)):
+        item = validation[index]
+        image, mask = central_crop(item["image"], args.validation_crop), central_crop(item["mask"], args.validation_crop)
+        output = pipeline(image, num_inference_steps=args.validation_inference_steps,
+                          ensemble_size=args.validation_ensemble_size, generator=torch.Generator().manual_seed(seed),
+                          output_type="pt")
+        if args.num_classes == 2:
+            scores.append(dice_score(output.masks[0], mask))
+        else:
+            scores.append(np.mean([dice_score(output.masks[0] == k, mask == k) for k in range(1, args.num_classes)]))
+    return float(np.mean(scores))
+
+
+def checkpoint_step(path):
+    return int(Path(path).name.split("-")[1])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    clock = TrainingClock()
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to in ("none", "") else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # model, noise schedule, EMA
+    unet = build_unet(args)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
+                                    prediction_type=args.prediction_type)
+    ema_unet = None
+    if args.use_ema:
+        ema_unet = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
+                            inv_gamma=args.ema_inv_gamma, power=args.ema_power, model_cls=UNet2DModel,
+                            model_config=unet.config)
+
+    # accelerate's checkpoints carry the EMA weights too
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process and ema_unet is not None:
+            ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+
+    def load_model_hook(models, input_dir):
+        if ema_unet is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel)
+            ema_unet.load_state_dict(loaded.state_dict())
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    accelerator.register_for_checkpointing(clock)
+
+    # data
+    train_dataset, validation_dataset = build_datasets(args)
+    patches = RandomPatchDataset(train_dataset, patch_size=args.resolution, patches_per_image=args.patches_per_image,
+                                 foreground_fraction=args.foreground_fraction, augment=True, seed=args.seed)
+    sampler = EpochSampler(len(patches), args.seed)
+    train_dataloader = torch.utils.data.DataLoader(patches, batch_size=args.train_batch_size, sampler=sampler,
+                                                   num_workers=args.dataloader_num_workers, drop_last=True)
+
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_epochs * num_update_steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
+                                                                          lr_scheduler)
+    if ema_unet is not None:
+        ema_unet.to(accelerator.device)
+    if accelerator.is_main_process and accelerator.log_with:
+        accelerator.init_trackers("train_segmentation_ensemble", config={
+            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Patches per epoch = {len(patches)}  |  Epochs = {num_epochs}  |  Total batch = {total_batch_size}")
+    logger.info(f"  Optimisation steps = {args.max_train_steps}  |  Parameters = {sum(p.numel() for p in unet.parameters()):,}")
+
+    global_step, first_epoch, resume_step = 0, 0, 0
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint != "latest":
+            path = args.resume_from_checkpoint
+        else:
+            found = sorted(Path(args.output_dir).glob("checkpoint-*"), key=checkpoint_step)
+            path = str(found[-1]) if found else None
+        if path is None:
+            logger.info("No checkpoint found in --output_dir: starting a new run.")
+        else:
+            logger.info(f"Resuming from {path}")
+            accelerator.load_state(path)
+            global_step = checkpoint_step(path)
+            first_epoch = global_step // num_update_steps_per_epoch
+            resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+
+    mask_channels = 1 if args.num_classes == 2 else args.num_classes
+    progress_bar = tqdm(range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process,
+                        desc="Steps")
+    validation_dice = None
+    for epoch in range(first_epoch, num_epochs):
+        unet.train()
+        sampler.set_epoch(epoch)
+        patches.set_epoch(epoch)
+        dataloader = train_dataloader
+        if epoch == first_epoch and resume_step:
+            dataloader = accelerator.skip_first_batches(train_dataloader, resume_step)
+        for batch in dataloader:
+            # noise and timesteps from a generator tied to the step, so a resumed run draws the same ones
+            step_generator = torch.Generator().manual_seed(args.seed * 1000003 + global_step * 131 +
+                                                           accelerator.process_index)
+            images = batch["image"]
+            clean_masks = mask_to_diffusion(batch["mask"], args.num_classes).to(images.dtype)
+            noise = torch.randn(clean_masks.shape, generator=step_generator).to(images.device)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (images.shape[0],),
+                                      generator=step_generator).to(images.device)
+            noisy_masks = noise_scheduler.add_noise(clean_masks, noise, timesteps)
+            if args.prediction_type == "epsilon":
+                target = noise
+            elif args.prediction_type == "sample":
+                target = clean_masks
+            else:
+                target = noise_scheduler.get_velocity(clean_masks, noise, timesteps)
+
+            with accelerator.accumulate(unet):
+                model_output = unet(torch.cat([noisy_masks, images], dim=1), timesteps).sample
+                loss = F.mse_loss(model_output[:, :mask_channels].float(), target.float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if accelerator.sync_gradients:
+                if ema_unet is not None:
+                    ema_unet.step(unet.parameters())
+                progress_bar.update(1)
+                global_step += 1
+                logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "step": global_step}
+                if ema_unet is not None:
+                    logs["ema_decay"] = ema_unet.cur_decay_value
+                progress_bar.set_postfix(**logs)
+
+                if accelerator.is_main_process:
+                    if global_step % args.checkpointing_steps == 0:
+                        if args.checkpoints_total_limit is not None:
+                            existing = sorted(Path(args.output_dir).glob("checkpoint-*"), key=checkpoint_step)
+                            for old in existing[: max(len(existing) - args.checkpoints_total_limit + 1, 0)]:
+                                shutil.rmtree(old)
+                        accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+                    if validation_dataset is not None and global_step % args.validation_steps == 0:
+                        validation_dice = validate(accelerator, unet, ema_unet, noise_scheduler, validation_dataset,
+                                                   args)
+                        logs["validation_dice"] = validation_dice
+                        logger.info(f"step {global_step}: validation Dice {validation_dice:.4f}")
+                accelerator.log(logs, step=global_step)
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if validation_dataset is not None:
+            validation_dice = validate(accelerator, unet, ema_unet, noise_scheduler, validation_dataset, args)
+            logger.info(f"final validation Dice {validation_dice:.4f}")
+        save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_step, validation_dice,
+                      clock.elapsed())
+    accelerator.end_training()
+
+
+def validate(accelerator, unet, ema_unet, noise_scheduler, validation_dataset, args):
+    model = accelerator.unwrap_model(unet)
+    if ema_unet is not None:
+        ema_unet.store(model.parameters())
+        ema_unet.copy_to(model.parameters())
+    model.eval()
+    try:
+        return run_validation(model, noise_scheduler, validation_dataset, args, args.seed)
+    finally:
+        if ema_unet is not None:
+            ema_unet.restore(model.parameters())
+        model.train()
+
+
+def save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_step, validation_dice, seconds):
+    from diffusers_retina.hub import TRAINING_INFO, command_line, write_json, write_segmentation_card
+
+    model = accelerator.unwrap_model(unet)
+    if ema_unet is not None:
+        ema_unet.copy_to(model.parameters())
+    model = model.to(getattr(torch, args.save_dtype))
+    pipeline = SegmentationEnsemblePipeline(unet=model, scheduler=DDIMScheduler.from_config(noise_scheduler.config))
+    pipeline.save_pretrained(args.output_dir)
+    write_json(os.path.join(args.output_dir, TRAINING_INFO), {
+        "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
+        "command": command_line(["python", "training/train_segmentation_ensemble.py"] + sys.argv[1:]),
+        "global_step": global_step,
+        "training_seconds": seconds,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "validation_dice": validation_dice,
+    })
+    write_segmentation_card(args.output_dir, repo_id=args.hub_model_id)
+    if args.push_to_hub:
+        from huggingface_hub import create_repo, upload_folder
+
+        repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
+                              private=args.hub_private_repo, token=args.hub_token).repo_id
+        upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
+                      ignore_patterns=["checkpoint-*", "logs/*"])
+
+
+if __name__ == "__main__":
+    main()
