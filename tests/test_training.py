@@ -1,0 +1,138 @@
+"""The accelerate training script on tiny configs: it trains, checkpoints, resumes to the same weights, and saves a
+loadable pipeline with a model card. Long training never runs here."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffusers_retina import SegmentationEnsemblePipeline
+from diffusers_retina.data import default_chase_db1_root
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "training" / "train_segmentation_ensemble.py"
+TINY = ["--resolution", "32", "--block_out_channels", "8,16", "--norm_num_groups", "4", "--train_batch_size", "2",
+        "--patches_per_image", "4", "--report_to", "none", "--seed", "3"]
+
+
+def run_training(args, cwd):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def write_folder_dataset(root: Path, num_images: int = 3, num_classes: int = 2, size: int = 40):
+    """Tiny images whose bright pixels are the mask, so the task is learnable and checks are meaningful."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for index in range(num_images):
+        mask = rng.integers(0, num_classes, size=(size, size)).astype(np.uint8)
+        image = np.stack([mask * (200 // (num_classes - 1))] * 3, axis=-1).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"case{index}.png")
+        stored = mask * 255 if num_classes == 2 else mask
+        Image.fromarray(stored.astype(np.uint8)).save(root / "masks" / f"case{index}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder_dataset(tmp_path_factory):
+    return write_folder_dataset(tmp_path_factory.mktemp("data") / "pairs")
+
+
+def test_resumed_run_matches_uninterrupted_run(folder_dataset, tmp_path):
+    common = ["--train_data_dir", str(folder_dataset), *TINY, "--max_train_steps", "6", "--checkpointing_steps", "3",
+              "--use_ema", "--validation_stems", "case0", "--validation_crop", "32", "--validation_steps", "3"]
+    straight = tmp_path / "straight"
+    run_training(common + ["--output_dir", str(straight)], REPO)
+
+    # a run that "crashed" after step 3: keep only its first checkpoint, then resume with "latest"
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    log = run_training(common + ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], REPO)
+    assert "Resuming from" in log.stderr + log.stdout
+
+    for name in ("model.safetensors", "unet_ema/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(straight / "checkpoint-6" / name), load_file(resumed / "checkpoint-6" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
+    # and the run did train: weights moved away from the checkpoint-3 state
+    start = load_file(straight / "checkpoint-3" / "model.safetensors")
+    end = load_file(straight / "checkpoint-6" / "model.safetensors")
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+
+
+def test_checkpoints_total_limit_and_saved_pipeline(folder_dataset, tmp_path):
+    out = tmp_path / "run"
+    run_training(["--train_data_dir", str(folder_dataset), *TINY, "--max_train_steps", "4", "--checkpointing_steps", "1",
+                  "--checkpoints_total_limit", "2", "--save_dtype", "float16", "--output_dir", str(out)], REPO)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+
+    # the saved pipeline: remote-code layout, fp16 safetensors, training record and model card
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_segmentation_ensemble", "SegmentationEnsemblePipeline"]
+    assert list((out / "unet").glob("*.bin")) == []
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["global_step"] == 4 and "train_segmentation_ensemble.py" in info["command"]
+    card = (out / "README.md").read_text()
+    assert "library_name: diffusers" in card and "--max_train_steps 4" in card
+    assert "Not evaluated yet" in card  # no test metrics are claimed before the benchmark runs
+
+    weights = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+    pipe = SegmentationEnsemblePipeline.from_pretrained(out, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.open(folder_dataset / "images" / "case0.png")
+    result = pipe(image, num_inference_steps=2, ensemble_size=2, generator=torch.Generator().manual_seed(0),
+                  output_type="np")
+    assert result.masks.shape == (1, 40, 40)
+
+
+def test_multiclass_training(tmp_path):
+    data = write_folder_dataset(tmp_path / "three", num_classes=3)
+    out = tmp_path / "run"
+    run_training(["--train_data_dir", str(data), "--num_classes", "3", *TINY, "--max_train_steps", "2",
+                  "--validation_stems", "case1", "--validation_crop", "0", "--validation_steps", "2",
+                  "--output_dir", str(out)], REPO)
+    pipe = SegmentationEnsemblePipeline.from_pretrained(out, dtype=torch.float32)
+    assert pipe.num_classes == 3 and pipe.unet.config.in_channels == 6
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["validation_dice"] is not None
+
+
+@pytest.mark.skipif(default_chase_db1_root() is None, reason="CHASE_DB1 not found beside the project (../shared/data)")
+def test_chase_db1_train_split_command(tmp_path):
+    """The documented data flags select the 20 training images and validate on a test image crop."""
+    out = tmp_path / "chase"
+    log = run_training(["--train_data_dir", str(default_chase_db1_root()), "--mask_dir", "1stHO", "--mask_suffix",
+                        "_1stHO", "--train_stems", "Image_0*,Image_10*", "--validation_stems", "Image_11L",
+                        "--validation_crop", "64", "--validation_steps", "2", *TINY, "--max_train_steps", "2",
+                        "--output_dir", str(out)], REPO)
+    assert "Patches per epoch = 80" in log.stderr + log.stdout  # 20 images x 4 patches
+    card = (out / "README.md").read_text()
+    assert "CC BY 4.0" in card and "Fraz" in card and "license: cc-by-4.0" in card
+
+
+def test_bad_arguments_fail_clearly(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(SCRIPT), "--output_dir", str(tmp_path)], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode != 0 and "--train_data_dir" in result.stderr
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "masks").mkdir()
+    result = subprocess.run([sys.executable, str(SCRIPT), "--train_data_dir", str(empty), "--output_dir",
+                             str(tmp_path / "o"), *TINY], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0 and "images" in result.stderr
