@@ -55,11 +55,18 @@ def prepare_images(image: ImageInput, num_channels: int, name: str = "image") ->
 
     * PIL images are converted to RGB (3 channels) or L (1 channel) as the model needs.
     * numpy arrays are ``HWC`` / ``NHWC`` (or ``HW`` for one channel), uint8 or float in ``[0, 1]``.
-    * tensors are ``CHW`` / ``NCHW`` already in ``[-1, 1]`` (the contract of every model in this package).
+    * tensors (or a list of them) are ``CHW`` / ``NCHW`` already in ``[-1, 1]`` (the contract of every model here).
 
     Raises ``ValueError`` naming ``name`` for a wrong channel count, NaN, values out of range or a batch whose
     images differ in size.
     """
+    if isinstance(image, (list, tuple)) and image and all(isinstance(item, torch.Tensor) for item in image):
+        # a list of CHW / NCHW tensors, as diffusers' VaeImageProcessor accepts
+        items = [item.unsqueeze(0) if item.ndim == 3 else item for item in image]
+        if any(item.ndim != 4 for item in items) or len({tuple(item.shape[1:]) for item in items}) > 1:
+            shapes = [tuple(item.shape) for item in image]
+            raise ValueError(f"`{name}` tensors in a list must all be CHW or NCHW of one size, got {shapes}.")
+        image = torch.cat(items)
     if isinstance(image, torch.Tensor):
         tensor = image.detach()
         if tensor.ndim == 3:

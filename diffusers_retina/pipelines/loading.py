@@ -131,6 +131,8 @@ class RetinaPipelineMixin:
         """Save weights as safetensors plus the remote-code layout (shim files) so the folder loads with this
         class, with ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`` and from the Hub."""
         kwargs["safe_serialization"] = True
+        commit_message = kwargs.pop("commit_message", None)
+        create_pr = kwargs.pop("create_pr", False)
         super().save_pretrained(save_directory, **kwargs)
         write_remote_code_layout(self, save_directory)
         if push_to_hub:
@@ -138,7 +140,27 @@ class RetinaPipelineMixin:
 
             repo_id = repo_id or Path(save_directory).name
             repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
-            upload_folder(repo_id=repo_id, folder_path=save_directory, token=token)
+            card_path = Path(save_directory) / "README.md"
+            if not card_path.is_file():  # a card written beside the weights (e.g. by training) is kept
+                default_model_card(type(self).__name__, repo_id).save(str(card_path))
+            upload_folder(repo_id=repo_id, folder_path=save_directory, token=token, commit_message=commit_message,
+                          create_pr=create_pr)
+
+
+def default_model_card(class_name: str, repo_id: str):
+    """A minimal model card for a pushed pipeline that has none (``huggingface_hub.ModelCard``)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(library_name="diffusers", tags=["diffusers-retina", "diffusers"])
+    return ModelCard(
+        f"---\n{data.to_yaml()}\n---\n\n# {repo_id}\n\n"
+        f"A `{class_name}` of diffusers-retina; the code comes from the package (`{INSTALL_HINT}`).\n\n"
+        "```py\n"
+        f"from diffusers_retina import {class_name}\n\n"
+        f'pipe = {class_name}.from_pretrained("{repo_id}")\n'
+        "# or: DiffusionPipeline.from_pretrained(repo, trust_remote_code=True) with diffusers-retina installed\n"
+        "```\n"
+    )
 
 
 def write_remote_code_layout(pipeline, save_directory: Union[str, os.PathLike]) -> Dict[str, str]:

@@ -7,6 +7,7 @@ members from different noise gives an ensemble whose spread is an uncertainty ma
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.schedulers import SchedulerMixin
+from diffusers.schedulers import DDPMParallelScheduler, DDPMScheduler, SchedulerMixin, UnCLIPScheduler
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -31,10 +32,13 @@ from .loading import RetinaPipelineMixin
 
 FUSION_METHODS = ("mean", "majority", "staple")
 OUTPUT_TYPES = ("pil", "np", "pt")
+# schedulers whose `step` takes ``2 * C`` output channels and uses the learned variance
+VARIANCE_SCHEDULERS = (DDPMScheduler, DDPMParallelScheduler, UnCLIPScheduler)
 
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
+        >>> import torch
         >>> from skimage.data import retina
         >>> from diffusers import DDIMScheduler
         >>> from diffusers_retina import SegmentationEnsemblePipeline
@@ -245,6 +249,14 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         chunks = [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
+        # only DDPM-style schedulers split a learned variance off the model output themselves; DDIM/DPM-Solver/...
+        # built with `from_config` keep `variance_type` in their config but need the mean channels only.
+        # Not every scheduler's `step` takes a generator (e.g. UniPC).
+        uses_variance = isinstance(self.scheduler, VARIANCE_SCHEDULERS) and self.scheduler.config.get(
+            "variance_type"
+        ) in ("learned", "learned_range")
+        accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs: Dict[str, Any] = {}
         samples = []
         with self.progress_bar(total=len(chunks) * self._num_timesteps) as progress_bar:
             for chunk in chunks:
@@ -258,13 +270,12 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
                 for step_index, t in enumerate(self.scheduler.timesteps):
                     model_input = torch.cat([self.scheduler.scale_model_input(latents, t), prior], dim=1)
                     model_output = self.predict(model_input, t, tile_size, tile_overlap)
-                    if model_output.shape[1] != self.mask_channels and self.scheduler.config.get(
-                        "variance_type"
-                    ) not in ("learned", "learned_range"):
+                    if model_output.shape[1] != self.mask_channels and not uses_variance:
                         # a learned-variance model used with a scheduler that does not take the variance
                         model_output = model_output[:, : self.mask_channels]
-                    latents = self.scheduler.step(model_output, t, latents, generator=chunk_generators,
-                                                  return_dict=False)[0]
+                    if accepts_generator:
+                        step_kwargs["generator"] = chunk_generators
+                    latents = self.scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
 
                     if callback_on_step_end is not None:
                         callback_kwargs = {}

@@ -1,0 +1,125 @@
+"""Shared tiny fixtures for the pipeline and loading tests.
+
+Everything here is sized for a busy 2-core CPU: a UNet with (8, 16) channels, 16x16 images, 1-3 steps.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+# No network in tests (DESIGN section 3), and keep diffusers' remote-code module cache out of the user's home.
+# Both must be set before diffusers / huggingface_hub are imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if "HF_MODULES_CACHE" not in os.environ:
+    _modules_cache = tempfile.mkdtemp(prefix="diffusers_retina_tests_modules_")
+    os.environ["HF_MODULES_CACHE"] = _modules_cache
+    atexit.register(shutil.rmtree, _modules_cache, ignore_errors=True)
+
+from typing import Callable, Optional, Tuple  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers import ConfigMixin, DDIMScheduler, ModelMixin, UNet2DModel  # noqa: E402
+from diffusers.configuration_utils import register_to_config  # noqa: E402
+from diffusers.models.unets.unet_2d import UNet2DOutput  # noqa: E402
+
+from diffusers_retina import SegmentationEnsemblePipeline  # noqa: E402
+
+IMAGE_SIZE = 16
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    # Tiny tensors: on a busy 2-core machine extra intra-op threads only add scheduling waits.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class PixelModel(ModelMixin, ConfigMixin):
+    """Stand-in denoiser with the UNet's call contract whose output at a pixel depends only on the input at that
+    pixel (a 1x1 convolution, scaled by the timestep), so tiled and untiled runs must agree.
+
+    ``fn(sample, timestep) -> output`` replaces the convolution when set; every call's input is kept in ``calls``.
+    """
+
+    @register_to_config
+    def __init__(self, in_channels: int = 4, out_channels: int = 1, block_out_channels: Tuple[int, ...] = (8, 16)):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(in_channels, out_channels, kernel_size=1)
+        self.fn: Optional[Callable] = None
+        self.calls = []
+
+    def forward(self, sample, timestep, return_dict: bool = True):
+        self.calls.append(sample.detach().clone())
+        if self.fn is not None:
+            output = self.fn(sample, timestep)
+        else:
+            scale = 1.0 + torch.as_tensor(timestep, dtype=sample.dtype).reshape(-1)[0] / 1000.0
+            output = self.proj(sample) * scale
+        return UNet2DOutput(sample=output) if return_dict else (output,)
+
+
+def tiny_unet(image_channels: int = 3, mask_channels: int = 1, out_channels: Optional[int] = None,
+              seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=IMAGE_SIZE,
+        in_channels=image_channels + mask_channels,
+        out_channels=out_channels or mask_channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def tiny_pipeline(unet=None, scheduler=None) -> SegmentationEnsemblePipeline:
+    pipe = SegmentationEnsemblePipeline(
+        unet=unet if unet is not None else tiny_unet(),
+        scheduler=scheduler if scheduler is not None else DDIMScheduler(num_train_timesteps=100),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def seeded(*seeds: int):
+    """One fresh CPU generator, or a list of them for several seeds."""
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return generators[0] if len(generators) == 1 else generators
+
+
+@pytest.fixture
+def make_unet():
+    return tiny_unet
+
+
+@pytest.fixture
+def make_pipe():
+    return tiny_pipeline
+
+
+@pytest.fixture
+def pixel_model_cls():
+    return PixelModel
+
+
+@pytest.fixture
+def gen():
+    return seeded
+
+
+@pytest.fixture
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.fixture
+def image():
+    """One 3-channel NCHW image in [-1, 1] with structure (so members of a trained-like model can differ)."""
+    return torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(123)) * 2 - 1
