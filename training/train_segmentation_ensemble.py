@@ -205,9 +205,15 @@ def central_crop(tensor, size):
     return tensor[..., top: top + size, left: left + size]
 
 
+def inference_scheduler(noise_scheduler):
+    """DDIM with "trailing" spacing: with few steps the first one starts at t = T - 1 (pure noise), which is what
+    the initial latents are; the default "leading" spacing would start 2 steps at t = T / 2."""
+    return DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing")
+
+
 def run_validation(unet, noise_scheduler, validation, args, seed):
     """Sample the validation images with a few DDIM steps and return their mean Dice (monitoring only)."""
-    pipeline = SegmentationEnsemblePipeline(unet=unet, scheduler=DDIMScheduler.from_config(noise_scheduler.config))
+    pipeline = SegmentationEnsemblePipeline(unet=unet, scheduler=inference_scheduler(noise_scheduler))
     pipeline.set_progress_bar_config(disable=True)
     scores = []
     for index in range(len(validation)):
@@ -411,7 +417,7 @@ def save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_ste
     if ema_unet is not None:
         ema_unet.copy_to(model.parameters())
     model = model.to(getattr(torch, args.save_dtype))
-    pipeline = SegmentationEnsemblePipeline(unet=model, scheduler=DDIMScheduler.from_config(noise_scheduler.config))
+    pipeline = SegmentationEnsemblePipeline(unet=model, scheduler=inference_scheduler(noise_scheduler))
     pipeline.save_pretrained(args.output_dir)
     write_json(os.path.join(args.output_dir, TRAINING_INFO), {
         "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
