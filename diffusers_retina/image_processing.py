@@ -134,13 +134,6 @@ def diffusion_to_probabilities(sample: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 1e-6, probabilities / total.clamp_min(1e-6), uniform)
 
 
-def probabilities_to_mask(probabilities: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """``(N, C, H, W)`` probabilities to ``(N, H, W)`` class indices: threshold for one channel, argmax for ``K``."""
-    if probabilities.shape[1] == 1:
-        return (probabilities[:, 0] > threshold).long()
-    return probabilities.argmax(dim=1)
-
-
 def pad_to_multiple(tensor: torch.Tensor, multiple: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """Reflect-pad the bottom/right of ``NCHW`` so H and W are multiples of ``multiple``; returns the original size."""
     height, width = tensor.shape[-2:]
