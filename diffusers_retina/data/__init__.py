@@ -21,7 +21,7 @@ from .folder import (
 )
 from .hf import HFSegmentationDataset
 from .patches import RandomPatchDataset, patch_seed
-from .reading import SUPPORTED_EXTENSIONS, RawSample, raw_to_item, read_image, read_mask
+from .reading import SUPPORTED_EXTENSIONS, RawSample, RawSampleDataset, raw_to_item, read_image, read_mask
 from .transforms import diffusion_inputs, random_flip_rotate
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "HFSegmentationDataset",
     "RandomPatchDataset",
     "RawSample",
+    "RawSampleDataset",
     "SUPPORTED_EXTENSIONS",
     "chase_db1",
     "ddpm_segmentation_folder",

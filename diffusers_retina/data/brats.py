@@ -12,11 +12,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from .errors import DataError
-from .reading import RawSample, raw_to_item
+from .reading import RawSample, RawSampleDataset
 
 PathLike = Union[str, os.PathLike]
 
@@ -71,7 +69,7 @@ def _normalise_volume(volume: np.ndarray, source: str) -> np.ndarray:
     return ((np.clip(volume, low, high) - low) / (high - low)).astype(np.float32)
 
 
-class BratsSliceDataset(Dataset):
+class BratsSliceDataset(RawSampleDataset):
     """2-D axial slices of BraTS MRI volumes with their tumour masks.
 
     Layout (Wolleb et al.): one folder per patient holding ``<patient>_<modality>.nii.gz`` for each modality and
@@ -201,9 +199,6 @@ class BratsSliceDataset(Dataset):
         image, mask = self._patient(patient_index)
         name = f"{self.patients[patient_index][0]}_{z:03d}"
         return RawSample(image=image[:, :, z].copy(), mask=mask[:, :, z].copy(), name=name)
-
-    def __getitem__(self, index: int) -> Dict[str, Union[torch.Tensor, str]]:
-        return raw_to_item(self.load_raw(index), self.image_channels)
 
     def __repr__(self) -> str:
         return (

@@ -11,11 +11,9 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
-from torch.utils.data import Dataset
 
 from .errors import DataError
-from .reading import SUPPORTED_EXTENSIONS, RawSample, check_same_size, raw_to_item, read_image, read_mask
+from .reading import SUPPORTED_EXTENSIONS, RawSample, RawSampleDataset, check_same_size, read_image, read_mask
 
 PathLike = Union[str, os.PathLike]
 
@@ -75,7 +73,7 @@ def _check_unique(stem: str, duplicates: Dict[str, List[Path]], role: str) -> No
         raise DataError(f"Several {role} files have the stem '{stem}': {names}; restrict the extensions read.")
 
 
-class FolderPairDataset(Dataset):
+class FolderPairDataset(RawSampleDataset):
     """Images and masks in two folders, paired by file stem.
 
     An image ``<image_dir>/<stem><image_suffix>.<ext>`` pairs with the mask ``<mask_dir>/<stem><mask_suffix>.<ext>``
@@ -208,22 +206,6 @@ class FolderPairDataset(Dataset):
         if self.cache:
             self._cache[index] = raw
         return raw
-
-    def load_all(self) -> "FolderPairDataset":
-        """Decode and validate every sample now and keep them in memory (uint8); returns ``self``.
-
-        Use it when a training loop revisits the same few images many times.
-
-        Example:
-            >>> train = chase_db1(split="train").load_all()  # doctest: +SKIP
-        """
-        self.cache = True
-        for index in range(len(self)):
-            self.load_raw(index)
-        return self
-
-    def __getitem__(self, index: int) -> Dict[str, Union[torch.Tensor, str]]:
-        return raw_to_item(self.load_raw(index), self.image_channels)
 
     def __repr__(self) -> str:
         return (

@@ -8,17 +8,16 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import PIL.Image
 import torch
-from torch.utils.data import Dataset
 
 from .errors import DataError
 from .reading import (
     RawSample,
+    RawSampleDataset,
     check_same_size,
     image_array_from_numpy,
     image_array_from_pil,
     mask_array_from_numpy,
     mask_array_from_pil,
-    raw_to_item,
 )
 
 
@@ -28,7 +27,7 @@ def _as_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-class HFSegmentationDataset(Dataset):
+class HFSegmentationDataset(RawSampleDataset):
     """A ``datasets`` dataset (loaded by name / path, or already loaded) with an image and a mask column.
 
     Same item format and checks as :class:`~diffusers_retina.data.FolderPairDataset`:
@@ -161,16 +160,6 @@ class HFSegmentationDataset(Dataset):
         if self.cache:
             self._cache[index] = raw
         return raw
-
-    def load_all(self) -> "HFSegmentationDataset":
-        """Decode and validate every row now and keep them in memory (uint8); returns ``self``."""
-        self.cache = True
-        for index in range(len(self)):
-            self.load_raw(index)
-        return self
-
-    def __getitem__(self, index: int) -> Dict[str, Union[torch.Tensor, str]]:
-        return raw_to_item(self.load_raw(index), self.image_channels)
 
     def __repr__(self) -> str:
         return (

@@ -272,3 +272,31 @@ def raw_to_item(raw: RawSample, image_channels: int) -> Dict[str, Union[torch.Te
     if raw.fov is not None:
         item["fov"] = torch.from_numpy(np.ascontiguousarray(raw.fov)).bool()
     return item
+
+
+class RawSampleDataset(torch.utils.data.Dataset):
+    """Base of the datasets in this package: a subclass decodes sample ``index`` into a compact :class:`RawSample`
+    in ``load_raw`` (caching it when ``self.cache`` is on) and sets ``image_channels``; items are made from it by
+    :func:`raw_to_item`, the one conversion all datasets share."""
+
+    image_channels: int
+    cache: bool = False
+
+    def load_raw(self, index: int) -> RawSample:
+        raise NotImplementedError
+
+    def load_all(self):
+        """Decode and validate every sample now and keep them in memory (uint8); returns ``self``.
+
+        Use it when a training loop revisits the same few images many times.
+
+        Example:
+            >>> train = chase_db1(split="train").load_all()  # doctest: +SKIP
+        """
+        self.cache = True
+        for index in range(len(self)):
+            self.load_raw(index)
+        return self
+
+    def __getitem__(self, index: int) -> Dict[str, Union[torch.Tensor, str]]:
+        return raw_to_item(self.load_raw(index), self.image_channels)
