@@ -1,0 +1,553 @@
+"""``diffusers-retina``: the command-line interface of diffusers-retina.
+
+Sub-commands:
+
+* ``segment`` -- vessel segmentation with an ensemble of diffusion samples: a fused mask plus probability and
+  uncertainty maps (entropy, variance, mutual information) per image, and a ``summary.json``.
+* ``demo`` -- the reference checkpoint on ``skimage.data.retina()`` and, when present, a CHASE_DB1 test image;
+  prints the figures and writes a picture panel (see :mod:`diffusers_retina.demo`).
+
+Examples::
+
+    diffusers-retina segment fundus.png photos/ --output-dir results --ensemble-size 5 --steps 2
+    diffusers-retina segment eye.jpg --output-dir out --pipeline org/segmentation-ensemble --fusion staple
+    diffusers-retina demo --output demo_panel.png
+
+No network at run time (DESIGN section 3): ``HF_HUB_OFFLINE=1`` is set unless the user set ``HF_HUB_OFFLINE``, so
+``--pipeline org/name`` resolves from the local Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must happen before huggingface_hub / diffusers are imported (they read it at import time).
+if "HF_HUB_OFFLINE" not in os.environ:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Dict, IO, List, Optional, Sequence, Tuple  # noqa: E402
+
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import torch  # noqa: E402
+
+import diffusers_retina  # noqa: E402
+from diffusers_retina.data import DataError, read_image  # noqa: E402
+from diffusers_retina.pipelines import SegmentationEnsemblePipeline  # noqa: E402
+
+
+def _apply_offline_mode() -> None:
+    """Make ``HF_HUB_OFFLINE`` effective even though importing this module (``diffusers_retina.cli``) first imports
+    the package, and with it huggingface_hub, which reads the variable once at import time."""
+    import huggingface_hub.constants as hub_constants
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    hub_constants.HF_HUB_OFFLINE = offline or hub_constants.HF_HUB_OFFLINE
+    hub_utils = sys.modules.get("diffusers.utils.hub_utils")
+    if hub_utils is not None and hasattr(hub_utils, "HF_HUB_OFFLINE"):
+        hub_utils.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE
+
+
+_apply_offline_mode()
+
+#: The embedded reference checkpoint (DESIGN section 8), trained by ``training/train_segmentation_ensemble.py``.
+DEFAULT_PIPELINE: Path = Path(diffusers_retina.__file__).resolve().parents[1] / "checkpoints" / "segmentation-ensemble-chase"
+
+#: Image files a folder INPUT is scanned for (lower-case suffixes).
+IMAGE_EXTENSIONS: Tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+#: ``--scheduler`` names and the diffusers classes they select.
+SCHEDULERS: Dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+
+DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+FUSIONS: Tuple[str, ...] = ("mean", "majority", "staple")
+
+#: Pipeline argument names as they appear in its error messages, and the command-line flags that set them.
+_FLAG_NAMES: Dict[str, str] = {
+    "`ensemble_size`": "--ensemble-size",
+    "`fusion`": "--fusion",
+    "`threshold`": "--threshold",
+    "`batch_size`": "--batch-size",
+    "`tile_size`": "--tile-size",
+    "`tile_overlap`": "--tile-overlap",
+}
+
+
+class CLIError(Exception):
+    """A user-facing error: :func:`main` prints the message (which names the file or argument) and exits with 1."""
+
+
+# ------------------------------------------------------------------------------------------------ argument types
+
+
+def bounded(kind: Callable[[str], float], low: float, high: Optional[float] = None, high_inclusive: bool = False,
+            low_inclusive: bool = True) -> Callable[[str], float]:
+    """An argparse type: ``kind(text)`` within the given bounds, with an error that names the expected range."""
+    left = "[" if low_inclusive else "("
+    right = ")" if high is None or not high_inclusive else "]"
+    expected = f"{'an integer' if kind is int else 'a number'} in {left}{low}, {'inf' if high is None else high}{right}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        above = value >= low if low_inclusive else value > low
+        below = high is None or (value <= high if high_inclusive else value < high)
+        if not (above and below):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = bounded(int, 1)
+non_negative_int = bounded(int, 0)
+open_unit_float = bounded(float, 0.0, 1.0, low_inclusive=False)
+overlap_fraction = bounded(float, 0.0, 1.0)
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by ``segment`` and ``demo``: which pipeline, where it runs and how it samples."""
+    parser.add_argument(
+        "--pipeline",
+        default=None,
+        metavar="PATH_OR_REPO",
+        help="a saved SegmentationEnsemblePipeline: a local folder or a Hub repo id already in the local cache "
+        f"(HF_HUB_OFFLINE=1 unless you set HF_HUB_OFFLINE). Default: the embedded reference checkpoint {DEFAULT_PIPELINE}.",
+    )
+    parser.add_argument("--ensemble-size", type=positive_int, default=5, metavar="E",
+                        help="ensemble members sampled per image (default: 5)")
+    parser.add_argument("--steps", type=positive_int, default=2, metavar="N",
+                        help="denoising steps per member (default: 2)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                        help="sampler, built from the saved scheduler's config (default: the scheduler saved with "
+                        "the pipeline)")
+    parser.add_argument("--tile-size", type=non_negative_int, default=256, metavar="PIXELS",
+                        help="images larger than this are denoised in overlapping windows of this size blended "
+                        "with a Gaussian; a multiple of the UNet's down-sampling factor; 0 = no tiling (default: 256)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed; the same seed gives the same output (default: 0)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                        help="ensemble members denoised together (lower it to save memory; default: all at once)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="where to run (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="weights and activations dtype (default: float32; float16/bfloat16 for GPUs)")
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="CPU threads for torch (default: torch's choice; on a CPU busy with other jobs, 1 can "
+                        "be several times faster)")
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available) to a device; an unavailable CUDA is a CLIError."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: CUDA is not available on this machine; use --device cpu.")
+    return torch.device(name)
+
+
+def apply_threads(threads: Optional[int]) -> None:
+    """``--threads``: set torch's intra-op thread count (``None`` leaves it alone)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def load_pipeline(
+    location: Optional[str],
+    device: torch.device,
+    dtype: str = "float32",
+    scheduler: Optional[str] = None,
+) -> Tuple[SegmentationEnsemblePipeline, str]:
+    """Load a :class:`SegmentationEnsemblePipeline` from a local folder or a (cached) Hub repo id.
+
+    Args:
+        location: folder or repo id; ``None`` means :data:`DEFAULT_PIPELINE`.
+        device: where the pipeline runs.
+        dtype: a key of :data:`DTYPES`.
+        scheduler: a key of :data:`SCHEDULERS` to swap the sampler (built from the saved scheduler's config).
+
+    Returns:
+        The pipeline and the location it was loaded from, as a string.
+
+    Raises:
+        CLIError: naming the location when it is missing or cannot be loaded.
+    """
+    if location is None:
+        if not (DEFAULT_PIPELINE / "model_index.json").is_file():
+            raise CLIError(
+                f"The reference checkpoint is not in '{DEFAULT_PIPELINE}' (it is produced by "
+                "training/train_segmentation_ensemble.py). Pass --pipeline PATH_OR_REPO with a saved "
+                "SegmentationEnsemblePipeline."
+            )
+        location = str(DEFAULT_PIPELINE)
+    path = Path(location).expanduser()
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise CLIError(f"--pipeline '{location}' is a folder without model_index.json, not a saved pipeline.")
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--pipeline '{location}' is a file; pass the folder of a saved pipeline or a Hub repo id.")
+    source = str(path) if path.is_dir() else location
+    try:
+        pipe = SegmentationEnsemblePipeline.from_pretrained(source, dtype=DTYPES[dtype])
+    except Exception as error:  # missing cache entry, broken weights, wrong pipeline class, ...
+        hint = ""
+        if not path.is_dir():
+            hint = (" It is not a local folder; as a Hub repo id it must already be in the local cache, because "
+                    "HF_HUB_OFFLINE=1 (set HF_HUB_OFFLINE=0 to allow downloads).")
+        detail = str(error).strip().rstrip(".") or type(error).__name__
+        raise CLIError(f"Cannot load --pipeline '{location}': {detail}.{hint}") from error
+    if scheduler is not None:
+        import diffusers
+
+        scheduler_class = getattr(diffusers, SCHEDULERS[scheduler])
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    pipe.to(device)
+    return pipe, source
+
+
+def check_pipeline_settings(pipe: SegmentationEnsemblePipeline, args: argparse.Namespace, fusion: str = "mean",
+                            threshold: float = 0.5, tile_overlap: float = 0.25) -> None:
+    """Run the pipeline's own argument checks now, before anything is written; errors name the flag."""
+    try:
+        pipe.check_inputs(args.ensemble_size, fusion, threshold, args.batch_size, args.tile_size or None,
+                          tile_overlap, "pil", ["latents"])
+    except ValueError as error:
+        message = str(error)
+        for name, flag in _FLAG_NAMES.items():
+            message = message.replace(name, flag)
+        raise CLIError(message) from error
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+def collect_inputs(inputs: Sequence[str]) -> List[Path]:
+    """Expand INPUT arguments (files, or folders scanned for :data:`IMAGE_EXTENSIONS`, sorted) into image files.
+
+    Raises:
+        CLIError: for a missing input, a folder without images, or two inputs whose outputs would collide
+            (the same file stem).
+    """
+    files: List[Path] = []
+    for entry in inputs:
+        path = Path(entry)
+        if not path.exists():
+            raise CLIError(f"Input '{entry}' does not exist.")
+        if path.is_dir():
+            found = sorted(
+                child for child in path.iterdir()
+                if child.is_file() and child.suffix.lower() in IMAGE_EXTENSIONS and not child.name.startswith(".")
+            )
+            if not found:
+                raise CLIError(
+                    f"Input folder '{entry}' contains no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)})."
+                )
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CLIError(f"Input '{entry}' is neither a file nor a folder.")
+    unique: List[Path] = []
+    seen_files = set()
+    stems: Dict[str, Path] = {}
+    for path in files:
+        resolved = path.resolve()
+        if resolved in seen_files:
+            continue  # the same file named twice (e.g. a file and its folder)
+        seen_files.add(resolved)
+        if path.stem in stems:
+            raise CLIError(
+                f"Inputs '{stems[path.stem]}' and '{path}' share the name '{path.stem}', so their outputs "
+                f"'{path.stem}_*.png' would overwrite each other; rename one of them."
+            )
+        stems[path.stem] = path
+        unique.append(path)
+    return unique
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """The output folder may exist (as a folder) or be created; a file in its place is a CLIError."""
+    for candidate in (output_dir, *output_dir.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise CLIError(f"--output-dir '{output_dir}': '{candidate}' exists and is not a folder.")
+            break
+
+
+def read_input_image(path: Path, image_channels: int) -> np.ndarray:
+    """Decode one input fully (PIL ``verify`` + ``load``, via :func:`diffusers_retina.data.read_image`).
+
+    Returns ``(H, W, C)`` uint8 or float32 in ``[0, 1]``; a broken file is a CLIError naming it.
+    """
+    try:
+        image = read_image(path, image_channels)
+    except DataError as error:
+        raise CLIError(str(error)) from error
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise CLIError(f"Image file '{path}' is empty ({image.shape[1]}x{image.shape[0]}).")
+    return image
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it; there is no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_files_atomically(directory: Path, writers: Dict[str, Callable[[IO[bytes]], None]]) -> List[Path]:
+    """Write several files so that each one either appears complete or not at all.
+
+    Each ``writers[name](file)`` writes into a temporary file in ``directory`` (same file system); only when all of
+    them succeeded are they renamed into place with ``os.replace``. On any error the temporary files are removed.
+    """
+    pending: List[Tuple[str, Path]] = []
+    try:
+        for name, write in writers.items():
+            handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+            pending.append((name, Path(temporary)))
+            os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get the usual permissions
+            with os.fdopen(handle, "wb") as file:
+                write(file)
+        for name, temporary in pending:
+            os.replace(temporary, directory / name)
+    finally:
+        for _, temporary in pending:
+            if temporary.exists():
+                temporary.unlink()
+    return [directory / name for name, _ in pending]
+
+
+def png_writer(image: PIL.Image.Image) -> Callable[[IO[bytes]], None]:
+    """A writer for :func:`write_files_atomically` that saves ``image`` as PNG."""
+    return lambda file: image.save(file, format="PNG")
+
+
+def json_safe(value: Any) -> Any:
+    """Replace NaN and infinities (not valid JSON) by ``None``, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def json_writer(data: Dict[str, Any]) -> Callable[[IO[bytes]], None]:
+    """A writer for :func:`write_files_atomically` that saves ``data`` as indented JSON."""
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
+    return lambda file: file.write(text.encode("utf-8"))
+
+
+# ------------------------------------------------------------------------------------------------ segment
+
+
+def build_segment_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    """The ``segment`` sub-command's arguments."""
+    parser = subparsers.add_parser(
+        "segment",
+        help="segment vessels in fundus images with a diffusion ensemble",
+        description="Segment each INPUT image with an ensemble of diffusion samples. Writes <stem>_mask.png "
+        "(0/255), <stem>_probability.png, <stem>_entropy.png, <stem>_variance.png, "
+        "<stem>_mutual_information.png (8-bit maps: probability 0..1, entropy and mutual information 0..ln K, "
+        "variance 0..0.25), optionally <stem>_member<k>.png, and summary.json to --output-dir. Files are written "
+        "atomically: an interrupted run leaves only complete files.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="an image file, or a folder whose images (png, jpg, jpeg, tif, tiff, bmp) are all "
+                        "segmented in sorted order")
+    parser.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
+                        help="folder for the outputs (created if missing)")
+    add_pipeline_arguments(parser)
+    parser.add_argument("--fusion", choices=FUSIONS, default="mean",
+                        help="how members are fused: mean probability, majority vote or STAPLE (default: mean)")
+    parser.add_argument("--threshold", type=open_unit_float, default=0.5, metavar="P",
+                        help="foreground threshold of binary masks: of the fused probability, and of each member before "
+                        "majority/STAPLE fusion (default: 0.5)")
+    parser.add_argument("--tile-overlap", type=overlap_fraction, default=0.25, metavar="FRACTION",
+                        help="overlap of neighbouring windows as a fraction of --tile-size (default: 0.25)")
+    parser.add_argument("--save-members", action="store_true",
+                        help="also write each member's probability map as <stem>_member<k>.png (k = 1..E)")
+    parser.set_defaults(handler=run_segment)
+    return parser
+
+
+def _settings(args: argparse.Namespace, pipe: SegmentationEnsemblePipeline, source: str) -> Dict[str, Any]:
+    return {
+        "pipeline": source,
+        "ensemble_size": args.ensemble_size,
+        "steps": args.steps,
+        "scheduler": type(pipe.scheduler).__name__,
+        "fusion": args.fusion,
+        "threshold": args.threshold,
+        "tile_size": args.tile_size or None,
+        "tile_overlap": args.tile_overlap,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "save_members": args.save_members,
+        "device": str(pipe.device),
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "diffusers_retina_version": diffusers_retina.__version__,
+    }
+
+
+def segment_image(
+    pipe: SegmentationEnsemblePipeline, image: np.ndarray, args: argparse.Namespace
+) -> Tuple[Dict[str, PIL.Image.Image], Dict[str, float]]:
+    """Run the pipeline on one image. Returns the output images keyed by file suffix and the per-image figures."""
+    result = pipe(
+        image,
+        num_inference_steps=args.steps,
+        ensemble_size=args.ensemble_size,
+        fusion=args.fusion,
+        threshold=args.threshold,
+        generator=torch.Generator().manual_seed(args.seed),  # CPU generator: same seed, same output on any device
+        batch_size=args.batch_size,
+        tile_size=args.tile_size or None,
+        tile_overlap=args.tile_overlap,
+        output_type="pil",
+        return_members=args.save_members,
+    )
+    outputs = {
+        "mask": result.masks[0],
+        "probability": result.probabilities[0],
+        "entropy": result.entropy[0],
+        "variance": result.variance[0],
+        "mutual_information": result.mutual_information[0],
+    }
+    if args.save_members:
+        for index, member in enumerate(result.members[0], start=1):
+            outputs[f"member{index}"] = member
+    # Figures from the 8-bit maps the pipeline returns: entropy is scaled so ln K is 255 (error < 0.002 nats).
+    max_entropy = math.log(pipe.num_classes)
+    figures = {
+        "mean_entropy": float(np.asarray(result.entropy[0], dtype=np.float64).mean() / 255.0 * max_entropy),
+        "foreground_fraction": float((np.asarray(result.masks[0]) > 0).mean()),
+    }
+    return outputs, figures
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    """The ``segment`` sub-command. Validates everything before writing, then segments image by image."""
+    output_dir: Path = args.output_dir
+    files = collect_inputs(args.inputs)
+    check_output_dir(output_dir)
+    device = resolve_device(args.device)
+    apply_threads(args.threads)
+    pipe, source = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
+    check_pipeline_settings(pipe, args, args.fusion, args.threshold, args.tile_overlap)
+    for path in files:  # decode every input once before writing anything
+        read_input_image(path, pipe.image_channels)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CLIError(f"--output-dir '{output_dir}' cannot be created: {error}") from error
+
+    summary: Dict[str, Any] = {"settings": _settings(args, pipe, source), "images": [], "status": "running"}
+    started = time.perf_counter()
+    print(f"Segmenting {len(files)} image(s) with {source} ({summary['settings']['scheduler']}, "
+          f"{args.steps} steps, {args.ensemble_size} members) on {device} -> {output_dir}", flush=True)
+    for index, path in enumerate(files, start=1):
+        stem = path.stem
+        try:
+            image_started = time.perf_counter()
+            image = read_input_image(path, pipe.image_channels)
+            pipe.set_progress_bar_config(desc=f"{stem}", leave=False)
+            outputs, figures = segment_image(pipe, image, args)
+            written = write_files_atomically(
+                output_dir, {f"{stem}_{suffix}.png": png_writer(picture) for suffix, picture in outputs.items()}
+            )
+            seconds = time.perf_counter() - image_started
+        except Exception as error:
+            summary["status"] = "failed"
+            summary["error"] = {"input": str(path), "message": str(error)}
+            summary["total_seconds"] = time.perf_counter() - started
+            try:
+                write_files_atomically(output_dir, {"summary.json": json_writer(summary)})
+            except OSError:
+                pass  # e.g. a full disk: report the original error, not this one
+            if isinstance(error, CLIError):
+                raise
+            raise CLIError(f"Segmenting '{path}' failed: {type(error).__name__}: {error}") from error
+        record = {
+            "input": str(path),
+            "outputs": [item.name for item in written],
+            "width": int(image.shape[1]),
+            "height": int(image.shape[0]),
+            "seconds": round(seconds, 3),
+            **figures,
+        }
+        summary["images"].append(record)
+        summary["total_seconds"] = time.perf_counter() - started
+        # kept up to date after every image, so an interrupted run still documents what it finished
+        write_files_atomically(output_dir, {"summary.json": json_writer(summary)})
+        print(f"[{index}/{len(files)}] {path}: {image.shape[1]}x{image.shape[0]}, {seconds:.1f} s, "
+              f"mean entropy {figures['mean_entropy']:.4f} nats, foreground {figures['foreground_fraction']:.2%} "
+              f"-> {output_dir / stem}_*.png", flush=True)
+    summary["status"] = "complete"
+    summary["total_seconds"] = time.perf_counter() - started
+    write_files_atomically(output_dir, {"summary.json": json_writer(summary)})
+    print(f"Done in {summary['total_seconds']:.1f} s; summary: {output_dir / 'summary.json'}", flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``diffusers-retina`` argument parser with all sub-commands."""
+    from . import demo
+
+    parser = argparse.ArgumentParser(
+        prog="diffusers-retina",
+        description="Diffusion models for retinal image analysis (Hugging Face diffusers pipelines).",
+    )
+    parser.add_argument("--version", action="version", version=f"diffusers-retina {diffusers_retina.__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers.required = True
+    build_segment_parser(subparsers)
+    demo.build_demo_parser(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``diffusers-retina`` with ``argv`` (default: ``sys.argv[1:]``).
+
+    Returns 0 on success. Bad arguments or inputs exit through ``SystemExit`` with a non-zero code after printing
+    an error that names the file or argument (argparse errors: 2, everything else: 1).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except CLIError as error:
+        print(f"diffusers-retina {args.command}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    # `python -m diffusers_retina.cli` runs this file as `__main__`; delegate to the importable module so that
+    # demo.py (which imports diffusers_retina.cli) and this entry point share one CLIError class.
+    from diffusers_retina.cli import main as _package_main
+
+    sys.exit(_package_main())
