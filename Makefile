@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 
 $(VENV)/.torch: | $(BIN)/python
-	$(BIN)/python -c "import torch, sys; sys.exit(torch.__version__ < '2.4')" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 4))" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	touch $@
 
 $(VENV)/.installed-%: setup.cfg pyproject.toml $(VENV)/.torch
