@@ -158,6 +158,7 @@ def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
         prediction_type=args["prediction_type"],
         training_time=_format_duration(info.get("training_seconds")),
         validation_dice="not run" if validation is None else f"{validation:.3f}",
+        training_notes=info.get("notes"),
         evaluation=_evaluation_markdown(evaluation),
     )
 
