@@ -143,7 +143,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed; the same seed gives the same output (default: 0)")
     parser.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
-                        help="ensemble members denoised together (lower it to save memory; default: all at once)")
+                        help="ensemble members denoised together; the output does not depend on it (default: 1 on "
+                        "CPU, where one by one measured faster than batched, see benchmarks/; all at once on GPU)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where to run (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
@@ -169,6 +170,14 @@ def apply_threads(threads: Optional[int]) -> None:
     """``--threads``: set torch's intra-op thread count (``None`` leaves it alone)."""
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+def resolve_batch_size(batch_size: Optional[int], device: torch.device) -> Optional[int]:
+    """``--batch-size`` default: 1 on CPU (members one by one ran 1.3x faster than batched there, cache effects;
+    benchmarks/bench_ensemble_batching.py), all members at once elsewhere."""
+    if batch_size is not None:
+        return batch_size
+    return 1 if device.type == "cpu" else None
 
 
 def load_pipeline(
@@ -453,6 +462,7 @@ def run_segment(args: argparse.Namespace) -> int:
     files = collect_inputs(args.inputs)
     check_output_dir(output_dir)
     device = resolve_device(args.device)
+    args.batch_size = resolve_batch_size(args.batch_size, device)
     apply_threads(args.threads)
     pipe, source = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
     check_pipeline_settings(pipe, args, args.fusion, args.threshold, args.tile_overlap)

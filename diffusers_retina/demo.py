@@ -3,7 +3,7 @@
 It segments
 
 1. ``skimage.data.retina()`` -- a public-domain fundus photograph shipped with scikit-image (1411x1411), resized
-   with PIL so its longer side is ``--retina-size`` (default 640) to keep the demo within about two minutes on a
+   with PIL so its longer side is ``--retina-size`` (default 512) to keep the demo within about two minutes on a
    2-core CPU; and
 2. when CHASE_DB1 is present (:func:`diffusers_retina.data.default_chase_db1_root`), its test image ``Image_11L``
    at full resolution, scored against the ``1stHO`` reference (Dice, clDice, AUC-ROC, ECE, and the mean predictive
@@ -43,6 +43,7 @@ from .cli import (
     json_writer,
     load_pipeline,
     positive_int,
+    resolve_batch_size,
     resolve_device,
     write_files_atomically,
 )
@@ -105,8 +106,8 @@ def build_demo_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argu
     parser.add_argument("--output", type=Path, default=Path("demo_panel.png"), metavar="PNG",
                         help="where to write the panel; the figures go to the same name with .json "
                         "(default: demo_panel.png)")
-    parser.add_argument("--retina-size", type=positive_int, default=640, metavar="PIXELS",
-                        help="longer side of skimage.data.retina() after resizing (default: 640)")
+    parser.add_argument("--retina-size", type=positive_int, default=512, metavar="PIXELS",
+                        help="longer side of skimage.data.retina() after resizing (default: 512)")
     parser.add_argument("--chase-crop", type=positive_int, default=None, metavar="PIXELS",
                         help=f"segment only a centred square of this size of {CHASE_IMAGE} (quick checks and tests; "
                         "the figures are then not those of the full image). Default: full resolution")
@@ -353,6 +354,7 @@ def run_demo(args: argparse.Namespace) -> int:
         cases.append(DemoCase(f"CHASE {CHASE_IMAGE}", description, image, reference))
 
     device = resolve_device(args.device)
+    args.batch_size = resolve_batch_size(args.batch_size, device)
     apply_threads(args.threads)
     pipe, source = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
     check_pipeline_settings(pipe, args, args.fusion, args.threshold, args.tile_overlap)
