@@ -9,15 +9,6 @@ import torch
 from diffusers_retina.fusion import fuse_members, staple, uncertainty_maps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The tensors here are tiny; on a busy 2-core machine intra-op threads only add scheduler waits.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _binary(values):
     """(E, W) list of foreground probabilities -> (1, E, 1, 1, W) tensor."""
     return torch.tensor(values, dtype=torch.float32)[None, :, None, None, :]

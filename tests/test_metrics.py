@@ -20,14 +20,6 @@ from diffusers_retina.metrics import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Small inputs; on a busy 2-core machine intra-op threads only add scheduler waits.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # 4x4 example: |P| = 5, |L| = 4, |P ∩ L| = 3, |P ∪ L| = 6.
 PRED_4X4 = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]])

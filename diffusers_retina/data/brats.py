@@ -193,7 +193,7 @@ class BratsSliceDataset(RawSampleDataset):
     def __len__(self) -> int:
         return len(self.slices)
 
-    def load_raw(self, index: int) -> RawSample:
+    def decode(self, index: int) -> RawSample:
         """Slice ``index`` as a :class:`RawSample` (image ``(H, W, M)`` float32 in ``[0, 1]``, mask uint8)."""
         patient_index, z = self.slices[index]
         image, mask = self._patient(patient_index)

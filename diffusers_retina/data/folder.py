@@ -130,7 +130,6 @@ class FolderPairDataset(RawSampleDataset):
         self.num_classes = num_classes
         self.image_channels = image_channels
         self.cache = cache
-        self._cache: Dict[int, RawSample] = {}
 
         image_ext = _normalise_extensions(image_extensions, "image_extensions")
         mask_ext = _normalise_extensions(mask_extensions, "mask_extensions")
@@ -182,18 +181,8 @@ class FolderPairDataset(RawSampleDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load_raw(self, index: int) -> RawSample:
-        """Decode and validate sample ``index`` into a compact :class:`RawSample` (uint8), using the cache if on.
-
-        Example:
-            >>> raw = dataset.load_raw(0)  # doctest: +SKIP
-            >>> raw.image.dtype, raw.mask.dtype  # doctest: +SKIP
-            (dtype('uint8'), dtype('uint8'))
-        """
-        index = range(len(self.samples))[index]  # normalises negative indices, raises IndexError when out of range
-        cached = self._cache.get(index)
-        if cached is not None:
-            return cached
+    def decode(self, index: int) -> RawSample:
+        """Read and validate the image, mask (and FOV) files of sample ``index``."""
         name, image_path, mask_path, fov_path = self.samples[index]
         image = read_image(image_path, self.image_channels)
         mask = read_mask(mask_path, self.num_classes)
@@ -202,10 +191,7 @@ class FolderPairDataset(RawSampleDataset):
         if fov_path is not None:
             fov = read_mask(fov_path, 2).astype(bool)
             check_same_size(image, str(image_path), fov, str(fov_path))
-        raw = RawSample(image=image, mask=mask, name=name, fov=fov)
-        if self.cache:
-            self._cache[index] = raw
-        return raw
+        return RawSample(image=image, mask=mask, name=name, fov=fov)
 
     def __repr__(self) -> str:
         return (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import PIL.Image
@@ -116,7 +116,6 @@ class HFSegmentationDataset(RawSampleDataset):
         self.num_classes = num_classes
         self.image_channels = image_channels
         self.cache = cache
-        self._cache: Dict[int, RawSample] = {}
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -138,12 +137,8 @@ class HFSegmentationDataset(RawSampleDataset):
             raise DataError(f"Mask '{source}' is missing (None).")
         return mask_array_from_numpy(_as_numpy(value), num_classes, source)
 
-    def load_raw(self, index: int) -> RawSample:
-        """Decode and validate row ``index`` into a compact :class:`RawSample` (uint8), using the cache if on."""
-        index = range(len(self))[index]
-        cached = self._cache.get(index)
-        if cached is not None:
-            return cached
+    def decode(self, index: int) -> RawSample:
+        """Decode and validate row ``index``."""
         row = self.dataset[index]
         image_source = self._cell_source(index, self.image_column)
         mask_source = self._cell_source(index, self.mask_column)
@@ -156,10 +151,7 @@ class HFSegmentationDataset(RawSampleDataset):
             fov = self._mask(row[self.fov_column], 2, fov_source).astype(bool)
             check_same_size(image, image_source, fov, fov_source)
         name = str(row[self.name_column]) if self.name_column is not None else str(index)
-        raw = RawSample(image=image, mask=mask, name=name, fov=fov)
-        if self.cache:
-            self._cache[index] = raw
-        return raw
+        return RawSample(image=image, mask=mask, name=name, fov=fov)
 
     def __repr__(self) -> str:
         return (

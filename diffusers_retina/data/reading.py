@@ -276,14 +276,31 @@ def raw_to_item(raw: RawSample, image_channels: int) -> Dict[str, Union[torch.Te
 
 class RawSampleDataset(torch.utils.data.Dataset):
     """Base of the datasets in this package: a subclass decodes sample ``index`` into a compact :class:`RawSample`
-    in ``load_raw`` (caching it when ``self.cache`` is on) and sets ``image_channels``; items are made from it by
-    :func:`raw_to_item`, the one conversion all datasets share."""
+    in ``decode`` and sets ``image_channels``; ``load_raw`` adds the in-memory cache (when ``self.cache`` is on) and
+    items are made from it by :func:`raw_to_item`, the one conversion all datasets share."""
 
     image_channels: int
     cache: bool = False
 
-    def load_raw(self, index: int) -> RawSample:
+    def decode(self, index: int) -> RawSample:
         raise NotImplementedError
+
+    def load_raw(self, index: int) -> RawSample:
+        """Decode and validate sample ``index`` into a compact :class:`RawSample` (uint8), using the cache if on.
+
+        Example:
+            >>> raw = dataset.load_raw(0)  # doctest: +SKIP
+            >>> raw.image.dtype, raw.mask.dtype  # doctest: +SKIP
+            (dtype('uint8'), dtype('uint8'))
+        """
+        index = range(len(self))[index]  # normalises negative indices, raises IndexError when out of range
+        cache = self.__dict__.setdefault("_raw_cache", {})
+        raw = cache.get(index)
+        if raw is None:
+            raw = self.decode(index)
+            if self.cache:
+                cache[index] = raw
+        return raw
 
     def load_all(self):
         """Decode and validate every sample now and keep them in memory (uint8); returns ``self``.
