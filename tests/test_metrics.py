@@ -20,7 +20,6 @@ from diffusers_retina.metrics import (
 )
 
 
-
 # 4x4 example: |P| = 5, |L| = 4, |P ∩ L| = 3, |P ∪ L| = 6.
 PRED_4X4 = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]])
 TARGET_4X4 = np.array([[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]])
