@@ -96,6 +96,26 @@ def _evaluation_markdown(evaluation: Optional[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _model_description(folder: Path) -> str:
+    """One sentence on the denoiser, from the saved ``unet/config.json``."""
+    config = read_json(folder / "unet" / "config.json") or {}
+    if config.get("_class_name") != "MedSegDiffUNet2DModel":
+        return ("A DDPM over the vessel mask; the fundus photograph is concatenated to the noisy mask at every step, "
+                "so the denoiser is a stock `diffusers.UNet2DModel`")
+    fusion = ("dynamic conditional encoding `(LN(m_I) * LN(m_x)) * m_I`" if config.get("dynamic_encoding", True)
+              else "plain addition (dynamic conditional encoding switched off)")
+    parts = [
+        "A DDPM over the vessel mask with MedSegDiff's conditioning (Wu et al., MIDL 2023): an image-only condition "
+        f"encoder runs beside the noisy-mask encoder and the two are fused at every encoder scale by {fusion}",
+    ]
+    if config.get("ff_parser", True):
+        parts.append("after an FF-Parser (a learnable filter in the 2-D Fourier domain, identity at initialisation, "
+                     "valid at any image size) has filtered the mask features")
+    if config.get("condition_head"):
+        parts.append("with an auxiliary segmentation head on the condition encoder")
+    return ", ".join(parts) + "; denoiser `diffusers_retina.models.MedSegDiffUNet2DModel`, built from diffusers' UNet blocks"
+
+
 def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[str] = None) -> ModelCard:
     """Build the model card of a trained `SegmentationEnsemblePipeline` folder from its JSON records.
 
@@ -140,6 +160,8 @@ def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
         template_path=str(TEMPLATES / "segmentation_ensemble.md"),
         model_name=repo_id,
         repo_id=repo_id,
+        model_description=_model_description(folder),
+        medsegdiff=(read_json(folder / "unet" / "config.json") or {}).get("_class_name") == "MedSegDiffUNet2DModel",
         num_parameters=f"{info['num_parameters']:,}",
         save_dtype=args.get("save_dtype", "float32"),
         inference_steps=(evaluation or {}).get("inference_steps", args.get("validation_inference_steps", 2)),

@@ -1,6 +1,11 @@
 #!/usr/bin/env python
 """Train a SegmentationEnsemblePipeline (Wolleb et al. 2022: a DDPM over the mask, the image as a prior).
 
+``--model unet`` (default) trains a stock ``UNet2DModel`` on the noisy mask concatenated with the image;
+``--model medsegdiff`` trains a ``MedSegDiffUNet2DModel`` (condition encoder, dynamic conditional encoding, FF-Parser;
+``--no_dynamic_encoding`` / ``--no_ff_parser`` for the ablation, ``--aux_loss_weight`` for the condition encoder's
+auxiliary segmentation loss). Same loop, same data, same checkpoints for both.
+
 In the shape of diffusers' ``examples/unconditional_image_generation/train_unconditional.py``: one file, argparse at
 the top, ``main()`` with the accelerate loop. Runs unchanged on CPU, one GPU or many
 (``accelerate launch --multi_gpu training/train_segmentation_ensemble.py ...``).
@@ -36,6 +41,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from diffusers_retina import SegmentationEnsemblePipeline
+from diffusers_retina.models import MedSegDiffUNet2DModel
 from diffusers_retina.data import FolderPairDataset, HFSegmentationDataset, RandomPatchDataset
 from diffusers_retina.image_processing import mask_to_diffusion
 from diffusers_retina.metrics import dice as dice_score
@@ -68,6 +74,17 @@ def parse_args(argv=None):
     parser.add_argument("--foreground_fraction", type=float, default=0.5)
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
     # model
+    parser.add_argument("--model", type=str, default="unet", choices=["unet", "medsegdiff"],
+                        help="unet: stock UNet2DModel (image concatenated); medsegdiff: MedSegDiffUNet2DModel.")
+    parser.add_argument("--no_dynamic_encoding", dest="dynamic_encoding", action="store_false",
+                        help="medsegdiff: fuse by plain addition instead of (LN(m_I) * LN(m_x)) * m_I.")
+    parser.add_argument("--no_ff_parser", dest="ff_parser", action="store_false",
+                        help="medsegdiff: no FF-Parser on the mask-stream features before each fusion.")
+    parser.add_argument("--ff_parser_grid", type=str, default="16,9",
+                        help="medsegdiff: rows,cols of the FF-Parser's stored frequency grid.")
+    parser.add_argument("--aux_loss_weight", type=float, default=0.0,
+                        help="medsegdiff: weight of the condition encoder's own segmentation loss (0: no head; "
+                             "the published code uses 10 with its loss scale).")
     parser.add_argument("--block_out_channels", type=str, default="32,64,128")
     parser.add_argument("--layers_per_block", type=int, default=1)
     parser.add_argument("--norm_num_groups", type=int, default=8)
@@ -114,6 +131,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.train_data_dir is None and args.dataset_name is None:
         parser.error("Give --train_data_dir (images/ + masks/ folders) or --dataset_name.")
+    if args.model == "unet" and args.aux_loss_weight:
+        parser.error("--aux_loss_weight needs --model medsegdiff (a stock UNet2DModel has no condition encoder).")
     return args
 
 
@@ -152,16 +171,23 @@ def build_unet(args):
     up = ["UpBlock2D"] * len(channels)
     if args.attention:
         down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
-    return UNet2DModel(
-        sample_size=args.resolution,
-        in_channels=args.image_channels + mask_channels,
-        out_channels=mask_channels,
-        block_out_channels=channels,
-        layers_per_block=args.layers_per_block,
-        down_block_types=tuple(down),
-        up_block_types=tuple(up),
-        norm_num_groups=args.norm_num_groups,
-    )
+    common = dict(sample_size=args.resolution, in_channels=args.image_channels + mask_channels,
+                  out_channels=mask_channels, block_out_channels=channels, layers_per_block=args.layers_per_block,
+                  down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=args.norm_num_groups)
+    if args.model == "medsegdiff":
+        return MedSegDiffUNet2DModel(
+            image_channels=args.image_channels, dynamic_encoding=args.dynamic_encoding, ff_parser=args.ff_parser,
+            ff_parser_grid=tuple(int(n) for n in args.ff_parser_grid.split(",")),
+            condition_head=args.aux_loss_weight > 0, **common,
+        )
+    return UNet2DModel(**common)
+
+
+def auxiliary_loss(condition_logits, masks, num_classes):
+    """The condition encoder's own segmentation loss: BCE (binary) or cross-entropy (K classes) on its logits."""
+    if num_classes == 2:
+        return F.binary_cross_entropy_with_logits(condition_logits[:, 0].float(), (masks > 0).float())
+    return F.cross_entropy(condition_logits.float(), masks.long())
 
 
 class TrainingClock:
@@ -250,12 +276,13 @@ def main(argv=None):
 
     # model, noise schedule, EMA
     unet = build_unet(args)
+    unet_model = unet  # the unwrapped model (accelerate may wrap `unet` for distributed training)
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
                                     prediction_type=args.prediction_type)
     ema_unet = None
     if args.use_ema:
         ema_unet = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
-                            inv_gamma=args.ema_inv_gamma, power=args.ema_power, model_cls=UNet2DModel,
+                            inv_gamma=args.ema_inv_gamma, power=args.ema_power, model_cls=type(unet),
                             model_config=unet.config)
 
     # accelerate's checkpoints carry the EMA weights too
@@ -265,7 +292,7 @@ def main(argv=None):
 
     def load_model_hook(models, input_dir):
         if ema_unet is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel)
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), type(unet_model))
             ema_unet.load_state_dict(loaded.state_dict())
             del loaded
 
@@ -349,8 +376,11 @@ def main(argv=None):
                 target = noise_scheduler.get_velocity(clean_masks, noise, timesteps)
 
             with accelerator.accumulate(unet):
-                model_output = unet(torch.cat([noisy_masks, images], dim=1), timesteps).sample
-                loss = F.mse_loss(model_output[:, :mask_channels].float(), target.float())
+                output = unet(torch.cat([noisy_masks, images], dim=1), timesteps)
+                loss = F.mse_loss(output.sample[:, :mask_channels].float(), target.float())
+                if args.aux_loss_weight:
+                    loss = loss + args.aux_loss_weight * auxiliary_loss(output.condition_logits, batch["mask"],
+                                                                        args.num_classes)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(unet.parameters(), 1.0)

@@ -1,7 +1,10 @@
 """Models of diffusers-retina, one file per model; each is a diffusers ``ModelMixin`` + ``ConfigMixin``.
 
-The segmentation ensemble uses a stock ``diffusers.UNet2DModel``; custom models are added here and found by name when
-a saved pipeline's shim files are mapped back to the package (see ``pipelines/loading.py``).
+The segmentation ensemble runs on a stock ``diffusers.UNet2DModel`` or on ``MedSegDiffUNet2DModel``; the classes
+listed here are found by name when a saved pipeline's shim files are mapped back to the package (see
+``pipelines/loading.py``).
 """
 
-__all__ = []
+from .medsegdiff_unet import DynamicConditionalEncoding, FFParser, MedSegDiffUNet2DModel, MedSegDiffUNet2DOutput
+
+__all__ = ["DynamicConditionalEncoding", "FFParser", "MedSegDiffUNet2DModel", "MedSegDiffUNet2DOutput"]

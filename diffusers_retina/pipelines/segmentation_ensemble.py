@@ -20,6 +20,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..fusion import fuse_members, uncertainty_maps
+from ..models import MedSegDiffUNet2DModel
 from ..image_processing import (
     ImageInput,
     diffusion_to_probabilities,
@@ -84,7 +85,8 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
     Args:
         unet: denoiser of the mask. Input: the (scaled) noisy mask concatenated with the clean image along channels,
             so ``in_channels = image_channels + mask_channels``; output: ``mask_channels`` (or twice that for a
-            learned variance). A stock ``UNet2DModel`` works; so does any model with the same call contract.
+            learned variance). A stock ``UNet2DModel`` works, so does ``MedSegDiffUNet2DModel`` (MedSegDiff's
+            condition encoder, dynamic conditional encoding and FF-Parser), and any model with the same call contract.
         scheduler: any diffusers scheduler (DDPM, DDIM, DPM-Solver, Euler, ...).
 
     Masks have one channel (binary, ``2m - 1``) or ``K`` one-hot channels in ``[-1, 1]`` (``K`` classes).
@@ -93,7 +95,7 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
     model_cpu_offload_seq = "unet"
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+    def __init__(self, unet: Union[UNet2DModel, MedSegDiffUNet2DModel], scheduler: SchedulerMixin):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
 
