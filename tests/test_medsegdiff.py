@@ -18,6 +18,8 @@ from diffusers import (
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 from safetensors.torch import load_file
 
@@ -219,7 +221,9 @@ def medsegdiff_pipeline(scheduler_cls=DDIMScheduler, **config) -> SegmentationEn
 
 
 @pytest.mark.parametrize(
-    "scheduler_cls", [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler],
+    "scheduler_cls",
+    [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler,
+     HeunDiscreteScheduler],
     ids=lambda c: c.__name__,
 )
 def test_pipeline_batched_ensemble_equals_members_one_by_one(scheduler_cls, image, gen):
