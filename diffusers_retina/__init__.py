@@ -3,12 +3,16 @@
 __version__ = "0.1.0"
 
 from .pipelines import (  # noqa: E402
+    Mask2ImagePipeline,
+    Mask2ImagePipelineOutput,
     RetinaPipelineMixin,
     SegmentationEnsemblePipeline,
     SegmentationEnsemblePipelineOutput,
 )
 
 __all__ = [
+    "Mask2ImagePipeline",
+    "Mask2ImagePipelineOutput",
     "RetinaPipelineMixin",
     "SegmentationEnsemblePipeline",
     "SegmentationEnsemblePipelineOutput",

@@ -156,3 +156,90 @@ def numpy_to_pil_maps(maps: np.ndarray, max_value: float = 1.0) -> List[PIL.Imag
     """``(N, H, W)`` float maps in ``[0, max_value]`` to 8-bit PIL "L" images."""
     scaled = np.clip(maps / max(max_value, 1e-12), 0.0, 1.0)
     return [PIL.Image.fromarray((m * 255).round().astype(np.uint8), mode="L") for m in scaled]
+
+
+MaskInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[PIL.Image.Image], Sequence[np.ndarray]]
+
+
+def prepare_masks(mask: MaskInput, num_classes: int, name: str = "mask") -> torch.Tensor:
+    """Turn masks (single or batched) into diffusion space: a float ``(N, C, H, W)`` tensor in ``[-1, 1]``.
+
+    * Hard masks -- PIL images, integer / bool numpy arrays (``HW`` or ``NHW``) or integer tensors (``HW`` / ``NHW``):
+      binary masks as 0/1 or 0/255, ``K`` classes as class indices ``< K`` (checked like the data loaders do).
+    * Soft masks -- float numpy arrays or tensors with probabilities in ``[0, 1]``: ``HW`` / ``NHW`` for binary masks,
+      or ``NCHW`` tensors with ``C`` class probabilities (``K`` classes).
+
+    ``C`` is 1 for binary masks (``2m - 1``) and ``K`` one-hot channels otherwise. Raises ``ValueError`` naming
+    ``name`` for values outside the allowed range, NaN, a wrong number of classes or masks of different sizes.
+    """
+    from .data.errors import DataError
+    from .data.reading import mask_array_from_numpy, mask_array_from_pil
+
+    channels = 1 if num_classes == 2 else num_classes
+
+    def soft(probabilities: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(probabilities).all():
+            raise ValueError(f"`{name}` contains NaN or infinite values.")
+        if probabilities.numel() and (probabilities.min() < 0.0 or probabilities.max() > 1.0):
+            raise ValueError(
+                f"`{name}` holds probabilities in [{float(probabilities.min()):.3g}, {float(probabilities.max()):.3g}]; "
+                "soft masks must lie in [0, 1]."
+            )
+        return probabilities.float() * 2.0 - 1.0
+
+    def hard(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        try:
+            indices = [mask_array_from_numpy(a, num_classes, f"{name}[{i}]") for i, a in enumerate(arrays)]
+        except DataError as error:
+            raise ValueError(str(error)) from None
+        if len({a.shape for a in indices}) > 1:
+            raise ValueError(f"All masks in `{name}` must have the same size, got {sorted({a.shape for a in indices})}.")
+        return mask_to_diffusion(torch.from_numpy(np.stack(indices)).long(), num_classes)
+
+    if isinstance(mask, torch.Tensor):
+        tensor = mask.detach().cpu()
+        if tensor.is_floating_point():
+            if tensor.ndim == 4:
+                if tensor.shape[1] != channels:
+                    raise ValueError(f"`{name}` has {tensor.shape[1]} channels; this model takes {channels} "
+                                     f"({num_classes} classes).")
+                return soft(tensor)
+            if num_classes != 2:
+                raise ValueError(f"`{name}`: soft masks of {num_classes} classes must be (N, {channels}, H, W) "
+                                 "probabilities; pass class indices as an integer tensor.")
+            if tensor.ndim not in (2, 3):
+                raise ValueError(f"`{name}` must be HW, NHW or NCHW, got shape {tuple(tensor.shape)}.")
+            return soft(tensor.reshape(-1, 1, *tensor.shape[-2:]))
+        if tensor.ndim not in (2, 3):
+            raise ValueError(f"`{name}` integer tensors hold class indices and must be HW or NHW, got "
+                             f"shape {tuple(tensor.shape)}.")
+        return hard(list(tensor.reshape(-1, *tensor.shape[-2:]).numpy()))
+
+    items = list(mask) if isinstance(mask, (list, tuple)) else [mask]
+    if not items:
+        raise ValueError(f"`{name}` is an empty list.")
+    arrays = []
+    for item in items:
+        if isinstance(item, PIL.Image.Image):
+            try:
+                arrays.append(mask_array_from_pil(item, num_classes, name))
+            except DataError as error:
+                raise ValueError(str(error)) from None
+        elif isinstance(item, np.ndarray):
+            if item.ndim == 3:
+                arrays.extend(list(item))  # NHW
+            elif item.ndim == 2:
+                arrays.append(item)
+            else:
+                raise ValueError(f"`{name}` numpy arrays must be HW or NHW, got shape {item.shape}.")
+        else:
+            raise TypeError(f"`{name}` must be PIL images, numpy arrays or a torch tensor, got {type(item)}.")
+    is_soft = [np.issubdtype(a.dtype, np.floating) and not np.array_equal(a, np.round(a)) for a in arrays]
+    if any(is_soft):
+        if num_classes != 2:
+            raise ValueError(f"`{name}`: soft numpy masks are binary only; pass {num_classes}-class masks as class "
+                             "indices or as an (N, K, H, W) tensor of probabilities.")
+        if len({a.shape for a in arrays}) > 1:
+            raise ValueError(f"All masks in `{name}` must have the same size, got {sorted({a.shape for a in arrays})}.")
+        return soft(torch.from_numpy(np.stack(arrays).astype(np.float32))[:, None])
+    return hard(arrays)

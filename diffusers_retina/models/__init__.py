@@ -5,6 +5,7 @@ listed here are found by name when a saved pipeline's shim files are mapped back
 ``pipelines/loading.py``).
 """
 
+from .conditional_unet import SPADE, ConditionalUNet2DModel
 from .medsegdiff_unet import DynamicConditionalEncoding, FFParser, MedSegDiffUNet2DModel, MedSegDiffUNet2DOutput
 
-__all__ = ["DynamicConditionalEncoding", "FFParser", "MedSegDiffUNet2DModel", "MedSegDiffUNet2DOutput"]
+__all__ = ["ConditionalUNet2DModel", "SPADE", "DynamicConditionalEncoding", "FFParser", "MedSegDiffUNet2DModel", "MedSegDiffUNet2DOutput"]

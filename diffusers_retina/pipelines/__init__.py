@@ -1,4 +1,11 @@
 from .loading import RetinaPipelineMixin
+from .mask2image import Mask2ImagePipeline, Mask2ImagePipelineOutput
 from .segmentation_ensemble import SegmentationEnsemblePipeline, SegmentationEnsemblePipelineOutput
 
-__all__ = ["RetinaPipelineMixin", "SegmentationEnsemblePipeline", "SegmentationEnsemblePipelineOutput"]
+__all__ = [
+    "Mask2ImagePipeline",
+    "Mask2ImagePipelineOutput",
+    "RetinaPipelineMixin",
+    "SegmentationEnsemblePipeline",
+    "SegmentationEnsemblePipelineOutput",
+]

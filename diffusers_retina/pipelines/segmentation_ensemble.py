@@ -7,7 +7,6 @@ members from different noise gives an ensemble whose spread is an uncertainty ma
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -30,9 +29,9 @@ from ..image_processing import (
     prepare_images,
 )
 from .loading import RetinaPipelineMixin
+from .sampling import check_common_inputs, per_sample_generators, step_accepts_generator, tiled_predict
 
 FUSION_METHODS = ("mean", "majority", "staple")
-OUTPUT_TYPES = ("pil", "np", "pt")
 # schedulers whose `step` takes ``2 * C`` output channels and uses the learned variance
 VARIANCE_SCHEDULERS = (DDPMScheduler, DDPMParallelScheduler, UnCLIPScheduler)
 
@@ -130,38 +129,8 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
             raise ValueError(f"`fusion` must be one of {FUSION_METHODS}, got {fusion!r}.")
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"`threshold` must lie in (0, 1), got {threshold!r}.")
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size!r}.")
-        if tile_size is not None and (tile_size < self.size_multiple or tile_size % self.size_multiple):
-            raise ValueError(
-                f"`tile_size` must be a positive multiple of the UNet's down-sampling factor {self.size_multiple}, "
-                f"got {tile_size!r}."
-            )
-        if not 0.0 <= tile_overlap < 1.0:
-            raise ValueError(f"`tile_overlap` is a fraction of the tile in [0, 1), got {tile_overlap!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(
-                f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: {self._callback_tensor_inputs}."
-            )
-
-    @staticmethod
-    def member_generators(
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]], count: int, device: torch.device
-    ) -> List[torch.Generator]:
-        """One generator per sample (image x member). A single generator (or none, meaning torch's global RNG)
-        is split into ``count`` seeded generators, so results do not depend on ``batch_size``."""
-        if isinstance(generator, list):
-            if len(generator) != count:
-                raise ValueError(
-                    f"`generator` is a list of {len(generator)} generators; pass one per member and image "
-                    f"({count} = images x ensemble_size), or a single generator."
-                )
-            return generator
-        seeds = torch.randint(0, 2**62, (count,), generator=generator, device=generator.device if generator else "cpu")
-        return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+        check_common_inputs(self.size_multiple, batch_size, tile_size, tile_overlap, output_type,
+                            callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
 
     def predict(self, model_input: torch.Tensor, timestep: torch.Tensor, tile_size: Optional[int],
                 tile_overlap: float) -> torch.Tensor:
@@ -170,16 +139,7 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         def forward(window: torch.Tensor) -> torch.Tensor:
             return self.unet(window, timestep, return_dict=False)[0]
 
-        height, width = model_input.shape[-2:]
-        if tile_size is None or (height <= tile_size and width <= tile_size):
-            return forward(model_input)
-        from monai.inferers import sliding_window_inference
-
-        roi = (min(tile_size, height), min(tile_size, width))
-        return sliding_window_inference(
-            model_input, roi_size=roi, sw_batch_size=model_input.shape[0], predictor=forward,
-            overlap=tile_overlap, mode="gaussian", progress=False,
-        )
+        return tiled_predict(forward, model_input, tile_size, tile_overlap)
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
@@ -243,7 +203,7 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         images, (height, width) = pad_to_multiple(images, self.size_multiple)
         num_images = images.shape[0]
         num_samples = num_images * ensemble_size
-        generators = self.member_generators(generator, num_samples, device)
+        generators = per_sample_generators(generator, num_samples, device, "member and image (images x ensemble_size)")
         batch_size = batch_size or num_samples
         sample_shape = (self.mask_channels,) + tuple(images.shape[-2:])
 
@@ -257,7 +217,7 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         uses_variance = isinstance(self.scheduler, VARIANCE_SCHEDULERS) and self.scheduler.config.get(
             "variance_type"
         ) in ("learned", "learned_range")
-        accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        accepts_generator = step_accepts_generator(self.scheduler)
         step_kwargs: Dict[str, Any] = {}
         samples = []
         with self.progress_bar(total=len(chunks) * self._num_timesteps) as progress_bar:

@@ -1,0 +1,76 @@
+"""Pieces shared by the pipelines' denoising loops: one generator per sample, tiled denoiser calls, scheduler facts
+and the checks every ``__call__`` makes.
+
+Kept in one place so the segmentation and synthesis pipelines cannot drift apart (same seeding rule, same
+sliding-window blending, same scheduler handling).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def per_sample_generators(
+    generator: Optional[Union[torch.Generator, List[torch.Generator]]], count: int, device: torch.device,
+    what: str = "sample",
+) -> List[torch.Generator]:
+    """One generator per sample. A list is used as given (it must hold ``count`` generators); a single generator
+    (or none, meaning torch's global RNG) is split into ``count`` seeded generators, so results do not depend on how
+    the samples are batched."""
+    if isinstance(generator, list):
+        if len(generator) != count:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators; pass one per {what} ({count}), or a single "
+                "generator."
+            )
+        return generator
+    seeds = torch.randint(0, 2**62, (count,), generator=generator, device=generator.device if generator else "cpu")
+    return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+
+
+def tiled_predict(forward: Callable[[torch.Tensor], torch.Tensor], model_input: torch.Tensor,
+                  tile_size: Optional[int], tile_overlap: float) -> torch.Tensor:
+    """``forward(model_input)``; with ``tile_size`` and a larger input, overlapping windows blended with a Gaussian
+    (MONAI ``sliding_window_inference``). Windows of different batch rows may share one ``forward`` call, so
+    everything per-row that the model needs must travel as channels of ``model_input``."""
+    height, width = model_input.shape[-2:]
+    if tile_size is None or (height <= tile_size and width <= tile_size):
+        return forward(model_input)
+    from monai.inferers import sliding_window_inference
+
+    roi = (min(tile_size, height), min(tile_size, width))
+    return sliding_window_inference(
+        model_input, roi_size=roi, sw_batch_size=model_input.shape[0], predictor=forward,
+        overlap=tile_overlap, mode="gaussian", progress=False,
+    )
+
+
+def step_accepts_generator(scheduler) -> bool:
+    """Not every scheduler's ``step`` takes a generator (e.g. UniPC)."""
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
+def check_common_inputs(size_multiple: int, batch_size, tile_size, tile_overlap, output_type,
+                        callback_on_step_end_tensor_inputs: Sequence[str], allowed_tensor_inputs: Sequence[str]):
+    """Checks shared by every pipeline's ``__call__``; raise ``ValueError`` naming the argument."""
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size!r}.")
+    if tile_size is not None and (tile_size < size_multiple or tile_size % size_multiple):
+        raise ValueError(
+            f"`tile_size` must be a positive multiple of the UNet's down-sampling factor {size_multiple}, "
+            f"got {tile_size!r}."
+        )
+    if not 0.0 <= tile_overlap < 1.0:
+        raise ValueError(f"`tile_overlap` is a fraction of the tile in [0, 1), got {tile_overlap!r}.")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+    unknown = [k for k in callback_on_step_end_tensor_inputs if k not in allowed_tensor_inputs]
+    if unknown:
+        raise ValueError(
+            f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: {list(allowed_tensor_inputs)}."
+        )
