@@ -153,7 +153,6 @@ def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
         model_name=repo_id,
         eval_results=eval_results or None,
     )
-    ema = f"EMA (max decay {args['ema_max_decay']})" if args.get("use_ema") else "no EMA"
     validation = info.get("validation_dice")
     return ModelCard.from_template(
         card_data,
@@ -162,10 +161,22 @@ def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
         repo_id=repo_id,
         model_description=_model_description(folder),
         medsegdiff=(read_json(folder / "unet" / "config.json") or {}).get("_class_name") == "MedSegDiffUNet2DModel",
-        num_parameters=f"{info['num_parameters']:,}",
-        save_dtype=args.get("save_dtype", "float32"),
         inference_steps=(evaluation or {}).get("inference_steps", args.get("validation_inference_steps", 2)),
         ensemble_size=(evaluation or {}).get("ensemble_size", 5),
+        validation_dice="not run" if validation is None else f"{validation:.3f}",
+        **_common_card_fields(folder, info),
+        evaluation=_evaluation_markdown(evaluation),
+    )
+
+
+def _common_card_fields(folder: Path, info: Dict[str, Any]) -> Dict[str, Any]:
+    """Template fields every training card shares (data, command, schedule, time)."""
+    args = info["args"]
+    on_chase = "chase" in str(args.get("train_data_dir", "")).lower()
+    ema = f"EMA (max decay {args['ema_max_decay']})" if args.get("use_ema") else "no EMA"
+    return dict(
+        num_parameters=f"{info['num_parameters']:,}",
+        save_dtype=args.get("save_dtype", "float32"),
         data_description=CHASE_DB1_DESCRIPTION if on_chase else f"`{args.get('train_data_dir') or args.get('dataset_name')}`.",
         seed=args["seed"],
         command=info["command"],
@@ -179,10 +190,58 @@ def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
         beta_schedule=args["beta_schedule"],
         prediction_type=args["prediction_type"],
         training_time=_format_duration(info.get("training_seconds")),
-        validation_dice="not run" if validation is None else f"{validation:.3f}",
         training_notes=info.get("notes"),
-        evaluation=_evaluation_markdown(evaluation),
     )
+
+
+def mask2image_model_card(folder: Union[str, os.PathLike], repo_id: Optional[str] = None) -> ModelCard:
+    """Model card of a folder trained by ``training/train_mask2image.py`` (image model or mask model)."""
+    folder = Path(folder)
+    info = read_json(folder / TRAINING_INFO)
+    if info is None:
+        raise FileNotFoundError(f"{folder / TRAINING_INFO} is missing: it is written by the training script.")
+    args = info["args"]
+    repo_id = repo_id or args.get("hub_model_id") or f"diffusers-retina/{folder.name}"
+    evaluation = read_json(folder / EVALUATION)
+    on_chase = "chase" in str(args.get("train_data_dir", "")).lower()
+    task = args.get("task", "image")
+    card_data = ModelCardData(
+        license="cc-by-4.0" if on_chase else "apache-2.0",
+        library_name="diffusers",
+        pipeline_tag="unconditional-image-generation" if task == "mask" else "image-to-image",
+        tags=["diffusers-retina", "diffusers", "medical-imaging", "retina", "image-synthesis",
+              "vessel-mask" if task == "mask" else "mask-to-image"],
+        datasets=["CHASE_DB1"] if on_chase else None,
+        model_name=repo_id,
+    )
+    score = info.get("validation_faithfulness_dice")
+    if evaluation and evaluation.get("markdown"):
+        evaluation_text = evaluation["markdown"] + "\n\nMeasured with:\n\n```bash\n" + evaluation["command"] + "\n```"
+    else:
+        evaluation_text = "Not evaluated yet: run `python benchmarks/evaluate_synthesis.py --pipeline <this folder>`."
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATES / "mask2image.md"),
+        model_name=repo_id,
+        repo_id=repo_id,
+        task=task,
+        conditioning=args.get("conditioning", "concat"),
+        spade_blocks=args.get("spade_blocks", "decoder"),
+        spade_norm=args.get("spade_norm", "group"),
+        condition_dropout=args.get("condition_dropout"),
+        has_mask_model=bool(args.get("mask_pipeline")),
+        loss=args.get("loss", "mse").upper(),
+        validation_score="not run" if score is None else f"{score:.3f}",
+        evaluation=evaluation_text,
+        **_common_card_fields(folder, info),
+    )
+
+
+def write_mask2image_card(folder: Union[str, os.PathLike], repo_id: Optional[str] = None) -> Path:
+    """Render and save ``README.md`` of a mask-to-image (or mask model) folder; returns its path."""
+    path = Path(folder) / "README.md"
+    mask2image_model_card(folder, repo_id=repo_id).save(str(path))
+    return path
 
 
 def write_segmentation_card(folder: Union[str, os.PathLike], repo_id: Optional[str] = None) -> Path:

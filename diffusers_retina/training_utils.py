@@ -1,0 +1,225 @@
+"""What the accelerate training scripts in ``training/`` share: common argparse flags (data, optimisation,
+checkpoints/logging/Hub, in the names of diffusers' ``train_unconditional.py``), dataset selection, a resumable shuffle,
+the wall-time clock saved in checkpoints, checkpoint rotation and resumption, and per-step noise generators.
+
+Each script stays one readable file with its own ``main()`` loop (diffusers' example style); only the plumbing that
+must behave identically everywhere -- above all the resume-equals-uninterrupted guarantee -- lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from .data import FolderPairDataset, HFSegmentationDataset
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, default_resolution: int = 64) -> None:
+    parser.add_argument("--train_data_dir", type=str, default=None, help="Folder with images/ and masks/ sub-folders.")
+    parser.add_argument("--dataset_name", type=str, default=None, help="A `datasets` dataset with image/mask columns.")
+    parser.add_argument("--dataset_config_name", type=str, default=None)
+    parser.add_argument("--image_column", type=str, default="image")
+    parser.add_argument("--mask_column", type=str, default="mask")
+    parser.add_argument("--image_dir", type=str, default="images")
+    parser.add_argument("--mask_dir", type=str, default="masks")
+    parser.add_argument("--image_suffix", type=str, default="")
+    parser.add_argument("--mask_suffix", type=str, default="")
+    parser.add_argument("--train_stems", type=str, default=None,
+                        help="Comma-separated glob patterns of file stems used for training (default: all).")
+    parser.add_argument("--validation_stems", type=str, default=None,
+                        help="Comma-separated glob patterns of stems used for the validation pass (monitoring only).")
+    parser.add_argument("--validation_crop", type=int, default=256,
+                        help="Validate on the central crop of this size (0: whole image).")
+    parser.add_argument("--num_classes", type=int, default=2, help="2: binary (one mask channel); K: K one-hot channels.")
+    parser.add_argument("--image_channels", type=int, default=3)
+    parser.add_argument("--resolution", type=int, default=default_resolution, help="Side of the random training patches.")
+    parser.add_argument("--patches_per_image", type=int, default=50)
+    parser.add_argument("--foreground_fraction", type=float, default=0.5)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+
+
+def add_optimization_arguments(parser: argparse.ArgumentParser, default_learning_rate: float = 1e-3) -> None:
+    parser.add_argument("--train_batch_size", type=int, default=8)
+    parser.add_argument("--num_epochs", type=int, default=100)
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_epochs.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=default_learning_rate)
+    parser.add_argument("--lr_scheduler", type=str, default="cosine")
+    parser.add_argument("--lr_warmup_steps", type=int, default=100)
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
+    parser.add_argument("--use_ema", action="store_true")
+    parser.add_argument("--ema_max_decay", type=float, default=0.999)
+    parser.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    parser.add_argument("--ema_power", type=float, default=3 / 4)
+    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help='A checkpoint folder, or "latest" to continue from the newest one in --output_dir.')
+    parser.add_argument("--validation_steps", type=int, default=500)
+    parser.add_argument("--save_dtype", type=str, default="float16", choices=["float32", "float16", "bfloat16"],
+                        help="dtype of the saved pipeline weights.")
+    parser.add_argument("--report_to", type=str, default="tensorboard")
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", type=str, default=None)
+    parser.add_argument("--hub_token", type=str, default=None)
+    parser.add_argument("--hub_private_repo", action="store_true")
+
+
+def check_data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.train_data_dir is None and args.dataset_name is None:
+        parser.error("Give --train_data_dir (images/ + masks/ folders) or --dataset_name.")
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def select_stems(dataset_root, args, patterns: str):
+    """Stems of image files under ``image_dir`` that match any of the comma-separated glob ``patterns``."""
+    folder = Path(dataset_root) / args.image_dir
+    stems = sorted(p.stem[: len(p.stem) - len(args.image_suffix)] if args.image_suffix else p.stem
+                   for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    selected = [s for s in stems if any(fnmatch.fnmatch(s, pat.strip()) for pat in patterns.split(","))]
+    if not selected:
+        raise ValueError(f"No image stems in {folder} match {patterns!r}.")
+    return selected
+
+
+def build_datasets(args):
+    """The training dataset and the optional validation dataset of the data flags (``add_data_arguments``)."""
+    if args.dataset_name is not None:
+        train = HFSegmentationDataset(args.dataset_name, split="train", image_column=args.image_column,
+                                      mask_column=args.mask_column, num_classes=args.num_classes,
+                                      image_channels=args.image_channels, name=args.dataset_config_name)
+        return train, None
+    common = dict(image_dir=args.image_dir, mask_dir=args.mask_dir, image_suffix=args.image_suffix,
+                  mask_suffix=args.mask_suffix, num_classes=args.num_classes, image_channels=args.image_channels)
+    train_stems = select_stems(args.train_data_dir, args, args.train_stems) if args.train_stems else None
+    train = FolderPairDataset(args.train_data_dir, stems=train_stems, **common)
+    validation = None
+    if args.validation_stems:
+        validation = FolderPairDataset(args.train_data_dir,
+                                       stems=select_stems(args.train_data_dir, args, args.validation_stems), **common)
+    return train, validation
+
+
+def central_crop(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    if not size:
+        return tensor
+    height, width = tensor.shape[-2:]
+    top, left = max((height - size) // 2, 0), max((width - size) // 2, 0)
+    return tensor[..., top: top + size, left: left + size]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same batches as an uninterrupted one."""
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def epoch_dataloader(accelerator, train_dataloader, epoch: int, first_epoch: int, resume_step: int):
+    """The loader to iterate in ``epoch``: accelerate's prepared loader re-seeds its sampler (and a dataset with
+    ``set_epoch``) from its own iteration counter at every ``__iter__``, and a resumed run's counter starts at 0, so the
+    epoch is set on the loader itself; in the epoch a run resumes in, the batches already trained are skipped
+    (the skipping loader inherits the counter)."""
+    train_dataloader.set_epoch(epoch)
+    if epoch == first_epoch and resume_step:
+        return accelerator.skip_first_batches(train_dataloader, resume_step)
+    return train_dataloader
+
+
+def step_generator(seed: int, global_step: int, process_index: int = 0) -> torch.Generator:
+    """Noise and timesteps from a generator tied to the step, so a resumed run draws the same ones."""
+    return torch.Generator().manual_seed(seed * 1000003 + global_step * 131 + process_index)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+class TrainingClock:
+    """Wall time spent training, saved in accelerate checkpoints so resumed runs report the total."""
+
+    def __init__(self):
+        self.seconds, self._since = 0.0, time.time()
+
+    def elapsed(self) -> float:
+        return self.seconds + time.time() - self._since
+
+    def state_dict(self):
+        return {"seconds": self.elapsed()}
+
+    def load_state_dict(self, state):
+        self.seconds, self._since = float(state["seconds"]), time.time()
+
+
+def checkpoint_step(path) -> int:
+    return int(Path(path).name.split("-")[1])
+
+
+def find_resume_checkpoint(args) -> Optional[str]:
+    """The checkpoint ``--resume_from_checkpoint`` names (``latest``: the newest in ``--output_dir``), or None."""
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint != "latest":
+        return args.resume_from_checkpoint
+    found = sorted(Path(args.output_dir).glob("checkpoint-*"), key=checkpoint_step)
+    return str(found[-1]) if found else None
+
+
+def resume_position(path: str, num_update_steps_per_epoch: int, gradient_accumulation_steps: int
+                    ) -> Tuple[int, int, int]:
+    """``(global_step, first_epoch, batches to skip in that epoch)`` after loading checkpoint ``path``."""
+    global_step = checkpoint_step(path)
+    first_epoch = global_step // num_update_steps_per_epoch
+    resume_step = (global_step % num_update_steps_per_epoch) * gradient_accumulation_steps
+    return global_step, first_epoch, resume_step
+
+
+def save_checkpoint(accelerator, args, global_step: int) -> None:
+    """``accelerator.save_state`` to ``checkpoint-<step>``, first removing the oldest beyond
+    ``--checkpoints_total_limit``."""
+    if args.checkpoints_total_limit is not None:
+        existing = sorted(Path(args.output_dir).glob("checkpoint-*"), key=checkpoint_step)
+        for old in existing[: max(len(existing) - args.checkpoints_total_limit + 1, 0)]:
+            shutil.rmtree(old)
+    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+
+
+def push_folder(args, folder: str) -> None:
+    """Upload a saved pipeline folder (weights, shims, card) with ``--push_to_hub``."""
+    from huggingface_hub import create_repo, upload_folder
+
+    repo_id = create_repo(args.hub_model_id or Path(folder).name, exist_ok=True, private=args.hub_private_repo,
+                          token=args.hub_token).repo_id
+    upload_folder(repo_id=repo_id, folder_path=folder, token=args.hub_token,
+                  ignore_patterns=["checkpoint-*", "logs/*"])

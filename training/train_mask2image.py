@@ -1,0 +1,361 @@
+#!/usr/bin/env python
+"""Train the models of a Mask2ImagePipeline (ReTree: vessel mask -> fundus photograph).
+
+``--task image`` (default) trains a ``ConditionalUNet2DModel`` that denoises image patches given their mask
+(``--conditioning concat | spade | concat+spade``; ``--condition_dropout`` replaces the mask by the learned null
+condition so classifier-free guidance works at sampling time) and saves a ``Mask2ImagePipeline``; with
+``--mask_pipeline <folder>`` a trained mask model is included, so the saved pipeline samples masks and images.
+``--task mask`` trains the unconditional mask model: a stock ``UNet2DModel`` over vessel masks, saved as a diffusers
+``DDPMPipeline`` (it samples masks on its own too).
+
+In the shape of diffusers' ``examples/unconditional_image_generation/train_unconditional.py``; the flags and the
+checkpoint/resume plumbing are those of ``train_segmentation_ensemble.py`` (``diffusers_retina.training_utils``).
+Runs on CPU, one GPU or many (``accelerate launch --multi_gpu training/train_mask2image.py ...``).
+
+Reference checkpoints (CHASE_DB1 train split, CPU; the exact commands are in the model cards):
+
+    python training/train_mask2image.py --task mask --train_data_dir ../shared/data/chase_db1 --mask_dir 1stHO \
+        --mask_suffix _1stHO --train_stems "Image_0*,Image_10*" --output_dir checkpoints/vessel-mask-ddpm-chase ...
+    python training/train_mask2image.py --task image --conditioning concat+spade ... \
+        --mask_pipeline checkpoints/vessel-mask-ddpm-chase --output_dir checkpoints/mask2image-chase
+"""
+
+import argparse
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from diffusers_retina import Mask2ImagePipeline, SegmentationEnsemblePipeline
+from diffusers_retina.data import RandomPatchDataset
+from diffusers_retina.image_processing import mask_to_diffusion
+from diffusers_retina.models import ConditionalUNet2DModel
+from diffusers_retina.synthesis import image_grid, mask_faithfulness
+from diffusers_retina.training_utils import (
+    EpochSampler,
+    TrainingClock,
+    add_data_arguments,
+    add_optimization_arguments,
+    add_output_arguments,
+    build_datasets,
+    central_crop,
+    check_data_arguments,
+    epoch_dataloader,
+    find_resume_checkpoint,
+    push_folder,
+    resume_position,
+    save_checkpoint,
+    step_generator,
+)
+
+logger = get_logger(__name__, log_level="INFO")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train a mask-to-image diffusion model (ReTree) or its mask model.")
+    add_data_arguments(parser, default_resolution=128)
+    # model
+    parser.add_argument("--task", type=str, default="image", choices=["image", "mask"],
+                        help="image: mask-conditioned image model; mask: unconditional mask model.")
+    parser.add_argument("--conditioning", type=str, default="concat", choices=["concat", "spade", "concat+spade"])
+    parser.add_argument("--spade_blocks", type=str, default="decoder", choices=["decoder", "all"])
+    parser.add_argument("--spade_norm", type=str, default="group", choices=["group", "instance"])
+    parser.add_argument("--spade_hidden_channels", type=int, default=128)
+    parser.add_argument("--condition_dropout", type=float, default=0.2,
+                        help="Probability of replacing a sample's mask by the null condition (classifier-free guidance).")
+    parser.add_argument("--block_out_channels", type=str, default="32,64,128,128")
+    parser.add_argument("--layers_per_block", type=int, default=1)
+    parser.add_argument("--norm_num_groups", type=int, default=8)
+    parser.add_argument("--attention", action="store_true", help="Use attention blocks at the lowest resolution.")
+    parser.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "sample", "v_prediction"])
+    parser.add_argument("--num_train_timesteps", type=int, default=1000)
+    parser.add_argument("--beta_schedule", type=str, default="linear")
+    parser.add_argument("--loss", type=str, default="mse", choices=["mse", "l1"], help="AdaptDiff uses L1.")
+    parser.add_argument("--mask_pipeline", type=str, default=None,
+                        help="--task image: a trained mask model (DDPMPipeline folder) to include in the saved pipeline.")
+    # validation
+    parser.add_argument("--validation_inference_steps", type=int, default=25)
+    parser.add_argument("--validation_guidance_scale", type=float, default=1.5)
+    parser.add_argument("--validation_num_masks", type=int, default=4, help="--task mask: masks sampled per validation.")
+    parser.add_argument("--faithfulness_pipeline", type=str, default=None,
+                        help="--task image: a SegmentationEnsemblePipeline that segments the validation images; its "
+                             "Dice against the input masks is logged (mask faithfulness).")
+    add_optimization_arguments(parser, default_learning_rate=3e-4)
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
+    check_data_arguments(parser, args)
+    if args.task == "mask" and (args.mask_pipeline or args.faithfulness_pipeline):
+        parser.error("--mask_pipeline and --faithfulness_pipeline belong to --task image.")
+    if not 0.0 <= args.condition_dropout < 1.0:
+        parser.error(f"--condition_dropout must lie in [0, 1), got {args.condition_dropout}.")
+    return args
+
+
+def build_model(args):
+    mask_channels = 1 if args.num_classes == 2 else args.num_classes
+    channels = tuple(int(c) for c in args.block_out_channels.split(","))
+    down = ["DownBlock2D"] * len(channels)
+    up = ["UpBlock2D"] * len(channels)
+    if args.attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    common = dict(sample_size=args.resolution, block_out_channels=channels, layers_per_block=args.layers_per_block,
+                  down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=args.norm_num_groups)
+    if args.task == "mask":
+        return UNet2DModel(in_channels=mask_channels, out_channels=mask_channels, **common)
+    return ConditionalUNet2DModel(
+        in_channels=args.image_channels, out_channels=args.image_channels, mask_channels=mask_channels,
+        conditioning=args.conditioning, spade_blocks=args.spade_blocks, spade_norm=args.spade_norm,
+        spade_hidden_channels=args.spade_hidden_channels, **common,
+    )
+
+
+def inference_scheduler(noise_scheduler):
+    """DDIM with "trailing" spacing, so few-step sampling starts at t = T - 1 (pure noise)."""
+    return DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing")
+
+
+def run_validation(model, noise_scheduler, validation, args, step, faithfulness_segmenter=None):
+    """Sample, write ``validation/step-<N>.png`` (image task: mask | synthetic | real per row; mask task: sampled masks)
+    and return the mean mask-faithfulness Dice (image task with a segmenter) or None."""
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    if args.task == "mask":
+        pipeline = DDPMPipeline(unet=model, scheduler=inference_scheduler(noise_scheduler))
+        pipeline.set_progress_bar_config(disable=True)
+        masks = pipeline(batch_size=args.validation_num_masks, num_inference_steps=args.validation_inference_steps,
+                         generator=generator, output_type="np").images[..., 0]
+        image_grid([[mask > 0.5 for mask in masks]]).save(folder / f"step-{step:06d}.png")
+        return None
+    pipeline = Mask2ImagePipeline(unet=model, scheduler=inference_scheduler(noise_scheduler))
+    pipeline.set_progress_bar_config(disable=True)
+    rows, images, masks = [], [], []
+    for index in range(len(validation)):
+        item = validation[index]
+        mask = central_crop(item["mask"], args.validation_crop)
+        output = pipeline(mask, num_inference_steps=args.validation_inference_steps,
+                          guidance_scale=args.validation_guidance_scale, generator=generator, output_type="pt")
+        real = (central_crop(item["image"], args.validation_crop) + 1) / 2
+        rows.append([mask.numpy() > 0, output.images[0].permute(1, 2, 0).numpy(), real.permute(1, 2, 0).numpy()])
+        images.append(output.images[0])
+        masks.append(mask)
+    image_grid(rows).save(folder / f"step-{step:06d}.png")
+    if faithfulness_segmenter is None:
+        return None
+    return float(np.mean(mask_faithfulness(faithfulness_segmenter, torch.stack(images), torch.stack(masks))))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    clock = TrainingClock()
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to in ("none", "") else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # model, noise schedule, EMA
+    model = build_model(args)
+    model_cls = type(model)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
+                                    prediction_type=args.prediction_type)
+    ema_model = None
+    if args.use_ema:
+        ema_model = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
+                             inv_gamma=args.ema_inv_gamma, power=args.ema_power, model_cls=model_cls,
+                             model_config=model.config)
+
+    # accelerate's checkpoints carry the EMA weights too
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process and ema_model is not None:
+            ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
+
+    def load_model_hook(models, input_dir):
+        if ema_model is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), model_cls)
+            ema_model.load_state_dict(loaded.state_dict())
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    accelerator.register_for_checkpointing(clock)
+
+    # data: random patches of image/mask pairs (the mask task reads only the masks)
+    train_dataset, validation_dataset = build_datasets(args)
+    patches = RandomPatchDataset(train_dataset, patch_size=args.resolution, patches_per_image=args.patches_per_image,
+                                 foreground_fraction=args.foreground_fraction, augment=True, seed=args.seed)
+    sampler = EpochSampler(len(patches), args.seed)
+    train_dataloader = torch.utils.data.DataLoader(patches, batch_size=args.train_batch_size, sampler=sampler,
+                                                   num_workers=args.dataloader_num_workers, drop_last=True)
+    faithfulness_segmenter = None
+    if args.faithfulness_pipeline and accelerator.is_main_process:
+        faithfulness_segmenter = SegmentationEnsemblePipeline.from_pretrained(args.faithfulness_pipeline,
+                                                                              dtype=torch.float32)
+        faithfulness_segmenter.set_progress_bar_config(disable=True)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_epochs * num_update_steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader,
+                                                                           lr_scheduler)
+    if ema_model is not None:
+        ema_model.to(accelerator.device)
+    if accelerator.is_main_process and accelerator.log_with:
+        accelerator.init_trackers("train_mask2image", config={
+            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"***** Running training ({args.task} model) *****")
+    logger.info(f"  Patches per epoch = {len(patches)}  |  Epochs = {num_epochs}  |  Total batch = {total_batch_size}")
+    logger.info(f"  Optimisation steps = {args.max_train_steps}  |  Parameters = {sum(p.numel() for p in model.parameters()):,}")
+
+    global_step, first_epoch, resume_step = 0, 0, 0
+    path = find_resume_checkpoint(args)
+    if args.resume_from_checkpoint and path is None:
+        logger.info("No checkpoint found in --output_dir: starting a new run.")
+    elif path is not None:
+        logger.info(f"Resuming from {path}")
+        accelerator.load_state(path)
+        global_step, first_epoch, resume_step = resume_position(path, num_update_steps_per_epoch,
+                                                                args.gradient_accumulation_steps)
+
+    progress_bar = tqdm(range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process,
+                        desc="Steps")
+    validation_score = None
+    for epoch in range(first_epoch, num_epochs):
+        model.train()
+        for batch in epoch_dataloader(accelerator, train_dataloader, epoch, first_epoch, resume_step):
+            generator = step_generator(args.seed, global_step, accelerator.process_index)
+            masks = mask_to_diffusion(batch["mask"], args.num_classes).to(batch["image"].dtype)
+            clean = masks if args.task == "mask" else batch["image"]
+            noise = torch.randn(clean.shape, generator=generator).to(clean.device)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],),
+                                      generator=generator).to(clean.device)
+            noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+            if args.prediction_type == "epsilon":
+                target = noise
+            elif args.prediction_type == "sample":
+                target = clean
+            else:
+                target = noise_scheduler.get_velocity(clean, noise, timesteps)
+
+            with accelerator.accumulate(model):
+                if args.task == "mask":
+                    prediction = model(noisy, timesteps).sample
+                else:
+                    drop = (torch.rand(clean.shape[0], generator=generator) < args.condition_dropout).to(clean.device)
+                    prediction = model(noisy, timesteps, mask=masks, drop_condition=drop).sample
+                loss_fn = F.l1_loss if args.loss == "l1" else F.mse_loss
+                loss = loss_fn(prediction.float(), target.float())
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if accelerator.sync_gradients:
+                if ema_model is not None:
+                    ema_model.step(model.parameters())
+                progress_bar.update(1)
+                global_step += 1
+                logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "step": global_step}
+                progress_bar.set_postfix(**logs)
+                if accelerator.is_main_process:
+                    if global_step % args.checkpointing_steps == 0:
+                        save_checkpoint(accelerator, args, global_step)
+                    if global_step % args.validation_steps == 0:
+                        validation_score = validate(accelerator, model, ema_model, noise_scheduler,
+                                                    validation_dataset, args, global_step, faithfulness_segmenter)
+                        if validation_score is not None:
+                            logs["mask_faithfulness_dice"] = validation_score
+                            logger.info(f"step {global_step}: mask-faithfulness Dice {validation_score:.4f}")
+                accelerator.log(logs, step=global_step)
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        validation_score = validate(accelerator, model, ema_model, noise_scheduler, validation_dataset, args,
+                                    global_step, faithfulness_segmenter)
+        save_pipeline(accelerator, model, ema_model, noise_scheduler, args, global_step, validation_score,
+                      clock.elapsed())
+    accelerator.end_training()
+
+
+def validate(accelerator, model, ema_model, noise_scheduler, validation_dataset, args, step, segmenter):
+    if args.task == "image" and validation_dataset is None:
+        return None
+    unwrapped = accelerator.unwrap_model(model)
+    if ema_model is not None:
+        ema_model.store(unwrapped.parameters())
+        ema_model.copy_to(unwrapped.parameters())
+    unwrapped.eval()
+    try:
+        return run_validation(unwrapped, noise_scheduler, validation_dataset, args, step, segmenter)
+    finally:
+        if ema_model is not None:
+            ema_model.restore(unwrapped.parameters())
+        unwrapped.train()
+
+
+def save_pipeline(accelerator, model, ema_model, noise_scheduler, args, global_step, validation_score, seconds):
+    from diffusers_retina.hub import TRAINING_INFO, command_line, write_json, write_mask2image_card
+
+    unwrapped = accelerator.unwrap_model(model)
+    if ema_model is not None:
+        ema_model.copy_to(unwrapped.parameters())
+    unwrapped = unwrapped.to(getattr(torch, args.save_dtype))
+    if args.task == "mask":
+        pipeline = DDPMPipeline(unet=unwrapped, scheduler=inference_scheduler(noise_scheduler))
+        pipeline.save_pretrained(args.output_dir, safe_serialization=True)
+    else:
+        mask_unet = mask_scheduler = None
+        if args.mask_pipeline:
+            mask_model = DDPMPipeline.from_pretrained(args.mask_pipeline)
+            mask_unet, mask_scheduler = mask_model.unet.to(getattr(torch, args.save_dtype)), mask_model.scheduler
+        pipeline = Mask2ImagePipeline(unet=unwrapped, scheduler=inference_scheduler(noise_scheduler),
+                                      mask_unet=mask_unet, mask_scheduler=mask_scheduler)
+        pipeline.save_pretrained(args.output_dir)
+    write_json(os.path.join(args.output_dir, TRAINING_INFO), {
+        "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
+        "command": command_line(["python", "training/train_mask2image.py"] + sys.argv[1:]),
+        "global_step": global_step,
+        "training_seconds": seconds,
+        "num_parameters": sum(p.numel() for p in unwrapped.parameters()),
+        "validation_faithfulness_dice": validation_score,
+    })
+    write_mask2image_card(args.output_dir, repo_id=args.hub_model_id)
+    if args.push_to_hub:
+        push_folder(args, args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
