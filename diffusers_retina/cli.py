@@ -4,6 +4,8 @@ Sub-commands:
 
 * ``segment`` -- vessel segmentation with an ensemble of diffusion samples: a fused mask plus probability and
   uncertainty maps (entropy, variance, mutual information) per image, and a ``summary.json``.
+* ``synthesize`` -- paint fundus images from vessel masks (or from masks the pipeline samples itself) with a
+  Mask2ImagePipeline; writes ``images/`` + ``masks/`` with matching names, a folder the training scripts read.
 * ``demo`` -- the reference checkpoint on ``skimage.data.retina()`` and, when present, a CHASE_DB1 test image;
   prints the figures and writes a picture panel (see :mod:`diffusers_retina.demo`).
 
@@ -185,14 +187,18 @@ def load_pipeline(
     device: torch.device,
     dtype: str = "float32",
     scheduler: Optional[str] = None,
-) -> Tuple[SegmentationEnsemblePipeline, str]:
-    """Load a :class:`SegmentationEnsemblePipeline` from a local folder or a (cached) Hub repo id.
+    pipeline_class: type = SegmentationEnsemblePipeline,
+    default: Optional[Path] = None,
+) -> Tuple[Any, str]:
+    """Load a pipeline (default: :class:`SegmentationEnsemblePipeline`) from a local folder or a (cached) Hub repo id.
 
     Args:
-        location: folder or repo id; ``None`` means :data:`DEFAULT_PIPELINE`.
+        location: folder or repo id; ``None`` means ``default`` (:data:`DEFAULT_PIPELINE` unless given).
         device: where the pipeline runs.
         dtype: a key of :data:`DTYPES`.
         scheduler: a key of :data:`SCHEDULERS` to swap the sampler (built from the saved scheduler's config).
+        pipeline_class: the class to load with (``Mask2ImagePipeline`` for ``synthesize``).
+        default: the embedded checkpoint used when ``location`` is None.
 
     Returns:
         The pipeline and the location it was loaded from, as a string.
@@ -201,13 +207,13 @@ def load_pipeline(
         CLIError: naming the location when it is missing or cannot be loaded.
     """
     if location is None:
-        if not (DEFAULT_PIPELINE / "model_index.json").is_file():
+        default = default or DEFAULT_PIPELINE
+        if not (default / "model_index.json").is_file():
             raise CLIError(
-                f"The reference checkpoint is not in '{DEFAULT_PIPELINE}' (it is produced by "
-                "training/train_segmentation_ensemble.py). Pass --pipeline PATH_OR_REPO with a saved "
-                "SegmentationEnsemblePipeline."
+                f"The reference checkpoint is not in '{default}' (it is produced by the scripts in training/). "
+                f"Pass --pipeline PATH_OR_REPO with a saved {pipeline_class.__name__}."
             )
-        location = str(DEFAULT_PIPELINE)
+        location = str(default)
     path = Path(location).expanduser()
     if path.is_dir() and not (path / "model_index.json").is_file():
         raise CLIError(f"--pipeline '{location}' is a folder without model_index.json, not a saved pipeline.")
@@ -215,7 +221,7 @@ def load_pipeline(
         raise CLIError(f"--pipeline '{location}' is a file; pass the folder of a saved pipeline or a Hub repo id.")
     source = str(path) if path.is_dir() else location
     try:
-        pipe = SegmentationEnsemblePipeline.from_pretrained(source, dtype=DTYPES[dtype])
+        pipe = pipeline_class.from_pretrained(source, dtype=DTYPES[dtype])
     except Exception as error:  # missing cache entry, broken weights, wrong pipeline class, ...
         hint = ""
         if not path.is_dir():
@@ -325,13 +331,14 @@ def _umask() -> int:
 def write_files_atomically(directory: Path, writers: Dict[str, Callable[[IO[bytes]], None]]) -> List[Path]:
     """Write several files so that each one either appears complete or not at all.
 
-    Each ``writers[name](file)`` writes into a temporary file in ``directory`` (same file system); only when all of
+    Each ``writers[name](file)`` writes into a temporary file beside its target (same file system); only when all of
     them succeeded are they renamed into place with ``os.replace``. On any error the temporary files are removed.
     """
     pending: List[Tuple[str, Path]] = []
     try:
-        for name, write in writers.items():
-            handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+        for name, write in writers.items():  # a name may hold a sub-folder ("images/x.png")
+            target = directory / name
+            handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
             pending.append((name, Path(temporary)))
             os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; outputs get the usual permissions
             with os.fdopen(handle, "wb") as file:
@@ -526,7 +533,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``diffusers-retina`` argument parser with all sub-commands."""
-    from . import demo
+    from . import demo, synthesize
 
     parser = argparse.ArgumentParser(
         prog="diffusers-retina",
@@ -536,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     build_segment_parser(subparsers)
+    synthesize.build_synthesize_parser(subparsers)
     demo.build_demo_parser(subparsers)
     return parser
 

@@ -1,0 +1,164 @@
+"""``diffusers-retina synthesize``: paint fundus images from vessel masks with a `Mask2ImagePipeline`.
+
+Input: mask files / folders (binary 0/255 or 0/1 PNGs, or class-index masks), or ``--num-masks N`` to let the
+pipeline's mask model sample the masks too. Output: ``<output-dir>/images/<name>.png`` and
+``<output-dir>/masks/<name>.png`` (0/255 for binary masks) with matching names -- the folder-pair layout that
+``FolderPairDataset`` and ``training/train_segmentation_ensemble.py --train_data_dir`` read directly -- and a
+``summary.json``. Every pair is written atomically; nothing is written before all inputs have been read and checked.
+
+Examples::
+
+    diffusers-retina synthesize masks/ --output-dir synthetic --pipeline checkpoints/mask2image-chase --steps 25
+    diffusers-retina synthesize --num-masks 20 --height 256 --width 256 --output-dir synthetic_pairs
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+import diffusers_retina
+
+from .cli import (
+    DTYPES,
+    SCHEDULERS,
+    CLIError,
+    apply_threads,
+    check_output_dir,
+    collect_inputs,
+    json_writer,
+    load_pipeline,
+    non_negative_int,
+    png_writer,
+    positive_int,
+    resolve_device,
+    write_files_atomically,
+)
+from .data import DataError, read_mask
+from .pipelines import Mask2ImagePipeline
+
+#: The embedded mask-to-image reference checkpoint, trained by ``training/train_mask2image.py``.
+DEFAULT_SYNTHESIS_PIPELINE: Path = Path(diffusers_retina.__file__).resolve().parents[1] / "checkpoints" / "mask2image-chase"
+
+
+def build_synthesize_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "synthesize",
+        help="paint fundus images from vessel masks (or sampled masks) with a Mask2ImagePipeline",
+        description="Paint a fundus image for each MASK (or for --num-masks masks sampled by the pipeline's mask "
+        "model). Writes images/<name>.png and masks/<name>.png (matching names: a folder-pair dataset) and "
+        "summary.json to --output-dir, atomically.",
+    )
+    parser.add_argument("masks", nargs="*", metavar="MASK",
+                        help="a mask file, or a folder of masks (binary 0/255 or 0/1, or class indices)")
+    parser.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
+                        help="folder for images/, masks/ and summary.json (created if missing)")
+    parser.add_argument("--pipeline", default=None, metavar="PATH_OR_REPO",
+                        help="a saved Mask2ImagePipeline (folder or cached Hub repo id); default: the embedded "
+                        f"reference {DEFAULT_SYNTHESIS_PIPELINE}")
+    parser.add_argument("--num-masks", type=positive_int, default=None, metavar="N",
+                        help="without MASK arguments: sample N masks with the pipeline's mask model")
+    parser.add_argument("--height", type=positive_int, default=None, help="size of sampled masks (default: the mask "
+                        "model's training size)")
+    parser.add_argument("--width", type=positive_int, default=None)
+    parser.add_argument("--images-per-mask", type=positive_int, default=1, metavar="K",
+                        help="images painted per mask; names get _1.._K (default: 1)")
+    parser.add_argument("--steps", type=positive_int, default=25, metavar="N", help="denoising steps (default: 25)")
+    parser.add_argument("--guidance-scale", type=float, default=1.5, metavar="S",
+                        help="classifier-free guidance scale; 1 = none (default: 1.5)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
+                        help="sampler built from the saved scheduler's config (default: the saved one)")
+    parser.add_argument("--tile-size", type=non_negative_int, default=None, metavar="PIXELS",
+                        help="paint masks larger than this in overlapping windows (default: the model's training "
+                        "size; 0 = whole image at once)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N")
+    parser.set_defaults(handler=run_synthesize)
+    return parser
+
+
+def _read_masks(files: List[Path], num_classes: int) -> Dict[str, np.ndarray]:
+    masks = {}
+    for path in files:
+        try:
+            masks[path.stem] = read_mask(path, num_classes)
+        except DataError as error:
+            raise CLIError(str(error)) from error
+    return masks
+
+
+def run_synthesize(args: argparse.Namespace) -> int:
+    if bool(args.masks) == (args.num_masks is not None):
+        raise CLIError("Give MASK files/folders or --num-masks N (masks sampled by the pipeline), not both or neither.")
+    if args.masks and (args.height or args.width):
+        raise CLIError("--height/--width size sampled masks; given masks keep their own size.")
+    files = collect_inputs(args.masks) if args.masks else []
+    check_output_dir(args.output_dir)
+    device = resolve_device(args.device)
+    apply_threads(args.threads)
+    pipe, source = load_pipeline(args.pipeline, device, args.dtype, args.scheduler, pipeline_class=Mask2ImagePipeline,
+                                 default=DEFAULT_SYNTHESIS_PIPELINE)
+    if args.num_masks is not None and pipe.mask_unet is None:
+        raise CLIError(f"--num-masks: the pipeline '{source}' has no mask model; pass MASK files instead.")
+    masks = _read_masks(files, pipe.num_classes)  # every mask decoded and checked before anything is written
+    tile_size = args.tile_size
+    if tile_size is None:
+        sample_size = pipe.unet.config.sample_size
+        tile_size = sample_size if isinstance(sample_size, int) else None
+    tile_size = tile_size or None
+    mask_argument = None if args.num_masks else "masks given"  # check_inputs only asks whether masks are given
+    try:
+        pipe.check_inputs(mask_argument, args.num_masks or 1, args.height, args.width,
+                          args.images_per_mask, args.guidance_scale, None, tile_size, 0.25, "pil", ["latents"])
+    except ValueError as error:
+        raise CLIError(str(error).replace("`tile_size`", "--tile-size").replace("`guidance_scale`",
+                                                                                 "--guidance-scale")) from error
+    for sub in ("images", "masks"):
+        try:
+            (args.output_dir / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CLIError(f"--output-dir '{args.output_dir}' cannot be created: {error}") from error
+
+    summary: Dict[str, Any] = {
+        "settings": {"pipeline": source, "steps": args.steps, "guidance_scale": args.guidance_scale,
+                     "scheduler": type(pipe.scheduler).__name__, "images_per_mask": args.images_per_mask,
+                     "tile_size": tile_size, "seed": args.seed, "device": str(device), "dtype": args.dtype,
+                     "diffusers_retina_version": diffusers_retina.__version__},
+        "pairs": [], "status": "running",
+    }
+    started = time.perf_counter()
+    jobs = list(masks.items()) if masks else [(f"synthetic_{i + 1:04d}", None) for i in range(args.num_masks)]
+    print(f"Synthesizing {len(jobs) * args.images_per_mask} image(s) with {source} ({args.steps} steps, guidance "
+          f"{args.guidance_scale}) on {device} -> {args.output_dir}", flush=True)
+    for index, (name, mask) in enumerate(jobs):
+        job_started = time.perf_counter()
+        pipe.set_progress_bar_config(desc=name, leave=False)
+        # one seed per job, so a job's output does not depend on which other masks were given
+        generator = torch.Generator().manual_seed(args.seed * 1000003 + index)
+        result = pipe(mask if mask is not None else None, num_masks=1, height=args.height, width=args.width,
+                      num_images_per_mask=args.images_per_mask, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance_scale, generator=generator, tile_size=tile_size, output_type="pil")
+        for k, (image, mask_image) in enumerate(zip(result.images, result.masks), start=1):
+            stem = name if args.images_per_mask == 1 else f"{name}_{k}"
+            # image and mask are renamed into place together, after both were written
+            write_files_atomically(args.output_dir, {f"images/{stem}.png": png_writer(image),
+                                                     f"masks/{stem}.png": png_writer(mask_image)})
+            summary["pairs"].append({"name": stem, "source_mask": str(files[index]) if files else None,
+                                     "width": image.size[0], "height": image.size[1]})
+        seconds = time.perf_counter() - job_started
+        summary["total_seconds"] = time.perf_counter() - started
+        write_files_atomically(args.output_dir, {"summary.json": json_writer(summary)})
+        print(f"[{index + 1}/{len(jobs)}] {name}: {seconds:.1f} s", flush=True)
+    summary["status"] = "complete"
+    summary["total_seconds"] = time.perf_counter() - started
+    write_files_atomically(args.output_dir, {"summary.json": json_writer(summary)})
+    print(f"Done in {summary['total_seconds']:.1f} s; pairs in {args.output_dir / 'images'} and "
+          f"{args.output_dir / 'masks'}", flush=True)
+    return 0
