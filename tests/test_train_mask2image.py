@@ -14,7 +14,7 @@ from diffusers import DDPMPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffusers_retina import Mask2ImagePipeline, SegmentationEnsemblePipeline
+from diffusers_retina import Mask2ImagePipeline
 from diffusers_retina.models import ConditionalUNet2DModel
 
 from test_training import write_folder_dataset

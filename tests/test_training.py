@@ -51,26 +51,27 @@ def folder_dataset(tmp_path_factory):
 
 
 def test_resumed_run_matches_uninterrupted_run(folder_dataset, tmp_path):
-    common = ["--train_data_dir", str(folder_dataset), *TINY, "--max_train_steps", "6", "--checkpointing_steps", "3",
-              "--use_ema", "--validation_stems", "case0", "--validation_crop", "32", "--validation_steps", "3"]
+    # 6 batches per epoch: resuming after step 4 crosses an epoch boundary (accelerate re-seeds its sampler per epoch)
+    common = ["--train_data_dir", str(folder_dataset), *TINY, "--max_train_steps", "8", "--checkpointing_steps", "4",
+              "--use_ema", "--validation_stems", "case0", "--validation_crop", "32", "--validation_steps", "4"]
     straight = tmp_path / "straight"
     run_training(common + ["--output_dir", str(straight)], REPO)
 
-    # a run that "crashed" after step 3: keep only its first checkpoint, then resume with "latest"
+    # a run that "crashed" after step 4: keep only its first checkpoint, then resume with "latest"
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    shutil.copytree(straight / "checkpoint-4", resumed / "checkpoint-4")
     log = run_training(common + ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], REPO)
     assert "Resuming from" in log.stderr + log.stdout
 
     for name in ("model.safetensors", "unet_ema/diffusion_pytorch_model.safetensors"):
-        a, b = load_file(straight / "checkpoint-6" / name), load_file(resumed / "checkpoint-6" / name)
+        a, b = load_file(straight / "checkpoint-8" / name), load_file(resumed / "checkpoint-8" / name)
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{name}:{key}")
-    # and the run did train: weights moved away from the checkpoint-3 state
-    start = load_file(straight / "checkpoint-3" / "model.safetensors")
-    end = load_file(straight / "checkpoint-6" / "model.safetensors")
+    # and the run did train: weights moved away from the checkpoint-4 state
+    start = load_file(straight / "checkpoint-4" / "model.safetensors")
+    end = load_file(straight / "checkpoint-8" / "model.safetensors")
     assert any(not torch.equal(start[k], end[k]) for k in start)
 
 

@@ -20,14 +20,10 @@ Reference checkpoint (CHASE_DB1 train split, CPU):
 """
 
 import argparse
-import fnmatch
 import logging
 import math
 import os
-import shutil
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,37 +38,32 @@ from tqdm.auto import tqdm
 
 from diffusers_retina import SegmentationEnsemblePipeline
 from diffusers_retina.models import MedSegDiffUNet2DModel
-from diffusers_retina.data import FolderPairDataset, HFSegmentationDataset, RandomPatchDataset
+from diffusers_retina.data import RandomPatchDataset
 from diffusers_retina.image_processing import mask_to_diffusion
 from diffusers_retina.metrics import dice as dice_score
+from diffusers_retina.training_utils import (
+    EpochSampler,
+    TrainingClock,
+    add_data_arguments,
+    add_optimization_arguments,
+    add_output_arguments,
+    build_datasets,
+    central_crop,
+    check_data_arguments,
+    epoch_dataloader,
+    find_resume_checkpoint,
+    push_folder,
+    resume_position,
+    save_checkpoint,
+    step_generator,
+)
 
 logger = get_logger(__name__, log_level="INFO")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a diffusion segmentation ensemble (Wolleb et al.).")
-    # data
-    parser.add_argument("--train_data_dir", type=str, default=None, help="Folder with images/ and masks/ sub-folders.")
-    parser.add_argument("--dataset_name", type=str, default=None, help="A `datasets` dataset with image/mask columns.")
-    parser.add_argument("--dataset_config_name", type=str, default=None)
-    parser.add_argument("--image_column", type=str, default="image")
-    parser.add_argument("--mask_column", type=str, default="mask")
-    parser.add_argument("--image_dir", type=str, default="images")
-    parser.add_argument("--mask_dir", type=str, default="masks")
-    parser.add_argument("--image_suffix", type=str, default="")
-    parser.add_argument("--mask_suffix", type=str, default="")
-    parser.add_argument("--train_stems", type=str, default=None,
-                        help="Comma-separated glob patterns of file stems used for training (default: all).")
-    parser.add_argument("--validation_stems", type=str, default=None,
-                        help="Comma-separated glob patterns of stems used for the validation pass (monitoring only).")
-    parser.add_argument("--validation_crop", type=int, default=256,
-                        help="Validate on the central crop of this size (0: whole image).")
-    parser.add_argument("--num_classes", type=int, default=2, help="2: binary (one mask channel); K: K one-hot channels.")
-    parser.add_argument("--image_channels", type=int, default=3)
-    parser.add_argument("--resolution", type=int, default=64, help="Side of the random training patches.")
-    parser.add_argument("--patches_per_image", type=int, default=50)
-    parser.add_argument("--foreground_fraction", type=float, default=0.5)
-    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    add_data_arguments(parser, default_resolution=64)
     # model
     parser.add_argument("--model", type=str, default="unet", choices=["unet", "medsegdiff"],
                         help="unet: stock UNet2DModel (image concatenated); medsegdiff: MedSegDiffUNet2DModel.")
@@ -93,75 +84,16 @@ def parse_args(argv=None):
                         help="Wolleb et al. use epsilon; x0 ('sample') learned faster on CPU and works at 2 DDIM steps.")
     parser.add_argument("--num_train_timesteps", type=int, default=1000)
     parser.add_argument("--beta_schedule", type=str, default="linear")
-    # optimisation
-    parser.add_argument("--train_batch_size", type=int, default=8)
-    parser.add_argument("--num_epochs", type=int, default=100)
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_epochs.")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--lr_scheduler", type=str, default="cosine")
-    parser.add_argument("--lr_warmup_steps", type=int, default=100)
-    parser.add_argument("--adam_beta1", type=float, default=0.9)
-    parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-4)
-    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
-    parser.add_argument("--use_ema", action="store_true")
-    parser.add_argument("--ema_max_decay", type=float, default=0.999)
-    parser.add_argument("--ema_inv_gamma", type=float, default=1.0)
-    parser.add_argument("--ema_power", type=float, default=3 / 4)
-    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--seed", type=int, default=0)
-    # checkpoints, validation, logging, hub
-    parser.add_argument("--output_dir", type=str, required=True)
-    parser.add_argument("--checkpointing_steps", type=int, default=500)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None,
-                        help='A checkpoint folder, or "latest" to continue from the newest one in --output_dir.')
-    parser.add_argument("--validation_steps", type=int, default=500)
+    # validation
     parser.add_argument("--validation_ensemble_size", type=int, default=3)
     parser.add_argument("--validation_inference_steps", type=int, default=2)
-    parser.add_argument("--save_dtype", type=str, default="float16", choices=["float32", "float16", "bfloat16"],
-                        help="dtype of the saved pipeline weights.")
-    parser.add_argument("--report_to", type=str, default="tensorboard")
-    parser.add_argument("--logging_dir", type=str, default="logs")
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_model_id", type=str, default=None)
-    parser.add_argument("--hub_token", type=str, default=None)
-    parser.add_argument("--hub_private_repo", action="store_true")
+    add_optimization_arguments(parser, default_learning_rate=1e-3)
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
-    if args.train_data_dir is None and args.dataset_name is None:
-        parser.error("Give --train_data_dir (images/ + masks/ folders) or --dataset_name.")
+    check_data_arguments(parser, args)
     if args.model == "unet" and args.aux_loss_weight:
         parser.error("--aux_loss_weight needs --model medsegdiff (a stock UNet2DModel has no condition encoder).")
     return args
-
-
-def select_stems(dataset_root, args, patterns):
-    """Stems of image files under ``image_dir`` that match any of the comma-separated glob ``patterns``."""
-    folder = Path(dataset_root) / args.image_dir
-    stems = sorted(p.stem[: len(p.stem) - len(args.image_suffix)] if args.image_suffix else p.stem
-                   for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    selected = [s for s in stems if any(fnmatch.fnmatch(s, pat.strip()) for pat in patterns.split(","))]
-    if not selected:
-        raise ValueError(f"No image stems in {folder} match {patterns!r}.")
-    return selected
-
-
-def build_datasets(args):
-    if args.dataset_name is not None:
-        train = HFSegmentationDataset(args.dataset_name, split="train", image_column=args.image_column,
-                                      mask_column=args.mask_column, num_classes=args.num_classes,
-                                      image_channels=args.image_channels, name=args.dataset_config_name)
-        return train, None
-    common = dict(image_dir=args.image_dir, mask_dir=args.mask_dir, image_suffix=args.image_suffix,
-                  mask_suffix=args.mask_suffix, num_classes=args.num_classes, image_channels=args.image_channels)
-    train_stems = select_stems(args.train_data_dir, args, args.train_stems) if args.train_stems else None
-    train = FolderPairDataset(args.train_data_dir, stems=train_stems, **common)
-    validation = None
-    if args.validation_stems:
-        validation = FolderPairDataset(args.train_data_dir,
-                                       stems=select_stems(args.train_data_dir, args, args.validation_stems), **common)
-    return train, validation
 
 
 def build_unet(args):
@@ -190,47 +122,6 @@ def auxiliary_loss(condition_logits, masks, num_classes):
     return F.cross_entropy(condition_logits.float(), masks.long())
 
 
-class TrainingClock:
-    """Wall time spent training, saved in accelerate checkpoints so resumed runs report the total."""
-
-    def __init__(self):
-        self.seconds, self._since = 0.0, time.time()
-
-    def elapsed(self):
-        return self.seconds + time.time() - self._since
-
-    def state_dict(self):
-        return {"seconds": self.elapsed()}
-
-    def load_state_dict(self, state):
-        self.seconds, self._since = float(state["seconds"]), time.time()
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same batches as an uninterrupted one."""
-
-    def __init__(self, length, seed):
-        self.length, self.seed, self.epoch = length, seed, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
-
-    def __len__(self):
-        return self.length
-
-
-def central_crop(tensor, size):
-    if not size:
-        return tensor
-    height, width = tensor.shape[-2:]
-    top, left = max((height - size) // 2, 0), max((width - size) // 2, 0)
-    return tensor[..., top: top + size, left: left + size]
-
-
 def inference_scheduler(noise_scheduler):
     """DDIM with "trailing" spacing: with few steps the first one starts at t = T - 1 (pure noise), which is what
     the initial latents are; the default "leading" spacing would start 2 steps at t = T / 2."""
@@ -253,10 +144,6 @@ def run_validation(unet, noise_scheduler, validation, args, seed):
         else:
             scores.append(np.mean([dice_score(output.masks[0] == k, mask == k) for k in range(1, args.num_classes)]))
     return float(np.mean(scores))
-
-
-def checkpoint_step(path):
-    return int(Path(path).name.split("-")[1])
 
 
 def main(argv=None):
@@ -332,20 +219,14 @@ def main(argv=None):
     logger.info(f"  Optimisation steps = {args.max_train_steps}  |  Parameters = {sum(p.numel() for p in unet.parameters()):,}")
 
     global_step, first_epoch, resume_step = 0, 0, 0
-    if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint != "latest":
-            path = args.resume_from_checkpoint
-        else:
-            found = sorted(Path(args.output_dir).glob("checkpoint-*"), key=checkpoint_step)
-            path = str(found[-1]) if found else None
-        if path is None:
-            logger.info("No checkpoint found in --output_dir: starting a new run.")
-        else:
-            logger.info(f"Resuming from {path}")
-            accelerator.load_state(path)
-            global_step = checkpoint_step(path)
-            first_epoch = global_step // num_update_steps_per_epoch
-            resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+    path = find_resume_checkpoint(args)
+    if args.resume_from_checkpoint and path is None:
+        logger.info("No checkpoint found in --output_dir: starting a new run.")
+    elif path is not None:
+        logger.info(f"Resuming from {path}")
+        accelerator.load_state(path)
+        global_step, first_epoch, resume_step = resume_position(path, num_update_steps_per_epoch,
+                                                                args.gradient_accumulation_steps)
 
     mask_channels = 1 if args.num_classes == 2 else args.num_classes
     progress_bar = tqdm(range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process,
@@ -353,20 +234,13 @@ def main(argv=None):
     validation_dice = None
     for epoch in range(first_epoch, num_epochs):
         unet.train()
-        sampler.set_epoch(epoch)
-        patches.set_epoch(epoch)
-        dataloader = train_dataloader
-        if epoch == first_epoch and resume_step:
-            dataloader = accelerator.skip_first_batches(train_dataloader, resume_step)
-        for batch in dataloader:
-            # noise and timesteps from a generator tied to the step, so a resumed run draws the same ones
-            step_generator = torch.Generator().manual_seed(args.seed * 1000003 + global_step * 131 +
-                                                           accelerator.process_index)
+        for batch in epoch_dataloader(accelerator, train_dataloader, epoch, first_epoch, resume_step):
+            generator = step_generator(args.seed, global_step, accelerator.process_index)
             images = batch["image"]
             clean_masks = mask_to_diffusion(batch["mask"], args.num_classes).to(images.dtype)
-            noise = torch.randn(clean_masks.shape, generator=step_generator).to(images.device)
+            noise = torch.randn(clean_masks.shape, generator=generator).to(images.device)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (images.shape[0],),
-                                      generator=step_generator).to(images.device)
+                                      generator=generator).to(images.device)
             noisy_masks = noise_scheduler.add_noise(clean_masks, noise, timesteps)
             if args.prediction_type == "epsilon":
                 target = noise
@@ -400,11 +274,7 @@ def main(argv=None):
 
                 if accelerator.is_main_process:
                     if global_step % args.checkpointing_steps == 0:
-                        if args.checkpoints_total_limit is not None:
-                            existing = sorted(Path(args.output_dir).glob("checkpoint-*"), key=checkpoint_step)
-                            for old in existing[: max(len(existing) - args.checkpoints_total_limit + 1, 0)]:
-                                shutil.rmtree(old)
-                        accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+                        save_checkpoint(accelerator, args, global_step)
                     if validation_dataset is not None and global_step % args.validation_steps == 0:
                         validation_dice = validate(accelerator, unet, ema_unet, noise_scheduler, validation_dataset,
                                                    args)
@@ -459,12 +329,7 @@ def save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_ste
     })
     write_segmentation_card(args.output_dir, repo_id=args.hub_model_id)
     if args.push_to_hub:
-        from huggingface_hub import create_repo, upload_folder
-
-        repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
-                              private=args.hub_private_repo, token=args.hub_token).repo_id
-        upload_folder(repo_id=repo_id, folder_path=args.output_dir, token=args.hub_token,
-                      ignore_patterns=["checkpoint-*", "logs/*"])
+        push_folder(args, args.output_dir)
 
 
 if __name__ == "__main__":
