@@ -13,6 +13,8 @@ import fnmatch
 import os
 import shutil
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -223,3 +225,163 @@ def push_folder(args, folder: str) -> None:
                           token=args.hub_token).repo_id
     upload_folder(repo_id=repo_id, folder_path=folder, token=args.hub_token,
                   ignore_patterns=["checkpoint-*", "logs/*"])
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def make_accelerator(args):
+    """The ``Accelerator`` of the flags, logging, the seed (set before the model is built, so its initial weights
+    depend only on ``--seed``) and the output folder."""
+    import logging
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to in ("none", "") else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator
+
+
+@dataclass
+class TrainingState:
+    """Everything ``prepare_training`` sets up; the scripts' loops read it."""
+
+    model: torch.nn.Module
+    ema_model: Optional[object]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    train_dataloader: torch.utils.data.DataLoader
+    validation_dataset: Optional[torch.utils.data.Dataset]
+    clock: TrainingClock
+    num_epochs: int
+    global_step: int = 0
+    first_epoch: int = 0
+    resume_step: int = 0
+
+
+def prepare_training(accelerator, args, model, logger, project_name: str) -> TrainingState:
+    """EMA (saved inside accelerate's checkpoints), the training clock, random patches of the training data in a
+    resumable order, AdamW with the learning-rate schedule, ``accelerator.prepare``, trackers, and resumption from
+    ``--resume_from_checkpoint``."""
+    import math
+
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from .data import RandomPatchDataset
+
+    model_cls = type(model)
+    ema_model = None
+    if args.use_ema:
+        ema_model = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
+                             inv_gamma=args.ema_inv_gamma, power=args.ema_power, model_cls=model_cls,
+                             model_config=model.config)
+
+    def save_model_hook(models, weights, output_dir):
+        if accelerator.is_main_process and ema_model is not None:
+            ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
+
+    def load_model_hook(models, input_dir):
+        if ema_model is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), model_cls)
+            ema_model.load_state_dict(loaded.state_dict())
+            del loaded
+
+    clock = TrainingClock()
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    accelerator.register_for_checkpointing(clock)
+
+    train_dataset, validation_dataset = build_datasets(args)
+    patches = RandomPatchDataset(train_dataset, patch_size=args.resolution, patches_per_image=args.patches_per_image,
+                                 foreground_fraction=args.foreground_fraction, augment=True, seed=args.seed)
+    train_dataloader = torch.utils.data.DataLoader(patches, batch_size=args.train_batch_size,
+                                                   sampler=EpochSampler(len(patches), args.seed),
+                                                   num_workers=args.dataloader_num_workers, drop_last=True)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_epochs * num_update_steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader,
+                                                                           lr_scheduler)
+    if ema_model is not None:
+        ema_model.to(accelerator.device)
+    if accelerator.is_main_process and accelerator.log_with:
+        accelerator.init_trackers(project_name, config={
+            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"***** Running training ({project_name}) *****")
+    logger.info(f"  Patches per epoch = {len(patches)}  |  Epochs = {num_epochs}  |  Total batch = {total_batch_size}")
+    logger.info(f"  Optimisation steps = {args.max_train_steps}  |  "
+                f"Parameters = {sum(p.numel() for p in model.parameters()):,}")
+
+    state = TrainingState(model=model, ema_model=ema_model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                          train_dataloader=train_dataloader, validation_dataset=validation_dataset, clock=clock,
+                          num_epochs=num_epochs)
+    path = find_resume_checkpoint(args)
+    if args.resume_from_checkpoint and path is None:
+        logger.info("No checkpoint found in --output_dir: starting a new run.")
+    elif path is not None:
+        logger.info(f"Resuming from {path}")
+        accelerator.load_state(path)
+        state.global_step, state.first_epoch, state.resume_step = resume_position(
+            path, num_update_steps_per_epoch, args.gradient_accumulation_steps)
+    return state
+
+
+@contextmanager
+def ema_weights(accelerator, model, ema_model):
+    """The unwrapped model in eval mode with the EMA weights (if any), restored to the training weights after."""
+    unwrapped = accelerator.unwrap_model(model)
+    if ema_model is not None:
+        ema_model.store(unwrapped.parameters())
+        ema_model.copy_to(unwrapped.parameters())
+    unwrapped.eval()
+    try:
+        yield unwrapped
+    finally:
+        if ema_model is not None:
+            ema_model.restore(unwrapped.parameters())
+        unwrapped.train()
+
+
+def final_weights(accelerator, model, ema_model, save_dtype: str):
+    """The unwrapped model with its EMA weights (if any), cast to ``--save_dtype``, for saving."""
+    unwrapped = accelerator.unwrap_model(model)
+    if ema_model is not None:
+        ema_model.copy_to(unwrapped.parameters())
+    return unwrapped.to(getattr(torch, save_dtype))
+
+
+def write_training_record(args, script: str, global_step: int, seconds: float, model, **extra) -> None:
+    """``training_info.json`` beside the saved pipeline: arguments, the exact command, steps, time, size, extras."""
+    import sys
+
+    from .hub import TRAINING_INFO, command_line, write_json
+
+    write_json(os.path.join(args.output_dir, TRAINING_INFO), {
+        "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
+        "command": command_line(["python", script] + sys.argv[1:]),
+        "global_step": global_step,
+        "training_seconds": seconds,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        **extra,
+    })

@@ -21,43 +21,34 @@ Reference checkpoints (CHASE_DB1 train split, CPU; the exact commands are in the
 """
 
 import argparse
-import logging
-import math
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from diffusers_retina import Mask2ImagePipeline, SegmentationEnsemblePipeline
-from diffusers_retina.data import RandomPatchDataset
 from diffusers_retina.image_processing import mask_to_diffusion
 from diffusers_retina.models import ConditionalUNet2DModel
 from diffusers_retina.synthesis import image_grid, mask_faithfulness
 from diffusers_retina.training_utils import (
-    EpochSampler,
-    TrainingClock,
     add_data_arguments,
     add_optimization_arguments,
     add_output_arguments,
-    build_datasets,
     central_crop,
     check_data_arguments,
+    ema_weights,
     epoch_dataloader,
-    find_resume_checkpoint,
+    final_weights,
+    make_accelerator,
+    prepare_training,
     push_folder,
-    resume_position,
     save_checkpoint,
     step_generator,
+    write_training_record,
 )
 
 logger = get_logger(__name__, log_level="INFO")
@@ -159,97 +150,27 @@ def run_validation(model, noise_scheduler, validation, args, step, faithfulness_
 
 def main(argv=None):
     args = parse_args(argv)
-    clock = TrainingClock()
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to in ("none", "") else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator = make_accelerator(args)
 
-    # model, noise schedule, EMA
-    model = build_model(args)
-    model_cls = type(model)
+    # model and noise schedule; EMA, data, optimiser, checkpoints and resumption come from prepare_training
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
                                     prediction_type=args.prediction_type)
-    ema_model = None
-    if args.use_ema:
-        ema_model = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
-                             inv_gamma=args.ema_inv_gamma, power=args.ema_power, model_cls=model_cls,
-                             model_config=model.config)
-
-    # accelerate's checkpoints carry the EMA weights too
-    def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process and ema_model is not None:
-            ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
-
-    def load_model_hook(models, input_dir):
-        if ema_model is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), model_cls)
-            ema_model.load_state_dict(loaded.state_dict())
-            del loaded
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-    accelerator.register_for_checkpointing(clock)
-
-    # data: random patches of image/mask pairs (the mask task reads only the masks)
-    train_dataset, validation_dataset = build_datasets(args)
-    patches = RandomPatchDataset(train_dataset, patch_size=args.resolution, patches_per_image=args.patches_per_image,
-                                 foreground_fraction=args.foreground_fraction, augment=True, seed=args.seed)
-    sampler = EpochSampler(len(patches), args.seed)
-    train_dataloader = torch.utils.data.DataLoader(patches, batch_size=args.train_batch_size, sampler=sampler,
-                                                   num_workers=args.dataloader_num_workers, drop_last=True)
+    state = prepare_training(accelerator, args, build_model(args), logger, f"train_mask2image ({args.task} model)")
+    model, ema_model, optimizer, lr_scheduler = state.model, state.ema_model, state.optimizer, state.lr_scheduler
+    global_step = state.global_step
     faithfulness_segmenter = None
     if args.faithfulness_pipeline and accelerator.is_main_process:
         faithfulness_segmenter = SegmentationEnsemblePipeline.from_pretrained(args.faithfulness_pipeline,
                                                                               dtype=torch.float32)
         faithfulness_segmenter.set_progress_bar_config(disable=True)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_epochs * num_update_steps_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
-
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader,
-                                                                           lr_scheduler)
-    if ema_model is not None:
-        ema_model.to(accelerator.device)
-    if accelerator.is_main_process and accelerator.log_with:
-        accelerator.init_trackers("train_mask2image", config={
-            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"***** Running training ({args.task} model) *****")
-    logger.info(f"  Patches per epoch = {len(patches)}  |  Epochs = {num_epochs}  |  Total batch = {total_batch_size}")
-    logger.info(f"  Optimisation steps = {args.max_train_steps}  |  Parameters = {sum(p.numel() for p in model.parameters()):,}")
-
-    global_step, first_epoch, resume_step = 0, 0, 0
-    path = find_resume_checkpoint(args)
-    if args.resume_from_checkpoint and path is None:
-        logger.info("No checkpoint found in --output_dir: starting a new run.")
-    elif path is not None:
-        logger.info(f"Resuming from {path}")
-        accelerator.load_state(path)
-        global_step, first_epoch, resume_step = resume_position(path, num_update_steps_per_epoch,
-                                                                args.gradient_accumulation_steps)
-
     progress_bar = tqdm(range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process,
                         desc="Steps")
     validation_score = None
-    for epoch in range(first_epoch, num_epochs):
+    for epoch in range(state.first_epoch, state.num_epochs):
         model.train()
-        for batch in epoch_dataloader(accelerator, train_dataloader, epoch, first_epoch, resume_step):
+        for batch in epoch_dataloader(accelerator, state.train_dataloader, epoch, state.first_epoch,
+                                      state.resume_step):
             generator = step_generator(args.seed, global_step, accelerator.process_index)
             masks = mask_to_diffusion(batch["mask"], args.num_classes).to(batch["image"].dtype)
             clean = masks if args.task == "mask" else batch["image"]
@@ -291,7 +212,8 @@ def main(argv=None):
                         save_checkpoint(accelerator, args, global_step)
                     if global_step % args.validation_steps == 0:
                         validation_score = validate(accelerator, model, ema_model, noise_scheduler,
-                                                    validation_dataset, args, global_step, faithfulness_segmenter)
+                                                    state.validation_dataset, args, global_step,
+                                                    faithfulness_segmenter)
                         if validation_score is not None:
                             logs["mask_faithfulness_dice"] = validation_score
                             logger.info(f"step {global_step}: mask-faithfulness Dice {validation_score:.4f}")
@@ -303,36 +225,24 @@ def main(argv=None):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        validation_score = validate(accelerator, model, ema_model, noise_scheduler, validation_dataset, args,
+        validation_score = validate(accelerator, model, ema_model, noise_scheduler, state.validation_dataset, args,
                                     global_step, faithfulness_segmenter)
         save_pipeline(accelerator, model, ema_model, noise_scheduler, args, global_step, validation_score,
-                      clock.elapsed())
+                      state.clock.elapsed())
     accelerator.end_training()
 
 
 def validate(accelerator, model, ema_model, noise_scheduler, validation_dataset, args, step, segmenter):
     if args.task == "image" and validation_dataset is None:
         return None
-    unwrapped = accelerator.unwrap_model(model)
-    if ema_model is not None:
-        ema_model.store(unwrapped.parameters())
-        ema_model.copy_to(unwrapped.parameters())
-    unwrapped.eval()
-    try:
+    with ema_weights(accelerator, model, ema_model) as unwrapped:
         return run_validation(unwrapped, noise_scheduler, validation_dataset, args, step, segmenter)
-    finally:
-        if ema_model is not None:
-            ema_model.restore(unwrapped.parameters())
-        unwrapped.train()
 
 
 def save_pipeline(accelerator, model, ema_model, noise_scheduler, args, global_step, validation_score, seconds):
-    from diffusers_retina.hub import TRAINING_INFO, command_line, write_json, write_mask2image_card
+    from diffusers_retina.hub import write_mask2image_card
 
-    unwrapped = accelerator.unwrap_model(model)
-    if ema_model is not None:
-        ema_model.copy_to(unwrapped.parameters())
-    unwrapped = unwrapped.to(getattr(torch, args.save_dtype))
+    unwrapped = final_weights(accelerator, model, ema_model, args.save_dtype)
     if args.task == "mask":
         pipeline = DDPMPipeline(unet=unwrapped, scheduler=inference_scheduler(noise_scheduler))
         pipeline.save_pretrained(args.output_dir, safe_serialization=True)
@@ -344,14 +254,8 @@ def save_pipeline(accelerator, model, ema_model, noise_scheduler, args, global_s
         pipeline = Mask2ImagePipeline(unet=unwrapped, scheduler=inference_scheduler(noise_scheduler),
                                       mask_unet=mask_unet, mask_scheduler=mask_scheduler)
         pipeline.save_pretrained(args.output_dir)
-    write_json(os.path.join(args.output_dir, TRAINING_INFO), {
-        "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
-        "command": command_line(["python", "training/train_mask2image.py"] + sys.argv[1:]),
-        "global_step": global_step,
-        "training_seconds": seconds,
-        "num_parameters": sum(p.numel() for p in unwrapped.parameters()),
-        "validation_faithfulness_dice": validation_score,
-    })
+    write_training_record(args, "training/train_mask2image.py", global_step, seconds, unwrapped,
+                          validation_faithfulness_dice=validation_score)
     write_mask2image_card(args.output_dir, repo_id=args.hub_model_id)
     if args.push_to_hub:
         push_folder(args, args.output_dir)

@@ -20,42 +20,33 @@ Reference checkpoint (CHASE_DB1 train split, CPU):
 """
 
 import argparse
-import logging
-import math
-import os
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from diffusers_retina import SegmentationEnsemblePipeline
-from diffusers_retina.models import MedSegDiffUNet2DModel
-from diffusers_retina.data import RandomPatchDataset
 from diffusers_retina.image_processing import mask_to_diffusion
 from diffusers_retina.metrics import dice as dice_score
+from diffusers_retina.models import MedSegDiffUNet2DModel
 from diffusers_retina.training_utils import (
-    EpochSampler,
-    TrainingClock,
     add_data_arguments,
     add_optimization_arguments,
     add_output_arguments,
-    build_datasets,
     central_crop,
     check_data_arguments,
+    ema_weights,
     epoch_dataloader,
-    find_resume_checkpoint,
+    final_weights,
+    make_accelerator,
+    prepare_training,
     push_folder,
-    resume_position,
     save_checkpoint,
     step_generator,
+    write_training_record,
 )
 
 logger = get_logger(__name__, log_level="INFO")
@@ -148,93 +139,23 @@ def run_validation(unet, noise_scheduler, validation, args, seed):
 
 def main(argv=None):
     args = parse_args(argv)
-    clock = TrainingClock()
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to in ("none", "") else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    set_seed(args.seed)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator = make_accelerator(args)
 
-    # model, noise schedule, EMA
-    unet = build_unet(args)
-    unet_model = unet  # the unwrapped model (accelerate may wrap `unet` for distributed training)
+    # model and noise schedule; EMA, data, optimiser, checkpoints and resumption come from prepare_training
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
                                     prediction_type=args.prediction_type)
-    ema_unet = None
-    if args.use_ema:
-        ema_unet = EMAModel(unet.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
-                            inv_gamma=args.ema_inv_gamma, power=args.ema_power, model_cls=type(unet),
-                            model_config=unet.config)
-
-    # accelerate's checkpoints carry the EMA weights too
-    def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process and ema_unet is not None:
-            ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
-
-    def load_model_hook(models, input_dir):
-        if ema_unet is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), type(unet_model))
-            ema_unet.load_state_dict(loaded.state_dict())
-            del loaded
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-    accelerator.register_for_checkpointing(clock)
-
-    # data
-    train_dataset, validation_dataset = build_datasets(args)
-    patches = RandomPatchDataset(train_dataset, patch_size=args.resolution, patches_per_image=args.patches_per_image,
-                                 foreground_fraction=args.foreground_fraction, augment=True, seed=args.seed)
-    sampler = EpochSampler(len(patches), args.seed)
-    train_dataloader = torch.utils.data.DataLoader(patches, batch_size=args.train_batch_size, sampler=sampler,
-                                                   num_workers=args.dataloader_num_workers, drop_last=True)
-
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_epochs * num_update_steps_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
-
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
-                                                                          lr_scheduler)
-    if ema_unet is not None:
-        ema_unet.to(accelerator.device)
-    if accelerator.is_main_process and accelerator.log_with:
-        accelerator.init_trackers("train_segmentation_ensemble", config={
-            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info("***** Running training *****")
-    logger.info(f"  Patches per epoch = {len(patches)}  |  Epochs = {num_epochs}  |  Total batch = {total_batch_size}")
-    logger.info(f"  Optimisation steps = {args.max_train_steps}  |  Parameters = {sum(p.numel() for p in unet.parameters()):,}")
-
-    global_step, first_epoch, resume_step = 0, 0, 0
-    path = find_resume_checkpoint(args)
-    if args.resume_from_checkpoint and path is None:
-        logger.info("No checkpoint found in --output_dir: starting a new run.")
-    elif path is not None:
-        logger.info(f"Resuming from {path}")
-        accelerator.load_state(path)
-        global_step, first_epoch, resume_step = resume_position(path, num_update_steps_per_epoch,
-                                                                args.gradient_accumulation_steps)
+    state = prepare_training(accelerator, args, build_unet(args), logger, "train_segmentation_ensemble")
+    unet, ema_unet, optimizer, lr_scheduler = state.model, state.ema_model, state.optimizer, state.lr_scheduler
+    global_step = state.global_step
 
     mask_channels = 1 if args.num_classes == 2 else args.num_classes
     progress_bar = tqdm(range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process,
                         desc="Steps")
     validation_dice = None
-    for epoch in range(first_epoch, num_epochs):
+    for epoch in range(state.first_epoch, state.num_epochs):
         unet.train()
-        for batch in epoch_dataloader(accelerator, train_dataloader, epoch, first_epoch, resume_step):
+        for batch in epoch_dataloader(accelerator, state.train_dataloader, epoch, state.first_epoch,
+                                      state.resume_step):
             generator = step_generator(args.seed, global_step, accelerator.process_index)
             images = batch["image"]
             clean_masks = mask_to_diffusion(batch["mask"], args.num_classes).to(images.dtype)
@@ -275,9 +196,9 @@ def main(argv=None):
                 if accelerator.is_main_process:
                     if global_step % args.checkpointing_steps == 0:
                         save_checkpoint(accelerator, args, global_step)
-                    if validation_dataset is not None and global_step % args.validation_steps == 0:
-                        validation_dice = validate(accelerator, unet, ema_unet, noise_scheduler, validation_dataset,
-                                                   args)
+                    if state.validation_dataset is not None and global_step % args.validation_steps == 0:
+                        validation_dice = validate(accelerator, unet, ema_unet, noise_scheduler,
+                                                   state.validation_dataset, args)
                         logs["validation_dice"] = validation_dice
                         logger.info(f"step {global_step}: validation Dice {validation_dice:.4f}")
                 accelerator.log(logs, step=global_step)
@@ -288,45 +209,27 @@ def main(argv=None):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if validation_dataset is not None:
-            validation_dice = validate(accelerator, unet, ema_unet, noise_scheduler, validation_dataset, args)
+        if state.validation_dataset is not None:
+            validation_dice = validate(accelerator, unet, ema_unet, noise_scheduler, state.validation_dataset, args)
             logger.info(f"final validation Dice {validation_dice:.4f}")
         save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_step, validation_dice,
-                      clock.elapsed())
+                      state.clock.elapsed())
     accelerator.end_training()
 
 
 def validate(accelerator, unet, ema_unet, noise_scheduler, validation_dataset, args):
-    model = accelerator.unwrap_model(unet)
-    if ema_unet is not None:
-        ema_unet.store(model.parameters())
-        ema_unet.copy_to(model.parameters())
-    model.eval()
-    try:
+    with ema_weights(accelerator, unet, ema_unet) as model:
         return run_validation(model, noise_scheduler, validation_dataset, args, args.seed)
-    finally:
-        if ema_unet is not None:
-            ema_unet.restore(model.parameters())
-        model.train()
 
 
 def save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_step, validation_dice, seconds):
-    from diffusers_retina.hub import TRAINING_INFO, command_line, write_json, write_segmentation_card
+    from diffusers_retina.hub import write_segmentation_card
 
-    model = accelerator.unwrap_model(unet)
-    if ema_unet is not None:
-        ema_unet.copy_to(model.parameters())
-    model = model.to(getattr(torch, args.save_dtype))
+    model = final_weights(accelerator, unet, ema_unet, args.save_dtype)
     pipeline = SegmentationEnsemblePipeline(unet=model, scheduler=inference_scheduler(noise_scheduler))
     pipeline.save_pretrained(args.output_dir)
-    write_json(os.path.join(args.output_dir, TRAINING_INFO), {
-        "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
-        "command": command_line(["python", "training/train_segmentation_ensemble.py"] + sys.argv[1:]),
-        "global_step": global_step,
-        "training_seconds": seconds,
-        "num_parameters": sum(p.numel() for p in model.parameters()),
-        "validation_dice": validation_dice,
-    })
+    write_training_record(args, "training/train_segmentation_ensemble.py", global_step, seconds, model,
+                          validation_dice=validation_dice)
     write_segmentation_card(args.output_dir, repo_id=args.hub_model_id)
     if args.push_to_hub:
         push_folder(args, args.output_dir)
