@@ -93,6 +93,10 @@ def _evaluation_markdown(evaluation: Optional[Dict[str, Any]]) -> str:
     if evaluation.get("notes"):
         lines += ["", evaluation["notes"]]
     lines += ["", "Measured with:", "", "```bash", evaluation["command"], "```"]
+    comparison = evaluation.get("comparison")
+    if comparison:  # written by benchmarks/compare_segmentation.py
+        lines += ["", "### Compared with other models (same data, budget, evaluation command and seed)", "",
+                  comparison["markdown"], "", "```bash", comparison["command"], "```"]
     return "\n".join(lines)
 
 

@@ -1,0 +1,97 @@
+"""Put several ``evaluate_segmentation.py`` results side by side (e.g. the plain UNet against MedSegDiff and its
+ablations): one row per result, the pipeline's own (first) row of each, as a printed table, a markdown table in JSON
+and, with ``--write-into <pipeline folder>``, a ``comparison`` block in that folder's ``evaluation.json`` (rendered
+into its model card).
+
+    python benchmarks/compare_segmentation.py \
+        "plain UNet2DModel (concat)=benchmarks/results/evaluate_segmentation.json" \
+        "MedSegDiff (dynamic encoding + FF-Parser + aux loss)=benchmarks/results/evaluate_medsegdiff.json" \
+        --write-into checkpoints/segmentation-medsegdiff-chase
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+METRICS = (("dice", "Dice"), ("cldice", "clDice"), ("auc_roc", "AUC-ROC"), ("ece", "ECE"), ("hd95", "HD95 (px)"))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", metavar="LABEL=JSON", help="label and evaluate_segmentation.py JSON")
+    parser.add_argument("--timing", default=None, metavar="JSON",
+                        help="optional JSON {label: seconds per image} measured separately on an idle machine; "
+                        "replaces the evaluation runs' own timings")
+    parser.add_argument("--timing-note", default="", help="how --timing was measured (printed under the table)")
+    parser.add_argument("--output", default=f"{_common.RESULTS}/compare_segmentation.json")
+    parser.add_argument("--write-into", default=None, metavar="FOLDER",
+                        help="a pipeline folder whose evaluation.json gets the comparison (and its card regenerated)")
+    return parser.parse_args(argv)
+
+
+def cell(metrics: Dict[str, float], key: str) -> str:
+    value, std = metrics.get(key), metrics.get(f"{key}_std")
+    if value is None:
+        return "–"
+    return f"{value:.3f}" + (f" ± {std:.3f}" if std is not None else "")
+
+
+def comparison_rows(results: List[tuple], timing: Optional[Dict[str, float]]) -> List[Dict]:
+    rows = []
+    for label, path in results:
+        data = json.loads(Path(path).read_text())
+        main_row = data["rows"][0]
+        seconds = (timing or {}).get(label, main_row.get("seconds_per_image"))
+        rows.append({"label": label, "source": str(path), "command": data.get("command"),
+                     "metrics": main_row["metrics"], "seconds_per_image": seconds,
+                     "threads": data.get("machine", {}).get("torch_threads"), "description": data.get("description")})
+    return rows
+
+
+def markdown(rows: List[Dict], timing_note: str) -> str:
+    lines = ["| Model | " + " | ".join(label for _, label in METRICS) + " | s / image |",
+             "|---|" + "---|" * (len(METRICS) + 1)]
+    for row in rows:
+        seconds = row["seconds_per_image"]
+        lines.append(f"| {row['label']} | " + " | ".join(cell(row["metrics"], key) for key, _ in METRICS)
+                     + f" | {'–' if seconds is None else f'{seconds:.1f}'} |")
+    if timing_note:
+        lines += ["", timing_note]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    results = []
+    for item in args.results:
+        if "=" not in item:
+            sys.exit(f"Expected LABEL=JSON, got {item!r}.")
+        label, path = item.split("=", 1)
+        if not Path(path).is_file():
+            sys.exit(f"Result file '{path}' not found (run benchmarks/evaluate_segmentation.py first).")
+        results.append((label, path))
+    timing = json.loads(Path(args.timing).read_text()) if args.timing else None
+    rows = comparison_rows(results, timing)
+    table = markdown(rows, args.timing_note)
+    print(table)
+    output = _common.save_json(args.output, {"command": _common.command(), "rows": rows, "markdown": table})
+    print(f"\nWrote {output}")
+    if args.write_into:
+        from diffusers_retina.hub import EVALUATION, write_segmentation_card
+
+        folder = _common.resolve_path(args.write_into)
+        evaluation = json.loads((folder / EVALUATION).read_text())
+        evaluation["comparison"] = {"markdown": table, "command": _common.command()}
+        _common.save_json(str(folder / EVALUATION), evaluation)
+        print(f"Wrote the comparison into {folder / EVALUATION} and {write_segmentation_card(folder)}")
+
+
+if __name__ == "__main__":
+    main()
