@@ -1,4 +1,5 @@
-"""Checks on the shipped reference checkpoint (the embedded default of the demo and the CLI)."""
+"""Checks on the shipped segmentation reference checkpoints: the plain UNet2DModel (the embedded default of the demo
+and the CLI) and the MedSegDiffUNet2DModel trained with the same data, budget and seed."""
 
 import json
 from pathlib import Path
@@ -8,40 +9,52 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from diffusers import UNet2DModel
+
 from diffusers_retina import SegmentationEnsemblePipeline
+from diffusers_retina.models import MedSegDiffUNet2DModel
 from diffusers_retina.data import chase_db1, default_chase_db1_root
 from diffusers_retina.metrics import dice
 
 pytestmark = pytest.mark.slow
-CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "segmentation-ensemble-chase"
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+MODELS = {"segmentation-ensemble-chase": UNet2DModel, "segmentation-medsegdiff-chase": MedSegDiffUNet2DModel}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def checkpoint(request):
+    return CHECKPOINTS / request.param
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    pipe = SegmentationEnsemblePipeline.from_pretrained(CHECKPOINT, dtype=torch.float32)
+def pipe(checkpoint):
+    pipe = SegmentationEnsemblePipeline.from_pretrained(checkpoint, dtype=torch.float32)
+    assert type(pipe.unet) is MODELS[checkpoint.name]
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def test_checkpoint_files():
-    weights = CHECKPOINT / "unet" / "diffusion_pytorch_model.safetensors"
+def test_checkpoint_files(checkpoint):
+    weights = checkpoint / "unet" / "diffusion_pytorch_model.safetensors"
     assert weights.stat().st_size <= 8 * 1024 * 1024
     with safe_open(weights, "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
-    index = json.loads((CHECKPOINT / "model_index.json").read_text())
+    index = json.loads((checkpoint / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_segmentation_ensemble", "SegmentationEnsemblePipeline"]
-    assert not list(CHECKPOINT.rglob("*.bin")) and not list(CHECKPOINT.rglob("*.pkl"))
+    assert not list(checkpoint.rglob("*.bin")) and not list(checkpoint.rglob("*.pkl"))
 
 
-def test_model_card_reports_the_measured_evaluation():
-    card = (CHECKPOINT / "README.md").read_text()
-    evaluation = json.loads((CHECKPOINT / "evaluation.json").read_text())
-    info = json.loads((CHECKPOINT / "training_info.json").read_text())
+def test_model_card_reports_the_measured_evaluation(checkpoint):
+    card = (checkpoint / "README.md").read_text()
+    evaluation = json.loads((checkpoint / "evaluation.json").read_text())
+    info = json.loads((checkpoint / "training_info.json").read_text())
     main_row = evaluation["rows"][0]
     assert f"{main_row['metrics']['dice']:.3f}" in card
     assert "CC BY 4.0" in card and "license: cc-by-4.0" in card and "Fraz" in card
     assert info["command"] in card
     assert any("2ndHO" in row["name"] for row in evaluation["rows"])
+    if MODELS[checkpoint.name] is MedSegDiffUNet2DModel:
+        assert "dynamic conditional encoding" in card and "wu2023medsegdiff" in card
 
 
 @pytest.mark.skipif(default_chase_db1_root() is None, reason="CHASE_DB1 not found beside the project (../shared/data)")
