@@ -17,6 +17,8 @@ from diffusers_retina import Mask2ImagePipeline
 from diffusers_retina.image_processing import mask_to_diffusion
 from diffusers_retina.models import SPADE, ConditionalUNet2DModel
 
+from doc_examples import check_call_example
+
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("concat", "spade", "concat+spade")
 
@@ -343,3 +345,7 @@ def test_save_and_load_through_every_entry_point(tmp_path):
     assert again.mask_unet is None and again.unet.dtype == torch.float16
     out = again(vessel_masks(1), num_inference_steps=1, generator=generators(0), output_type="pt")
     assert torch.isfinite(out.images).all()
+
+
+def test_call_docstring_has_a_valid_example():
+    check_call_example(Mask2ImagePipeline)

@@ -6,11 +6,7 @@ Tiny models only (conftest.py): a (8, 16)-channel UNet or a pixel-wise stand-in,
 
 from __future__ import annotations
 
-import ast
-import builtins
-import inspect
 import math
-import re
 
 import numpy as np
 import PIL.Image
@@ -27,6 +23,8 @@ from diffusers import (
 
 from diffusers_retina import SegmentationEnsemblePipeline, SegmentationEnsemblePipelineOutput
 from diffusers_retina.fusion import staple
+
+from doc_examples import check_call_example
 
 STEPS = 2
 
@@ -528,21 +526,4 @@ def test_progress_bar_can_be_disabled(make_pipe, image, gen, capsys):
 
 
 def test_call_docstring_has_a_valid_example():
-    doc = SegmentationEnsemblePipeline.__call__.__doc__
-    assert "Examples:" in doc
-    example = doc.split("Examples:", 1)[1]
-    assert "```py" in example and ">>> " in example
-    assert "SegmentationEnsemblePipeline.from_pretrained" in example
-    # every keyword the example passes to the pipeline exists in the signature
-    call = re.search(r"pipe\((.*?)\)\n", example.replace("\n        ...", ""), re.S)
-    assert call is not None
-    keywords = re.findall(r"(\w+)=", call.group(1))
-    assert keywords and set(keywords) <= set(inspect.signature(SegmentationEnsemblePipeline.__call__).parameters)
-    # the example is valid Python and every name it uses is imported or assigned in it
-    code = "\n".join(line.strip()[4:] for line in example.splitlines() if line.strip().startswith((">>> ", "... ")))
-    tree = ast.parse(code)
-    defined = {alias.asname or alias.name.split(".")[0] for node in ast.walk(tree)
-               if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
-    defined |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
-    used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
-    assert used - defined - set(dir(builtins)) == set()
+    check_call_example(SegmentationEnsemblePipeline)
