@@ -156,7 +156,8 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
         batch_size = batch_size or num_masks
         chunks = [range(s, min(s + batch_size, num_masks)) for s in range(0, num_masks, batch_size)]
         samples = []
-        with self.progress_bar(total=len(chunks) * num_inference_steps) as progress_bar:
+        self.mask_scheduler.set_timesteps(num_inference_steps, device=device)  # Heun & co. take more than one per step
+        with self.progress_bar(total=len(chunks) * len(self.mask_scheduler.timesteps)) as progress_bar:
             for chunk in chunks:
                 samples.append(self._denoise(
                     lambda x, t: self.mask_unet(x, t, return_dict=False)[0][:, :channels], self.mask_scheduler,
@@ -276,9 +277,10 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
         # 3. Denoise the images chunk by chunk
         batch_size = batch_size or num_images
         chunks = [range(s, min(s + batch_size, num_images)) for s in range(0, num_images, batch_size)]
-        self._num_timesteps = num_inference_steps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
         images = []
-        with self.progress_bar(total=len(chunks) * num_inference_steps) as progress_bar:
+        with self.progress_bar(total=len(chunks) * self._num_timesteps) as progress_bar:
             for chunk in chunks:
                 index = list(chunk)
                 latents = self._denoise(
