@@ -3,6 +3,8 @@
 __version__ = "0.1.0"
 
 from .pipelines import (  # noqa: E402
+    DiffusionFeaturePipeline,
+    DiffusionFeaturePipelineOutput,
     Mask2ImagePipeline,
     Mask2ImagePipelineOutput,
     RetinaPipelineMixin,
@@ -11,6 +13,8 @@ from .pipelines import (  # noqa: E402
 )
 
 __all__ = [
+    "DiffusionFeaturePipeline",
+    "DiffusionFeaturePipelineOutput",
     "Mask2ImagePipeline",
     "Mask2ImagePipelineOutput",
     "RetinaPipelineMixin",

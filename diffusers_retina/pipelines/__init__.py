@@ -1,8 +1,11 @@
+from .diffusion_features import DiffusionFeaturePipeline, DiffusionFeaturePipelineOutput
 from .loading import RetinaPipelineMixin
 from .mask2image import Mask2ImagePipeline, Mask2ImagePipelineOutput
 from .segmentation_ensemble import SegmentationEnsemblePipeline, SegmentationEnsemblePipelineOutput
 
 __all__ = [
+    "DiffusionFeaturePipeline",
+    "DiffusionFeaturePipelineOutput",
     "Mask2ImagePipeline",
     "Mask2ImagePipelineOutput",
     "RetinaPipelineMixin",

@@ -1,0 +1,443 @@
+"""DiffusionFeaturePipeline: a denoising UNet as a feature extractor (ddpm-segmentation, DiffDGSSv2).
+
+Instead of sampling, the image is put through the UNet at a few timesteps and the activations of chosen blocks are
+read with forward hooks: ``down.{i}`` (down block ``i``'s output), ``mid``, ``up.{i}`` (up block ``i``'s output, after its
+upsampler) and the finer units inside an up block, ``up.{i}.{j}`` (resnet ``j`` followed by its attention layer when the
+block has one) -- the units ddpm-segmentation picks from guided-diffusion's decoder.
+
+What the published code does and this does not: it runs one forward per timestep and upsamples every map to the
+full image in float32 (8448 channels per pixel, ~2 GB per 256x256 image). Here all requested timesteps go through
+the UNet as one batch, the forward stops right after the last requested block, and features come back at their
+native resolution in float16/bfloat16; heads read them where they need them (bilinear reads at pixel coordinates, or
+their own upsampling).
+
+Input policies:
+
+* ``"noise"`` -- ``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps`` with ``eps`` from ``generator`` (optionally one noise shared
+  by all images, optionally averaged over ``num_noise_draws`` draws);
+* ``"anchor"`` -- DiffDGSSv2's anchoring: the clean image, the timestep only through the embedding;
+* ``"ddim_inversion"`` -- the deterministic DDIM inversion trajectory from the clean image, with features taken when
+  it reaches each requested timestep (sequential by nature).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers.schedulers import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..image_processing import ImageInput, pad_to_multiple, prepare_images
+from .loading import RetinaPipelineMixin
+from .sampling import per_sample_generators
+
+POLICIES = ("noise", "anchor", "ddim_inversion")
+FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from skimage.data import retina
+        >>> from diffusers_retina import DiffusionFeaturePipeline
+
+        >>> pipe = DiffusionFeaturePipeline.from_pretrained("checkpoints/fundus-ddpm-chase")
+        >>> print(pipe.describe())  # every hookable block: channels and stride
+        >>> out = pipe(retina()[::4, ::4], blocks=["up.1", "up.2"], timesteps=[50, 150, 250], policy="noise",
+        ...            generator=torch.Generator().manual_seed(0))
+        >>> {name: tuple(f.shape) for name, f in out.features.items()}  # (images, timesteps, C, h, w), float16
+        ```
+"""
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the last requested block: nothing after it needs computing."""
+
+
+@dataclass
+class DiffusionFeaturePipelineOutput(BaseOutput):
+    """Output of [`DiffusionFeaturePipeline`].
+
+    Args:
+        features: ``{block: (N, T, C, h, w)}`` at each block's native resolution (``h = H / stride``), in the
+            requested dtype; ``T`` follows ``timesteps``. ``None`` when ``output="segmentation"``.
+        masks, probabilities, uncertainty: with ``output="segmentation"``, the head's masks ``(N, H, W)``, class
+            probabilities ``(N, K, H, W)`` and per-pixel uncertainty ``(N, H, W)``; else ``None``.
+    """
+
+    features: Optional[Dict[str, torch.Tensor]] = None
+    masks: Optional[torch.Tensor] = None
+    probabilities: Optional[torch.Tensor] = None
+    uncertainty: Optional[torch.Tensor] = None
+
+
+def _first_tensor(output) -> torch.Tensor:
+    """Block outputs come as tensors, tuples (down blocks: ``(hidden, residuals)``) or output dataclasses."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return _first_tensor(output[0])
+    sample = getattr(output, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    raise TypeError(f"Cannot read a tensor from a block output of type {type(output).__name__}.")
+
+
+class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
+    r"""Read multi-scale, multi-timestep features out of a denoising ``UNet2DModel`` and (optionally) segment with a
+    head trained on them.
+
+    Args:
+        unet: any ``UNet2DModel`` (e.g. an unconditional fundus DDPM, or a Hub DDPM).
+        scheduler: the noise schedule used to noise (``"noise"``) or invert (``"ddim_inversion"``) the image.
+        head: optional segmentation head (``PixelMLPEnsemble`` or ``FreqAggHead``) trained on this pipeline's
+            features; its config names the blocks, timesteps and policy it was trained with.
+    """
+
+    model_cpu_offload_seq = "unet"
+    _optional_components = ["head"]
+
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, head: Optional[torch.nn.Module] = None):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, head=head)
+
+    # ------------------------------------------------------------------ blocks
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def block_modules(self) -> Dict[str, torch.nn.Module]:
+        """Every hookable block by name, in forward order: ``down.{i}``, ``mid``, ``up.{i}.{j}``, ``up.{i}``."""
+        blocks: Dict[str, torch.nn.Module] = {}
+        for i, block in enumerate(self.unet.down_blocks):
+            blocks[f"down.{i}"] = block
+        if self.unet.mid_block is not None:
+            blocks["mid"] = self.unet.mid_block
+        for i, block in enumerate(self.unet.up_blocks):
+            attentions = getattr(block, "attentions", None)
+            for j, resnet in enumerate(block.resnets):
+                has_attention = attentions is not None and j < len(attentions) and attentions[j] is not None
+                blocks[f"up.{i}.{j}"] = attentions[j] if has_attention else resnet
+            blocks[f"up.{i}"] = block
+        return blocks
+
+    def describe(self, height: Optional[int] = None, width: Optional[int] = None) -> List[Dict[str, int]]:
+        """Channels and stride of every block, from a dry run on a zero image (``[{"name", "channels", "stride"}]``)."""
+        size = self.size_multiple * 4
+        height, width = height or size, width or size
+        image = torch.zeros(1, self.unet.config.in_channels, height, width, device=self._execution_device,
+                            dtype=self.unet.dtype)
+        shapes = {}
+        names = list(self.block_modules())
+        with torch.no_grad():
+            self._run_hooked(image, torch.zeros(1, dtype=torch.long, device=image.device), names, shapes,
+                             record_shape=True)
+        return [{"name": name, "channels": shapes[name][0], "stride": height // shapes[name][1]} for name in names]
+
+    def _run_hooked(self, sample: torch.Tensor, timesteps: torch.Tensor, names: Sequence[str],
+                    store: Dict[str, torch.Tensor], record_shape: bool = False) -> None:
+        """One UNet forward with hooks on ``names``; stops after the last of them has fired."""
+        modules = self.block_modules()
+        unknown = [name for name in names if name not in modules]
+        if unknown:
+            raise ValueError(f"Unknown blocks {unknown}; this UNet has {list(modules)} (see `describe()`).")
+        remaining = set(names)
+        handles = []
+
+        def make_hook(name):
+            def hook(module, args, output):
+                tensor = _first_tensor(output)
+                store[name] = tuple(tensor.shape[1:]) if record_shape else tensor
+                remaining.discard(name)
+                if not remaining:
+                    raise _StopForward
+
+            return hook
+
+        try:
+            for name in names:
+                handles.append(modules[name].register_forward_hook(make_hook(name)))
+            self.unet(sample, timesteps, return_dict=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # ------------------------------------------------------------------ inputs per policy
+    def _noise(self, shape, generators, shared: bool, device, dtype) -> torch.Tensor:
+        if shared:
+            return randn_tensor(shape[1:], generator=generators[0], device=device, dtype=dtype).expand(shape)
+        return randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+
+    def _inputs(self, images: torch.Tensor, timesteps: torch.Tensor, policy: str, noise: Optional[torch.Tensor]):
+        """The UNet inputs of every (image, timestep) pair, image-major: ``(N * T, C, H, W)``."""
+        num_images, num_steps = images.shape[0], timesteps.shape[0]
+        clean = images.repeat_interleave(num_steps, dim=0)
+        steps = timesteps.repeat(num_images)
+        if policy == "anchor":
+            return clean, steps
+        noisy = self.scheduler.add_noise(clean, noise.repeat_interleave(num_steps, dim=0), steps)
+        return noisy, steps
+
+    def _ddim_inversion(self, images: torch.Tensor, timesteps: List[int], names: Sequence[str]):
+        """Invert along DDIM from the clean image; collect the blocks when the trajectory reaches each timestep."""
+        alphas = self.scheduler.alphas_cumprod.to(images.device)
+        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        features: Dict[str, List[torch.Tensor]] = {name: [] for name in names}
+        latents, previous = images, None
+        for t in sorted(timesteps):
+            if previous is not None or t > 0:
+                # one deterministic DDIM step from `previous` (or the clean image, t = 0) up to t
+                t_from = previous if previous is not None else 0
+                step = torch.full((latents.shape[0],), t_from, device=latents.device, dtype=torch.long)
+                output = self.unet(latents, step, return_dict=False)[0][:, : latents.shape[1]]
+                a_from = alphas[t_from]
+                if prediction_type == "epsilon":
+                    eps = output
+                    x0 = (latents - (1 - a_from).sqrt() * eps) / a_from.sqrt()
+                elif prediction_type == "sample":
+                    x0 = output
+                    eps = (latents - a_from.sqrt() * x0) / (1 - a_from).sqrt().clamp_min(1e-8)
+                else:  # v_prediction
+                    x0 = a_from.sqrt() * latents - (1 - a_from).sqrt() * output
+                    eps = a_from.sqrt() * output + (1 - a_from).sqrt() * latents
+                latents = alphas[t].sqrt() * x0 + (1 - alphas[t]).sqrt() * eps
+            store: Dict[str, torch.Tensor] = {}
+            self._run_hooked(latents, torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long),
+                             names, store)
+            for name in names:
+                features[name].append(store[name])
+            previous = t
+        order = np.argsort(np.argsort(timesteps))  # back to the requested order
+        return {name: torch.stack([maps[k] for k in order], dim=1) for name, maps in features.items()}
+
+    # ------------------------------------------------------------------ cache
+    def weights_digest(self) -> str:
+        """SHA-256 of the UNet's config and weights. Computed afresh for every cached extraction (a few ms per MB of
+        weights), so weights changed in place can never reuse features of the old ones."""
+        digest = hashlib.sha256(repr(sorted(self.unet.config.items())).encode())
+        for name, tensor in sorted(self.unet.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def cache_key(self, image: torch.Tensor, blocks, timesteps, policy, seed, dtype, num_noise_draws,
+                  shared_noise, weights_digest: Optional[str] = None) -> str:
+        """The cache file name of one image's features: a hash of everything they depend on."""
+        digest = hashlib.sha256()
+        digest.update(image.detach().cpu().float().contiguous().numpy().tobytes())
+        digest.update(str(tuple(image.shape)).encode())
+        digest.update((weights_digest or self.weights_digest()).encode())
+        digest.update(repr((list(blocks), [int(t) for t in timesteps], policy, seed, str(dtype), num_noise_draws,
+                            shared_noise, type(self.scheduler).__name__,
+                            sorted(self.scheduler.config.items()))).encode())
+        return digest.hexdigest()
+
+    @staticmethod
+    def _read_cache(path: Path) -> Optional[Dict[str, torch.Tensor]]:
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+
+    @staticmethod
+    def _write_cache(path: Path, features: Dict[str, torch.Tensor]) -> None:
+        """Atomic: a temporary file in the same folder, then ``os.replace``."""
+        from safetensors.torch import save
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            temporary.write_bytes(save({k: v.contiguous() for k, v in features.items()}))
+            os.replace(temporary, path)
+        finally:
+            if temporary.exists():
+                temporary.unlink()
+
+    @staticmethod
+    def _noise_seed(seed: int, image: torch.Tensor, draw: int, shared: bool) -> int:
+        digest = hashlib.sha256(repr((seed, draw)).encode())
+        if not shared:
+            digest.update(image.detach().cpu().float().contiguous().numpy().tobytes())
+        return int(digest.hexdigest()[:15], 16)
+
+    # ------------------------------------------------------------------ extraction
+    @torch.no_grad()
+    def extract(
+        self,
+        images: torch.Tensor,
+        blocks: Sequence[str],
+        timesteps: Sequence[int],
+        policy: str = "noise",
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        num_noise_draws: int = 1,
+        shared_noise: bool = False,
+        feature_dtype: torch.dtype = torch.float16,
+        batch_size: Optional[int] = None,
+        cache_dir: Optional[Union[str, os.PathLike]] = None,
+        seed: Optional[int] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """Features of prepared images ``(N, C, H, W)`` in ``[-1, 1]`` (sizes multiples of the UNet's factor).
+
+        Returns ``{block: (N, T, C_block, H / stride, W / stride)}`` in ``feature_dtype``. With ``cache_dir``, each
+        image's features are stored under a key of (image, weights, blocks, timesteps, policy, ``seed``, dtype, noise
+        settings); a cache needs ``seed`` (a generator's state cannot be keyed) unless the policy is deterministic.
+        """
+        if policy not in POLICIES:
+            raise ValueError(f"`policy` must be one of {POLICIES}, got {policy!r}.")
+        if not blocks:
+            raise ValueError("`blocks` is empty: name at least one block (see `describe()`).")
+        if not timesteps:
+            raise ValueError("`timesteps` is empty.")
+        num_train = self.scheduler.config.num_train_timesteps
+        bad = [t for t in timesteps if not 0 <= int(t) < num_train]
+        if bad:
+            raise ValueError(f"`timesteps` {bad} are outside [0, {num_train}).")
+        if feature_dtype not in FEATURE_DTYPES:
+            raise ValueError(f"`feature_dtype` must be one of {FEATURE_DTYPES}, got {feature_dtype!r}.")
+        if not isinstance(num_noise_draws, int) or num_noise_draws < 1:
+            raise ValueError(f"`num_noise_draws` must be a positive integer, got {num_noise_draws!r}.")
+        if cache_dir is not None and policy == "noise" and seed is None:
+            raise ValueError("A feature cache with policy='noise' needs `seed` (the noise must be part of the key).")
+        if seed is not None and generator is None:
+            generator = torch.Generator().manual_seed(seed)
+        self.block_modules()  # fail early on a UNet without the usual block lists
+        device, dtype = self._execution_device, self.unet.dtype
+        names = list(dict.fromkeys(blocks))
+        steps = torch.tensor([int(t) for t in timesteps], device=device, dtype=torch.long)
+        num_images = images.shape[0]
+        draws = num_noise_draws if policy == "noise" else 1
+        if seed is not None:
+            # noise from (seed, image content, draw): the same image gets the same noise wherever it sits in a batch,
+            # which is what makes cached features reusable
+            generators = [torch.Generator(device=device).manual_seed(self._noise_seed(seed, images[i], draw,
+                                                                                      shared_noise))
+                          for i in range(num_images) for draw in range(draws)]
+        else:
+            generators = per_sample_generators(generator, num_images * draws, device, "image x noise draw")
+
+        cached: Dict[int, Dict[str, torch.Tensor]] = {}
+        keys: Dict[int, str] = {}
+        if cache_dir is not None:
+            weights = self.weights_digest()
+            for index in range(num_images):
+                keys[index] = self.cache_key(images[index], names, timesteps, policy, seed, feature_dtype, draws,
+                                             shared_noise, weights)
+                hit = self._read_cache(Path(cache_dir) / f"{keys[index]}.safetensors")
+                if hit is not None:
+                    cached[index] = hit
+
+        todo = [i for i in range(num_images) if i not in cached]
+        computed: Dict[int, Dict[str, torch.Tensor]] = {}
+        if todo:
+            batch = images[todo].to(device=device, dtype=dtype)
+            if policy == "ddim_inversion":
+                result = self._ddim_inversion(batch, [int(t) for t in timesteps], names)
+            else:
+                sums: Dict[str, torch.Tensor] = {}
+                for draw in range(draws):
+                    noise = None
+                    if policy == "noise":
+                        draw_generators = [generators[i * draws + draw] for i in todo]
+                        noise = self._noise(batch.shape, draw_generators, shared_noise, device, dtype)
+                    inputs, input_steps = self._inputs(batch, steps, policy, noise)
+                    chunk = batch_size or inputs.shape[0]
+                    outputs: Dict[str, List[torch.Tensor]] = {name: [] for name in names}
+                    for start in range(0, inputs.shape[0], chunk):
+                        store: Dict[str, torch.Tensor] = {}
+                        self._run_hooked(inputs[start:start + chunk], input_steps[start:start + chunk], names, store)
+                        for name in names:
+                            outputs[name].append(store[name].float())
+                    for name in names:
+                        stacked = torch.cat(outputs[name])
+                        sums[name] = stacked if name not in sums else sums[name] + stacked
+                result = {name: (total / draws).reshape(len(todo), len(steps), *total.shape[1:])
+                          for name, total in sums.items()}
+            for position, index in enumerate(todo):
+                computed[index] = {name: result[name][position].to(feature_dtype).cpu() for name in names}
+                if cache_dir is not None:
+                    self._write_cache(Path(cache_dir) / f"{keys[index]}.safetensors", computed[index])
+        per_image = [cached.get(i) or computed[i] for i in range(num_images)]
+        return {name: torch.stack([features[name] for features in per_image]) for name in names}
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageInput,
+        blocks: Optional[Sequence[str]] = None,
+        timesteps: Optional[Sequence[int]] = None,
+        policy: Optional[str] = None,
+        output: str = "features",
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        num_noise_draws: int = 1,
+        shared_noise: bool = False,
+        feature_dtype: torch.dtype = torch.float16,
+        batch_size: Optional[int] = None,
+        cache_dir: Optional[Union[str, os.PathLike]] = None,
+        seed: Optional[int] = None,
+        return_dict: bool = True,
+    ) -> Union[DiffusionFeaturePipelineOutput, tuple]:
+        r"""Extract features, or segment with the head.
+
+        Args:
+            image: PIL image(s), numpy array(s) (``HWC``, uint8 or float in [0, 1]) or a tensor (``CHW``/``NCHW`` in
+                [-1, 1]); any size (reflect-padded to the UNet's factor; features cover the padded image).
+            blocks: block names (``describe()`` lists them); default: the head's, else ``["up.1", "up.2"]``.
+            timesteps: timesteps in ``[0, num_train_timesteps)``; default: the head's, else ``[50, 150, 250]``.
+            policy: ``"noise"``, ``"anchor"`` or ``"ddim_inversion"``; default: the head's, else ``"noise"``.
+            output: ``"features"`` or ``"segmentation"`` (needs a head).
+            generator: noise for ``"noise"`` (a generator, or one per image x noise draw).
+            num_noise_draws: average the features over this many noise draws (``"noise"``).
+            shared_noise: one noise for all images (ddpm-segmentation's fixed noise).
+            feature_dtype: ``torch.float16`` (default), ``torch.bfloat16`` or ``torch.float32``.
+            batch_size: (image, timestep) pairs per UNet pass; default all at once.
+            cache_dir: keep features on disk keyed by image, weights and settings; a hit skips the UNet.
+            seed: seeds the noise when no generator is given; part of the cache key.
+            return_dict: return a [`DiffusionFeaturePipelineOutput`] instead of a tuple.
+
+        Examples:
+        """
+        head_config = self.head.config if self.head is not None else {}
+        blocks = list(blocks or head_config.get("blocks") or ["up.1", "up.2"])
+        timesteps = list(timesteps or head_config.get("timesteps") or [50, 150, 250])
+        policy = policy or head_config.get("policy") or "noise"
+        if output not in ("features", "segmentation"):
+            raise ValueError(f"`output` must be 'features' or 'segmentation', got {output!r}.")
+        if output == "segmentation" and self.head is None:
+            raise ValueError("`output='segmentation'` needs a head: train one with training/train_feature_head.py.")
+        images = prepare_images(image, self.unet.config.in_channels)
+        images, (height, width) = pad_to_multiple(images, self.size_multiple)
+        features = self.extract(images, blocks, timesteps, policy, generator, num_noise_draws, shared_noise,
+                                feature_dtype, batch_size, cache_dir, seed)
+        self.maybe_free_model_hooks()
+        if output == "features":
+            result = DiffusionFeaturePipelineOutput(features=features)
+        else:
+            head_device = next(self.head.parameters()).device
+            prediction = self.head.predict({k: v.to(head_device) for k, v in features.items()},
+                                           size=tuple(images.shape[-2:]))
+            result = DiffusionFeaturePipelineOutput(
+                masks=prediction["masks"][..., :height, :width].cpu(),
+                probabilities=prediction["probabilities"][..., :height, :width].cpu(),
+                uncertainty=prediction["uncertainty"][..., :height, :width].cpu(),
+            )
+        if not return_dict:
+            return tuple(v for v in (result.features, result.masks, result.probabilities, result.uncertainty)
+                         if v is not None)
+        return result
+
+
+DiffusionFeaturePipeline.__call__.__doc__ = DiffusionFeaturePipeline.__call__.__doc__.replace(
+    "        Examples:\n", "        Examples:\n" + EXAMPLE_DOC_STRING, 1
+)

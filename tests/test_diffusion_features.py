@@ -1,0 +1,284 @@
+"""DiffusionFeaturePipeline (hooks, batched timesteps, early exit, input policies, feature cache) and the
+PixelMLPEnsemble head (bilinear pixel reads, prediction, save/load). Tiny UNets only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
+
+from diffusers_retina import DiffusionFeaturePipeline
+from diffusers_retina.models import PixelMLPEnsemble, read_pixels
+
+from doc_examples import check_call_example
+
+CONFIGS = {
+    "plain": dict(block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
+                  up_block_types=("UpBlock2D",) * 2),
+    "attention": dict(block_out_channels=(8, 16, 16), down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), attention_head_dim=4),
+    "two_layers": dict(block_out_channels=(8, 12, 16), layers_per_block=2, down_block_types=("DownBlock2D",) * 3,
+                       up_block_types=("UpBlock2D",) * 3, add_attention=False),
+}
+
+
+def tiny_unet(config="plain", seed=0):
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, norm_num_groups=4, **CONFIGS[config]).eval()
+
+
+def tiny_pipe(config="plain", head=None, seed=0):
+    pipe = DiffusionFeaturePipeline(unet=tiny_unet(config, seed), scheduler=DDPMScheduler(num_train_timesteps=100),
+                                    head=head)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def images(count=2, height=16, width=24, seed=0):
+    return torch.rand(count, 3, height, width, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+def test_hooks_return_the_documented_shapes(config):
+    pipe = tiny_pipe(config)
+    unet_config = pipe.unet.config
+    description = {d["name"]: d for d in pipe.describe()}
+    levels = len(unet_config.block_out_channels)
+    reversed_channels = list(reversed(unet_config.block_out_channels))
+    for i in range(levels):
+        assert description[f"down.{i}"]["channels"] == unet_config.block_out_channels[i]
+        assert description[f"down.{i}"]["stride"] == 2 ** min(i + 1, levels - 1)
+        assert description[f"up.{i}"]["channels"] == reversed_channels[i]
+        assert description[f"up.{i}"]["stride"] == 2 ** max(levels - 2 - i, 0)
+        for j in range(unet_config.layers_per_block + 1):  # the finer units of up block i
+            assert description[f"up.{i}.{j}"]["stride"] == 2 ** (levels - 1 - i)
+    assert description["mid"]["stride"] == 2 ** (levels - 1)
+
+    x = images(height=32, width=48)
+    features = pipe(x, blocks=list(description), timesteps=[3, 40], generator=torch.Generator().manual_seed(0)).features
+    for name, info in description.items():
+        assert features[name].shape == (2, 2, info["channels"], 32 // info["stride"], 48 // info["stride"]), name
+        assert features[name].dtype == torch.float16
+
+
+def test_unknown_blocks_and_bad_arguments():
+    pipe = tiny_pipe()
+    with pytest.raises(ValueError, match="Unknown blocks"):
+        pipe(images(), blocks=["up.7"], timesteps=[10])
+    for kwargs, message in ((dict(timesteps=[100]), "outside"), (dict(policy="inversion"), "policy"),
+                            (dict(output="logits"), "output"), (dict(output="segmentation"), "needs a head"),
+                            (dict(num_noise_draws=0), "num_noise_draws"), (dict(feature_dtype=torch.int8), "dtype")):
+        with pytest.raises(ValueError, match=message):
+            pipe(images(), **{"timesteps": [10], **kwargs})
+
+
+# ---------------------------------------------------------------------------------------------- one pass
+
+
+def test_one_batched_pass_equals_per_timestep_passes():
+    pipe = tiny_pipe("attention")
+    x = images()
+    seed = 7
+    together = pipe(x, blocks=["mid", "up.1"], timesteps=[5, 50, 95], seed=seed, feature_dtype=torch.float32).features
+    for k, t in enumerate((5, 50, 95)):
+        alone = pipe(x, blocks=["mid", "up.1"], timesteps=[t], seed=seed, feature_dtype=torch.float32).features
+        for name in ("mid", "up.1"):
+            torch.testing.assert_close(together[name][:, k], alone[name][:, 0], rtol=1e-4, atol=1e-5)
+    # one UNet call for all timesteps and images
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        pipe(x, blocks=["up.1"], timesteps=[5, 50, 95], seed=seed)
+    finally:
+        hook.remove()
+    assert calls == [6]
+
+
+def test_early_exit_gives_the_same_features_and_skips_the_rest():
+    pipe = tiny_pipe("attention")
+    x = images()
+    ran = []
+    hooks = [pipe.unet.conv_out.register_forward_hook(lambda *a: ran.append("conv_out")),
+             pipe.unet.up_blocks[2].register_forward_hook(lambda *a: ran.append("up.2"))]
+    try:
+        early = pipe(x, blocks=["up.0"], timesteps=[10], seed=1, feature_dtype=torch.float32).features["up.0"]
+        assert ran == []  # the forward stopped after up.0
+        full = pipe(x, blocks=["up.0", "up.2"], timesteps=[10], seed=1, feature_dtype=torch.float32).features["up.0"]
+        assert "up.2" in ran and "conv_out" not in ran
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(early, full)
+    # and the same as reading the activation off a normal, complete forward
+    store = {}
+    handle = pipe.unet.up_blocks[0].register_forward_hook(lambda m, a, o: store.setdefault("up.0", o))
+    try:
+        noisy = pipe.scheduler.add_noise(x, pipe._noise(x.shape, [torch.Generator().manual_seed(
+            pipe._noise_seed(1, x[i], 0, False)) for i in range(2)], False, x.device, x.dtype), torch.tensor([10, 10]))
+        pipe.unet(noisy, torch.tensor([10, 10]))
+    finally:
+        handle.remove()
+    torch.testing.assert_close(early[:, 0], store["up.0"], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- policies
+
+
+def test_anchor_policy_feeds_the_clean_image_and_the_timestep():
+    pipe = tiny_pipe()
+    x = images()
+    inputs = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: inputs.append((args[0].clone(), args[1].clone())))
+    try:
+        pipe(x, blocks=["up.0"], timesteps=[20, 80], policy="anchor")
+    finally:
+        hook.remove()
+    sample, steps = inputs[0]
+    torch.testing.assert_close(sample, x.repeat_interleave(2, dim=0))
+    assert steps.tolist() == [20, 80, 20, 80]
+    a = pipe(x, blocks=["up.0"], timesteps=[20], policy="anchor").features["up.0"]
+    b = pipe(x, blocks=["up.0"], timesteps=[80], policy="anchor").features["up.0"]
+    assert not torch.equal(a, b)  # the timestep reaches the features through the embedding
+
+
+def test_noise_policy_generators_shared_noise_and_averaged_draws():
+    pipe = tiny_pipe()
+    x = images()
+    kwargs = dict(blocks=["up.1"], timesteps=[60], feature_dtype=torch.float32)
+    one = pipe(x, generator=torch.Generator().manual_seed(0), **kwargs).features["up.1"]
+    same = pipe(x, generator=torch.Generator().manual_seed(0), **kwargs).features["up.1"]
+    other = pipe(x, generator=torch.Generator().manual_seed(1), **kwargs).features["up.1"]
+    torch.testing.assert_close(one, same)
+    assert not torch.allclose(one, other)
+
+    # shared noise: both images see the same noise tensor
+    inputs = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
+    try:
+        pipe(x, shared_noise=True, generator=torch.Generator().manual_seed(3), **kwargs)
+    finally:
+        hook.remove()
+    alpha = pipe.scheduler.alphas_cumprod[60]
+    noise = (inputs[0] - alpha.sqrt() * x) / (1 - alpha).sqrt()
+    torch.testing.assert_close(noise[0], noise[1], rtol=1e-4, atol=1e-4)
+
+    # averaged draws equal the mean of the single draws made with the same generators
+    generators = [torch.Generator().manual_seed(s) for s in range(4)]  # image-major: (image 0: draws 0, 1), ...
+    averaged = pipe(x, num_noise_draws=2, generator=generators, **kwargs).features["up.1"]
+    draws = [pipe(x, generator=[torch.Generator().manual_seed(s) for s in (d, 2 + d)], **kwargs).features["up.1"]
+             for d in range(2)]
+    torch.testing.assert_close(averaged, (draws[0] + draws[1]) / 2, rtol=1e-4, atol=1e-5)
+
+
+def test_ddim_inversion_trajectory():
+    pipe = tiny_pipe()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    x = images(count=1)
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[1].tolist()))
+    try:
+        out = pipe(x, blocks=["up.0"], timesteps=[60, 10], policy="ddim_inversion", feature_dtype=torch.float32)
+    finally:
+        hook.remove()
+    # the trajectory climbs: a step from 0 to 10 (at t = 0), features at 10, a step from 10 to 60, features at 60
+    assert calls == [[0], [10], [10], [60]]
+    assert out.features["up.0"].shape[:2] == (1, 2)
+    deterministic = pipe(x, blocks=["up.0"], timesteps=[60, 10], policy="ddim_inversion",
+                         feature_dtype=torch.float32).features["up.0"]
+    torch.testing.assert_close(out.features["up.0"], deterministic)
+    # returned in the requested order: index 1 holds t = 10, the same as asking for t = 10 alone
+    alone = pipe(x, blocks=["up.0"], timesteps=[10], policy="ddim_inversion", feature_dtype=torch.float32)
+    torch.testing.assert_close(out.features["up.0"][:, 1], alone.features["up.0"][:, 0])
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+def test_cache_hits_only_on_an_identical_key(tmp_path):
+    pipe = tiny_pipe()
+    x = images()
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    base = dict(blocks=["up.0"], timesteps=[10, 30], seed=0, cache_dir=tmp_path)
+    try:
+        first = pipe(x, **base).features["up.0"]
+        assert calls and len(list(tmp_path.glob("*.safetensors"))) == 2  # one file per image
+        calls.clear()
+        again = pipe(x, **base).features["up.0"]
+        assert calls == []  # both images from the cache
+        torch.testing.assert_close(first, again)
+        # the same image in another batch position: still a hit (the noise follows the image, not its position)
+        swapped = pipe(x.flip(0), **base).features["up.0"]
+        assert calls == []
+        torch.testing.assert_close(swapped, first.flip(0))
+        for change in (dict(timesteps=[10, 31]), dict(blocks=["up.1"]), dict(seed=1), dict(policy="anchor"),
+                       dict(feature_dtype=torch.bfloat16), dict(num_noise_draws=2)):
+            calls.clear()
+            pipe(x, **{**base, **change})
+            assert calls, f"{change} reused a stale cache entry"
+        calls.clear()
+        changed_image = x.clone()
+        changed_image[0, 0, 0, 0] += 0.5
+        pipe(changed_image, **base)
+        assert calls == [2]  # only the changed image (2 timesteps) went through the UNet
+        calls.clear()
+        with torch.no_grad():
+            pipe.unet.conv_in.bias.add_(0.1)  # weights changed in place
+        pipe(x, **base)
+        assert calls, "changed weights reused a stale cache entry"
+    finally:
+        hook.remove()
+    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(ValueError, match="needs `seed`"):
+        pipe(x, blocks=["up.0"], timesteps=[10], cache_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- head
+
+
+def test_bilinear_pixel_read_equals_upsample_then_index():
+    features = {"a": torch.randn(2, 3, 4, 5, 7), "b": torch.randn(2, 3, 2, 10, 14).half()}
+    size = (20, 28)
+    coords = torch.stack([torch.randint(0, 20, (2, 50)), torch.randint(0, 28, (2, 50))], dim=-1)
+    coords[:, 0] = torch.tensor([0, 0])
+    coords[:, 1] = torch.tensor([19, 27])  # corners: the border behaviour matches too
+    read = read_pixels(features, ["a", "b"], coords, size)
+    expected = []
+    for name in ("a", "b"):
+        maps = features[name].reshape(2, -1, *features[name].shape[-2:]).float()
+        up = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        expected.append(torch.stack([up[n][:, coords[n, :, 0], coords[n, :, 1]].T for n in range(2)]))
+    torch.testing.assert_close(read, torch.cat(expected, dim=-1), rtol=1e-4, atol=1e-4)
+
+
+def test_pixel_mlp_ensemble_defaults_prediction_and_save_load(tmp_path):
+    head = PixelMLPEnsemble(blocks=["up.0", "up.1"], timesteps=[10, 30], block_channels=[16, 8], ensemble_size=3)
+    assert len(head.members) == 3 and head.in_features == (16 + 8) * 2
+    weights = torch.cat([m.weight.flatten() for m in head.modules() if isinstance(m, torch.nn.Linear)])
+    assert abs(weights.std().item() - 0.02) < 0.005  # N(0, 0.02) init
+    pipe = tiny_pipe(head=head)
+    x = images(count=1, height=16, width=20)
+    out = pipe(x, output="segmentation", seed=0)
+    assert out.masks.shape == (1, 16, 20) and out.probabilities.shape == (1, 2, 16, 20)
+    assert torch.allclose(out.probabilities.sum(1), torch.ones(1, 16, 20), atol=1e-5)
+    assert (out.uncertainty >= 0).all()
+
+    folder = tmp_path / "features"
+    pipe.save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["head"] == ["pixel_mlp_ensemble", "PixelMLPEnsemble"]
+    for loaded in (DiffusionFeaturePipeline.from_pretrained(folder),
+                   DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)):
+        assert type(loaded.head) is PixelMLPEnsemble and loaded.head.config.blocks == ["up.0", "up.1"]
+        again = loaded(x, output="segmentation", seed=0)
+        torch.testing.assert_close(again.probabilities, out.probabilities, rtol=1e-4, atol=1e-5)
+
+
+def test_call_docstring_has_a_valid_example():
+    check_call_example(DiffusionFeaturePipeline)
