@@ -27,7 +27,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
 
-import argparse
 import statistics
 import sys
 import time
