@@ -212,9 +212,9 @@ def mask2image_model_card(folder: Union[str, os.PathLike], repo_id: Optional[str
     card_data = ModelCardData(
         license="cc-by-4.0" if on_chase else "apache-2.0",
         library_name="diffusers",
-        pipeline_tag="unconditional-image-generation" if task == "mask" else "image-to-image",
+        pipeline_tag="image-to-image" if task == "image" else "unconditional-image-generation",
         tags=["diffusers-retina", "diffusers", "medical-imaging", "retina", "image-synthesis",
-              "vessel-mask" if task == "mask" else "mask-to-image"],
+              {"mask": "vessel-mask", "fundus": "fundus-ddpm"}.get(task, "mask-to-image")],
         datasets=["CHASE_DB1"] if on_chase else None,
         model_name=repo_id,
     )

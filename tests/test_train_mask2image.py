@@ -108,3 +108,19 @@ def test_bad_arguments(tmp_path):
         result = subprocess.run([sys.executable, str(SCRIPT), "--train_data_dir", str(tmp_path), "--output_dir",
                                  str(tmp_path / "o"), *extra], capture_output=True, text=True, env=env, timeout=120)
         assert result.returncode != 0 and message in result.stderr
+
+
+def test_fundus_task_trains_a_ddpm_the_feature_pipeline_reads(pairs, tmp_path):
+    from diffusers_retina import DiffusionFeaturePipeline
+
+    out = tmp_path / "fundus"
+    run(["--task", "fundus", "--train_data_dir", str(pairs), *TINY, "--max_train_steps", "2", "--validation_steps",
+         "2", "--validation_num_masks", "2", "--output_dir", str(out)])
+    ddpm = DDPMPipeline.from_pretrained(out)
+    assert ddpm.unet.config.in_channels == 3 and ddpm.unet.config.out_channels == 3
+    assert Image.open(out / "validation" / "step-000002.png").size == (2 * 16 + 4, 16)
+    assert "unconditional fundus DDPM" in (out / "README.md").read_text()
+    features = DiffusionFeaturePipeline(unet=ddpm.unet.float(), scheduler=ddpm.scheduler)
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    out_features = features(image, blocks=["up.0"], timesteps=[10, 50], seed=0).features["up.0"]
+    assert out_features.shape[:2] == (1, 2)

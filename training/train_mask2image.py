@@ -6,7 +6,8 @@
 condition so classifier-free guidance works at sampling time) and saves a ``Mask2ImagePipeline``; with
 ``--mask_pipeline <folder>`` a trained mask model is included, so the saved pipeline samples masks and images.
 ``--task mask`` trains the unconditional mask model: a stock ``UNet2DModel`` over vessel masks, saved as a diffusers
-``DDPMPipeline`` (it samples masks on its own too).
+``DDPMPipeline`` (it samples masks on its own too). ``--task fundus`` trains the same kind of unconditional model over
+the photographs themselves -- the fundus DDPM that ``DiffusionFeaturePipeline`` reads features from.
 
 In the shape of diffusers' ``examples/unconditional_image_generation/train_unconditional.py``; the flags and the
 checkpoint/resume plumbing are those of ``train_segmentation_ensemble.py`` (``diffusers_retina.training_utils``).
@@ -58,8 +59,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a mask-to-image diffusion model (ReTree) or its mask model.")
     add_data_arguments(parser, default_resolution=128)
     # model
-    parser.add_argument("--task", type=str, default="image", choices=["image", "mask"],
-                        help="image: mask-conditioned image model; mask: unconditional mask model.")
+    parser.add_argument("--task", type=str, default="image", choices=["image", "mask", "fundus"],
+                        help="image: mask-conditioned image model; mask: unconditional mask model; fundus: "
+                             "unconditional image model (a DDPM to extract features from).")
     parser.add_argument("--conditioning", type=str, default="concat", choices=["concat", "spade", "concat+spade"])
     parser.add_argument("--spade_blocks", type=str, default="decoder", choices=["decoder", "all"])
     parser.add_argument("--spade_norm", type=str, default="group", choices=["group", "instance"])
@@ -79,7 +81,8 @@ def parse_args(argv=None):
     # validation
     parser.add_argument("--validation_inference_steps", type=int, default=25)
     parser.add_argument("--validation_guidance_scale", type=float, default=1.5)
-    parser.add_argument("--validation_num_masks", type=int, default=4, help="--task mask: masks sampled per validation.")
+    parser.add_argument("--validation_num_masks", type=int, default=4,
+                        help="--task mask / fundus: samples drawn per validation.")
     parser.add_argument("--faithfulness_pipeline", type=str, default=None,
                         help="--task image: a SegmentationEnsemblePipeline that segments the validation images; its "
                              "Dice against the input masks is logged (mask faithfulness).")
@@ -87,7 +90,7 @@ def parse_args(argv=None):
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     check_data_arguments(parser, args)
-    if args.task == "mask" and (args.mask_pipeline or args.faithfulness_pipeline):
+    if args.task != "image" and (args.mask_pipeline or args.faithfulness_pipeline):
         parser.error("--mask_pipeline and --faithfulness_pipeline belong to --task image.")
     if not 0.0 <= args.condition_dropout < 1.0:
         parser.error(f"--condition_dropout must lie in [0, 1), got {args.condition_dropout}.")
@@ -105,6 +108,8 @@ def build_model(args):
                   down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=args.norm_num_groups)
     if args.task == "mask":
         return UNet2DModel(in_channels=mask_channels, out_channels=mask_channels, **common)
+    if args.task == "fundus":
+        return UNet2DModel(in_channels=args.image_channels, out_channels=args.image_channels, **common)
     return ConditionalUNet2DModel(
         in_channels=args.image_channels, out_channels=args.image_channels, mask_channels=mask_channels,
         conditioning=args.conditioning, spade_blocks=args.spade_blocks, spade_norm=args.spade_norm,
@@ -118,17 +123,18 @@ def inference_scheduler(noise_scheduler):
 
 
 def run_validation(model, noise_scheduler, validation, args, step, faithfulness_segmenter=None):
-    """Sample, write ``validation/step-<N>.png`` (image task: mask | synthetic | real per row; mask task: sampled masks)
-    and return the mean mask-faithfulness Dice (image task with a segmenter) or None."""
+    """Sample, write ``validation/step-<N>.png`` (image task: mask | synthetic | real per row; mask and fundus tasks:
+    unconditional samples) and return the mean mask-faithfulness Dice (image task with a segmenter) or None."""
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)
-    if args.task == "mask":
+    if args.task in ("mask", "fundus"):
         pipeline = DDPMPipeline(unet=model, scheduler=inference_scheduler(noise_scheduler))
         pipeline.set_progress_bar_config(disable=True)
-        masks = pipeline(batch_size=args.validation_num_masks, num_inference_steps=args.validation_inference_steps,
-                         generator=generator, output_type="np").images[..., 0]
-        image_grid([[mask > 0.5 for mask in masks]]).save(folder / f"step-{step:06d}.png")
+        samples = pipeline(batch_size=args.validation_num_masks, num_inference_steps=args.validation_inference_steps,
+                           generator=generator, output_type="np").images
+        cells = [sample[..., 0] > 0.5 for sample in samples] if args.task == "mask" else list(samples)
+        image_grid([cells]).save(folder / f"step-{step:06d}.png")
         return None
     pipeline = Mask2ImagePipeline(unet=model, scheduler=inference_scheduler(noise_scheduler))
     pipeline.set_progress_bar_config(disable=True)
@@ -173,7 +179,7 @@ def main(argv=None):
                                       state.resume_step):
             generator = step_generator(args.seed, global_step, accelerator.process_index)
             masks = mask_to_diffusion(batch["mask"], args.num_classes).to(batch["image"].dtype)
-            clean = masks if args.task == "mask" else batch["image"]
+            clean = masks if args.task == "mask" else batch["image"]  # image and fundus tasks denoise photographs
             noise = torch.randn(clean.shape, generator=generator).to(clean.device)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],),
                                       generator=generator).to(clean.device)
@@ -186,7 +192,7 @@ def main(argv=None):
                 target = noise_scheduler.get_velocity(clean, noise, timesteps)
 
             with accelerator.accumulate(model):
-                if args.task == "mask":
+                if args.task != "image":  # unconditional models
                     prediction = model(noisy, timesteps).sample
                 else:
                     drop = (torch.rand(clean.shape[0], generator=generator) < args.condition_dropout).to(clean.device)
@@ -243,7 +249,7 @@ def save_pipeline(accelerator, model, ema_model, noise_scheduler, args, global_s
     from diffusers_retina.hub import write_mask2image_card
 
     unwrapped = final_weights(accelerator, model, ema_model, args.save_dtype)
-    if args.task == "mask":
+    if args.task in ("mask", "fundus"):
         pipeline = DDPMPipeline(unet=unwrapped, scheduler=inference_scheduler(noise_scheduler))
         pipeline.save_pretrained(args.output_dir, safe_serialization=True)
     else:
