@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
 
 from diffusers_retina import DiffusionFeaturePipeline
-from diffusers_retina.models import PixelMLPEnsemble, read_pixels
+from diffusers_retina.models import FreqAggHead, PixelMLPEnsemble, frequency_bands, read_pixels
 
 from doc_examples import check_call_example
 
@@ -282,3 +282,44 @@ def test_pixel_mlp_ensemble_defaults_prediction_and_save_load(tmp_path):
 
 def test_call_docstring_has_a_valid_example():
     check_call_example(DiffusionFeaturePipeline)
+
+
+def test_frequency_bands_split_and_sum_back():
+    maps = torch.randn(2, 3, 20, 28)
+    low, high = frequency_bands(maps, cutoff=0.1)
+    torch.testing.assert_close(low + high, maps, rtol=1e-5, atol=1e-5)
+    constant = torch.ones(1, 1, 16, 16)
+    low, high = frequency_bands(constant, cutoff=0.1)
+    torch.testing.assert_close(low, constant, rtol=1e-5, atol=1e-5)  # DC is all low band
+    checkerboard = (torch.arange(16)[:, None] + torch.arange(16)[None]).remainder(2).float()[None, None] * 2 - 1
+    low, high = frequency_bands(checkerboard, cutoff=0.1)
+    assert low.abs().max() < 1e-5  # the Nyquist pattern is all high band
+
+
+def test_freq_agg_head_shapes_gradients_half_precision_and_save_load(tmp_path):
+    pipe = tiny_pipe("attention")
+    description = {d["name"]: d for d in pipe.describe()}
+    blocks = ["mid", "up.1", "up.2"]
+    head = FreqAggHead(blocks=blocks, timesteps=[10, 60], policy="anchor",
+                       block_channels=[description[b]["channels"] for b in blocks], embed_dim=8)
+    x = images(count=2, height=16, width=24)
+    features = pipe(x, blocks=blocks, timesteps=[10, 60], policy="anchor").features  # float16, native sizes
+    logits = head(features, size=(16, 24))
+    assert logits.shape == (2, 2, 16, 24) and torch.isfinite(logits).all()
+    logits.square().mean().backward()
+    for name, parameter in head.named_parameters():
+        assert parameter.grad is not None, name
+    assert head.band_logits.grad.abs().sum() > 0 and head.gate.weight.grad.abs().sum() > 0
+    # the timestep reaches the normalisation: zero-initialised modulation moves once trained
+    with torch.no_grad():
+        head.time_modulation[-1].bias.normal_()
+    assert not torch.allclose(head(features, size=(16, 24)), logits.detach(), atol=1e-4)
+
+    pipe.set_head(head)
+    out = pipe(x, output="segmentation")  # blocks, timesteps and policy come from the head's config
+    assert out.masks.shape == (2, 16, 24) and out.uncertainty.shape == (2, 16, 24)
+    folder = tmp_path / "freq"
+    pipe.save_pretrained(folder)
+    loaded = DiffusionFeaturePipeline.from_pretrained(folder)
+    assert type(loaded.head) is FreqAggHead and loaded.head.config.policy == "anchor"
+    torch.testing.assert_close(loaded(x, output="segmentation").probabilities, out.probabilities)

@@ -1,12 +1,13 @@
 """Models of diffusers-retina, one file per model; each is a diffusers ``ModelMixin`` + ``ConfigMixin``.
 
 The segmentation ensemble runs on a stock ``diffusers.UNet2DModel`` or on ``MedSegDiffUNet2DModel``;
-``ConditionalUNet2DModel`` paints images from masks; ``PixelMLPEnsemble`` segments from diffusion features. The classes
+``ConditionalUNet2DModel`` paints images from masks; ``PixelMLPEnsemble`` and ``FreqAggHead`` segment from diffusion features. The classes
 listed here are found by name when a saved pipeline's shim files are mapped back to the package (see
 ``pipelines/loading.py``).
 """
 
 from .conditional_unet import SPADE, ConditionalUNet2DModel
+from .freq_agg_head import FreqAggHead, frequency_bands
 from .medsegdiff_unet import DynamicConditionalEncoding, FFParser, MedSegDiffUNet2DModel, MedSegDiffUNet2DOutput
 from .pixel_mlp_ensemble import PixelMLPEnsemble, read_pixels
 
@@ -14,9 +15,11 @@ __all__ = [
     "ConditionalUNet2DModel",
     "DynamicConditionalEncoding",
     "FFParser",
+    "FreqAggHead",
     "MedSegDiffUNet2DModel",
     "MedSegDiffUNet2DOutput",
     "PixelMLPEnsemble",
     "SPADE",
+    "frequency_bands",
     "read_pixels",
 ]

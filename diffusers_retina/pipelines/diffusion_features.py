@@ -109,6 +109,11 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, head=head)
 
+    def set_head(self, head: Optional[torch.nn.Module]) -> None:
+        """Attach (or remove) a trained head so that ``save_pretrained`` stores it. (Plain attribute assignment of a
+        component that was ``None`` is not recorded in ``model_index.json`` by diffusers.)"""
+        self.register_modules(head=head)
+
     # ------------------------------------------------------------------ blocks
     @property
     def size_multiple(self) -> int:
