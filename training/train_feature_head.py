@@ -1,0 +1,165 @@
+#!/usr/bin/env python
+"""Train a segmentation head on diffusion features (ddpm-segmentation / DiffDGSSv2) from N labelled images.
+
+The DDPM (``--ddpm``: a ``DDPMPipeline`` folder, e.g. trained by ``train_mask2image.py --task fundus``) stays frozen;
+``DiffusionFeaturePipeline`` extracts the features of ``--crops_per_image`` random crops of each of the
+``--num_labelled`` training images (cached on disk with ``--cache_dir``), and the head learns from them:
+
+* ``--head pixel_mlp``: ``PixelMLPEnsemble`` -- every member trains on its own random pixels (``--pixels_per_step``
+  per step, read bilinearly from the native-resolution maps), Adam 1e-3 (ddpm-segmentation's recipe);
+* ``--head freq_agg``: ``FreqAggHead`` -- cross-entropy on whole crops, AdamW.
+
+The result is saved as a ``DiffusionFeaturePipeline`` (UNet + scheduler + head) with a ``training_info.json``.
+
+    python training/train_feature_head.py --ddpm checkpoints/fundus-ddpm-chase --head pixel_mlp \
+        --train_data_dir ../shared/data/chase_db1 --mask_dir 1stHO --mask_suffix _1stHO --num_labelled 5 \
+        --blocks up.1,up.2 --timesteps 50,150,250 --policy noise --output_dir runs/head-mlp-n5
+"""
+
+import argparse
+import logging
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMPipeline
+from tqdm.auto import tqdm
+
+from diffusers_retina import DiffusionFeaturePipeline
+from diffusers_retina.models import FreqAggHead, PixelMLPEnsemble, read_pixels
+from diffusers_retina.training_utils import build_datasets, select_stems, write_training_record
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train a segmentation head on frozen diffusion features.")
+    parser.add_argument("--ddpm", type=str, required=True, help="DDPMPipeline folder (UNet2DModel + scheduler).")
+    parser.add_argument("--head", type=str, default="pixel_mlp", choices=["pixel_mlp", "freq_agg"])
+    parser.add_argument("--blocks", type=str, default="up.1,up.2", help="Comma-separated block names (describe()).")
+    parser.add_argument("--timesteps", type=str, default="50,150,250")
+    parser.add_argument("--policy", type=str, default="noise", choices=["noise", "anchor", "ddim_inversion"])
+    parser.add_argument("--train_data_dir", type=str, required=True)
+    parser.add_argument("--image_dir", type=str, default="images")
+    parser.add_argument("--mask_dir", type=str, default="masks")
+    parser.add_argument("--image_suffix", type=str, default="")
+    parser.add_argument("--mask_suffix", type=str, default="")
+    parser.add_argument("--train_stems", type=str, default=None, help="Glob patterns of the candidate images.")
+    parser.add_argument("--num_labelled", type=int, default=5, help="N: the first N candidate images (sorted).")
+    parser.add_argument("--crop", type=int, default=128, help="Side of the random crops features are taken from.")
+    parser.add_argument("--crops_per_image", type=int, default=8)
+    parser.add_argument("--ensemble_size", type=int, default=10, help="pixel_mlp: members.")
+    parser.add_argument("--embed_dim", type=int, default=32, help="freq_agg: projection width.")
+    parser.add_argument("--max_train_steps", type=int, default=2000, help="Steps (per member for pixel_mlp).")
+    parser.add_argument("--pixels_per_step", type=int, default=64, help="pixel_mlp: batch of pixels.")
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--cache_dir", type=str, default=None, help="Feature cache folder (reused across runs).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", type=str, required=True)
+    args = parser.parse_args(argv)
+    args.num_classes, args.image_channels = 2, 3
+    args.dataset_name = None
+    args.validation_stems = None
+    if args.num_labelled < 1:
+        parser.error("--num_labelled must be at least 1.")
+    return args
+
+
+def labelled_dataset(args):
+    stems = select_stems(args.train_data_dir, args, args.train_stems or "*")  # sorted
+    args.train_stems = ",".join(stems[: args.num_labelled])
+    train, _ = build_datasets(args)
+    if len(train) < args.num_labelled:
+        raise ValueError(f"--num_labelled {args.num_labelled} but only {len(train)} labelled images were found.")
+    return [train[i] for i in range(args.num_labelled)]
+
+
+def random_crops(items, args, multiple):
+    """``--crops_per_image`` random crops of each labelled image (sizes rounded down to the UNet's factor)."""
+    generator = torch.Generator().manual_seed(args.seed)
+    crop = max(multiple, args.crop - args.crop % multiple)
+    images, masks = [], []
+    for item in items:
+        height, width = item["mask"].shape
+        for _ in range(args.crops_per_image):
+            top = int(torch.randint(0, max(height - crop, 0) + 1, (1,), generator=generator))
+            left = int(torch.randint(0, max(width - crop, 0) + 1, (1,), generator=generator))
+            images.append(item["image"][:, top: top + crop, left: left + crop])
+            masks.append(item["mask"][top: top + crop, left: left + crop])
+    return torch.stack(images), torch.stack(masks)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    torch.manual_seed(args.seed)
+    started = time.time()
+    ddpm = DDPMPipeline.from_pretrained(args.ddpm)
+    pipe = DiffusionFeaturePipeline(unet=ddpm.unet.float(), scheduler=ddpm.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    blocks = [b.strip() for b in args.blocks.split(",")]
+    timesteps = [int(t) for t in args.timesteps.split(",")]
+    channels = {d["name"]: d["channels"] for d in pipe.describe()}
+    unknown = [b for b in blocks if b not in channels]
+    if unknown:
+        raise SystemExit(f"--blocks {unknown} are not blocks of this UNet; choose from {list(channels)}.")
+
+    images, masks = random_crops(labelled_dataset(args), args, pipe.size_multiple)
+    logger.info(f"{len(images)} crops of {images.shape[-1]} px from {args.num_labelled} labelled image(s)")
+    features = pipe.extract(images, blocks, timesteps, args.policy, seed=args.seed, cache_dir=args.cache_dir,
+                            batch_size=len(timesteps) * 4)
+    size = tuple(images.shape[-2:])
+    common = dict(blocks=blocks, timesteps=timesteps, block_channels=[channels[b] for b in blocks],
+                  policy=args.policy, num_classes=2)
+    if args.head == "pixel_mlp":
+        head = PixelMLPEnsemble(ensemble_size=args.ensemble_size, **common)
+        train_pixel_mlp(head, features, masks, size, args)
+    else:
+        head = FreqAggHead(embed_dim=args.embed_dim, **common)
+        train_freq_agg(head, features, masks, size, args)
+
+    pipe.set_head(head.eval())
+    pipe.save_pretrained(args.output_dir)
+    write_training_record(args, "training/train_feature_head.py", args.max_train_steps, time.time() - started, head,
+                          num_labelled=args.num_labelled, ddpm=args.ddpm)
+    logger.info(f"Saved {args.output_dir}")
+
+
+def train_pixel_mlp(head, features, masks, size, args):
+    """Each member on its own random pixels, Adam 1e-3 (ddpm-segmentation)."""
+    num_crops = masks.shape[0]
+    for member in range(len(head.members)):
+        generator = torch.Generator().manual_seed(args.seed * 1000 + member)
+        optimizer = torch.optim.Adam(head.members[member].parameters(), lr=args.learning_rate)
+        head.train()
+        for _ in tqdm(range(args.max_train_steps), desc=f"member {member + 1}/{len(head.members)}", leave=False):
+            crop = torch.randint(0, num_crops, (args.pixels_per_step,), generator=generator)
+            rows = torch.randint(0, size[0], (args.pixels_per_step,), generator=generator)
+            cols = torch.randint(0, size[1], (args.pixels_per_step,), generator=generator)
+            picked = {name: maps[crop] for name, maps in features.items()}
+            coords = torch.stack([rows, cols], dim=-1)[:, None]  # one pixel per picked crop
+            vectors = read_pixels(picked, head.config.blocks, coords, size)[:, 0]
+            loss = F.cross_entropy(head(vectors, member=member), masks[crop, rows, cols].long())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+def train_freq_agg(head, features, masks, size, args):
+    """Cross-entropy on whole crops (batches of 4), AdamW."""
+    generator = torch.Generator().manual_seed(args.seed)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=args.learning_rate, weight_decay=1e-4)
+    head.train()
+    for _ in tqdm(range(args.max_train_steps), desc="freq_agg", leave=False):
+        batch = torch.randint(0, masks.shape[0], (4,), generator=generator)
+        logits = head({name: maps[batch] for name, maps in features.items()}, size=size)
+        loss = F.cross_entropy(logits, masks[batch].long())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
