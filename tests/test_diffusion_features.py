@@ -323,3 +323,19 @@ def test_freq_agg_head_shapes_gradients_half_precision_and_save_load(tmp_path):
     loaded = DiffusionFeaturePipeline.from_pretrained(folder)
     assert type(loaded.head) is FreqAggHead and loaded.head.config.policy == "anchor"
     torch.testing.assert_close(loaded(x, output="segmentation").probabilities, out.probabilities)
+
+
+def test_tiled_segmentation_of_a_large_non_square_image():
+    pipe = tiny_pipe()
+    head = PixelMLPEnsemble(blocks=["up.0", "up.1"], timesteps=[10], block_channels=[16, 8], ensemble_size=2)
+    pipe.set_head(head)
+    x = images(count=1, height=40, width=58)
+    whole = pipe(x, output="segmentation", seed=0)
+    tiled = pipe(x, output="segmentation", seed=0, tile_size=16, tile_overlap=0.5)
+    assert tiled.masks.shape == whole.masks.shape == (1, 40, 58)
+    assert torch.allclose(tiled.probabilities.sum(1), torch.ones(1, 40, 58), atol=1e-4)
+    assert (tiled.masks == whole.masks).float().mean() > 0.5  # same head, different context per window
+    with pytest.raises(ValueError, match="tile_size"):
+        pipe(x, timesteps=[10], tile_size=16)  # features of a tiled image are not one map
+    with pytest.raises(ValueError, match="multiple"):
+        pipe(x, output="segmentation", tile_size=15)

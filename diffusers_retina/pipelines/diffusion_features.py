@@ -391,6 +391,8 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
         batch_size: Optional[int] = None,
         cache_dir: Optional[Union[str, os.PathLike]] = None,
         seed: Optional[int] = None,
+        tile_size: Optional[int] = None,
+        tile_overlap: float = 0.25,
         return_dict: bool = True,
     ) -> Union[DiffusionFeaturePipelineOutput, tuple]:
         r"""Extract features, or segment with the head.
@@ -409,6 +411,10 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
             batch_size: (image, timestep) pairs per UNet pass; default all at once.
             cache_dir: keep features on disk keyed by image, weights and settings; a hit skips the UNet.
             seed: seeds the noise when no generator is given; part of the cache key.
+            tile_size: with ``output="segmentation"``, segment images larger than this in overlapping windows (features
+                and head per window, probabilities and uncertainty blended with a Gaussian; MONAI
+                ``sliding_window_inference``) -- e.g. a 999x960 photograph with a UNet trained on small patches.
+            tile_overlap: overlap of neighbouring windows as a fraction of ``tile_size``.
             return_dict: return a [`DiffusionFeaturePipelineOutput`] instead of a tuple.
 
         Examples:
@@ -421,22 +427,43 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
             raise ValueError(f"`output` must be 'features' or 'segmentation', got {output!r}.")
         if output == "segmentation" and self.head is None:
             raise ValueError("`output='segmentation'` needs a head: train one with training/train_feature_head.py.")
+        if tile_size is not None:
+            if output != "segmentation":
+                raise ValueError("`tile_size` applies to output='segmentation' (features of a tiled image would not "
+                                 "form one map); extract features of crops instead.")
+            if tile_size < self.size_multiple or tile_size % self.size_multiple:
+                raise ValueError(f"`tile_size` must be a positive multiple of {self.size_multiple}, got {tile_size!r}.")
+            if not 0.0 <= tile_overlap < 1.0:
+                raise ValueError(f"`tile_overlap` is a fraction of the tile in [0, 1), got {tile_overlap!r}.")
         images = prepare_images(image, self.unet.config.in_channels)
         images, (height, width) = pad_to_multiple(images, self.size_multiple)
-        features = self.extract(images, blocks, timesteps, policy, generator, num_noise_draws, shared_noise,
-                                feature_dtype, batch_size, cache_dir, seed)
-        self.maybe_free_model_hooks()
+        extract_kwargs = dict(blocks=blocks, timesteps=timesteps, policy=policy, generator=generator,
+                              num_noise_draws=num_noise_draws, shared_noise=shared_noise, feature_dtype=feature_dtype,
+                              batch_size=batch_size, cache_dir=cache_dir, seed=seed)
         if output == "features":
-            result = DiffusionFeaturePipelineOutput(features=features)
+            result = DiffusionFeaturePipelineOutput(features=self.extract(images, **extract_kwargs))
         else:
             head_device = next(self.head.parameters()).device
-            prediction = self.head.predict({k: v.to(head_device) for k, v in features.items()},
-                                           size=tuple(images.shape[-2:]))
-            result = DiffusionFeaturePipelineOutput(
-                masks=prediction["masks"][..., :height, :width].cpu(),
-                probabilities=prediction["probabilities"][..., :height, :width].cpu(),
-                uncertainty=prediction["uncertainty"][..., :height, :width].cpu(),
-            )
+
+            def segment(windows: torch.Tensor) -> torch.Tensor:
+                """Probabilities and uncertainty of image windows, as channels (so windows can be blended)."""
+                features = self.extract(windows, **extract_kwargs)
+                prediction = self.head.predict({k: v.to(head_device) for k, v in features.items()},
+                                               size=tuple(windows.shape[-2:]))
+                return torch.cat([prediction["probabilities"], prediction["uncertainty"][:, None]], dim=1).cpu()
+
+            if tile_size is None or max(images.shape[-2:]) <= tile_size:
+                maps = segment(images)
+            else:
+                from monai.inferers import sliding_window_inference
+
+                roi = (min(tile_size, images.shape[-2]), min(tile_size, images.shape[-1]))
+                maps = sliding_window_inference(images, roi_size=roi, sw_batch_size=1, predictor=segment,
+                                                overlap=tile_overlap, mode="gaussian", progress=False)
+            probabilities = maps[:, :-1, :height, :width]
+            result = DiffusionFeaturePipelineOutput(masks=probabilities.argmax(dim=1), probabilities=probabilities,
+                                                    uncertainty=maps[:, -1, :height, :width])
+        self.maybe_free_model_hooks()
         if not return_dict:
             return tuple(v for v in (result.features, result.masks, result.probabilities, result.uncertainty)
                          if v is not None)
