@@ -40,7 +40,8 @@ def cell(metrics: Dict[str, float], key: str) -> str:
     value, std = metrics.get(key), metrics.get(f"{key}_std")
     if value is None:
         return "–"
-    return f"{value:.3f}" + (f" ± {std:.3f}" if std is not None else "")
+    digits = 1 if key == "hd95" else 3
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
 def comparison_rows(results: List[tuple], timing: Optional[Dict[str, float]]) -> List[Dict]:
@@ -78,6 +79,10 @@ def main(argv=None):
             sys.exit(f"Result file '{path}' not found (run benchmarks/evaluate_segmentation.py first).")
         results.append((label, path))
     timing = json.loads(Path(args.timing).read_text()) if args.timing else None
+    if timing is not None:
+        missing = [label for label, _ in results if label not in timing]
+        if missing:
+            sys.exit(f"--timing has no entry for {missing}; its labels are {list(timing)}.")
     rows = comparison_rows(results, timing)
     table = markdown(rows, args.timing_note)
     print(table)
