@@ -4,6 +4,7 @@ PixelMLPEnsemble head (bilinear pixel reads, prediction, save/load). Tiny UNets 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,8 +274,11 @@ def test_pixel_mlp_ensemble_defaults_prediction_and_save_load(tmp_path):
     pipe.save_pretrained(folder)
     index = json.loads((folder / "model_index.json").read_text())
     assert index["head"] == ["pixel_mlp_ensemble", "PixelMLPEnsemble"]
+    community = Path(__file__).resolve().parents[1] / "pipelines" / "diffusion_features"
     for loaded in (DiffusionFeaturePipeline.from_pretrained(folder),
-                   DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)):
+                   DiffusionPipeline.from_pretrained(folder, trust_remote_code=True),
+                   DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(community), trust_remote_code=True)):
+        assert type(loaded).__name__ == "DiffusionFeaturePipeline"
         assert type(loaded.head) is PixelMLPEnsemble and loaded.head.config.blocks == ["up.0", "up.1"]
         again = loaded(x, output="segmentation", seed=0)
         torch.testing.assert_close(again.probabilities, out.probabilities, rtol=1e-4, atol=1e-5)
