@@ -100,9 +100,8 @@ def _evaluation_markdown(evaluation: Optional[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _model_description(folder: Path) -> str:
-    """One sentence on the denoiser, from the saved ``unet/config.json``."""
-    config = read_json(folder / "unet" / "config.json") or {}
+def _model_description(config: Dict[str, Any]) -> str:
+    """One sentence on the denoiser, from its saved ``unet/config.json``."""
     if config.get("_class_name") != "MedSegDiffUNet2DModel":
         return ("A DDPM over the vessel mask; the fundus photograph is concatenated to the noisy mask at every step, "
                 "so the denoiser is a stock `diffusers.UNet2DModel`")
@@ -158,13 +157,14 @@ def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
         eval_results=eval_results or None,
     )
     validation = info.get("validation_dice")
+    unet_config = read_json(folder / "unet" / "config.json") or {}
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATES / "segmentation_ensemble.md"),
         model_name=repo_id,
         repo_id=repo_id,
-        model_description=_model_description(folder),
-        medsegdiff=(read_json(folder / "unet" / "config.json") or {}).get("_class_name") == "MedSegDiffUNet2DModel",
+        model_description=_model_description(unet_config),
+        medsegdiff=unet_config.get("_class_name") == "MedSegDiffUNet2DModel",
         inference_steps=(evaluation or {}).get("inference_steps", args.get("validation_inference_steps", 2)),
         ensemble_size=(evaluation or {}).get("ensemble_size", 5),
         validation_dice="not run" if validation is None else f"{validation:.3f}",
@@ -222,7 +222,7 @@ def mask2image_model_card(folder: Union[str, os.PathLike], repo_id: Optional[str
     if evaluation and evaluation.get("markdown"):
         evaluation_text = evaluation["markdown"] + "\n\nMeasured with:\n\n```bash\n" + evaluation["command"] + "\n```"
     else:
-        evaluation_text = "Not evaluated yet: run `python benchmarks/evaluate_synthesis.py --pipeline <this folder>`."
+        evaluation_text = "Not evaluated yet: run `python benchmarks/evaluate_synthesis.py --pipelines <this folder> --write-card`."
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATES / "mask2image.md"),
