@@ -248,6 +248,72 @@ def write_mask2image_card(folder: Union[str, os.PathLike], repo_id: Optional[str
     return path
 
 
+def feature_head_model_card(folder: Union[str, os.PathLike], repo_id: Optional[str] = None) -> ModelCard:
+    """Model card of a `DiffusionFeaturePipeline` folder trained by ``training/train_feature_head.py``."""
+    folder = Path(folder)
+    info = read_json(folder / TRAINING_INFO)
+    if info is None:
+        raise FileNotFoundError(f"{folder / TRAINING_INFO} is missing: it is written by the training script.")
+    args = info["args"]
+    repo_id = repo_id or f"diffusers-retina/{folder.name}"
+    head_config = read_json(folder / "head" / "config.json") or {}
+    evaluation = read_json(folder / EVALUATION)
+    on_chase = "chase" in str(args.get("train_data_dir", "")).lower()
+    card_data = ModelCardData(
+        license="cc-by-4.0" if on_chase else "apache-2.0",
+        library_name="diffusers",
+        pipeline_tag="image-segmentation",
+        tags=["diffusers-retina", "diffusers", "medical-imaging", "retina", "vessel-segmentation",
+              "diffusion-features", "label-efficient"],
+        datasets=["CHASE_DB1"] if on_chase else None,
+        model_name=repo_id,
+    )
+    if args["head"] == "pixel_mlp":
+        head_description = (f"`PixelMLPEnsemble`: {head_config.get('ensemble_size', args['ensemble_size'])} pixel MLPs "
+                            "voting, mutual information as uncertainty")
+        details = (f"{args['max_train_steps']} Adam steps (lr {args['learning_rate']}) per member, "
+                   f"{args['pixels_per_step']} random pixels per step read bilinearly from the native-resolution maps")
+    else:
+        head_description = ("`FreqAggHead`: per-scale projections, time-conditioned normalisation, frequency-aware "
+                            "fusion of scales and a per-pixel gate over timesteps")
+        details = f"{args['max_train_steps']} AdamW steps (lr {args['learning_rate']}) on batches of 4 crops"
+    if evaluation and evaluation.get("markdown"):
+        evaluation_text = evaluation["markdown"] + "\n\nMeasured with:\n\n```bash\n" + evaluation["command"] + "\n```"
+    else:
+        evaluation_text = "Not evaluated yet: run `python benchmarks/label_efficiency.py` (see benchmarks/README.md)."
+    unet_config = read_json(folder / "unet" / "config.json") or {}
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATES / "diffusion_features.md"),
+        model_name=repo_id,
+        repo_id=repo_id,
+        blocks=", ".join(args["blocks"].split(",")),
+        timesteps=args["timesteps"],
+        policy=args["policy"],
+        head_description=head_description,
+        head_parameters=f"{info['num_parameters']:,}",
+        unet_parameters=f"{info['unet_parameters']:,}" if info.get("unet_parameters") else "a few million",
+        num_labelled=args["num_labelled"],
+        labelled_stems=args["train_stems"],
+        crop=args["crop"],
+        crops_per_image=args["crops_per_image"],
+        save_dtype=args.get("save_dtype", unet_config.get("torch_dtype", "float32")),
+        data_description=CHASE_DB1_DESCRIPTION if on_chase else f"`{args.get('train_data_dir')}`.",
+        seed=args["seed"],
+        command=info["command"],
+        training_details=details,
+        training_time=_format_duration(info.get("training_seconds")),
+        evaluation=evaluation_text,
+    )
+
+
+def write_feature_head_card(folder: Union[str, os.PathLike], repo_id: Optional[str] = None) -> Path:
+    """Render and save ``README.md`` of a `DiffusionFeaturePipeline` folder; returns its path."""
+    path = Path(folder) / "README.md"
+    feature_head_model_card(folder, repo_id=repo_id).save(str(path))
+    return path
+
+
 def write_segmentation_card(folder: Union[str, os.PathLike], repo_id: Optional[str] = None) -> Path:
     """Render and save ``README.md`` in ``folder``; returns its path."""
     path = Path(folder) / "README.md"

@@ -371,15 +371,16 @@ def final_weights(accelerator, model, ema_model, save_dtype: str):
     return unwrapped.to(getattr(torch, save_dtype))
 
 
-def write_training_record(args, script: str, global_step: int, seconds: float, model, **extra) -> None:
-    """``training_info.json`` beside the saved pipeline: arguments, the exact command, steps, time, size, extras."""
+def write_training_record(args, script: str, global_step: int, seconds: float, model, argv=None, **extra) -> None:
+    """``training_info.json`` beside the saved pipeline: arguments, the exact command (``argv``: the arguments given to
+    ``main``, default the process's), steps, time, size, extras."""
     import sys
 
     from .hub import TRAINING_INFO, command_line, write_json
 
     write_json(os.path.join(args.output_dir, TRAINING_INFO), {
         "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
-        "command": command_line(["python", script] + sys.argv[1:]),
+        "command": command_line(["python", script] + list(sys.argv[1:] if argv is None else argv)),
         "global_step": global_step,
         "training_seconds": seconds,
         "num_parameters": sum(p.numel() for p in model.parameters()),

@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
+from safetensors import safe_open
 
 from diffusers_retina import DiffusionFeaturePipeline
 from diffusers_retina.models import FreqAggHead, PixelMLPEnsemble
@@ -51,6 +52,11 @@ def test_heads_train_save_and_segment(ddpm_and_data, tmp_path, head, head_cls):
     assert type(pipe.head) is head_cls and pipe.head.config.blocks == ["up.0", "up.1"]
     info = json.loads((out / "training_info.json").read_text())
     assert info["num_labelled"] == 2 and "--head " + head in info["command"]
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as weights:  # --save_dtype
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float16}
+    card = (out / "README.md").read_text()  # the model card names the head, the labelled images and the policy
+    assert f"`{head_cls.__name__}`" in card and "**2 labelled image(s)**" in card and "`case0,case1`" in card
+    assert '"anchor"' in card and info["command"] in card
     # mask = bright pixels of a salt-and-pepper image (chance: 0.5): an unseen image is segmented well above chance
     image = Image.open(data / "images" / "case2.png")
     truth = torch.from_numpy(np.asarray(Image.open(data / "masks" / "case2.png")) > 0)

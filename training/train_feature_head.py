@@ -27,6 +27,7 @@ from diffusers import DDPMPipeline
 from tqdm.auto import tqdm
 
 from diffusers_retina import DiffusionFeaturePipeline
+from diffusers_retina.hub import write_feature_head_card
 from diffusers_retina.models import FreqAggHead, PixelMLPEnsemble, read_pixels
 from diffusers_retina.training_utils import build_datasets, select_stems, write_training_record
 
@@ -55,6 +56,8 @@ def parse_args(argv=None):
     parser.add_argument("--pixels_per_step", type=int, default=64, help="pixel_mlp: batch of pixels.")
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--cache_dir", type=str, default=None, help="Feature cache folder (reused across runs).")
+    parser.add_argument("--save_dtype", type=str, default="float16", choices=["float32", "float16", "bfloat16"],
+                        help="dtype of the saved pipeline weights (UNet and head).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", type=str, required=True)
     args = parser.parse_args(argv)
@@ -120,27 +123,35 @@ def main(argv=None):
         train_freq_agg(head, features, masks, size, args)
 
     pipe.set_head(head.eval())
-    pipe.save_pretrained(args.output_dir)
+    pipe.to(getattr(torch, args.save_dtype)).save_pretrained(args.output_dir)
     write_training_record(args, "training/train_feature_head.py", args.max_train_steps, time.time() - started, head,
-                          num_labelled=args.num_labelled, ddpm=args.ddpm)
+                          argv=argv, num_labelled=args.num_labelled, ddpm=args.ddpm,
+                          unet_parameters=sum(p.numel() for p in pipe.unet.parameters()))
+    write_feature_head_card(args.output_dir)
     logger.info(f"Saved {args.output_dir}")
 
 
 def train_pixel_mlp(head, features, masks, size, args):
-    """Each member on its own random pixels, Adam 1e-3 (ddpm-segmentation)."""
+    """Each member on its own random pixels, Adam 1e-3 (ddpm-segmentation).
+
+    A step reads ``--pixels_per_step`` pixels as 8 groups of random pixels from 8 random crops (so only 8 crops' maps
+    are gathered per step, not one per pixel)."""
     num_crops = masks.shape[0]
+    groups = min(8, args.pixels_per_step)
+    per_group = max(1, args.pixels_per_step // groups)
     for member in range(len(head.members)):
         generator = torch.Generator().manual_seed(args.seed * 1000 + member)
         optimizer = torch.optim.Adam(head.members[member].parameters(), lr=args.learning_rate)
         head.train()
         for _ in tqdm(range(args.max_train_steps), desc=f"member {member + 1}/{len(head.members)}", leave=False):
-            crop = torch.randint(0, num_crops, (args.pixels_per_step,), generator=generator)
-            rows = torch.randint(0, size[0], (args.pixels_per_step,), generator=generator)
-            cols = torch.randint(0, size[1], (args.pixels_per_step,), generator=generator)
+            crop = torch.randint(0, num_crops, (groups,), generator=generator)
+            rows = torch.randint(0, size[0], (groups, per_group), generator=generator)
+            cols = torch.randint(0, size[1], (groups, per_group), generator=generator)
             picked = {name: maps[crop] for name, maps in features.items()}
-            coords = torch.stack([rows, cols], dim=-1)[:, None]  # one pixel per picked crop
-            vectors = read_pixels(picked, head.config.blocks, coords, size)[:, 0]
-            loss = F.cross_entropy(head(vectors, member=member), masks[crop, rows, cols].long())
+            vectors = read_pixels(picked, head.config.blocks, torch.stack([rows, cols], dim=-1), size)
+            labels = masks[crop[:, None], rows, cols]
+            loss = F.cross_entropy(head(vectors.reshape(-1, vectors.shape[-1]), member=member),
+                                   labels.reshape(-1).long())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

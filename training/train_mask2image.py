@@ -260,7 +260,7 @@ def save_pipeline(accelerator, model, ema_model, noise_scheduler, args, global_s
         pipeline = Mask2ImagePipeline(unet=unwrapped, scheduler=inference_scheduler(noise_scheduler),
                                       mask_unet=mask_unet, mask_scheduler=mask_scheduler)
         pipeline.save_pretrained(args.output_dir)
-    write_training_record(args, "training/train_mask2image.py", global_step, seconds, unwrapped,
+    write_training_record(args, "training/train_mask2image.py", global_step, seconds, unwrapped, argv=argv,
                           validation_faithfulness_dice=validation_score)
     write_mask2image_card(args.output_dir, repo_id=args.hub_model_id)
     if args.push_to_hub:

@@ -228,7 +228,7 @@ def save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_ste
     model = final_weights(accelerator, unet, ema_unet, args.save_dtype)
     pipeline = SegmentationEnsemblePipeline(unet=model, scheduler=inference_scheduler(noise_scheduler))
     pipeline.save_pretrained(args.output_dir)
-    write_training_record(args, "training/train_segmentation_ensemble.py", global_step, seconds, model,
+    write_training_record(args, "training/train_segmentation_ensemble.py", global_step, seconds, model, argv=argv,
                           validation_dice=validation_dice)
     write_segmentation_card(args.output_dir, repo_id=args.hub_model_id)
     if args.push_to_hub:
