@@ -28,7 +28,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse
 import importlib.util
 import math
 import time
@@ -60,7 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--policies", nargs="+", default=["noise", "anchor"], choices=["noise", "anchor"])
     parser.add_argument("--blocks", default="up.1,up.2")
     parser.add_argument("--timesteps", default="50,150,250")
-    parser.add_argument("--head-steps", type=int, default=2000, help="--max_train_steps of every head.")
+    parser.add_argument("--head-steps", type=int, default=1000, help="PixelMLPEnsemble: steps per member.")
+    parser.add_argument("--freq-steps", type=int, default=400, help="FreqAggHead: steps (batches of 4 crops).")
     parser.add_argument("--crops-per-image", type=int, default=8)
     parser.add_argument("--unet-seconds", type=float, default=None,
                         help="Budget of the supervised U-Net (default: the slowest head's time at the same N).")
@@ -110,7 +110,8 @@ def data_arguments() -> List[str]:
 def train_head(script, args, folder: Path, head: str, policy: str, num_labelled: int) -> None:
     script.main(["--ddpm", str(_common.resolve_path(args.ddpm)), "--head", head, "--policy", policy,
                  "--blocks", args.blocks, "--timesteps", args.timesteps, "--num_labelled", str(num_labelled),
-                 "--crops_per_image", str(args.crops_per_image), "--max_train_steps", str(args.head_steps),
+                 "--crops_per_image", str(args.crops_per_image),
+                 "--max_train_steps", str(args.head_steps if head == "pixel_mlp" else args.freq_steps),
                  "--cache_dir", str(Path(args.work) / "cache"), "--seed", str(args.seed),
                  "--output_dir", str(folder)] + data_arguments())
 
@@ -273,8 +274,9 @@ def main(argv=None):
 
     region = f"central {args.crop}x{args.crop} crops" if args.crop else "full resolution"
     setting = (f"8 CHASE_DB1 test images ({region}, `1stHO`); features: blocks {args.blocks}, timesteps "
-               f"{args.timesteps}, seed {args.seed}; heads {args.head_steps} steps on {args.crops_per_image} random "
-               "128 crops per labelled image; U-Net: same wall time as the slowest head at that N.")
+               f"{args.timesteps}, seed {args.seed}; heads trained on {args.crops_per_image} random 128 crops per "
+               f"labelled image (PixelMLPEnsemble {args.head_steps} steps per member, FreqAggHead {args.freq_steps} "
+               "steps); U-Net: same wall time as the slowest head at that N.")
     result = {**_common.header(args, device), "ddpm": str(args.ddpm), "setting": setting, "shift": SHIFT,
               "rows": rows}
     path = _common.save_json(args.output, result)

@@ -234,7 +234,7 @@ def main(argv=None):
         validation_score = validate(accelerator, model, ema_model, noise_scheduler, state.validation_dataset, args,
                                     global_step, faithfulness_segmenter)
         save_pipeline(accelerator, model, ema_model, noise_scheduler, args, global_step, validation_score,
-                      state.clock.elapsed())
+                      state.clock.elapsed(), argv)
     accelerator.end_training()
 
 
@@ -245,7 +245,8 @@ def validate(accelerator, model, ema_model, noise_scheduler, validation_dataset,
         return run_validation(unwrapped, noise_scheduler, validation_dataset, args, step, segmenter)
 
 
-def save_pipeline(accelerator, model, ema_model, noise_scheduler, args, global_step, validation_score, seconds):
+def save_pipeline(accelerator, model, ema_model, noise_scheduler, args, global_step, validation_score, seconds,
+                  argv=None):
     from diffusers_retina.hub import write_mask2image_card
 
     unwrapped = final_weights(accelerator, model, ema_model, args.save_dtype)

@@ -213,7 +213,7 @@ def main(argv=None):
             validation_dice = validate(accelerator, unet, ema_unet, noise_scheduler, state.validation_dataset, args)
             logger.info(f"final validation Dice {validation_dice:.4f}")
         save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_step, validation_dice,
-                      state.clock.elapsed())
+                      state.clock.elapsed(), argv)
     accelerator.end_training()
 
 
@@ -222,7 +222,8 @@ def validate(accelerator, unet, ema_unet, noise_scheduler, validation_dataset, a
         return run_validation(model, noise_scheduler, validation_dataset, args, args.seed)
 
 
-def save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_step, validation_dice, seconds):
+def save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_step, validation_dice, seconds,
+                  argv=None):
     from diffusers_retina.hub import write_segmentation_card
 
     model = final_weights(accelerator, unet, ema_unet, args.save_dtype)
