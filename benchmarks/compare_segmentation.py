@@ -32,7 +32,10 @@ def parse_args(argv=None):
     parser.add_argument("--timing-note", default="", help="how --timing was measured (printed under the table)")
     parser.add_argument("--output", default=f"{_common.RESULTS}/compare_segmentation.json")
     parser.add_argument("--write-into", default=None, metavar="FOLDER",
-                        help="a pipeline folder whose evaluation.json gets the comparison (and its card regenerated)")
+                        help="a pipeline folder whose evaluation.json gets the comparison (and its card regenerated): a "
+                             "segmentation pipeline, or a Mask2ImagePipeline (train on synthetic, test on real)")
+    parser.add_argument("--heading", default=None,
+                        help="heading of the comparison in the card (default: 'Compared with other models ...')")
     return parser.parse_args(argv)
 
 
@@ -89,13 +92,18 @@ def main(argv=None):
     output = _common.save_json(args.output, {"command": _common.command(), "rows": rows, "markdown": table})
     print(f"\nWrote {output}")
     if args.write_into:
-        from diffusers_retina.hub import EVALUATION, write_segmentation_card
+        from diffusers_retina.hub import EVALUATION, write_mask2image_card, write_segmentation_card
 
         folder = _common.resolve_path(args.write_into)
+        if not (folder / EVALUATION).is_file():
+            sys.exit(f"--write-into {folder}: no {EVALUATION} there (evaluate the pipeline first).")
         evaluation = json.loads((folder / EVALUATION).read_text())
-        evaluation["comparison"] = {"markdown": table, "command": _common.command()}
+        evaluation["comparison"] = {"markdown": table, "command": _common.command(), "heading": args.heading}
         _common.save_json(str(folder / EVALUATION), evaluation)
-        print(f"Wrote the comparison into {folder / EVALUATION} and {write_segmentation_card(folder)}")
+        pipeline_class = json.loads((folder / "model_index.json").read_text()).get("_class_name")  # name or [file, name]
+        is_mask2image = "Mask2ImagePipeline" in (pipeline_class if isinstance(pipeline_class, list) else [pipeline_class])
+        card = (write_mask2image_card if is_mask2image else write_segmentation_card)(folder)
+        print(f"Wrote the comparison into {folder / EVALUATION} and {card}")
 
 
 if __name__ == "__main__":

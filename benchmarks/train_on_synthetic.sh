@@ -67,8 +67,10 @@ for name in synthetic mixed; do
     "$PYTHON" benchmarks/evaluate_segmentation.py --pipeline "$WORK/seg-$name" $EVAL \
         --output "$RESULTS/evaluate_tstr_$name.json"
 done
+if [ "$CROP" -gt 0 ]; then painted="central ${CROP}x${CROP} crops"; else painted="full photographs"; fi
 "$PYTHON" benchmarks/compare_segmentation.py \
     "(a) 20 real pairs=$RESULTS/evaluate_segmentation.json" \
-    "(b) 20 synthetic pairs=$RESULTS/evaluate_tstr_synthetic.json" \
+    "(b) 20 synthetic pairs ($painted)=$RESULTS/evaluate_tstr_synthetic.json" \
     "(c) 20 real + 20 synthetic pairs=$RESULTS/evaluate_tstr_mixed.json" \
-    --output "$RESULTS/compare_tstr.json"
+    --output "$RESULTS/compare_tstr.json" --write-into "$PIPELINE" \
+    --heading "Train on synthetic, test on real (the reference segmentation command and budget; 8 real test images, full resolution)"

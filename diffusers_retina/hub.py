@@ -93,11 +93,16 @@ def _evaluation_markdown(evaluation: Optional[Dict[str, Any]]) -> str:
     if evaluation.get("notes"):
         lines += ["", evaluation["notes"]]
     lines += ["", "Measured with:", "", "```bash", evaluation["command"], "```"]
+    return "\n".join(lines + _comparison_lines(evaluation))
+
+
+def _comparison_lines(evaluation: Dict[str, Any]) -> List[str]:
+    """The ``comparison`` block written by ``benchmarks/compare_segmentation.py --write-into`` (if any)."""
     comparison = evaluation.get("comparison")
-    if comparison:  # written by benchmarks/compare_segmentation.py
-        lines += ["", "### Compared with other models (same data, budget, evaluation command and seed)", "",
-                  comparison["markdown"], "", "```bash", comparison["command"], "```"]
-    return "\n".join(lines)
+    if not comparison:
+        return []
+    heading = comparison.get("heading") or "Compared with other models (same data, budget, evaluation command and seed)"
+    return ["", f"### {heading}", "", comparison["markdown"], "", "```bash", comparison["command"], "```"]
 
 
 def _model_description(config: Dict[str, Any]) -> str:
@@ -221,6 +226,7 @@ def mask2image_model_card(folder: Union[str, os.PathLike], repo_id: Optional[str
     score = info.get("validation_faithfulness_dice")
     if evaluation and evaluation.get("markdown"):
         evaluation_text = evaluation["markdown"] + "\n\nMeasured with:\n\n```bash\n" + evaluation["command"] + "\n```"
+        evaluation_text += "\n" + "\n".join(_comparison_lines(evaluation))
     else:
         evaluation_text = "Not evaluated yet: run `python benchmarks/evaluate_synthesis.py --pipelines <this folder> --write-card`."
     return ModelCard.from_template(

@@ -1,0 +1,55 @@
+"""Model cards render what the benchmarks measured: the comparison block of compare_segmentation.py --write-into."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "compare_segmentation.py"
+
+
+def fake_evaluation(path: Path, dice: float) -> str:
+    row = {"name": "pipeline", "metrics": {"dice": dice, "dice_std": 0.01, "cldice": dice - 0.02, "auc_roc": 0.97,
+                                           "ece": 0.01, "hd95": 30.0}, "seconds_per_image": 12.0}
+    path.write_text(json.dumps({"command": "python evaluate", "rows": [row], "machine": {"torch_threads": 2}}))
+    return str(path)
+
+
+@pytest.mark.parametrize("source, heading", [
+    ("mask2image-chase", "Train on synthetic, test on real"),
+    ("segmentation-ensemble-chase", None),
+])
+def test_comparison_is_written_into_the_card(tmp_path, source, heading):
+    folder = tmp_path / source
+    folder.mkdir()
+    for name in ("model_index.json", "training_info.json", "evaluation.json"):  # the card's inputs, not the weights
+        shutil.copy(REPO / "checkpoints" / source / name, folder / name)
+    if source == "segmentation-ensemble-chase":
+        shutil.copytree(REPO / "checkpoints" / source / "unet", folder / "unet",
+                        ignore=shutil.ignore_patterns("*.safetensors"))
+    args = [sys.executable, str(SCRIPT), "real=" + fake_evaluation(tmp_path / "a.json", 0.776),
+            "synthetic=" + fake_evaluation(tmp_path / "b.json", 0.612), "--output", str(tmp_path / "out.json"),
+            "--write-into", str(folder)] + (["--heading", heading] if heading else [])
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    card = (folder / "README.md").read_text()
+    expected = heading or "Compared with other models"
+    assert f"### {expected}" in card
+    assert "| synthetic | 0.612 ± 0.010 |" in card and "| real | 0.776 ± 0.010 |" in card
+    # the card keeps its own evaluation above the comparison
+    own = json.loads((folder / "evaluation.json").read_text())
+    assert own["comparison"]["heading"] == heading and card.index("Measured with") < card.index(f"### {expected}")
+
+
+def test_write_into_a_folder_without_evaluation_fails_clearly(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run([sys.executable, str(SCRIPT), "x=" + fake_evaluation(tmp_path / "a.json", 0.7),
+                             "--output", str(tmp_path / "o.json"), "--write-into", str(tmp_path / "empty")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "evaluation.json" in result.stderr
