@@ -61,7 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--timesteps", default="50,150,250")
     parser.add_argument("--head-steps", type=int, default=1000, help="PixelMLPEnsemble: steps per member.")
     parser.add_argument("--freq-steps", type=int, default=400, help="FreqAggHead: steps (batches of 4 crops).")
-    parser.add_argument("--crops-per-image", type=int, default=8)
+    parser.add_argument("--crops-per-image", type=int, default=32)
     parser.add_argument("--unet-seconds", type=float, default=None,
                         help="Budget of the supervised U-Net (default: the slowest head's time at the same N).")
     parser.add_argument("--crop", type=int, default=512, help="Central test crop (0: full 999x960 images).")

@@ -256,6 +256,11 @@ def test_bilinear_pixel_read_equals_upsample_then_index():
         up = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
         expected.append(torch.stack([up[n][:, coords[n, :, 0], coords[n, :, 1]].T for n in range(2)]))
     torch.testing.assert_close(read, torch.cat(expected, dim=-1), rtol=1e-4, atol=1e-4)
+    # pixels of arbitrary images (training reads random pixels of random crops): the same vectors
+    image_index = torch.tensor([1, 0, 1, 1])
+    picked = coords[image_index, torch.tensor([3, 7, 0, 1])]
+    mixed = read_pixels(features, ["a", "b"], picked, size, image_index=image_index)
+    torch.testing.assert_close(mixed, read[image_index, torch.tensor([3, 7, 0, 1])])
 
 
 def test_pixel_mlp_ensemble_defaults_prediction_and_save_load(tmp_path):

@@ -20,30 +20,55 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from torch import nn
 
 
+def gather_pixels(maps: torch.Tensor, image_index: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                  size: Tuple[int, int]) -> torch.Tensor:
+    """Bilinear read of ``maps (N, C, h, w)`` at full-image pixels ``(image_index, rows, cols)`` (any equal shapes).
+
+    The source position of output pixel ``i`` is ``(i + 0.5) * h / H - 0.5`` clamped to the map (what
+    ``F.interpolate(..., mode="bilinear", align_corners=False)`` and ``grid_sample(..., padding_mode="border")`` do),
+    so the result equals upsample-then-index; only the four neighbours of each pixel are touched (and converted to
+    float32), never the whole map. Returns ``(*rows.shape, C)`` float32.
+    """
+    height, width = size
+    map_h, map_w = maps.shape[-2:]
+    y = ((rows.float() + 0.5) * (map_h / height) - 0.5).clamp(0, map_h - 1)
+    x = ((cols.float() + 0.5) * (map_w / width) - 0.5).clamp(0, map_w - 1)
+    y0, x0 = y.floor().long(), x.floor().long()
+    y1, x1 = (y0 + 1).clamp(max=map_h - 1), (x0 + 1).clamp(max=map_w - 1)
+    wy, wx = (y - y0)[..., None], (x - x0)[..., None]
+    image_index = image_index.to(maps.device)
+
+    def at(yy, xx):  # advanced indices around a slice: the (pixel) dims come first, then channels
+        return maps[image_index, :, yy.to(maps.device), xx.to(maps.device)].float()
+
+    top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+    bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+    return top * (1 - wy) + bottom * wy
+
+
 def read_pixels(features: Dict[str, torch.Tensor], blocks: Sequence[str], coords: torch.Tensor,
-                size: Tuple[int, int]) -> torch.Tensor:
+                size: Tuple[int, int], image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Feature vectors at pixel coordinates, read bilinearly from native-resolution maps.
 
     Args:
         features: ``{block: (N, T, C, h, w)}`` (any float dtype).
         blocks: the blocks to read, in order (their channels are concatenated, timestep-major within a block).
-        coords: ``(N, P, 2)`` pixel coordinates ``(row, column)`` in the full image of ``size``.
+        coords: ``(N, P, 2)`` pixel coordinates ``(row, column)`` in the full image of ``size``, P per image; or, with
+            ``image_index``, ``(P, 2)`` coordinates of pixels of any images.
         size: ``(H, W)`` of the full image.
+        image_index: ``(P,)`` which image each coordinate belongs to (e.g. random pixels of random training crops).
 
     Returns:
-        ``(N, P, sum_b T * C_b)`` float32, equal to ``F.interpolate(maps, size, mode="bilinear")`` indexed at ``coords``.
+        ``(N, P, sum_b T * C_b)`` (or ``(P, sum_b T * C_b)`` with ``image_index``) float32, equal to
+        ``F.interpolate(maps, size, mode="bilinear")`` indexed at ``coords``.
     """
-    height, width = size
-    rows, cols = coords[..., 0].float(), coords[..., 1].float()
-    # align_corners=False: output pixel centres of an upsampling sit at (i + 0.5) / size in normalised coordinates
-    grid = torch.stack([(cols + 0.5) / width * 2 - 1, (rows + 0.5) / height * 2 - 1], dim=-1)[:, :, None]
+    if image_index is None:
+        image_index = torch.arange(coords.shape[0]).view(-1, 1).expand(coords.shape[:2])
     vectors = []
     for name in blocks:
         maps = features[name]
-        maps = maps.reshape(maps.shape[0], -1, *maps.shape[-2:]).float()
-        sampled = F.grid_sample(maps, grid.to(maps.device), mode="bilinear", padding_mode="border",
-                                align_corners=False)
-        vectors.append(sampled[..., 0].transpose(1, 2))  # (N, P, T*C)
+        maps = maps.reshape(maps.shape[0], -1, *maps.shape[-2:])
+        vectors.append(gather_pixels(maps, image_index, coords[..., 0], coords[..., 1], size))
     return torch.cat(vectors, dim=-1)
 
 
