@@ -227,6 +227,9 @@ def mask2image_model_card(folder: Union[str, os.PathLike], repo_id: Optional[str
     if evaluation and evaluation.get("markdown"):
         evaluation_text = evaluation["markdown"] + "\n\nMeasured with:\n\n```bash\n" + evaluation["command"] + "\n```"
         evaluation_text += "\n" + "\n".join(_comparison_lines(evaluation))
+    elif task == "fundus":
+        evaluation_text = ("Not evaluated yet: run `python benchmarks/label_efficiency.py --ddpm <this folder> "
+                           "--write-card` (heads on its features against a supervised U-Net).")
     else:
         evaluation_text = "Not evaluated yet: run `python benchmarks/evaluate_synthesis.py --pipelines <this folder> --write-card`."
     return ModelCard.from_template(
