@@ -286,6 +286,9 @@ def feature_head_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
         head_description = ("`FreqAggHead`: per-scale projections, time-conditioned normalisation, frequency-aware "
                             "fusion of scales and a per-pixel gate over timesteps")
         details = f"{args['max_train_steps']} AdamW steps (lr {args['learning_rate']}) on batches of 4 crops"
+    weighting = args.get("class_weights", "none")
+    details += ("; cross-entropy weighted by 1/sqrt(class frequency)" if weighting == "inverse_sqrt"
+                else "; unweighted cross-entropy")
     if evaluation and evaluation.get("markdown"):
         evaluation_text = evaluation["markdown"] + "\n\nMeasured with:\n\n```bash\n" + evaluation["command"] + "\n```"
     else:

@@ -9,6 +9,10 @@ The DDPM (``--ddpm``: a ``DDPMPipeline`` folder, e.g. trained by ``train_mask2im
   per step, read bilinearly from the native-resolution maps), Adam 1e-3 (ddpm-segmentation's recipe);
 * ``--head freq_agg``: ``FreqAggHead`` -- cross-entropy on whole crops, AdamW.
 
+Both use cross-entropy weighted by 1/sqrt(class frequency) by default (``--class_weights none`` for the published
+unweighted recipe): vessels cover ~10% of a photograph, and unweighted heads trained on one image predicted almost no
+vessel pixel.
+
 The result is saved as a ``DiffusionFeaturePipeline`` (UNet + scheduler + head) with a ``training_info.json``.
 
     python training/train_feature_head.py --ddpm checkpoints/fundus-ddpm-chase --head pixel_mlp \
