@@ -62,6 +62,9 @@ def parse_args(argv=None):
     parser.add_argument("--head-steps", type=int, default=1000, help="PixelMLPEnsemble: steps per member.")
     parser.add_argument("--freq-steps", type=int, default=400, help="FreqAggHead: steps (batches of 4 crops).")
     parser.add_argument("--crops-per-image", type=int, default=32)
+    parser.add_argument("--max-crops", type=int, default=160,
+                        help="Cap on the crops of one head (features are held in memory: 640 crops of 128 px at "
+                             "blocks up.1 + up.2 ran out of 24 GB); N images get min(--crops-per-image, this / N).")
     parser.add_argument("--unet-seconds", type=float, default=None,
                         help="Budget of the supervised U-Net (default: the slowest head's time at the same N).")
     parser.add_argument("--crop", type=int, default=512, help="Central test crop (0: full 999x960 images).")
@@ -107,10 +110,14 @@ def data_arguments() -> List[str]:
             "--train_stems", "Image_0*,Image_10*"]
 
 
+def crops_per_image(args, num_labelled: int) -> int:
+    return max(1, min(args.crops_per_image, args.max_crops // num_labelled))
+
+
 def train_head(script, args, folder: Path, head: str, policy: str, num_labelled: int) -> None:
     script.main(["--ddpm", str(_common.resolve_path(args.ddpm)), "--head", head, "--policy", policy,
                  "--blocks", args.blocks, "--timesteps", args.timesteps, "--num_labelled", str(num_labelled),
-                 "--crops_per_image", str(args.crops_per_image),
+                 "--crops_per_image", str(crops_per_image(args, num_labelled)),
                  "--max_train_steps", str(args.head_steps if head == "pixel_mlp" else args.freq_steps),
                  "--cache_dir", str(Path(args.work) / "cache"), "--seed", str(args.seed),
                  "--output_dir", str(folder)] + data_arguments())
@@ -234,6 +241,14 @@ def main(argv=None):
     shifted = [dict(item, image=photometric_shift(item["image"])) for item in test]
     script = load_training_script()
     rows: List[Dict[str, Any]] = []
+    region = f"central {args.crop}x{args.crop} crops" if args.crop else "full resolution"
+    setting = (f"8 CHASE_DB1 test images ({region}, `1stHO`); features: blocks {args.blocks}, timesteps "
+               f"{args.timesteps}, seed {args.seed}; heads trained on random 128 crops of the labelled images "
+               f"(min({args.crops_per_image}, {args.max_crops} / N) per image; PixelMLPEnsemble {args.head_steps} "
+               f"steps per member, FreqAggHead {args.freq_steps} steps); U-Net: same wall time as the slowest head "
+               "at that N.")
+    result = {**_common.header(args, device), "ddpm": str(args.ddpm), "setting": setting, "shift": SHIFT,
+              "rows": rows, "complete": False}
     for num_labelled in args.num_labelled:
         head_seconds, head_folders = [], []
         for head in args.heads:
@@ -249,10 +264,12 @@ def main(argv=None):
                 conditions = [("clean", test)] + ([("shifted", shifted)] if num_labelled == args.shift_num_labelled
                                                   else [])
                 for condition, items in conditions:
-                    result = evaluate(head_predictor(pipe, args), items)
+                    scores = evaluate(head_predictor(pipe, args), items)
                     rows.append({"num_labelled": num_labelled, "method": method_name(head, policy), "head": head,
                                  "policy": policy, "condition": condition, "folder": str(folder),
-                                 "training_seconds": info["training_seconds"], **result})
+                                 "crops_per_image": info["args"]["crops_per_image"],
+                                 "training_seconds": info["training_seconds"], **scores})
+                    _common.save_json(args.output, result)  # after every row: a crash keeps what was measured
                     print(f"N={num_labelled} {rows[-1]['method']} [{condition}]: "
                           + ", ".join(f"{m} {rows[-1]['metrics'][m]:.3f}" for m in REPORTED), flush=True)
                 head_folders.append(folder)
@@ -265,20 +282,15 @@ def main(argv=None):
         unet = UNet2DModel.from_pretrained(str(folder)).float().eval()
         conditions = [("clean", test)] + ([("shifted", shifted)] if num_labelled == args.shift_num_labelled else [])
         for condition, items in conditions:
-            result = evaluate(unet_predictor(unet), items)
+            scores = evaluate(unet_predictor(unet), items)
             rows.append({"num_labelled": num_labelled, "method": "supervised U-Net (same budget)", "head": None,
                          "policy": None, "condition": condition, "folder": str(folder),
-                         "training_seconds": info["training_seconds"], "unet_steps": info["global_step"], **result})
+                         "training_seconds": info["training_seconds"], "unet_steps": info["global_step"], **scores})
+            _common.save_json(args.output, result)
             print(f"N={num_labelled} U-Net ({info['global_step']} steps) [{condition}]: "
                   + ", ".join(f"{m} {rows[-1]['metrics'][m]:.3f}" for m in REPORTED), flush=True)
 
-    region = f"central {args.crop}x{args.crop} crops" if args.crop else "full resolution"
-    setting = (f"8 CHASE_DB1 test images ({region}, `1stHO`); features: blocks {args.blocks}, timesteps "
-               f"{args.timesteps}, seed {args.seed}; heads trained on {args.crops_per_image} random 128 crops per "
-               f"labelled image (PixelMLPEnsemble {args.head_steps} steps per member, FreqAggHead {args.freq_steps} "
-               "steps); U-Net: same wall time as the slowest head at that N.")
-    result = {**_common.header(args, device), "ddpm": str(args.ddpm), "setting": setting, "shift": SHIFT,
-              "rows": rows}
+    result["complete"] = True
     path = _common.save_json(args.output, result)
 
     for condition in ("clean", "shifted"):
