@@ -242,7 +242,7 @@ def main(argv=None):
     script = load_training_script()
     rows: List[Dict[str, Any]] = []
     region = f"central {args.crop}x{args.crop} crops" if args.crop else "full resolution"
-    setting = (f"8 CHASE_DB1 test images ({region}, `1stHO`); features: blocks {args.blocks}, timesteps "
+    setting = (f"{len(test)} CHASE_DB1 test images ({region}, `1stHO`); features: blocks {args.blocks}, timesteps "
                f"{args.timesteps}, seed {args.seed}; heads trained on random 128 crops of the labelled images "
                f"(min({args.crops_per_image}, {args.max_crops} / N) per image; PixelMLPEnsemble {args.head_steps} "
                f"steps per member, FreqAggHead {args.freq_steps} steps); U-Net: same wall time as the slowest head "
@@ -250,7 +250,7 @@ def main(argv=None):
     result = {**_common.header(args, device), "ddpm": str(args.ddpm), "setting": setting, "shift": SHIFT,
               "rows": rows, "complete": False}
     for num_labelled in args.num_labelled:
-        head_seconds, head_folders = [], []
+        head_seconds = []
         for head in args.heads:
             for policy in args.policies:
                 folder = work / f"{head}-{policy}-n{num_labelled}"
@@ -272,7 +272,6 @@ def main(argv=None):
                     _common.save_json(args.output, result)  # after every row: a crash keeps what was measured
                     print(f"N={num_labelled} {rows[-1]['method']} [{condition}]: "
                           + ", ".join(f"{m} {rows[-1]['metrics'][m]:.3f}" for m in REPORTED), flush=True)
-                head_folders.append(folder)
         folder = work / f"unet-n{num_labelled}"
         if not (folder / "config.json").is_file():
             budget = args.unet_seconds or max(head_seconds)
