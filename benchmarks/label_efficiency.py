@@ -250,6 +250,7 @@ def main(argv=None):
     result = {**_common.header(args, device), "ddpm": str(args.ddpm), "setting": setting, "shift": SHIFT,
               "rows": rows, "complete": False}
     for num_labelled in args.num_labelled:
+        conditions = [("clean", test)] + ([("shifted", shifted)] if num_labelled == args.shift_num_labelled else [])
         head_seconds = []
         for head in args.heads:
             for policy in args.policies:
@@ -261,8 +262,6 @@ def main(argv=None):
                 head_seconds.append(info["training_seconds"])
                 pipe = DiffusionFeaturePipeline.from_pretrained(str(folder), dtype=torch.float32)
                 pipe.set_progress_bar_config(disable=True)
-                conditions = [("clean", test)] + ([("shifted", shifted)] if num_labelled == args.shift_num_labelled
-                                                  else [])
                 for condition, items in conditions:
                     scores = evaluate(head_predictor(pipe, args), items)
                     rows.append({"num_labelled": num_labelled, "method": method_name(head, policy), "head": head,
@@ -279,7 +278,6 @@ def main(argv=None):
             train_supervised_unet(args, folder, num_labelled, budget)
         info = read_json(folder / "training_info.json")
         unet = UNet2DModel.from_pretrained(str(folder)).float().eval()
-        conditions = [("clean", test)] + ([("shifted", shifted)] if num_labelled == args.shift_num_labelled else [])
         for condition, items in conditions:
             scores = evaluate(unet_predictor(unet), items)
             rows.append({"num_labelled": num_labelled, "method": "supervised U-Net (same budget)", "head": None,

@@ -124,6 +124,41 @@ def _model_description(config: Dict[str, Any]) -> str:
     return ", ".join(parts) + "; denoiser `diffusers_retina.models.MedSegDiffUNet2DModel`, built from diffusers' UNet blocks"
 
 
+def _training_info(folder: Path) -> Dict[str, Any]:
+    """``training_info.json`` of a trained folder (written by every training script)."""
+    info = read_json(folder / TRAINING_INFO)
+    if info is None:
+        raise FileNotFoundError(f"{folder / TRAINING_INFO} is missing: it is written by the training script.")
+    return info
+
+
+def _trained_on_chase(args: Dict[str, Any]) -> bool:
+    return "chase" in str(args.get("train_data_dir", "")).lower()
+
+
+def _card_data(args: Dict[str, Any], repo_id: str, pipeline_tag: str, tags: List[str], **extra: Any) -> ModelCardData:
+    """Card metadata every diffusers-retina card shares (licence and dataset follow the training data)."""
+    on_chase = _trained_on_chase(args)
+    return ModelCardData(
+        license="cc-by-4.0" if on_chase else "apache-2.0",
+        library_name="diffusers",
+        pipeline_tag=pipeline_tag,
+        tags=["diffusers-retina", "diffusers", "medical-imaging", "retina", *tags],
+        datasets=["CHASE_DB1"] if on_chase else None,
+        model_name=repo_id,
+        **extra,
+    )
+
+
+def _measured_markdown(evaluation: Optional[Dict[str, Any]]) -> Optional[str]:
+    """A benchmark's ``evaluation.json`` markdown with its command and any comparison block (None if not measured)."""
+    if not (evaluation and evaluation.get("markdown")):
+        return None
+    text = evaluation["markdown"] + "\n\nMeasured with:\n\n```bash\n" + evaluation["command"] + "\n```"
+    comparison = _comparison_lines(evaluation)
+    return text + "\n" + "\n".join(comparison) if comparison else text
+
+
 def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[str] = None) -> ModelCard:
     """Build the model card of a trained `SegmentationEnsemblePipeline` folder from its JSON records.
 
@@ -132,9 +167,7 @@ def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
         >>> card.save("checkpoints/segmentation-ensemble-chase/README.md")  # doctest: +SKIP
     """
     folder = Path(folder)
-    info = read_json(folder / TRAINING_INFO)
-    if info is None:
-        raise FileNotFoundError(f"{folder / TRAINING_INFO} is missing: it is written by the training script.")
+    info = _training_info(folder)
     evaluation = read_json(folder / EVALUATION)
     args = info["args"]
     repo_id = repo_id or args.get("hub_model_id") or f"diffusers-retina/{folder.name}"
@@ -149,18 +182,9 @@ def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
                     dataset_split="test (Image_11L–Image_14R, 1stHO, full resolution)", metric_type=metric,
                     metric_name=METRIC_LABELS[metric], metric_value=round(float(value), 4),
                 ))
-    on_chase = "chase" in str(args.get("train_data_dir", "")).lower()
-    card_data = ModelCardData(
-        license="cc-by-4.0" if on_chase else "apache-2.0",
-        library_name="diffusers",
-        pipeline_tag="image-segmentation",
-        tags=["diffusers-retina", "diffusers", "medical-imaging", "retina", "vessel-segmentation",
-              "diffusion-segmentation", "uncertainty"],
-        datasets=["CHASE_DB1"] if on_chase else None,
-        metrics=["dice"],
-        model_name=repo_id,
-        eval_results=eval_results or None,
-    )
+    card_data = _card_data(args, repo_id, "image-segmentation",
+                           ["vessel-segmentation", "diffusion-segmentation", "uncertainty"],
+                           metrics=["dice"], eval_results=eval_results or None)
     validation = info.get("validation_dice")
     unet_config = read_json(folder / "unet" / "config.json") or {}
     return ModelCard.from_template(
@@ -181,7 +205,7 @@ def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
 def _common_card_fields(folder: Path, info: Dict[str, Any]) -> Dict[str, Any]:
     """Template fields every training card shares (data, command, schedule, time)."""
     args = info["args"]
-    on_chase = "chase" in str(args.get("train_data_dir", "")).lower()
+    on_chase = _trained_on_chase(args)
     ema = f"EMA (max decay {args['ema_max_decay']})" if args.get("use_ema") else "no EMA"
     return dict(
         num_parameters=f"{info['num_parameters']:,}",
@@ -206,31 +230,19 @@ def _common_card_fields(folder: Path, info: Dict[str, Any]) -> Dict[str, Any]:
 def mask2image_model_card(folder: Union[str, os.PathLike], repo_id: Optional[str] = None) -> ModelCard:
     """Model card of a folder trained by ``training/train_mask2image.py`` (image model or mask model)."""
     folder = Path(folder)
-    info = read_json(folder / TRAINING_INFO)
-    if info is None:
-        raise FileNotFoundError(f"{folder / TRAINING_INFO} is missing: it is written by the training script.")
+    info = _training_info(folder)
     args = info["args"]
     repo_id = repo_id or args.get("hub_model_id") or f"diffusers-retina/{folder.name}"
-    evaluation = read_json(folder / EVALUATION)
-    on_chase = "chase" in str(args.get("train_data_dir", "")).lower()
     task = args.get("task", "image")
-    card_data = ModelCardData(
-        license="cc-by-4.0" if on_chase else "apache-2.0",
-        library_name="diffusers",
-        pipeline_tag="image-to-image" if task == "image" else "unconditional-image-generation",
-        tags=["diffusers-retina", "diffusers", "medical-imaging", "retina", "image-synthesis",
-              {"mask": "vessel-mask", "fundus": "fundus-ddpm"}.get(task, "mask-to-image")],
-        datasets=["CHASE_DB1"] if on_chase else None,
-        model_name=repo_id,
-    )
+    card_data = _card_data(args, repo_id,
+                           "image-to-image" if task == "image" else "unconditional-image-generation",
+                           ["image-synthesis", {"mask": "vessel-mask", "fundus": "fundus-ddpm"}.get(task, "mask-to-image")])
     score = info.get("validation_faithfulness_dice")
-    if evaluation and evaluation.get("markdown"):
-        evaluation_text = evaluation["markdown"] + "\n\nMeasured with:\n\n```bash\n" + evaluation["command"] + "\n```"
-        evaluation_text += "\n" + "\n".join(_comparison_lines(evaluation))
-    elif task == "fundus":
+    evaluation_text = _measured_markdown(read_json(folder / EVALUATION))
+    if evaluation_text is None and task == "fundus":
         evaluation_text = ("Not evaluated yet: run `python benchmarks/label_efficiency.py --ddpm <this folder> "
                            "--write-card` (heads on its features against a supervised U-Net).")
-    else:
+    elif evaluation_text is None:
         evaluation_text = "Not evaluated yet: run `python benchmarks/evaluate_synthesis.py --pipelines <this folder> --write-card`."
     return ModelCard.from_template(
         card_data,
@@ -260,23 +272,12 @@ def write_mask2image_card(folder: Union[str, os.PathLike], repo_id: Optional[str
 def feature_head_model_card(folder: Union[str, os.PathLike], repo_id: Optional[str] = None) -> ModelCard:
     """Model card of a `DiffusionFeaturePipeline` folder trained by ``training/train_feature_head.py``."""
     folder = Path(folder)
-    info = read_json(folder / TRAINING_INFO)
-    if info is None:
-        raise FileNotFoundError(f"{folder / TRAINING_INFO} is missing: it is written by the training script.")
+    info = _training_info(folder)
     args = info["args"]
     repo_id = repo_id or f"diffusers-retina/{folder.name}"
     head_config = read_json(folder / "head" / "config.json") or {}
-    evaluation = read_json(folder / EVALUATION)
-    on_chase = "chase" in str(args.get("train_data_dir", "")).lower()
-    card_data = ModelCardData(
-        license="cc-by-4.0" if on_chase else "apache-2.0",
-        library_name="diffusers",
-        pipeline_tag="image-segmentation",
-        tags=["diffusers-retina", "diffusers", "medical-imaging", "retina", "vessel-segmentation",
-              "diffusion-features", "label-efficient"],
-        datasets=["CHASE_DB1"] if on_chase else None,
-        model_name=repo_id,
-    )
+    card_data = _card_data(args, repo_id, "image-segmentation",
+                           ["vessel-segmentation", "diffusion-features", "label-efficient"])
     if args["head"] == "pixel_mlp":
         head_description = (f"`PixelMLPEnsemble`: {head_config.get('ensemble_size', args['ensemble_size'])} pixel MLPs "
                             "voting, mutual information as uncertainty")
@@ -289,10 +290,8 @@ def feature_head_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
     weighting = args.get("class_weights", "none")
     details += ("; cross-entropy weighted by 1/sqrt(class frequency)" if weighting == "inverse_sqrt"
                 else "; unweighted cross-entropy")
-    if evaluation and evaluation.get("markdown"):
-        evaluation_text = evaluation["markdown"] + "\n\nMeasured with:\n\n```bash\n" + evaluation["command"] + "\n```"
-    else:
-        evaluation_text = "Not evaluated yet: run `python benchmarks/label_efficiency.py` (see benchmarks/README.md)."
+    evaluation_text = _measured_markdown(read_json(folder / EVALUATION)) or (
+        "Not evaluated yet: run `python benchmarks/label_efficiency.py` (see benchmarks/README.md).")
     unet_config = read_json(folder / "unet" / "config.json") or {}
     return ModelCard.from_template(
         card_data,
@@ -310,7 +309,7 @@ def feature_head_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
         crop=args["crop"],
         crops_per_image=args["crops_per_image"],
         save_dtype=args.get("save_dtype", unet_config.get("torch_dtype", "float32")),
-        data_description=CHASE_DB1_DESCRIPTION if on_chase else f"`{args.get('train_data_dir')}`.",
+        data_description=CHASE_DB1_DESCRIPTION if _trained_on_chase(args) else f"`{args.get('train_data_dir')}`.",
         seed=args["seed"],
         command=info["command"],
         training_details=details,
