@@ -5,6 +5,9 @@ Rows of the table (all from one sampling pass per image):
 * the pipeline's fused prediction (``--fusion``);
 * the other fusion rules applied to the SAME members (``return_members=True`` + ``fuse_members``; no extra sampling);
 * the first member alone (what a single diffusion sample gives);
+* with ``--baseline DIR``: the same-budget deterministic U-Net (``train_segmentation_ensemble.py --objective
+  supervised``: same architecture, patches, steps and schedule), one forward per tile with the same tiles and
+  threshold -- the baseline to report next to every diffusion result;
 * the second human observer (``2ndHO`` against ``1stHO``), scored by the same metrics code.
 
 Metrics per row: Dice, clDice, IoU, AUC-ROC, AUC-PR, ECE, HD95 (mean ± std over images, ``MetricAccumulator``) and
@@ -72,6 +75,9 @@ def parse_args(argv=None):
                         help="Add a row for the first ensemble member alone.")
     parser.add_argument("--write-card", action=argparse.BooleanOptionalAction, default=None,
                         help="Write <pipeline>/evaluation.json and regenerate its card (default: on with --crop 0).")
+    parser.add_argument("--baseline", default=None,
+                        help="Output folder of `train_segmentation_ensemble.py --objective supervised` (a bare UNet "
+                             "in unet/): adds its row, same tiles and threshold.")
     parser.add_argument("--per-image", default=None, help="Per-image CSV (default: next to --output, *_per_image.csv).")
     args = parser.parse_args(argv)
     if args.write_card is None:
@@ -123,6 +129,33 @@ def histogram_auroc(positives, negatives):
     return float(np.sum(positives * (negatives_below + 0.5 * negatives)) / (num_positive * num_negative))
 
 
+# ------------------------------------------------------------------------------------------------ baseline
+
+
+def load_baseline(path: str, device: torch.device):
+    """The deterministic U-Net saved by ``--objective supervised`` (``<path>/unet``), in float32 on ``device``."""
+    from diffusers import UNet2DModel
+
+    folder = _common.resolve_path(path)
+    if not (folder / "unet" / "config.json").is_file():
+        sys.exit(f"--baseline {path}: no unet/config.json there (train one with "
+                 "`training/train_segmentation_ensemble.py --objective supervised`).")
+    return UNet2DModel.from_pretrained(str(folder / "unet"), torch_dtype=torch.float32).to(device).eval()
+
+
+@torch.no_grad()
+def baseline_probability(unet, image: torch.Tensor, tile_size, tile_overlap: float) -> np.ndarray:
+    """Vessel probability of the deterministic baseline: reflect-padded like the pipeline, the same Gaussian-blended
+    tiles, sigmoid of the logits."""
+    from diffusers_retina.image_processing import pad_to_multiple
+    from diffusers_retina.pipelines.sampling import tiled_predict
+
+    multiple = 2 ** (len(unet.config.block_out_channels) - 1)
+    padded, (height, width) = pad_to_multiple(image[None].to(unet.device, torch.float32), multiple)
+    logits = tiled_predict(lambda window: unet(window, 0).sample, padded, tile_size, tile_overlap)
+    return logits[0, 0, :height, :width].sigmoid().cpu().numpy()
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -151,8 +184,11 @@ def main(argv=None):
     other_fusions = [m for m in FUSION_METHODS if m != args.fusion] if args.compare_fusions else []
     fusion_rows = {m: f"same members, {m} fusion" for m in other_fusions}
     member_row = "single member (first of the ensemble)"
+    baseline_row = "deterministic U-Net, same budget (one forward)"
     observer_row = "second human observer (2ndHO)"
-    row_names = [main_row, *fusion_rows.values()] + ([member_row] if args.single_member else []) + [observer_row]
+    baseline = load_baseline(args.baseline, device) if args.baseline else None
+    row_names = ([main_row, *fusion_rows.values()] + ([member_row] if args.single_member else [])
+                 + ([baseline_row] if baseline is not None else []) + [observer_row])
     accumulators = {name: MetricAccumulator() for name in row_names}
     seconds = {name: [] for name in row_names if name != observer_row}
     uncertainty = UncertaintyVersusErrors()
@@ -190,6 +226,12 @@ def main(argv=None):
             member_prob = members[0, 0, 0].numpy()
             accumulators[member_row].update(member_prob > args.threshold, member_prob, target, name=name)
             seconds[member_row].append(math.nan)  # a lone member's cost is not measured here
+        if baseline is not None:
+            baseline_seconds, _, prob = _common.benchmark(
+                lambda: baseline_probability(baseline, image, tile_size, args.tile_overlap), device, args.repeats,
+                warmup=name == args.images[0])
+            accumulators[baseline_row].update(prob > args.threshold, prob, target, name=name)
+            seconds[baseline_row].append(baseline_seconds)
         # A human observer gives a hard mask: its "probability" is the mask itself (AUC/ECE of a hard mask).
         accumulators[observer_row].update(observer, observer.astype(np.float64), target, name=name)
 
@@ -234,6 +276,10 @@ def main(argv=None):
         "Uncertainty: error = fused mask differs from 1stHO; entropy in nats; AUROC of entropy as a detector of "
         "error pixels pooled over all test pixels."
     )
+    if baseline is not None:
+        notes += (f" The deterministic U-Net row is `{args.baseline}` (`train_segmentation_ensemble.py --objective "
+                  "supervised`: the same architecture, patches, steps, schedule, EMA and seed as the diffusion model), "
+                  "one forward per tile with the same tiles, sigmoid, same threshold.")
     infinite = sorted({record["name"] for name in row_names for record in accumulators[name].per_image()
                        if math.isinf(record["hd95"])})
     if infinite:
@@ -265,6 +311,7 @@ def main(argv=None):
         "crop": args.crop,
         "images": args.images,
         "reference": "1stHO",
+        "baseline": args.baseline,
         "per_image": per_image,
         "uncertainty_per_image": uncertainty.per_image,
     }

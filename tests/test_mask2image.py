@@ -220,6 +220,24 @@ def test_batched_equals_one_by_one_and_single_generator_is_split(scheduler_cls):
     assert not torch.allclose(together[0], together[1], atol=1e-4)  # two images of one mask differ
 
 
+def test_auto_batch_size_counts_guidance_twice(monkeypatch):
+    from diffusers_retina.pipelines import sampling
+
+    pipe = tiny_pipe()
+    masks = vessel_masks(3)
+    kwargs = dict(num_inference_steps=2, guidance_scale=1.5, output_type="pt")
+    together = pipe(masks, generator=torch.Generator().manual_seed(0), **kwargs).images
+    monkeypatch.setattr(sampling, "CPU_PIXELS_PER_FORWARD", 4 * 16 * 16)  # two guided images (x2 each) per call
+    batch_sizes = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: batch_sizes.append(args[0].shape[0]))
+    try:
+        auto = pipe(masks, generator=torch.Generator().manual_seed(0), batch_size="auto", **kwargs).images
+    finally:
+        hook.remove()
+    assert batch_sizes == [4] * 2 + [2] * 2  # (cond + uncond) x 2 images, then x 1 image; 2 steps each
+    torch.testing.assert_close(together, auto, rtol=0, atol=1e-5)
+
+
 def test_any_size_and_tiles():
     pipe = tiny_pipe()
     masks = vessel_masks(1, size=(21, 37))

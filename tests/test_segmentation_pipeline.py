@@ -138,6 +138,36 @@ def test_batched_ensemble_equals_members_one_by_one(pipe, image, gen, scheduler_
     assert not torch.allclose(batched.members[0, 0], batched.members[0, 1])
 
 
+def test_auto_batch_size_policy():
+    from diffusers_retina.pipelines.sampling import CPU_PIXELS_PER_FORWARD, samples_per_call, window_pixels
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert samples_per_call(None, 5, 256 * 256, cpu) == 5 and samples_per_call(3, 5, 64, cpu) == 3
+    assert samples_per_call("auto", 5, 256 * 256, cuda) == 5  # accelerators: all at once
+    # CPU: as many as fit the pixel budget, at least one, at most all
+    assert samples_per_call("auto", 5, 256 * 256, cpu) == 1
+    assert samples_per_call("auto", 5, 128 * 128, cpu) == CPU_PIXELS_PER_FORWARD // (128 * 128)
+    assert samples_per_call("auto", 5, 64 * 64, cpu) == 5
+    assert window_pixels(999, 960, 256) == 256 * 256 and window_pixels(120, 960, 256) == 120 * 256
+    assert window_pixels(64, 48, None) == 64 * 48
+
+
+def test_auto_batch_size_chunks_members_on_cpu_with_same_output(pipe, image, gen, monkeypatch):
+    from diffusers_retina.pipelines import sampling
+
+    reference = run(pipe, image, ensemble_size=3, generator=gen(4), return_members=True)
+    height, width = image.shape[-2:]
+    monkeypatch.setattr(sampling, "CPU_PIXELS_PER_FORWARD", 2 * height * width)  # room for two members per call
+    batch_sizes = []
+    hook = pipe.unet.register_forward_hook(lambda module, args, output: batch_sizes.append(args[0].shape[0]))
+    try:
+        auto = run(pipe, image, ensemble_size=3, generator=gen(4), batch_size="auto", return_members=True)
+    finally:
+        hook.remove()
+    assert batch_sizes == [2] * STEPS + [1] * STEPS
+    torch.testing.assert_close(auto.members, reference.members, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "scheduler_cls",
     # DPM-Solver and Euler keep per-run state (model output history, step index): every chunk must start afresh
@@ -426,6 +456,8 @@ BAD_ARGUMENTS = [
     ("ensemble_size", 2.0),
     ("threshold", 1.5),
     ("batch_size", 0),
+    ("batch_size", "fast"),
+    ("batch_size", True),
     ("tile_overlap", 1.0),
     ("callback_on_step_end_tensor_inputs", ["prior"]),
 ]

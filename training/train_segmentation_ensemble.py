@@ -6,6 +6,11 @@
 ``--no_dynamic_encoding`` / ``--no_ff_parser`` for the ablation, ``--aux_loss_weight`` for the condition encoder's
 auxiliary segmentation loss). Same loop, same data, same checkpoints for both.
 
+``--objective supervised`` trains the same architecture as a plain deterministic segmenter instead (image in, mask
+logits out at timestep 0, BCE + soft Dice): the same-budget baseline to report next to the diffusion model (same
+patches in the same order, optimiser, schedule, EMA and steps). It saves the UNet alone (``<output_dir>/unet``);
+``benchmarks/evaluate_segmentation.py --baseline <output_dir>`` scores it with the same tiles and metrics.
+
 In the shape of diffusers' ``examples/unconditional_image_generation/train_unconditional.py``: one file, argparse at
 the top, ``main()`` with the accelerate loop. Runs unchanged on CPU, one GPU or many
 (``accelerate launch --multi_gpu training/train_segmentation_ensemble.py ...``).
@@ -20,6 +25,7 @@ Reference checkpoint (CHASE_DB1 train split, CPU):
 """
 
 import argparse
+import os
 
 import numpy as np
 import torch
@@ -56,6 +62,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train a diffusion segmentation ensemble (Wolleb et al.).")
     add_data_arguments(parser, default_resolution=64)
     # model
+    parser.add_argument("--objective", type=str, default="diffusion", choices=["diffusion", "supervised"],
+                        help="diffusion: the ensemble model; supervised: the same UNet as a deterministic segmenter "
+                             "(the same-budget baseline; saved as a bare UNet, no pipeline).")
     parser.add_argument("--model", type=str, default="unet", choices=["unet", "medsegdiff"],
                         help="unet: stock UNet2DModel (image concatenated); medsegdiff: MedSegDiffUNet2DModel.")
     parser.add_argument("--no_dynamic_encoding", dest="dynamic_encoding", action="store_false",
@@ -84,6 +93,8 @@ def parse_args(argv=None):
     check_data_arguments(parser, args)
     if args.model == "unet" and args.aux_loss_weight:
         parser.error("--aux_loss_weight needs --model medsegdiff (a stock UNet2DModel has no condition encoder).")
+    if args.objective == "supervised" and args.model != "unet":
+        parser.error("--objective supervised trains a stock UNet2DModel (--model unet).")
     return args
 
 
@@ -94,7 +105,9 @@ def build_unet(args):
     up = ["UpBlock2D"] * len(channels)
     if args.attention:
         down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
-    common = dict(sample_size=args.resolution, in_channels=args.image_channels + mask_channels,
+    # the supervised baseline sees the image alone; the diffusion model the noisy mask and the image
+    in_channels = args.image_channels + (mask_channels if args.objective == "diffusion" else 0)
+    common = dict(sample_size=args.resolution, in_channels=in_channels,
                   out_channels=mask_channels, block_out_channels=channels, layers_per_block=args.layers_per_block,
                   down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=args.norm_num_groups)
     if args.model == "medsegdiff":
@@ -113,6 +126,29 @@ def auxiliary_loss(condition_logits, masks, num_classes):
     return F.cross_entropy(condition_logits.float(), masks.long())
 
 
+def supervised_loss(logits, masks, num_classes):
+    """The deterministic baseline's loss: BCE (binary) or cross-entropy (K classes) plus a soft Dice loss over the
+    batch (foreground classes)."""
+    if num_classes == 2:
+        target = (masks > 0).float()
+        probability = logits[:, 0].float().sigmoid()
+        overlap_loss = F.binary_cross_entropy_with_logits(logits[:, 0].float(), target)
+    else:
+        target = F.one_hot(masks.long(), num_classes).permute(0, 3, 1, 2)[:, 1:].float()
+        probability = logits.float().softmax(dim=1)[:, 1:]
+        overlap_loss = F.cross_entropy(logits.float(), masks.long())
+    dims = (0, *range(2, probability.dim()))
+    dice = (2 * (probability * target).sum(dims) + 1) / (probability.sum(dims) + target.sum(dims) + 1)
+    return overlap_loss + (1 - dice).mean()
+
+
+def supervised_masks(logits, num_classes, threshold: float = 0.5):
+    """Hard masks from the baseline's logits: sigmoid > threshold (binary) or argmax (K classes)."""
+    if num_classes == 2:
+        return (logits[:, 0].float().sigmoid() > threshold).long()
+    return logits.argmax(dim=1)
+
+
 def inference_scheduler(noise_scheduler):
     """DDIM with "trailing" spacing: with few steps the first one starts at t = T - 1 (pure noise), which is what
     the initial latents are; the default "leading" spacing would start 2 steps at t = T / 2."""
@@ -120,20 +156,27 @@ def inference_scheduler(noise_scheduler):
 
 
 def run_validation(unet, noise_scheduler, validation, args, seed):
-    """Sample the validation images with a few DDIM steps and return their mean Dice (monitoring only)."""
-    pipeline = SegmentationEnsemblePipeline(unet=unet, scheduler=inference_scheduler(noise_scheduler))
-    pipeline.set_progress_bar_config(disable=True)
+    """Sample the validation images with a few DDIM steps (the supervised baseline: one forward) and return their mean
+    Dice (monitoring only)."""
+    if args.objective == "diffusion":
+        pipeline = SegmentationEnsemblePipeline(unet=unet, scheduler=inference_scheduler(noise_scheduler))
+        pipeline.set_progress_bar_config(disable=True)
     scores = []
     for index in range(len(validation)):
         item = validation[index]
         image, mask = central_crop(item["image"], args.validation_crop), central_crop(item["mask"], args.validation_crop)
-        output = pipeline(image, num_inference_steps=args.validation_inference_steps,
-                          ensemble_size=args.validation_ensemble_size, generator=torch.Generator().manual_seed(seed),
-                          output_type="pt")
-        if args.num_classes == 2:
-            scores.append(dice_score(output.masks[0], mask))
+        if args.objective == "supervised":
+            with torch.no_grad():
+                logits = unet(image[None].to(unet.device, unet.dtype), 0).sample
+            predicted = supervised_masks(logits, args.num_classes)[0].cpu()
         else:
-            scores.append(np.mean([dice_score(output.masks[0] == k, mask == k) for k in range(1, args.num_classes)]))
+            predicted = pipeline(image, num_inference_steps=args.validation_inference_steps,
+                                 ensemble_size=args.validation_ensemble_size,
+                                 generator=torch.Generator().manual_seed(seed), output_type="pt").masks[0]
+        if args.num_classes == 2:
+            scores.append(dice_score(predicted, mask))
+        else:
+            scores.append(np.mean([dice_score(predicted == k, mask == k) for k in range(1, args.num_classes)]))
     return float(np.mean(scores))
 
 
@@ -171,8 +214,12 @@ def main(argv=None):
                 target = noise_scheduler.get_velocity(clean_masks, noise, timesteps)
 
             with accelerator.accumulate(unet):
-                output = unet(torch.cat([noisy_masks, images], dim=1), timesteps)
-                loss = F.mse_loss(output.sample[:, :mask_channels].float(), target.float())
+                if args.objective == "supervised":
+                    output = unet(images, torch.zeros_like(timesteps))
+                    loss = supervised_loss(output.sample, batch["mask"], args.num_classes)
+                else:
+                    output = unet(torch.cat([noisy_masks, images], dim=1), timesteps)
+                    loss = F.mse_loss(output.sample[:, :mask_channels].float(), target.float())
                 if args.aux_loss_weight:
                     loss = loss + args.aux_loss_weight * auxiliary_loss(output.condition_logits, batch["mask"],
                                                                         args.num_classes)
@@ -227,6 +274,11 @@ def save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_ste
     from diffusers_retina.hub import write_segmentation_card
 
     model = final_weights(accelerator, unet, ema_unet, args.save_dtype)
+    if args.objective == "supervised":  # a bare UNet: the baseline is not a diffusion pipeline
+        model.save_pretrained(os.path.join(args.output_dir, "unet"))
+        write_training_record(args, "training/train_segmentation_ensemble.py", global_step, seconds, model, argv=argv,
+                              validation_dice=validation_dice)
+        return
     pipeline = SegmentationEnsemblePipeline(unet=model, scheduler=inference_scheduler(noise_scheduler))
     pipeline.save_pretrained(args.output_dir)
     write_training_record(args, "training/train_segmentation_ensemble.py", global_step, seconds, model, argv=argv,

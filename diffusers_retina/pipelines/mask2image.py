@@ -30,7 +30,15 @@ from ..image_processing import (
 )
 from ..models import ConditionalUNet2DModel
 from .loading import RetinaPipelineMixin
-from .sampling import check_common_inputs, per_sample_generators, step_accepts_generator, tiled_predict
+from .sampling import (
+    check_common_inputs,
+    per_sample_generators,
+    sample_chunks,
+    samples_per_call,
+    step_accepts_generator,
+    tiled_predict,
+    window_pixels,
+)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -147,14 +155,13 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
         return latents
 
     def sample_masks(self, num_masks: int, height: int, width: int, num_inference_steps: int,
-                     generators: List[torch.Generator], batch_size: Optional[int] = None) -> torch.Tensor:
+                     generators: List[torch.Generator], batch_size: Union[int, str, None] = None) -> torch.Tensor:
         """Sample ``num_masks`` hard masks with ``mask_unet``; returns diffusion space ``(N, C, height, width)``."""
         device, dtype = self._execution_device, self.mask_unet.dtype
         multiple = 2 ** (len(self.mask_unet.config.block_out_channels) - 1)
         padded = (height + (-height) % multiple, width + (-width) % multiple)
         channels = self.mask_unet.config.out_channels
-        batch_size = batch_size or num_masks
-        chunks = [range(s, min(s + batch_size, num_masks)) for s in range(0, num_masks, batch_size)]
+        chunks = sample_chunks(num_masks, samples_per_call(batch_size, num_masks, padded[0] * padded[1], device))
         samples = []
         self.mask_scheduler.set_timesteps(num_inference_steps, device=device)  # Heun & co. take more than one per step
         with self.progress_bar(total=len(chunks) * len(self.mask_scheduler.timesteps)) as progress_bar:
@@ -181,7 +188,7 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
         width: Optional[int] = None,
         mask_num_inference_steps: Optional[int] = None,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        batch_size: Optional[int] = None,
+        batch_size: Union[int, str, None] = None,
         tile_size: Optional[int] = None,
         tile_overlap: float = 0.25,
         output_type: str = "pil",
@@ -207,7 +214,8 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
             generator: a ``torch.Generator`` or a list with one per image (masks x ``num_images_per_mask``,
                 mask-major); with ``mask=None``, one per sampled mask first, then one per image. A single generator
                 is split into one per sample, so results do not depend on ``batch_size``.
-            batch_size: images denoised together (default all; with guidance each counts twice).
+            batch_size: images denoised together (default all; ``"auto"``: all on an accelerator, on a CPU as many
+                as keep one denoiser call near 40k pixels, with guidance each counting twice). Same output either way.
             tile_size: run the denoiser on overlapping ``tile_size`` windows blended with a Gaussian (for images larger
                 than the training size, e.g. 999x960 CHASE_DB1 masks). A multiple of the UNet's factor.
             tile_overlap: overlap of neighbouring windows as a fraction of the tile.
@@ -275,8 +283,8 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
             return unet_forward
 
         # 3. Denoise the images chunk by chunk
-        batch_size = batch_size or num_images
-        chunks = [range(s, min(s + batch_size, num_images)) for s in range(0, num_images, batch_size)]
+        pixels = window_pixels(*masks.shape[-2:], tile_size) * (2 if do_guidance else 1)
+        chunks = sample_chunks(num_images, samples_per_call(batch_size, num_images, pixels, device))
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
         images = []

@@ -13,6 +13,11 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+AUTO_BATCH = "auto"
+# On a CPU one denoiser call is fastest per pixel at about this many pixels (batch x window): bigger batches fall out
+# of the caches and run slower per sample (2-core EPYC, reference UNet: a batch of 5 x 256^2 took 0.76x the time of
+# 5 single passes; see benchmarks/bench_ensemble_batching.py --crop-sizes).
+CPU_PIXELS_PER_FORWARD = 40_000
 
 
 def per_sample_generators(
@@ -31,6 +36,32 @@ def per_sample_generators(
         return generator
     seeds = torch.randint(0, 2**62, (count,), generator=generator, device=generator.device if generator else "cpu")
     return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+
+
+def samples_per_call(batch_size: Union[int, str, None], num_samples: int, pixels_per_sample: int,
+                     device: torch.device) -> int:
+    """How many samples go through the denoiser together: an int as given; ``None`` all at once; ``"auto"`` all at
+    once on an accelerator and, on a CPU, as many as fit in ``CPU_PIXELS_PER_FORWARD`` pixels (at least one).
+    ``pixels_per_sample`` is what one sample puts through one call (a tile when tiling, doubled with guidance)."""
+    if batch_size is None:
+        return num_samples
+    if batch_size == AUTO_BATCH:
+        if torch.device(device).type != "cpu":
+            return num_samples
+        return max(1, min(num_samples, CPU_PIXELS_PER_FORWARD // max(pixels_per_sample, 1)))
+    return batch_size
+
+
+def sample_chunks(num_samples: int, chunk: int) -> List[range]:
+    """Consecutive index ranges of at most ``chunk`` samples covering ``range(num_samples)``."""
+    return [range(start, min(start + chunk, num_samples)) for start in range(0, num_samples, chunk)]
+
+
+def window_pixels(height: int, width: int, tile_size: Optional[int]) -> int:
+    """Pixels one sample puts through one denoiser call: the whole (padded) image, or one tile when tiling."""
+    if tile_size is None:
+        return height * width
+    return min(tile_size, height) * min(tile_size, width)
 
 
 def tiled_predict(forward: Callable[[torch.Tensor], torch.Tensor], model_input: torch.Tensor,
@@ -58,8 +89,10 @@ def step_accepts_generator(scheduler) -> bool:
 def check_common_inputs(size_multiple: int, batch_size, tile_size, tile_overlap, output_type,
                         callback_on_step_end_tensor_inputs: Sequence[str], allowed_tensor_inputs: Sequence[str]):
     """Checks shared by every pipeline's ``__call__``; raise ``ValueError`` naming the argument."""
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size!r}.")
+    if batch_size is not None and batch_size != AUTO_BATCH and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
+        raise ValueError(f"`batch_size` must be a positive integer, None or {AUTO_BATCH!r}, got {batch_size!r}.")
     if tile_size is not None and (tile_size < size_multiple or tile_size % size_multiple):
         raise ValueError(
             f"`tile_size` must be a positive multiple of the UNet's down-sampling factor {size_multiple}, "
