@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingf
 
 import argparse
 import csv
+import json
 import math
 import statistics
 import sys
@@ -45,6 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
+from diffusers_retina.cli import batch_size_argument  # noqa: E402
 from diffusers_retina.data import CHASE_DB1_TEST, chase_db1  # noqa: E402
 from diffusers_retina.fusion import FUSION_METHODS, fuse_members  # noqa: E402
 from diffusers_retina.metrics import METRIC_NAMES, MetricAccumulator, auc_roc  # noqa: E402
@@ -63,7 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--tile-size", type=int, default=256, help="Sliding-window tile (0: whole image at once).")
     parser.add_argument("--tile-overlap", type=float, default=0.25)
-    parser.add_argument("--batch-size", type=int, default=None, help="Members denoised together (default: all).")
+    parser.add_argument("--batch-size", type=batch_size_argument, default="auto",
+                        help="Members denoised together: N or auto (default; on CPU ~40k pixels per UNet call).")
     parser.add_argument("--crop", type=int, default=0, help="Central crop size for quick checks (0: full 999x960).")
     parser.add_argument("--images", nargs="+", default=list(CHASE_DB1_TEST), help="Test images to evaluate.")
     parser.add_argument("--repeats", type=int, default=1,
@@ -141,6 +144,17 @@ def load_baseline(path: str, device: torch.device):
         sys.exit(f"--baseline {path}: no unet/config.json there (train one with "
                  "`training/train_segmentation_ensemble.py --objective supervised`).")
     return UNet2DModel.from_pretrained(str(folder / "unet"), torch_dtype=torch.float32).to(device).eval()
+
+
+def baseline_command(path: str) -> str:
+    """The training command recorded beside the baseline (``training_info.json``), for the notes."""
+    from diffusers_retina.hub import TRAINING_INFO
+
+    info = _common.resolve_path(path) / TRAINING_INFO
+    if not info.is_file():
+        return f"`{path}`"
+    record = json.loads(info.read_text())
+    return f"`{record['command']}`, {record['training_seconds'] / 60:.0f} min"
 
 
 @torch.no_grad()
@@ -277,9 +291,10 @@ def main(argv=None):
         "error pixels pooled over all test pixels."
     )
     if baseline is not None:
-        notes += (f" The deterministic U-Net row is `{args.baseline}` (`train_segmentation_ensemble.py --objective "
-                  "supervised`: the same architecture, patches, steps, schedule, EMA and seed as the diffusion model), "
-                  "one forward per tile with the same tiles, sigmoid, same threshold.")
+        notes += (" The deterministic U-Net row: the same architecture trained by `train_segmentation_ensemble.py "
+                  "--objective supervised` with the same patches, steps, schedule, EMA and seed as the diffusion model "
+                  f"({baseline_command(args.baseline)}), one forward per tile with the same tiles, sigmoid, same "
+                  "threshold.")
     infinite = sorted({record["name"] for name in row_names for record in accumulators[name].per_image()
                        if math.isinf(record["hd95"])})
     if infinite:

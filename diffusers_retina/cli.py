@@ -34,7 +34,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Dict, IO, List, Optional, Sequence, Tuple  # noqa: E402
+from typing import Any, Callable, Dict, IO, List, Optional, Sequence, Tuple, Union  # noqa: E402
 
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
@@ -43,6 +43,7 @@ import torch  # noqa: E402
 import diffusers_retina  # noqa: E402
 from diffusers_retina.data import DataError, read_image  # noqa: E402
 from diffusers_retina.pipelines import SegmentationEnsemblePipeline  # noqa: E402
+from diffusers_retina.pipelines.sampling import AUTO_BATCH  # noqa: E402
 
 
 def _apply_offline_mode() -> None:
@@ -123,6 +124,16 @@ open_unit_float = bounded(float, 0.0, 1.0, low_inclusive=False)
 overlap_fraction = bounded(float, 0.0, 1.0)
 
 
+def batch_size_argument(text: str) -> Union[int, str]:
+    """``--batch-size``: a positive integer or ``auto`` (the pipelines' ``batch_size="auto"``)."""
+    if text == AUTO_BATCH:
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or {AUTO_BATCH!r}, got {text!r}") from None
+
+
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by ``segment`` and ``demo``: which pipeline, where it runs and how it samples."""
     parser.add_argument(
@@ -144,9 +155,10 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         "with a Gaussian; a multiple of the UNet's down-sampling factor; 0 = no tiling (default: 256)")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed; the same seed gives the same output (default: 0)")
-    parser.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
-                        help="ensemble members denoised together; the output does not depend on it (default: 1 on "
-                        "CPU, where one by one measured faster than batched, see benchmarks/; all at once on GPU)")
+    parser.add_argument("--batch-size", type=batch_size_argument, default=AUTO_BATCH, metavar="N|auto",
+                        help="ensemble members denoised together; the output does not depend on it (default: auto = "
+                        "all at once on GPU; on CPU as many as keep one UNet call near 40k pixels, since a batch of "
+                        "5 x 256^2 ran slower there than 5 single calls, see benchmarks/)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where to run (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
@@ -172,14 +184,6 @@ def apply_threads(threads: Optional[int]) -> None:
     """``--threads``: set torch's intra-op thread count (``None`` leaves it alone)."""
     if threads is not None:
         torch.set_num_threads(threads)
-
-
-def resolve_batch_size(batch_size: Optional[int], device: torch.device) -> Optional[int]:
-    """``--batch-size`` default: 1 on CPU (members one by one ran 1.3x faster than batched there, cache effects;
-    benchmarks/bench_ensemble_batching.py), all members at once elsewhere."""
-    if batch_size is not None:
-        return batch_size
-    return 1 if device.type == "cpu" else None
 
 
 def load_pipeline(
@@ -469,7 +473,6 @@ def run_segment(args: argparse.Namespace) -> int:
     files = collect_inputs(args.inputs)
     check_output_dir(output_dir)
     device = resolve_device(args.device)
-    args.batch_size = resolve_batch_size(args.batch_size, device)
     apply_threads(args.threads)
     pipe, source = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
     check_pipeline_settings(pipe, args, args.fusion, args.threshold, args.tile_overlap)

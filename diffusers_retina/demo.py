@@ -43,7 +43,6 @@ from .cli import (
     json_writer,
     load_pipeline,
     positive_int,
-    resolve_batch_size,
     resolve_device,
     write_files_atomically,
 )
@@ -354,7 +353,6 @@ def run_demo(args: argparse.Namespace) -> int:
         cases.append(DemoCase(f"CHASE {CHASE_IMAGE}", description, image, reference))
 
     device = resolve_device(args.device)
-    args.batch_size = resolve_batch_size(args.batch_size, device)
     apply_threads(args.threads)
     pipe, source = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
     check_pipeline_settings(pipe, args, args.fusion, args.threshold, args.tile_overlap)

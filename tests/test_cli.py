@@ -244,7 +244,26 @@ def test_bad_pipeline_and_settings(tiny_pipeline_dir, tmp_path, capsys, monkeypa
     # a tile size the UNet cannot take names the flag; argparse rejects out-of-range values with code 2
     expect_error([*base, "--pipeline", str(tiny_pipeline_dir), "--tile-size", "31"], capsys, "--tile-size")
     expect_error([*base, "--threshold", "1.5"], capsys, "--threshold", code=2)
+    expect_error([*base, "--batch-size", "0"], capsys, "--batch-size", "auto", code=2)
+    expect_error([*base, "--batch-size", "fast"], capsys, "--batch-size", code=2)
     assert not (tmp_path / "out").exists()
+
+
+def test_batch_size_flag_reaches_the_pipeline(tiny_pipeline_dir, tmp_path, monkeypatch):
+    image = write_image(tmp_path / "eye.png", 40, 40)
+    seen = []
+    original = cli.SegmentationEnsemblePipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["batch_size"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cli.SegmentationEnsemblePipeline, "__call__", spy)
+    segment([image], tmp_path / "auto", tiny_pipeline_dir)
+    segment([image], tmp_path / "two", tiny_pipeline_dir, "--batch-size", "2")
+    assert seen == ["auto", 2]
+    for name in MAPS:  # same seed: the output does not depend on the batch size
+        assert (tmp_path / "auto" / f"eye_{name}.png").read_bytes() == (tmp_path / "two" / f"eye_{name}.png").read_bytes()
 
 
 def test_offline_mode_reaches_huggingface_hub(monkeypatch):

@@ -69,6 +69,9 @@ def tiled_predict(forward: Callable[[torch.Tensor], torch.Tensor], model_input: 
     """``forward(model_input)``; with ``tile_size`` and a larger input, overlapping windows blended with a Gaussian
     (MONAI ``sliding_window_inference``). Windows of different batch rows may share one ``forward`` call, so
     everything per-row that the model needs must travel as channels of ``model_input``."""
+    if model_input.device.type == "cpu":
+        # channels-last convolutions ran 14-27 % faster on the CPU (same values up to float rounding)
+        forward = _channels_last(forward)
     height, width = model_input.shape[-2:]
     if tile_size is None or (height <= tile_size and width <= tile_size):
         return forward(model_input)
@@ -79,6 +82,13 @@ def tiled_predict(forward: Callable[[torch.Tensor], torch.Tensor], model_input: 
         model_input, roi_size=roi, sw_batch_size=model_input.shape[0], predictor=forward,
         overlap=tile_overlap, mode="gaussian", progress=False,
     )
+
+
+def _channels_last(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def channels_last_forward(window: torch.Tensor) -> torch.Tensor:
+        return forward(window.contiguous(memory_format=torch.channels_last))
+
+    return channels_last_forward
 
 
 def step_accepts_generator(scheduler) -> bool:
