@@ -1,12 +1,14 @@
-"""Batched vs one-by-one ensemble: the E members as one batch (``batch_size=E``) vs one at a time (``batch_size=1``).
+"""Batched vs one-by-one ensemble: the E members as one batch (``batch_size=E``) vs one at a time (``batch_size=1``),
+and the pipeline's ``batch_size="auto"`` (on a CPU: as many members per call as fit 48k pixels), over crop sizes.
 
-Both runs use the same seed, so the pipeline gives every member the same generator in both: the member probabilities
-must agree (max |difference| ~ 0, up to float rounding of batched kernels). Reports the wall time of each (median of
-``--repeats`` after a warm-up, the two runs alternating), the speed-up ratio (goal >= 1.6x on CPU) and the difference.
+All runs use the same seed, so the pipeline gives every member the same generator in each: the member probabilities
+must agree (max |difference| ~ 0, up to float rounding of batched kernels). Reports, per crop size, the wall time of
+each mode (median of ``--repeats`` after a warm-up, the modes alternating), the speed-up of batched and of auto over
+one by one (goal >= 1.6x on CPU for batched) and the difference.
 
 Example::
 
-    python benchmarks/bench_ensemble_batching.py --pipeline checkpoints/segmentation-ensemble-chase
+    python benchmarks/bench_ensemble_batching.py --pipeline checkpoints/segmentation-ensemble-chase --crop-sizes 64 128 256
 """
 
 from __future__ import annotations
@@ -24,8 +26,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
+from diffusers_retina.pipelines.sampling import (  # noqa: E402
+    AUTO_BATCH,
+    CPU_PIXELS_PER_FORWARD,
+    samples_per_call,
+    window_pixels,
+)
+
 GOAL_RATIO = 1.6
-TOLERANCE = 1e-4  # batched and single-sample kernels may round differently; anything larger is a real difference
+# Batched and single-sample kernels round differently and 10 steps compound it (measured up to 1.4e-4 at 256^2 with
+# channels-last, no mask pixel changed); a member given the wrong generator differs by order 1.
+TOLERANCE = 1e-3
 
 
 def parse_args(argv=None):
@@ -34,10 +45,51 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--scheduler", default="ddim", choices=sorted(_common.SCHEDULERS))
     parser.add_argument("--image", default="Image_11R", help="CHASE_DB1 test image to crop.")
-    parser.add_argument("--crop-size", type=int, default=256, help="Central crop side (0: the whole image).")
+    parser.add_argument("--crop-sizes", type=int, nargs="+", default=[64, 128, 256],
+                        help="Central crop sides to measure (0: the whole image).")
     parser.add_argument("--tile-size", type=int, default=0, help="Sliding-window tile (0: none).")
     parser.add_argument("--repeats", type=int, default=3)
     return parser.parse_args(argv)
+
+
+def measure(pipe, args, image, device):
+    """Time the modes on one crop; returns the row of the JSON."""
+
+    def run(batch_size):
+        return pipe(image, num_inference_steps=args.steps, ensemble_size=args.ensemble_size,
+                    generator=_common.generator(args.seed), batch_size=batch_size, tile_size=args.tile_size or None,
+                    output_type="pt", return_members=True)
+
+    modes = {"batched": args.ensemble_size, "one_by_one": 1, "auto": AUTO_BATCH}
+    for batch_size in modes.values():  # warm-up, untimed
+        run(batch_size)
+    times = {mode: [] for mode in modes}
+    outputs = {}
+    for repeat in range(args.repeats):  # alternate the modes so slow drifts of the machine hit all alike
+        for mode, batch_size in modes.items():
+            seconds, outputs[mode] = _common.timed(lambda: run(batch_size), device)
+            times[mode].append(seconds)
+    median = {mode: statistics.median(values) for mode, values in times.items()}
+    single = outputs["one_by_one"]
+    member_difference = max((outputs[m].members - single.members).abs().max().item() for m in ("batched", "auto"))
+    fused_difference = max((outputs[m].probabilities - single.probabilities).abs().max().item()
+                           for m in ("batched", "auto"))
+    mask_pixels_differing = max(int((outputs[m].masks != single.masks).sum().item()) for m in ("batched", "auto"))
+    height, width = image.shape[-2:]
+    pixels = window_pixels(height + (-height) % pipe.size_multiple, width + (-width) % pipe.size_multiple,
+                           args.tile_size or None)
+    return {
+        "crop_size": [height, width],
+        "auto_members_per_call": samples_per_call(AUTO_BATCH, args.ensemble_size, pixels, device),
+        "seconds": {mode: {"median": median[mode], "all": times[mode]} for mode in modes},
+        "speedup": median["one_by_one"] / median["batched"],
+        "speedup_auto": median["one_by_one"] / median["auto"],
+        "goal_met": median["one_by_one"] / median["batched"] >= GOAL_RATIO,
+        "max_abs_member_difference": member_difference,
+        "members_equal": member_difference <= TOLERANCE,
+        "max_abs_fused_difference": fused_difference,
+        "fused_mask_pixels_differing": mask_pixels_differing,
+    }
 
 
 def main(argv=None):
@@ -46,65 +98,41 @@ def main(argv=None):
     device = _common.setup(args)
     pipe = _common.load_pipeline(args.pipeline, device, args.dtype)
     pipe.scheduler = _common.make_scheduler(args.scheduler, pipe.scheduler.config, args.timestep_spacing)
-    sample = _common.test_crops([args.image], args.crop_size)[0]
-    image = sample["image"]
+    print(f"{args.image}, E={args.ensemble_size}, {type(pipe.scheduler).__name__} {args.steps} steps, device {device}, "
+          f"{torch.get_num_threads()} threads")
+    results = []
+    for crop_size in args.crop_sizes:
+        image = _common.test_crops([args.image], crop_size)[0]["image"]
+        row = measure(pipe, args, image, device)
+        results.append(row)
+        s = row["seconds"]
+        print(f"  {row['crop_size'][1]}x{row['crop_size'][0]}: batched {s['batched']['median']:.2f} s, one by one "
+              f"{s['one_by_one']['median']:.2f} s, auto ({row['auto_members_per_call']} per call) "
+              f"{s['auto']['median']:.2f} s -> batched {row['speedup']:.2f}x, auto {row['speedup_auto']:.2f}x; "
+              f"max |member difference| {row['max_abs_member_difference']:.2g}", flush=True)
 
-    def run(batch_size):
-        return pipe(image, num_inference_steps=args.steps, ensemble_size=args.ensemble_size,
-                    generator=_common.generator(args.seed), batch_size=batch_size, tile_size=args.tile_size or None,
-                    output_type="pt", return_members=True)
-
-    modes = {"batched": args.ensemble_size, "one_by_one": 1}
-    print(f"{args.image} central {image.shape[-1]}x{image.shape[-2]}, E={args.ensemble_size}, "
-          f"{type(pipe.scheduler).__name__} {args.steps} steps, device {device}, {torch.get_num_threads()} threads")
-    for batch_size in modes.values():  # warm-up, untimed
-        run(batch_size)
-    times = {mode: [] for mode in modes}
-    outputs = {}
-    for repeat in range(args.repeats):  # alternate the two so slow drifts of the machine hit both alike
-        for mode, batch_size in modes.items():
-            seconds, outputs[mode] = _common.timed(lambda: run(batch_size), device)
-            times[mode].append(seconds)
-            print(f"  repeat {repeat + 1}/{args.repeats}  {mode:<10}  {seconds:7.2f} s", flush=True)
-
-    median = {mode: statistics.median(values) for mode, values in times.items()}
-    ratio = median["one_by_one"] / median["batched"]
-    batched, single = outputs["batched"], outputs["one_by_one"]
-    member_difference = (batched.members - single.members).abs().max().item()
-    fused_difference = (batched.probabilities - single.probabilities).abs().max().item()
-    mask_pixels_differing = int((batched.masks != single.masks).sum().item())
-
-    rows = [
-        ["batched (batch_size=%d)" % args.ensemble_size, median["batched"], median["batched"] / args.ensemble_size],
-        ["one by one (batch_size=1)", median["one_by_one"], median["one_by_one"] / args.ensemble_size],
-    ]
     print()
-    _common.print_table(["mode", "seconds (median)", "seconds / member"], rows, digits=2)
-    print(f"\nspeed-up batched vs one by one: {ratio:.2f}x (goal >= {GOAL_RATIO}x on CPU: "
-          f"{'met' if ratio >= GOAL_RATIO else 'NOT met'})")
-    verdict = "equal up to float rounding" if member_difference <= TOLERANCE else "DIFFERENT"
-    print(f"max |member probability difference| = {member_difference:.3g} -> {verdict} (tolerance {TOLERANCE:g}); "
-          f"fused: {fused_difference:.3g}; fused mask pixels differing: {mask_pixels_differing}")
+    _common.print_table(
+        ["crop", "batched s", "one by one s", "auto s", "members/call (auto)", "batched x", "auto x", "equal"],
+        [[f"{r['crop_size'][1]}x{r['crop_size'][0]}", r["seconds"]["batched"]["median"],
+          r["seconds"]["one_by_one"]["median"], r["seconds"]["auto"]["median"], r["auto_members_per_call"],
+          r["speedup"], r["speedup_auto"], r["members_equal"]] for r in results], digits=2)
+    print(f"goal: batched >= {GOAL_RATIO}x one by one on CPU; met at "
+          f"{[r['crop_size'][0] for r in results if r['goal_met']] or 'no size'}")
 
     result = {
         **_common.header(args, device),
         "benchmark": "ensemble batching",
         "image": args.image,
-        "crop_size": list(image.shape[-2:]),
         "ensemble_size": args.ensemble_size,
         "inference_steps": args.steps,
         "scheduler": type(pipe.scheduler).__name__,
         "tile_size": args.tile_size or None,
         "repeats": args.repeats,
-        "seconds": {mode: {"median": median[mode], "all": times[mode]} for mode in modes},
-        "speedup": ratio,
         "goal_speedup": GOAL_RATIO,
-        "goal_met": ratio >= GOAL_RATIO,
-        "max_abs_member_difference": member_difference,
-        "members_equal": member_difference <= TOLERANCE,
         "tolerance": TOLERANCE,
-        "max_abs_fused_difference": fused_difference,
-        "fused_mask_pixels_differing": mask_pixels_differing,
+        "cpu_pixels_per_forward": CPU_PIXELS_PER_FORWARD,
+        "crops": results,
     }
     print(f"\nWrote {_common.save_json(args.output, result)}")
     return result

@@ -56,6 +56,8 @@ def bare_loop(unet, scheduler, image, generators, steps):
     scheduler.set_timesteps(steps, device=image.device)
     for t in scheduler.timesteps:
         model_input = torch.cat([scheduler.scale_model_input(latents, t), prior], dim=1)
+        if model_input.device.type == "cpu":  # the pipeline's kernels: channels-last on the CPU
+            model_input = model_input.contiguous(memory_format=torch.channels_last)
         model_output = unet(model_input, t, return_dict=False)[0]
         latents = scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
     return (latents.float().clamp(-1.0, 1.0) + 1.0) / 2.0

@@ -162,3 +162,14 @@ def test_supervised_baseline_objective(folder_dataset, tmp_path):
         logits = unet(image[..., :32, :32], 0).sample
     assert dice(logits[0, 0] > 0, mask[:32, :32]) > 0.9
     assert info["validation_dice"] > 0.9
+
+    # the evaluation path of benchmarks/evaluate_segmentation.py --baseline: padded 40x40 image, 16-pixel tiles
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import evaluate_segmentation
+    finally:
+        sys.path.pop(0)
+    baseline = evaluate_segmentation.load_baseline(str(out), torch.device("cpu"))
+    probability = evaluate_segmentation.baseline_probability(baseline, image[0], 16, 0.25)
+    assert probability.shape == (40, 40) and 0 <= probability.min() and probability.max() <= 1
+    assert dice(torch.from_numpy(probability > 0.5), mask) > 0.9

@@ -142,10 +142,10 @@ def supervised_loss(logits, masks, num_classes):
     return overlap_loss + (1 - dice).mean()
 
 
-def supervised_masks(logits, num_classes, threshold: float = 0.5):
-    """Hard masks from the baseline's logits: sigmoid > threshold (binary) or argmax (K classes)."""
+def supervised_masks(logits, num_classes):
+    """Hard masks from the baseline's logits: sigmoid > 0.5 (binary) or argmax (K classes)."""
     if num_classes == 2:
-        return (logits[:, 0].float().sigmoid() > threshold).long()
+        return (logits[:, 0] > 0).long()
     return logits.argmax(dim=1)
 
 
@@ -274,16 +274,15 @@ def save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_ste
     from diffusers_retina.hub import write_segmentation_card
 
     model = final_weights(accelerator, unet, ema_unet, args.save_dtype)
-    if args.objective == "supervised":  # a bare UNet: the baseline is not a diffusion pipeline
+    if args.objective == "supervised":  # a bare UNet: the baseline is not a diffusion pipeline (and has no card)
         model.save_pretrained(os.path.join(args.output_dir, "unet"))
-        write_training_record(args, "training/train_segmentation_ensemble.py", global_step, seconds, model, argv=argv,
-                              validation_dice=validation_dice)
-        return
-    pipeline = SegmentationEnsemblePipeline(unet=model, scheduler=inference_scheduler(noise_scheduler))
-    pipeline.save_pretrained(args.output_dir)
+    else:
+        SegmentationEnsemblePipeline(unet=model, scheduler=inference_scheduler(noise_scheduler)).save_pretrained(
+            args.output_dir)
     write_training_record(args, "training/train_segmentation_ensemble.py", global_step, seconds, model, argv=argv,
                           validation_dice=validation_dice)
-    write_segmentation_card(args.output_dir, repo_id=args.hub_model_id)
+    if args.objective == "diffusion":
+        write_segmentation_card(args.output_dir, repo_id=args.hub_model_id)
     if args.push_to_hub:
         push_folder(args, args.output_dir)
 

@@ -215,7 +215,7 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
                 mask-major); with ``mask=None``, one per sampled mask first, then one per image. A single generator
                 is split into one per sample, so results do not depend on ``batch_size``.
             batch_size: images denoised together (default all; ``"auto"``: all on an accelerator, on a CPU as many
-                as keep one denoiser call near 40k pixels, with guidance each counting twice). Same output either way.
+                as keep one denoiser call within 48k pixels, with guidance each counting twice). Same output either way.
             tile_size: run the denoiser on overlapping ``tile_size`` windows blended with a Gaussian (for images larger
                 than the training size, e.g. 999x960 CHASE_DB1 masks). A multiple of the UNet's factor.
             tile_overlap: overlap of neighbouring windows as a fraction of the tile.

@@ -14,10 +14,11 @@ import torch
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 AUTO_BATCH = "auto"
-# On a CPU one denoiser call is fastest per pixel at about this many pixels (batch x window): bigger batches fall out
-# of the caches and run slower per sample (2-core EPYC, reference UNet: a batch of 5 x 256^2 took 0.76x the time of
-# 5 single passes; see benchmarks/bench_ensemble_batching.py --crop-sizes).
-CPU_PIXELS_PER_FORWARD = 40_000
+# On a CPU one denoiser call is fastest per pixel at up to about this many pixels (batch x window): bigger batches
+# fall out of the caches and run slower per sample (2-core EPYC, reference UNet, E=5: all members in one call were
+# 2.2x faster than one by one at 64^2 and 1.7x at 96^2 (46k pixels), equal at 128^2 and 0.71x at 256^2;
+# benchmarks/bench_ensemble_batching.py --crop-sizes).
+CPU_PIXELS_PER_FORWARD = 48_000
 
 
 def per_sample_generators(

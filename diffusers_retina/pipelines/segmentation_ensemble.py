@@ -183,7 +183,7 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
             generator: a ``torch.Generator`` or a list with one per sample (images x members, image-major). Same
                 generators, same output, whatever ``batch_size``.
             batch_size: samples (images x members) denoised together; default all at once. Lower it to save memory.
-                ``"auto"``: all at once on an accelerator; on a CPU as many as keep one denoiser call near 40k
+                ``"auto"``: all at once on an accelerator; on a CPU as many as keep one denoiser call within 48k
                 pixels (a batch of 5 x 256^2 runs slower there than 5 single passes). Same output either way.
             tile_size: if set and the image is larger, each denoiser call runs on overlapping ``tile_size`` windows
                 blended with a Gaussian (MONAI ``sliding_window_inference``); the noisy mask stays one image, so any
