@@ -7,6 +7,9 @@ into its model card).
         "plain UNet2DModel (concat)=benchmarks/results/evaluate_segmentation.json" \
         "MedSegDiff (dynamic encoding + FF-Parser + aux loss)=benchmarks/results/evaluate_medsegdiff.json" \
         --write-into checkpoints/segmentation-medsegdiff-chase
+
+``LABEL=JSON#ROW`` takes the row named ``ROW`` instead of the first, e.g. the same-budget deterministic U-Net:
+``"deterministic U-Net=benchmarks/results/evaluate_segmentation.json#deterministic U-Net, same budget (one forward)"``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ METRICS = (("dice", "Dice"), ("cldice", "clDice"), ("auc_roc", "AUC-ROC"), ("ece
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", nargs="+", metavar="LABEL=JSON", help="label and evaluate_segmentation.py JSON")
+    parser.add_argument("results", nargs="+", metavar="LABEL=JSON[#ROW]",
+                        help="label and evaluate_segmentation.py JSON (its first row, or the row named after #)")
     parser.add_argument("--timing", default=None, metavar="JSON",
                         help="optional JSON {label: seconds per image} measured separately on an idle machine; "
                         "replaces the evaluation runs' own timings")
@@ -47,11 +51,21 @@ def cell(metrics: Dict[str, float], key: str) -> str:
     return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
+def select_row(data: Dict, row_name: Optional[str], path: str) -> Dict:
+    """The pipeline's own (first) row, or the row called ``row_name``."""
+    if row_name is None:
+        return data["rows"][0]
+    names = [row["name"] for row in data["rows"]]
+    if row_name not in names:
+        sys.exit(f"'{path}' has no row named {row_name!r}; its rows are {names}.")
+    return data["rows"][names.index(row_name)]
+
+
 def comparison_rows(results: List[tuple], timing: Optional[Dict[str, float]]) -> List[Dict]:
     rows = []
-    for label, path in results:
+    for label, path, row_name in results:
         data = json.loads(Path(path).read_text())
-        main_row = data["rows"][0]
+        main_row = select_row(data, row_name, path)
         seconds = (timing or {}).get(label, main_row.get("seconds_per_image"))
         rows.append({"label": label, "source": str(path), "command": data.get("command"),
                      "metrics": main_row["metrics"], "seconds_per_image": seconds,
@@ -77,13 +91,14 @@ def main(argv=None):
     for item in args.results:
         if "=" not in item:
             sys.exit(f"Expected LABEL=JSON, got {item!r}.")
-        label, path = item.split("=", 1)
+        label, source = item.split("=", 1)
+        path, _, row_name = source.partition("#")
         if not Path(path).is_file():
             sys.exit(f"Result file '{path}' not found (run benchmarks/evaluate_segmentation.py first).")
-        results.append((label, path))
+        results.append((label, path, row_name or None))
     timing = json.loads(Path(args.timing).read_text()) if args.timing else None
     if timing is not None:
-        missing = [label for label, _ in results if label not in timing]
+        missing = [label for label, _, _ in results if label not in timing]
         if missing:
             sys.exit(f"--timing has no entry for {missing}; its labels are {list(timing)}.")
     rows = comparison_rows(results, timing)

@@ -5,9 +5,14 @@
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 E="--threads 2 --ensemble-size 5 --steps 2 --scheduler ddim --fusion mean --tile-size 256 --tile-overlap 0.25 --crop 0 --images Image_11L Image_12R --no-write-card --no-compare-fusions --no-single-member"
+# the same-budget deterministic U-Net (train_segmentation_ensemble.py --objective supervised) is timed beside the plain
+# model when its run folder exists
+BASELINE="${BASELINE:-runs/segmentation-supervised-chase}"
 for p in checkpoints/segmentation-ensemble-chase checkpoints/segmentation-medsegdiff-chase runs/medsegdiff-noaux runs/medsegdiff-noff-noaux; do
   n=$(basename $p)
-  "${PYTHON:-python}" benchmarks/evaluate_segmentation.py --pipeline $p $E --output benchmarks/results/timing_$n.json | grep -E "s  dice|WARNING"
+  extra=""
+  [[ $n == segmentation-ensemble-chase && -d $BASELINE/unet ]] && extra="--baseline $BASELINE"
+  "${PYTHON:-python}" benchmarks/evaluate_segmentation.py --pipeline $p $E $extra --output benchmarks/results/timing_$n.json | grep -E "s  dice|WARNING"
 done
 "${PYTHON:-python}" - <<'PY'
 import json
@@ -18,6 +23,9 @@ labels = {
     "segmentation-medsegdiff-chase": "MedSegDiff: + dynamic encoding + FF-Parser + auxiliary loss (reference)",
 }
 timing = {label: json.load(open(f"benchmarks/results/timing_{name}.json"))["rows"][0]["seconds_per_image"] for name, label in labels.items()}
+for row in json.load(open("benchmarks/results/timing_segmentation-ensemble-chase.json"))["rows"]:
+    if row["name"].startswith("deterministic U-Net"):
+        timing["deterministic U-Net, same budget (one forward)"] = row["seconds_per_image"]
 json.dump(timing, open("benchmarks/results/timing_medsegdiff.json", "w"), indent=2)
 print(timing)
 PY

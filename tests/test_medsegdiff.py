@@ -98,6 +98,18 @@ def test_ff_parser_stays_finite_in_half_precision(dtype):
     torch.testing.assert_close(out.float(), reference(features.float()), rtol=0.02, atol=0.02 * 1000)
 
 
+def test_ff_parser_keeps_the_channels_last_layout():
+    """Pipelines run channels-last on the CPU; the FFT returns NCHW, so the parser must hand back the caller's layout
+    (a layout switch before every following convolution cost the whole channels-last gain)."""
+    parser = FFParser(channels=4, grid_size=(16, 9))
+    perturb_ff_parsers(parser)
+    features = torch.randn(2, 4, 24, 40, generator=torch.Generator().manual_seed(0))
+    plain = parser(features)
+    channels_last = parser(features.contiguous(memory_format=torch.channels_last))
+    assert plain.is_contiguous() and channels_last.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(channels_last, plain)
+
+
 # -------------------------------------------------------------------------------------- dynamic encoding
 
 

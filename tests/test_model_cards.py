@@ -53,3 +53,21 @@ def test_write_into_a_folder_without_evaluation_fails_clearly(tmp_path):
                              "--output", str(tmp_path / "o.json"), "--write-into", str(tmp_path / "empty")],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "evaluation.json" in result.stderr
+
+
+def test_a_named_row_can_be_compared(tmp_path):
+    """LABEL=JSON#ROW takes that row (e.g. the deterministic baseline beside the diffusion model), not the first."""
+    path = tmp_path / "a.json"
+    fake_evaluation(path, 0.776)
+    data = json.loads(path.read_text())
+    data["rows"].append({**data["rows"][0], "name": "baseline, same budget",
+                         "metrics": {**data["rows"][0]["metrics"], "dice": 0.799}})
+    path.write_text(json.dumps(data))
+    run = [sys.executable, str(SCRIPT), f"diffusion={path}", f"baseline={path}#baseline, same budget",
+           "--output", str(tmp_path / "o.json")]
+    result = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| diffusion | 0.776 ± 0.010 |" in result.stdout and "| baseline | 0.799 ± 0.010 |" in result.stdout
+    run[-3] = f"baseline={path}#no such row"
+    result = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "no such row" in result.stderr and "baseline, same budget" in result.stderr

@@ -89,7 +89,12 @@ class FFParser(nn.Module):
         height, width = hidden_states.shape[-2:]
         spectrum = torch.fft.rfft2(hidden_states.float(), norm="ortho")
         spectrum = spectrum * self.frequency_filter(height, width)
-        return torch.fft.irfft2(spectrum, s=(height, width), norm="ortho").to(dtype)
+        filtered = torch.fft.irfft2(spectrum, s=(height, width), norm="ortho").to(dtype)
+        if hidden_states.is_contiguous(memory_format=torch.channels_last) and not hidden_states.is_contiguous():
+            # keep the caller's layout: the FFT returns NCHW, and a layout switch before every convolution costs more
+            # than channels-last saves (pipelines run channels-last on the CPU)
+            filtered = filtered.contiguous(memory_format=torch.channels_last)
+        return filtered
 
 
 class DynamicConditionalEncoding(nn.Module):
