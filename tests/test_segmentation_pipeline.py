@@ -152,6 +152,22 @@ def test_auto_batch_size_policy():
     assert window_pixels(64, 48, None) == 64 * 48
 
 
+@pytest.mark.parametrize("tile_size", [None, 16])
+def test_cpu_denoiser_calls_run_channels_last(tile_size):
+    from diffusers_retina.pipelines.sampling import tiled_predict
+
+    layouts = []
+
+    def forward(window):
+        layouts.append(window.is_contiguous(memory_format=torch.channels_last))
+        return window * 2
+
+    model_input = torch.randn(2, 4, 24, 40)
+    out = tiled_predict(forward, model_input, tile_size, 0.25)
+    assert layouts and all(layouts)
+    torch.testing.assert_close(out, model_input * 2)
+
+
 def test_auto_batch_size_chunks_members_on_cpu_with_same_output(pipe, image, gen, monkeypatch):
     from diffusers_retina.pipelines import sampling
 

@@ -16,7 +16,7 @@ OUTPUT_TYPES = ("pil", "np", "pt")
 AUTO_BATCH = "auto"
 # On a CPU one denoiser call is fastest per pixel at up to about this many pixels (batch x window): bigger batches
 # fall out of the caches and run slower per sample (2-core EPYC, reference UNet, E=5: all members in one call were
-# 2.2x faster than one by one at 64^2 and 1.7x at 96^2 (46k pixels), equal at 128^2 and 0.71x at 256^2;
+# 2.2x faster than one by one at 64^2 and 1.6x at 96^2 (46k pixels), equal at 128^2 and 0.74x at 256^2;
 # benchmarks/bench_ensemble_batching.py --crop-sizes).
 CPU_PIXELS_PER_FORWARD = 48_000
 
