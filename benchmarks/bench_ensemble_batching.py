@@ -1,5 +1,5 @@
 """Batched vs one-by-one ensemble: the E members as one batch (``batch_size=E``) vs one at a time (``batch_size=1``),
-and the pipeline's ``batch_size="auto"`` (on a CPU: as many members per call as fit 48k pixels), over crop sizes.
+and the pipeline's ``batch_size="auto"`` (on a CPU: as many members per call as fit 48k float32 pixels), over crop sizes.
 
 All runs use the same seed, so the pipeline gives every member the same generator in each: the member probabilities
 must agree (max |difference| ~ 0, up to float rounding of batched kernels). Reports, per crop size, the wall time of
@@ -80,7 +80,7 @@ def measure(pipe, args, image, device):
                            args.tile_size or None)
     return {
         "crop_size": [height, width],
-        "auto_members_per_call": samples_per_call(AUTO_BATCH, args.ensemble_size, pixels, device),
+        "auto_members_per_call": samples_per_call(AUTO_BATCH, args.ensemble_size, pixels, device, pipe.unet.dtype),
         "seconds": {mode: {"median": median[mode], "all": times[mode]} for mode in modes},
         "speedup": median["one_by_one"] / median["batched"],
         "speedup_auto": median["one_by_one"] / median["auto"],

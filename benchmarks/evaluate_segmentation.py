@@ -66,7 +66,7 @@ def parse_args(argv=None):
     parser.add_argument("--tile-size", type=int, default=256, help="Sliding-window tile (0: whole image at once).")
     parser.add_argument("--tile-overlap", type=float, default=0.25)
     parser.add_argument("--batch-size", type=batch_size_argument, default="auto",
-                        help="Members denoised together: N or auto (default; on CPU at most 48k pixels per UNet call).")
+                        help="Members denoised together: N or auto (default; on CPU at most 48k float32 pixels per UNet call).")
     parser.add_argument("--crop", type=int, default=0, help="Central crop size for quick checks (0: full 999x960).")
     parser.add_argument("--images", nargs="+", default=list(CHASE_DB1_TEST), help="Test images to evaluate.")
     parser.add_argument("--repeats", type=int, default=1,

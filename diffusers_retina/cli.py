@@ -157,7 +157,7 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="random seed; the same seed gives the same output (default: 0)")
     parser.add_argument("--batch-size", type=batch_size_argument, default=AUTO_BATCH, metavar="N|auto",
                         help="ensemble members denoised together; the output does not depend on it (default: auto = "
-                        "all at once on GPU; on CPU as many as keep one UNet call within 48k pixels, since a batch of "
+                        "all at once on GPU; on CPU as many as keep one UNet call within 48k float32 pixels, since a batch of "
                         "5 x 256^2 ran slower there than 5 single calls, see benchmarks/)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="where to run (default: cuda when available, else cpu)")

@@ -148,6 +148,8 @@ def test_auto_batch_size_policy():
     assert samples_per_call("auto", 5, 256 * 256, cpu) == 1
     assert samples_per_call("auto", 5, 128 * 128, cpu) == CPU_PIXELS_PER_FORWARD // (128 * 128)
     assert samples_per_call("auto", 5, 64 * 64, cpu) == 5
+    # half-precision pixels take half the bytes: twice as many fit
+    assert samples_per_call("auto", 5, 128 * 128, cpu, torch.bfloat16) == 2 * CPU_PIXELS_PER_FORWARD // (128 * 128)
     assert window_pixels(999, 960, 256) == 256 * 256 and window_pixels(120, 960, 256) == 120 * 256
     assert window_pixels(64, 48, None) == 64 * 48
 

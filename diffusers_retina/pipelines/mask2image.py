@@ -161,7 +161,7 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
         multiple = 2 ** (len(self.mask_unet.config.block_out_channels) - 1)
         padded = (height + (-height) % multiple, width + (-width) % multiple)
         channels = self.mask_unet.config.out_channels
-        chunks = sample_chunks(num_masks, samples_per_call(batch_size, num_masks, padded[0] * padded[1], device))
+        chunks = sample_chunks(num_masks, samples_per_call(batch_size, num_masks, padded[0] * padded[1], device, dtype))
         samples = []
         self.mask_scheduler.set_timesteps(num_inference_steps, device=device)  # Heun & co. take more than one per step
         with self.progress_bar(total=len(chunks) * len(self.mask_scheduler.timesteps)) as progress_bar:
@@ -215,7 +215,8 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
                 mask-major); with ``mask=None``, one per sampled mask first, then one per image. A single generator
                 is split into one per sample, so results do not depend on ``batch_size``.
             batch_size: images denoised together (default all; ``"auto"``: all on an accelerator, on a CPU as many
-                as keep one denoiser call within 48k pixels, with guidance each counting twice). Same output either way.
+                as keep one denoiser call within 48k float32 pixels, 96k in half precision, with guidance each counting
+                twice). Same output either way.
             tile_size: run the denoiser on overlapping ``tile_size`` windows blended with a Gaussian (for images larger
                 than the training size, e.g. 999x960 CHASE_DB1 masks). A multiple of the UNet's factor.
             tile_overlap: overlap of neighbouring windows as a fraction of the tile.
@@ -284,7 +285,7 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
 
         # 3. Denoise the images chunk by chunk
         pixels = window_pixels(*masks.shape[-2:], tile_size) * (2 if do_guidance else 1)
-        chunks = sample_chunks(num_images, samples_per_call(batch_size, num_images, pixels, device))
+        chunks = sample_chunks(num_images, samples_per_call(batch_size, num_images, pixels, device, dtype))
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
         images = []

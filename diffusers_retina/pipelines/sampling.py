@@ -14,10 +14,11 @@ import torch
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 AUTO_BATCH = "auto"
-# On a CPU one denoiser call is fastest per pixel at up to about this many pixels (batch x window): bigger batches
-# fall out of the caches and run slower per sample (2-core EPYC, reference UNet, E=5: all members in one call were
-# 2.2x faster than one by one at 64^2 and 1.6x at 96^2 (46k pixels), equal at 128^2 and 0.74x at 256^2;
-# benchmarks/bench_ensemble_batching.py --crop-sizes).
+# On a CPU one denoiser call is fastest per pixel up to about this many float32 pixels (batch x window; half as many
+# bytes per pixel in bfloat16/float16 let twice as many through): bigger batches fall out of the caches and run slower
+# per sample. 2-core EPYC, reference UNet, E=5, all members in one call vs one by one: float32 2.2x at 64^2, 1.6x at
+# 96^2 (46k pixels), equal at 128^2, 0.74x at 256^2; bfloat16 2.5x / 1.7x / 1.4x (82k pixels) / 0.90x
+# (benchmarks/bench_ensemble_batching.py --crop-sizes).
 CPU_PIXELS_PER_FORWARD = 48_000
 
 
@@ -40,16 +41,18 @@ def per_sample_generators(
 
 
 def samples_per_call(batch_size: Union[int, str, None], num_samples: int, pixels_per_sample: int,
-                     device: torch.device) -> int:
+                     device: torch.device, dtype: torch.dtype = torch.float32) -> int:
     """How many samples go through the denoiser together: an int as given; ``None`` all at once; ``"auto"`` all at
-    once on an accelerator and, on a CPU, as many as fit in ``CPU_PIXELS_PER_FORWARD`` pixels (at least one).
-    ``pixels_per_sample`` is what one sample puts through one call (a tile when tiling, doubled with guidance)."""
+    once on an accelerator and, on a CPU, as many as fit in ``CPU_PIXELS_PER_FORWARD`` float32 pixels (scaled by the
+    bytes of ``dtype``; at least one). ``pixels_per_sample`` is what one sample puts through one call (a tile when
+    tiling, doubled with guidance)."""
     if batch_size is None:
         return num_samples
     if batch_size == AUTO_BATCH:
         if torch.device(device).type != "cpu":
             return num_samples
-        return max(1, min(num_samples, CPU_PIXELS_PER_FORWARD // max(pixels_per_sample, 1)))
+        budget = CPU_PIXELS_PER_FORWARD * 4 // dtype.itemsize
+        return max(1, min(num_samples, budget // max(pixels_per_sample, 1)))
     return batch_size
 
 

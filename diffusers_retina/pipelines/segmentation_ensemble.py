@@ -184,7 +184,8 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
                 generators, same output, whatever ``batch_size``.
             batch_size: samples (images x members) denoised together; default all at once. Lower it to save memory.
                 ``"auto"``: all at once on an accelerator; on a CPU as many as keep one denoiser call within 48k
-                pixels (a batch of 5 x 256^2 runs slower there than 5 single passes). Same output either way.
+                float32 pixels, 96k in half precision (a batch of 5 x 256^2 runs slower there than 5 single passes).
+                Same output either way.
             tile_size: if set and the image is larger, each denoiser call runs on overlapping ``tile_size`` windows
                 blended with a Gaussian (MONAI ``sliding_window_inference``); the noisy mask stays one image, so any
                 scheduler works unchanged. Must be a multiple of the UNet's down-sampling factor.
@@ -217,7 +218,7 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         sample_shape = (self.mask_channels,) + tuple(images.shape[-2:])
 
         # 3. Denoise the samples (image-major order), chunk by chunk
-        chunk = samples_per_call(batch_size, num_samples, window_pixels(*images.shape[-2:], tile_size), device)
+        chunk = samples_per_call(batch_size, num_samples, window_pixels(*images.shape[-2:], tile_size), device, dtype)
         chunks = sample_chunks(num_samples, chunk)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
