@@ -26,19 +26,12 @@ mkdir -p "$WORK/train_masks"
 todo=()
 for mask in "$CHASE"/1stHO/Image_0*_1stHO.png "$CHASE"/1stHO/Image_10*_1stHO.png; do
     stem=$(basename "$mask" _1stHO.png)
-    if [ "$CROP" -gt 0 ]; then
-        [ -f "$WORK/train_masks/$stem.png" ] || "$PYTHON" -c "
-import sys; from PIL import Image
-m = Image.open(sys.argv[1]); w, h = m.size; s = int(sys.argv[3]); l, t = (w - s) // 2, (h - s) // 2
-m.crop((l, t, l + s, t + s)).save(sys.argv[2])" "$mask" "$WORK/train_masks/$stem.png" "$CROP"
-    else
-        ln -sf "$(realpath "$mask")" "$WORK/train_masks/$stem.png"
-    fi
+    ln -sf "$(realpath "$mask")" "$WORK/train_masks/$stem.png"
     [ -f "$WORK/synthetic/images/$stem.png" ] || todo+=("$WORK/train_masks/$stem.png")
 done
 if [ "${#todo[@]}" -gt 0 ]; then
     "$PYTHON" -m diffusers_retina.cli synthesize "${todo[@]}" --output-dir "$WORK/synthetic" --pipeline "$PIPELINE" \
-        --steps 25 --guidance-scale 1.5 --seed 0
+        --crop "$CROP" --steps 25 --guidance-scale 1.5 --seed 0
 fi
 
 # 2. real + synthetic in one folder-pair dataset (links; real stems keep their names, synthetic ones get _syn)

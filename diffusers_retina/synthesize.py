@@ -66,6 +66,9 @@ def build_synthesize_parser(subparsers: "argparse._SubParsersAction") -> argpars
     parser.add_argument("--height", type=positive_int, default=None, help="size of sampled masks (default: the mask "
                         "model's training size)")
     parser.add_argument("--width", type=positive_int, default=None)
+    parser.add_argument("--crop", type=non_negative_int, default=0, metavar="PIXELS",
+                        help="paint only the central PIXELS x PIXELS crop of each given mask (the written mask is that "
+                        "crop; synthesis time grows with the pixels); 0 = the whole mask (default)")
     parser.add_argument("--images-per-mask", type=positive_int, default=1, metavar="K",
                         help="images painted per mask; names get _1.._K (default: 1)")
     parser.add_argument("--steps", type=positive_int, default=25, metavar="N", help="denoising steps (default: 25)")
@@ -84,13 +87,21 @@ def build_synthesize_parser(subparsers: "argparse._SubParsersAction") -> argpars
     return parser
 
 
-def _read_masks(files: List[Path], num_classes: int) -> Dict[str, np.ndarray]:
+def _read_masks(files: List[Path], num_classes: int, crop: int = 0) -> Dict[str, np.ndarray]:
+    """Decode and check every mask (and cut its central ``crop`` x ``crop`` box) before anything is written."""
     masks = {}
     for path in files:
         try:
-            masks[path.stem] = read_mask(path, num_classes)
+            mask = read_mask(path, num_classes)
         except DataError as error:
             raise CLIError(str(error)) from error
+        if crop:
+            height, width = mask.shape[-2:]
+            if crop > min(height, width):
+                raise CLIError(f"--crop {crop}: the mask '{path}' is only {width}x{height}.")
+            top, left = (height - crop) // 2, (width - crop) // 2
+            mask = mask[..., top: top + crop, left: left + crop]
+        masks[path.stem] = mask
     return masks
 
 
@@ -99,6 +110,8 @@ def run_synthesize(args: argparse.Namespace) -> int:
         raise CLIError("Give MASK files/folders or --num-masks N (masks sampled by the pipeline), not both or neither.")
     if args.masks and (args.height or args.width):
         raise CLIError("--height/--width size sampled masks; given masks keep their own size.")
+    if args.crop and not args.masks:
+        raise CLIError("--crop cuts given MASK files; sampled masks take --height/--width.")
     files = collect_inputs(args.masks) if args.masks else []
     check_output_dir(args.output_dir)
     device = resolve_device(args.device)
@@ -107,7 +120,7 @@ def run_synthesize(args: argparse.Namespace) -> int:
                                  default=DEFAULT_SYNTHESIS_PIPELINE)
     if args.num_masks is not None and pipe.mask_unet is None:
         raise CLIError(f"--num-masks: the pipeline '{source}' has no mask model; pass MASK files instead.")
-    masks = _read_masks(files, pipe.num_classes)  # every mask decoded and checked before anything is written
+    masks = _read_masks(files, pipe.num_classes, args.crop)  # every mask checked before anything is written
     tile_size = args.tile_size
     if tile_size is None:
         sample_size = pipe.unet.config.sample_size
@@ -129,7 +142,7 @@ def run_synthesize(args: argparse.Namespace) -> int:
     summary: Dict[str, Any] = {
         "settings": {"pipeline": source, "steps": args.steps, "guidance_scale": args.guidance_scale,
                      "scheduler": type(pipe.scheduler).__name__, "images_per_mask": args.images_per_mask,
-                     "tile_size": tile_size, "seed": args.seed, "device": str(device), "dtype": args.dtype,
+                     "tile_size": tile_size, "crop": args.crop or None, "seed": args.seed, "device": str(device), "dtype": args.dtype,
                      "diffusers_retina_version": diffusers_retina.__version__},
         "pairs": [], "status": "running",
     }

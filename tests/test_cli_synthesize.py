@@ -72,6 +72,17 @@ def test_masks_in_folder_pair_dataset_out(synthesis_pipelines, tmp_path, capsys)
                               np.asarray(PIL.Image.open(out / "images" / "vessels0_2.png")))
 
 
+def test_crop_paints_the_central_box_of_each_mask(synthesis_pipelines, tmp_path):
+    masks = write_masks(tmp_path / "in", count=1, size=(20, 28))
+    out = tmp_path / "out"
+    assert cli.main(["synthesize", str(tmp_path / "in"), "--crop", "16", "--output-dir", str(out), "--pipeline",
+                     str(synthesis_pipelines[1]), *FAST]) == 0
+    assert PIL.Image.open(out / "images" / "vessels0.png").size == (16, 16)
+    written = np.asarray(PIL.Image.open(out / "masks" / "vessels0.png"))
+    assert np.array_equal(written, masks["vessels0"][2:18, 6:22])  # (20 - 16) // 2 rows, (28 - 16) // 2 columns
+    assert json.loads((out / "summary.json").read_text())["settings"]["crop"] == 16
+
+
 def test_count_mode_samples_masks(synthesis_pipelines, tmp_path):
     out = tmp_path / "sampled"
     cli.main(["synthesize", "--num-masks", "2", "--height", "16", "--width", "24", "--output-dir", str(out),
@@ -90,6 +101,8 @@ def test_count_mode_samples_masks(synthesis_pipelines, tmp_path):
         ("bad_mask", "neither binary"),
         ("size_with_masks", "--height/--width"),
         ("bad_tile", "--tile-size"),
+        ("crop_too_large", "--crop 32"),
+        ("crop_without_masks", "--crop cuts given MASK files"),
     ],
 )
 def test_errors_name_the_problem_and_write_nothing(synthesis_pipelines, tmp_path, capsys, case, message):
@@ -107,6 +120,11 @@ def test_errors_name_the_problem_and_write_nothing(synthesis_pipelines, tmp_path
         args += [str(tmp_path / "in"), "--height", "32"]
     elif case == "bad_tile":
         args += [str(tmp_path / "in"), "--tile-size", "7"]
+    elif case == "crop_too_large":
+        args += [str(tmp_path / "in"), "--crop", "32"]
+    elif case == "crop_without_masks":
+        args = ["synthesize", "--output-dir", str(out), "--pipeline", str(synthesis_pipelines[0]), "--num-masks", "1",
+                "--crop", "8", *FAST]
     with pytest.raises(SystemExit) as raised:
         cli.main(args)
     assert raised.value.code == 1
@@ -114,4 +132,6 @@ def test_errors_name_the_problem_and_write_nothing(synthesis_pipelines, tmp_path
     assert message in error
     if case == "bad_mask":
         assert "broken.png" in error
+    if case == "crop_too_large":
+        assert "vessels0.png" in error and "28x20" in error
     assert not out.exists()
