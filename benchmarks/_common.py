@@ -116,6 +116,13 @@ def make_scheduler(name: str, config: Dict[str, Any], timestep_spacing: Optional
     return getattr(diffusers, SCHEDULERS[name]).from_config(config, **overrides)
 
 
+def load_pipeline_and_scheduler(args, device: torch.device):
+    """``--pipeline`` in ``--dtype`` on ``device``, sampling with ``--scheduler`` (and ``--timestep-spacing``)."""
+    pipe = load_pipeline(args.pipeline, device, args.dtype)
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config, args.timestep_spacing)
+    return pipe
+
+
 def generator(seed: int) -> torch.Generator:
     """A CPU generator: the pipeline splits it into one seeded generator per member on the execution device."""
     return torch.Generator().manual_seed(seed)

@@ -96,8 +96,7 @@ def main(argv=None):
     args = parse_args(argv)
     _common.chase_root_or_exit()
     device = _common.setup(args)
-    pipe = _common.load_pipeline(args.pipeline, device, args.dtype)
-    pipe.scheduler = _common.make_scheduler(args.scheduler, pipe.scheduler.config, args.timestep_spacing)
+    pipe = _common.load_pipeline_and_scheduler(args, device)
     print(f"{args.image}, E={args.ensemble_size}, {type(pipe.scheduler).__name__} {args.steps} steps, device {device}, "
           f"{torch.get_num_threads()} threads")
     results = []

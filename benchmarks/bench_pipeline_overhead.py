@@ -67,8 +67,7 @@ def main(argv=None):
     args = parse_args(argv)
     _common.chase_root_or_exit()
     device = _common.setup(args)
-    pipe = _common.load_pipeline(args.pipeline, device, args.dtype)
-    pipe.scheduler = _common.make_scheduler(args.scheduler, pipe.scheduler.config, args.timestep_spacing)
+    pipe = _common.load_pipeline_and_scheduler(args, device)
     bare_scheduler = _common.make_scheduler(args.scheduler, pipe.scheduler.config)  # its own state, same config
     if pipe.unet.config.out_channels != pipe.mask_channels:
         sys.exit("The bare loop is written for fixed-variance models (UNet out_channels == mask channels); this "

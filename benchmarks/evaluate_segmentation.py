@@ -177,8 +177,7 @@ def main(argv=None):
     args = parse_args(argv)
     root = _common.chase_root_or_exit()
     device = _common.setup(args)
-    pipe = _common.load_pipeline(args.pipeline, device, args.dtype)
-    pipe.scheduler = _common.make_scheduler(args.scheduler, pipe.scheduler.config, args.timestep_spacing)
+    pipe = _common.load_pipeline_and_scheduler(args, device)
     tile_size = args.tile_size or None
 
     reference = chase_db1(root=root, split="test", observer="1stHO")
