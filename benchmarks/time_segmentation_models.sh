@@ -24,8 +24,8 @@ labels = {
 }
 timing = {label: json.load(open(f"benchmarks/results/timing_{name}.json"))["rows"][0]["seconds_per_image"] for name, label in labels.items()}
 for row in json.load(open("benchmarks/results/timing_segmentation-ensemble-chase.json"))["rows"]:
-    if row["name"].startswith("deterministic U-Net"):
-        timing["deterministic U-Net, same budget (one forward)"] = row["seconds_per_image"]
+    if row["name"].startswith("deterministic U-Net"):  # its evaluate_segmentation.py row name is the label
+        timing[row["name"]] = row["seconds_per_image"]
 json.dump(timing, open("benchmarks/results/timing_medsegdiff.json", "w"), indent=2)
 print(timing)
 PY

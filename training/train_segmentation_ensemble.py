@@ -126,6 +126,24 @@ def auxiliary_loss(condition_logits, masks, num_classes):
     return F.cross_entropy(condition_logits.float(), masks.long())
 
 
+def diffusion_loss(unet, noise_scheduler, images, masks, args, generator):
+    """Wolleb et al.: noise the mask to a random timestep and regress the target from ``[noisy mask | image]``.
+    Returns ``(model output, MSE loss)``."""
+    clean_masks = mask_to_diffusion(masks, args.num_classes).to(images.dtype)
+    noise = torch.randn(clean_masks.shape, generator=generator).to(images.device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (images.shape[0],),
+                              generator=generator).to(images.device)
+    noisy_masks = noise_scheduler.add_noise(clean_masks, noise, timesteps)
+    if args.prediction_type == "epsilon":
+        target = noise
+    elif args.prediction_type == "sample":
+        target = clean_masks
+    else:
+        target = noise_scheduler.get_velocity(clean_masks, noise, timesteps)
+    output = unet(torch.cat([noisy_masks, images], dim=1), timesteps)
+    return output, F.mse_loss(output.sample[:, : clean_masks.shape[1]].float(), target.float())
+
+
 def supervised_loss(logits, masks, num_classes):
     """The deterministic baseline's loss: BCE (binary) or cross-entropy (K classes) plus a soft Dice loss over the
     batch (foreground classes)."""
@@ -191,7 +209,6 @@ def main(argv=None):
     unet, ema_unet, optimizer, lr_scheduler = state.model, state.ema_model, state.optimizer, state.lr_scheduler
     global_step = state.global_step
 
-    mask_channels = 1 if args.num_classes == 2 else args.num_classes
     progress_bar = tqdm(range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process,
                         desc="Steps")
     validation_dice = None
@@ -199,27 +216,14 @@ def main(argv=None):
         unet.train()
         for batch in epoch_dataloader(accelerator, state.train_dataloader, epoch, state.first_epoch,
                                       state.resume_step):
-            generator = step_generator(args.seed, global_step, accelerator.process_index)
             images = batch["image"]
-            clean_masks = mask_to_diffusion(batch["mask"], args.num_classes).to(images.dtype)
-            noise = torch.randn(clean_masks.shape, generator=generator).to(images.device)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (images.shape[0],),
-                                      generator=generator).to(images.device)
-            noisy_masks = noise_scheduler.add_noise(clean_masks, noise, timesteps)
-            if args.prediction_type == "epsilon":
-                target = noise
-            elif args.prediction_type == "sample":
-                target = clean_masks
-            else:
-                target = noise_scheduler.get_velocity(clean_masks, noise, timesteps)
-
             with accelerator.accumulate(unet):
                 if args.objective == "supervised":
-                    output = unet(images, torch.zeros_like(timesteps))
+                    output = unet(images, torch.zeros(images.shape[0], dtype=torch.long, device=images.device))
                     loss = supervised_loss(output.sample, batch["mask"], args.num_classes)
                 else:
-                    output = unet(torch.cat([noisy_masks, images], dim=1), timesteps)
-                    loss = F.mse_loss(output.sample[:, :mask_channels].float(), target.float())
+                    generator = step_generator(args.seed, global_step, accelerator.process_index)
+                    output, loss = diffusion_loss(unet, noise_scheduler, images, batch["mask"], args, generator)
                 if args.aux_loss_weight:
                     loss = loss + args.aux_loss_weight * auxiliary_loss(output.condition_logits, batch["mask"],
                                                                         args.num_classes)
