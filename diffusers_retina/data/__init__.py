@@ -9,7 +9,17 @@ Example:
     ...     patches = RandomPatchDataset(chase_db1(split="train"), patch_size=64)
 """
 
-from .brats import BratsSliceDataset
+from .brats import (
+    BRATS_LABEL_TO_CLASS,
+    BratsSliceDataset,
+    NiftiCase,
+    find_modality_file,
+    is_nifti_file,
+    nifti_bytes_like,
+    nifti_case,
+    nifti_stem,
+    read_nifti_case,
+)
 from .errors import DataError
 from .folder import (
     CHASE_DB1_TEST,
@@ -25,7 +35,9 @@ from .reading import SUPPORTED_EXTENSIONS, RawSample, RawSampleDataset, raw_to_i
 from .transforms import diffusion_inputs, random_flip_rotate
 
 __all__ = [
+    "BRATS_LABEL_TO_CLASS",
     "BratsSliceDataset",
+    "NiftiCase",
     "CHASE_DB1_TEST",
     "CHASE_DB1_TRAIN",
     "DataError",
@@ -39,9 +51,15 @@ __all__ = [
     "ddpm_segmentation_folder",
     "default_chase_db1_root",
     "diffusion_inputs",
+    "find_modality_file",
+    "is_nifti_file",
+    "nifti_bytes_like",
+    "nifti_case",
+    "nifti_stem",
     "patch_seed",
     "random_flip_rotate",
     "raw_to_item",
     "read_image",
     "read_mask",
+    "read_nifti_case",
 ]

@@ -1,13 +1,17 @@
 """BraTS brain-tumour MRI as 2-D axial slices, in the layout used by Wolleb et al. (2022).
 
+Also the NIfTI input / output helpers of ``diffusers-retina segment`` (:func:`nifti_case`, :func:`read_nifti_case`,
+:func:`nifti_bytes_like`), which read volumes exactly as the dataset does.
+
 nibabel is an optional dependency (``pip install diffusers-retina[nifti]``); it is imported only when a
-:class:`BratsSliceDataset` is created.
+:class:`BratsSliceDataset` is created or a NIfTI file is read or written.
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -28,7 +32,7 @@ def _import_nibabel() -> Any:
         import nibabel
     except ImportError as exc:
         raise ImportError(
-            "BratsSliceDataset reads NIfTI files with nibabel, which is not installed: "
+            "Reading and writing NIfTI files (BraTS volumes) needs nibabel, which is not installed: "
             "pip install diffusers-retina[nifti]"
         ) from exc
     return nibabel
@@ -91,6 +95,7 @@ class BratsSliceDataset(RawSampleDataset):
         slice_range: optional ``(start, stop)`` of slice indices to keep in every volume (Python slice semantics).
         binary: whole-tumour binary masks, or the 4 BraTS classes.
         cache_volumes: number of patients kept decoded in memory.
+        patients: optional names of the patient folders to use (default: all), e.g. a train / validation split.
 
     Example:
         >>> slices = BratsSliceDataset("brats/training", slice_range=(40, 120))  # doctest: +SKIP
@@ -106,6 +111,7 @@ class BratsSliceDataset(RawSampleDataset):
         slice_range: Optional[Tuple[int, int]] = None,
         binary: bool = True,
         cache_volumes: int = 2,
+        patients: Optional[Sequence[str]] = None,
     ) -> None:
         self._nibabel = _import_nibabel()
         self.root = Path(root)
@@ -124,12 +130,21 @@ class BratsSliceDataset(RawSampleDataset):
         self.cache_volumes = max(1, int(cache_volumes))
         self._volumes: "OrderedDict[int, Tuple[np.ndarray, np.ndarray]]" = OrderedDict()
 
-        patients = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not patients:
+        folders = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
             raise DataError(f"The BraTS folder '{self.root}' contains no patient folders.")
+        if patients is not None:
+            if isinstance(patients, str):
+                raise DataError(f"`patients` must be a sequence of folder names, got {patients!r}.")
+            missing = sorted(set(patients) - {folder.name for folder in folders})
+            if missing:
+                raise DataError(f"Patient folders {missing} are not in the BraTS folder '{self.root}'.")
+            folders = [folder for folder in folders if folder.name in set(patients)]
+            if not folders:
+                raise DataError(f"`patients` selects no patient folder of '{self.root}'.")
         self.patients: List[Tuple[str, List[Path], Path]] = []
         self.slices: List[Tuple[int, int]] = []
-        for folder in patients:
+        for folder in folders:
             volumes = [_find_volume(folder, modality) for modality in self.modalities]
             segmentation = _find_volume(folder, "seg")
             shapes = {path: self._shape(path) for path in volumes + [segmentation]}
@@ -205,3 +220,169 @@ class BratsSliceDataset(RawSampleDataset):
             f"{type(self).__name__}(root='{self.root}', patients={len(self.patients)}, slices={len(self)}, "
             f"modalities={self.modalities}, binary={self.binary})"
         )
+
+
+# ------------------------------------------------------------------------------------------------ NIfTI cases
+# What ``diffusers-retina segment`` needs to read MRI inputs the way BratsSliceDataset reads training volumes
+# (same slicing along the last spatial axis, same per-volume normalisation) and to write outputs on the input's grid.
+
+
+def is_nifti_file(path: PathLike) -> bool:
+    """Whether ``path`` is named like a NIfTI file (``.nii`` or ``.nii.gz``, any case).
+
+    Example:
+        >>> is_nifti_file("BraTS_001_flair.nii.gz"), is_nifti_file("eye.png")
+        (True, False)
+    """
+    return _strip_nifti_suffix(Path(path).name.lower()) is not None
+
+
+def nifti_stem(path: PathLike) -> str:
+    """The file name without ``.nii`` / ``.nii.gz`` (``Path.stem`` would keep ``.nii``).
+
+    Example:
+        >>> nifti_stem("data/BraTS_001_flair.nii.gz")
+        'BraTS_001_flair'
+    """
+    name = Path(path).name
+    stripped = _strip_nifti_suffix(name.lower())
+    return name if stripped is None else name[: len(stripped)]
+
+
+def find_modality_file(folder: PathLike, modality: str) -> Path:
+    """The NIfTI file of ``modality`` in a BraTS case folder (the rule :class:`BratsSliceDataset` uses):
+    ``<folder>/<folder>_<modality>.nii.gz`` (or ``.nii``), else the one NIfTI file with ``modality`` as a ``_`` token.
+
+    Example:
+        >>> find_modality_file("BraTS20_Training_001", "flair")  # doctest: +SKIP
+        PosixPath('BraTS20_Training_001/BraTS20_Training_001_flair.nii.gz')
+    """
+    return _find_volume(Path(folder), modality)
+
+
+@dataclass
+class NiftiCase:
+    """One NIfTI input of ``diffusers-retina segment``: one file (2-D slice, 3-D volume or 4-D with the modalities
+    last) or several co-registered 2-D / 3-D files, one per modality, stacked as channels in the order given.
+
+    Attributes:
+        name: output file prefix (``<name>_mask.nii.gz``, ...).
+        sources: the files, in channel order.
+        spatial_shape: shape of the outputs: ``(X, Y)`` for a 2-D input, else ``(X, Y, Z)``.
+        channels: image channels (modalities).
+    """
+
+    name: str
+    sources: Tuple[Path, ...]
+    spatial_shape: Tuple[int, ...]
+    channels: int
+
+    @property
+    def label(self) -> str:
+        """The input as the user named it (files joined by commas)."""
+        return ",".join(str(source) for source in self.sources)
+
+
+def _common_name(paths: Sequence[Path]) -> str:
+    """The shared prefix of the files' stems without trailing separators (``a_t1``, ``a_t2`` -> ``a``)."""
+    stems = [nifti_stem(path) for path in paths]
+    prefix = os.path.commonprefix(stems).rstrip("_-. ")
+    return prefix or stems[0]
+
+
+def nifti_case(paths: Sequence[PathLike], name: Optional[str] = None) -> NiftiCase:
+    """Check one NIfTI input from the file headers alone (nothing is decoded) and describe it.
+
+    Args:
+        paths: one file (2-D, 3-D or 4-D ``(X, Y, Z, M)``) or several 2-D / 3-D files of the same shape and affine.
+        name: output prefix; default: the file's stem, or the common prefix of several files' stems.
+
+    Raises:
+        DataError: naming the file when it is missing, unreadable, of an unsupported rank, or when several files
+            differ in shape or affine.
+
+    Example:
+        >>> case = nifti_case(["p/p_t1.nii.gz", "p/p_t1ce.nii.gz", "p/p_t2.nii.gz", "p/p_flair.nii.gz"])  # doctest: +SKIP
+        >>> case.name, case.channels  # doctest: +SKIP
+        ('p', 4)
+    """
+    nibabel = _import_nibabel()
+    sources = tuple(Path(path) for path in paths)
+    if not sources:
+        raise DataError("A NIfTI input needs at least one file.")
+    headers = []
+    for source in sources:
+        if not source.is_file():
+            raise DataError(f"NIfTI file '{source}' does not exist.")
+        try:
+            loaded = nibabel.load(str(source))  # reads the header only
+        except Exception as exc:
+            raise DataError(f"Cannot read NIfTI file '{source}': {exc}") from exc
+        headers.append((tuple(int(n) for n in loaded.shape), np.asarray(loaded.affine)))
+    shape, affine = headers[0]
+    if len(sources) == 1:
+        if len(shape) not in (2, 3, 4):
+            raise DataError(f"NIfTI file '{sources[0]}' must be 2-D, 3-D or 4-D (modalities last), got shape {shape}.")
+        spatial, channels = (shape[:3], shape[3]) if len(shape) == 4 else (shape, 1)
+    else:
+        for source, (other_shape, other_affine) in zip(sources, headers):
+            if len(other_shape) not in (2, 3):
+                raise DataError(
+                    f"NIfTI file '{source}' has shape {other_shape}; with one file per modality each must be 2-D or "
+                    "3-D (give a 4-D file alone to read its modalities from the last axis)."
+                )
+            if other_shape != shape:
+                raise DataError(f"NIfTI file '{source}' has shape {other_shape} but '{sources[0]}' has {shape}.")
+            if not np.allclose(other_affine, affine, atol=1e-3):
+                raise DataError(f"NIfTI file '{source}' has another affine than '{sources[0]}' (not co-registered).")
+        spatial, channels = shape, len(sources)
+    return NiftiCase(name=name or _common_name(sources), sources=sources, spatial_shape=spatial, channels=channels)
+
+
+def read_nifti_case(case: NiftiCase) -> Tuple[np.ndarray, Any]:
+    """Decode a :class:`NiftiCase` the way :class:`BratsSliceDataset` reads training volumes.
+
+    Returns ``(volume, reference)``: ``volume`` is ``(X, Y, Z, M)`` float32 in ``[0, 1]`` (each modality clipped to
+    its own 0.5 / 99.5 percentiles; a 2-D input has ``Z == 1``), slices are ``volume[:, :, z]``; ``reference`` is the
+    first file's nibabel image, whose affine and header the outputs keep.
+
+    Example:
+        >>> volume, reference = read_nifti_case(nifti_case(["case.nii.gz"]))  # doctest: +SKIP
+        >>> volume.shape  # doctest: +SKIP
+        (240, 240, 155, 4)
+    """
+    nibabel = _import_nibabel()
+    channels: List[np.ndarray] = []
+    reference = None
+    for source in case.sources:
+        try:
+            loaded = nibabel.load(str(source))
+            data = np.asarray(loaded.get_fdata(dtype=np.float32))
+        except Exception as exc:
+            raise DataError(f"Cannot read NIfTI file '{source}': {exc}") from exc
+        reference = reference if reference is not None else loaded
+        if data.ndim == 4:  # (X, Y, Z, M): modalities last
+            channels.extend(_normalise_volume(data[..., m], f"{source} (modality {m})") for m in range(data.shape[3]))
+        else:
+            channels.append(_normalise_volume(data.reshape(data.shape[:2] + (-1,)), str(source)))
+    return np.stack(channels, axis=-1), reference
+
+
+def nifti_bytes_like(array: np.ndarray, reference: Any, dtype: Union[str, np.dtype]) -> bytes:
+    """A gzipped NIfTI file (``.nii.gz`` content) of ``array`` with ``reference``'s affine and header.
+
+    ``array`` has the reference's spatial shape, optionally with a trailing axis (per-class probabilities); the
+    header's dimensions and data type follow ``array`` and ``dtype``, everything else (affine, qform / sform codes,
+    voxel sizes, units, description) is the reference's.
+
+    Example:
+        >>> data = nifti_bytes_like(np.zeros((240, 240, 155), np.uint8), reference, np.uint8)  # doctest: +SKIP
+    """
+    import gzip
+
+    nibabel = _import_nibabel()
+    header = reference.header.copy()
+    image_class = type(reference) if isinstance(reference, nibabel.Nifti1Image) else nibabel.Nifti1Image
+    image = image_class(np.asarray(array).astype(dtype), reference.affine, header)
+    image.set_data_dtype(dtype)
+    return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
