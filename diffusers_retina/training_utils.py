@@ -27,6 +27,16 @@ from .data import FolderPairDataset, HFSegmentationDataset
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, default_resolution: int = 64) -> None:
+    parser.add_argument("--data_format", type=str, default="folder", choices=["folder", "brats"],
+                        help="folder: --train_data_dir holds images/ + masks/; brats: --train_data_dir holds one folder "
+                             "per patient with <patient>_<modality>.nii.gz and <patient>_seg.nii.gz (Wolleb et al.'s "
+                             "BraTS layout; needs nibabel). With brats, --image_channels is the number of --modalities, "
+                             "--num_classes 2 trains the whole tumour, 4 the BraTS labels {0,1,2,4} as classes 0..3, and "
+                             "--train_stems / --validation_stems select patient folders.")
+    parser.add_argument("--modalities", type=str, default="t1,t1ce,t2,flair",
+                        help="brats: comma-separated modality names, in channel order.")
+    parser.add_argument("--slice_range", type=str, default=None,
+                        help="brats: START,STOP axial slice indices kept in every volume (Python slice; default all).")
     parser.add_argument("--train_data_dir", type=str, default=None, help="Folder with images/ and masks/ sub-folders.")
     parser.add_argument("--dataset_name", type=str, default=None, help="A `datasets` dataset with image/mask columns.")
     parser.add_argument("--dataset_config_name", type=str, default=None)
@@ -106,8 +116,86 @@ def select_stems(dataset_root, args, patterns: str):
     return selected
 
 
+def parse_slice_range(text: Optional[str]) -> Optional[Tuple[int, int]]:
+    """``--slice_range "START,STOP"`` to ``(start, stop)`` (``None`` stays ``None``).
+
+    Example:
+        >>> parse_slice_range("40,120")
+        (40, 120)
+    """
+    if text is None or text == "":
+        return None
+    parts = [part.strip() for part in str(text).split(",")]
+    try:
+        start, stop = (int(part) for part in parts)
+    except ValueError:
+        raise ValueError(f"--slice_range must be START,STOP integers, got {text!r}.") from None
+    return start, stop
+
+
+def resolve_data_format(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Check the ``--data_format`` flags and derive what follows from them (call after ``parse_args``, before the
+    model is built): with ``brats``, ``args.image_channels`` becomes the number of ``--modalities`` and
+    ``--num_classes`` must be 2 (whole tumour) or 4 (BraTS classes). Errors name the flag (``parser.error``).
+
+    Example:
+        >>> parser = argparse.ArgumentParser(); add_data_arguments(parser)
+        >>> args = parser.parse_args(["--data_format", "brats", "--modalities", "t1ce,flair"])
+        >>> resolve_data_format(parser, args); args.image_channels
+        2
+    """
+    if args.data_format != "brats":
+        return
+    if args.dataset_name is not None:
+        parser.error("--data_format brats reads --train_data_dir (patient folders), not --dataset_name.")
+    modalities = [name.strip() for name in args.modalities.split(",") if name.strip()]
+    if not modalities:
+        parser.error(f"--modalities must name at least one modality, got {args.modalities!r}.")
+    if args.num_classes not in (2, 4):
+        parser.error(f"--data_format brats trains --num_classes 2 (whole tumour) or 4 (BraTS classes), "
+                     f"got {args.num_classes}.")
+    try:
+        parse_slice_range(args.slice_range)
+    except ValueError as error:
+        parser.error(str(error))
+    args.image_channels = len(modalities)
+
+
+def select_brats_patients(root, patterns: Optional[str]):
+    """Patient folder names under ``root`` matching any of the comma-separated glob ``patterns`` (None: all)."""
+    folders = sorted(p.name for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith("."))
+    if patterns is None:
+        return folders
+    selected = [name for name in folders if any(fnmatch.fnmatch(name, pat.strip()) for pat in patterns.split(","))]
+    if not selected:
+        raise ValueError(f"No patient folders in {root} match {patterns!r}.")
+    return selected
+
+
+def build_brats_datasets(args):
+    """``--data_format brats``: :class:`~diffusers_retina.data.BratsSliceDataset` of the training patients (and of
+    the validation patients when ``--validation_stems`` is given)."""
+    from .data import BratsSliceDataset
+
+    if args.train_data_dir is None or not Path(args.train_data_dir).is_dir():
+        raise ValueError(f"--data_format brats: --train_data_dir {args.train_data_dir!r} is not a folder.")
+    common = dict(modalities=tuple(name.strip() for name in args.modalities.split(",") if name.strip()),
+                  slice_range=parse_slice_range(args.slice_range), binary=args.num_classes == 2)
+    train_patients = select_brats_patients(args.train_data_dir, args.train_stems)
+    validation = None
+    if args.validation_stems:
+        validation_patients = select_brats_patients(args.train_data_dir, args.validation_stems)
+        if not args.train_stems:  # by default the validation patients are held out of training
+            train_patients = [name for name in train_patients if name not in set(validation_patients)]
+        validation = BratsSliceDataset(args.train_data_dir, patients=validation_patients, **common)
+    train = BratsSliceDataset(args.train_data_dir, patients=train_patients, **common)
+    return train, validation
+
+
 def build_datasets(args):
     """The training dataset and the optional validation dataset of the data flags (``add_data_arguments``)."""
+    if getattr(args, "data_format", "folder") == "brats":
+        return build_brats_datasets(args)
     if args.dataset_name is not None:
         train = HFSegmentationDataset(args.dataset_name, split="train", image_column=args.image_column,
                                       mask_column=args.mask_column, num_classes=args.num_classes,
