@@ -50,6 +50,7 @@ from diffusers_retina.training_utils import (
     make_accelerator,
     prepare_training,
     push_folder,
+    resolve_data_format,
     save_checkpoint,
     step_generator,
     write_training_record,
@@ -91,6 +92,7 @@ def parse_args(argv=None):
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     check_data_arguments(parser, args)
+    resolve_data_format(parser, args)  # --data_format brats: image channels = modalities
     if args.model == "unet" and args.aux_loss_weight:
         parser.error("--aux_loss_weight needs --model medsegdiff (a stock UNet2DModel has no condition encoder).")
     if args.objective == "supervised" and args.model != "unet":
