@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import math
 import os
 import shutil
 import time
@@ -237,12 +238,25 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.length
 
 
+def sharded_length(num_batches: int, num_processes: int, drop_last: bool = True) -> int:
+    """Batches per process once accelerate shards a loader of ``num_batches`` batches over ``num_processes``
+    (``BatchSamplerShard``: whole rounds only with ``drop_last``, else one padded round more)."""
+    return num_batches // num_processes if drop_last else math.ceil(num_batches / num_processes)
+
+
 def epoch_dataloader(accelerator, train_dataloader, epoch: int, first_epoch: int, resume_step: int):
-    """The loader to iterate in ``epoch``: accelerate's prepared loader re-seeds its sampler (and a dataset with
-    ``set_epoch``) from its own iteration counter at every ``__iter__``, and a resumed run's counter starts at 0, so the
-    epoch is set on the loader itself; in the epoch a run resumes in, the batches already trained are skipped
-    (the skipping loader inherits the counter)."""
+    """The loader to iterate in ``epoch``, with the epoch set on every rank's sampler and dataset.
+
+    accelerate's prepared loader re-seeds its sampler from its own iteration counter at every ``__iter__``, and a
+    resumed run's counter starts at 0, so the epoch is set on the loader itself. accelerate forwards ``set_epoch`` to
+    the dataset only when it finds no sampler with one; once sharded over several processes
+    (``BatchSamplerShard``) it finds ours and stops, so the dataset (``RandomPatchDataset``: patches are a function
+    of the epoch) is set here, on each rank. In the epoch a run resumes in, the batches already trained are skipped
+    (the skipping loader inherits the counter and the same dataset)."""
     train_dataloader.set_epoch(epoch)
+    dataset = train_dataloader.dataset
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
     if epoch == first_epoch and resume_step:
         return accelerator.skip_first_batches(train_dataloader, resume_step)
     return train_dataloader
@@ -399,16 +413,29 @@ def prepare_training(accelerator, args, model, logger, project_name: str) -> Tra
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_epochs * num_update_steps_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    # The schedule is built before `prepare` (as in diffusers' examples) from the per-process loader length that
+    # sharding will give; the prepared scheduler steps once per process, hence the factor num_processes.
+    max_train_steps_given = args.max_train_steps is not None
+    if not max_train_steps_given:
+        sharded_batches = sharded_length(len(train_dataloader), accelerator.num_processes, drop_last=True)
+        args.max_train_steps = args.num_epochs * math.ceil(sharded_batches / args.gradient_accumulation_steps)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
 
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader,
                                                                            lr_scheduler)
+    # Step and epoch accounting from the prepared (per-process) loader: with N processes an epoch is N times shorter.
+    if len(train_dataloader) == 0:
+        raise ValueError(f"{len(patches)} patches per epoch make no full batch of --train_batch_size "
+                         f"{args.train_batch_size} on each of {accelerator.num_processes} processes: raise "
+                         "--patches_per_image or lower --train_batch_size.")
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if not max_train_steps_given and args.max_train_steps != args.num_epochs * num_update_steps_per_epoch:
+        logger.warning(f"The prepared loader has {len(train_dataloader)} batches per process, not the expected "
+                       f"{sharded_batches}: --max_train_steps follows the prepared loader.")
+        args.max_train_steps = args.num_epochs * num_update_steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     if ema_model is not None:
         ema_model.to(accelerator.device)
     if accelerator.is_main_process and accelerator.log_with:
@@ -418,6 +445,8 @@ def prepare_training(accelerator, args, model, logger, project_name: str) -> Tra
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"***** Running training ({project_name}) *****")
     logger.info(f"  Patches per epoch = {len(patches)}  |  Epochs = {num_epochs}  |  Total batch = {total_batch_size}")
+    logger.info(f"  Processes = {accelerator.num_processes} ({accelerator.distributed_type.value})  |  "
+                f"Batches per process per epoch = {len(train_dataloader)}")
     logger.info(f"  Optimisation steps = {args.max_train_steps}  |  "
                 f"Parameters = {sum(p.numel() for p in model.parameters()):,}")
 
@@ -459,6 +488,50 @@ def final_weights(accelerator, model, ema_model, save_dtype: str):
     return unwrapped.to(getattr(torch, save_dtype))
 
 
+def launch_record(args) -> dict:
+    """How this run was launched, read from the environment the launcher set and from accelerate's ``PartialState``:
+    ``launcher`` ("python", "accelerate launch" or "torchrun"), ``distributed_type``, ``num_processes`` (world size),
+    ``num_machines``, the per-process batch, gradient accumulation and the global batch of one optimisation step."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if "ACCELERATE_DYNAMO_BACKEND" in os.environ:  # set by every `accelerate launch` launcher, by nothing else
+        launcher = "accelerate launch"
+    elif "TORCHELASTIC_RUN_ID" in os.environ:
+        launcher = "torchrun"
+    else:
+        launcher = "python"
+    world_size = state.num_processes
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return {
+        "launcher": launcher,
+        "distributed_type": str(state.distributed_type.value),
+        "num_processes": world_size,
+        "num_machines": max(world_size // max(local_world_size, 1), 1),
+        "train_batch_size_per_process": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "total_batch_size": args.train_batch_size * world_size * args.gradient_accumulation_steps,
+    }
+
+
+def launch_command(launch: dict, script: str) -> list:
+    """The command line before the script's own arguments that reproduces ``launch`` (``launch_record``); on several
+    machines the per-machine flags are left as ``<placeholders>``."""
+    if launch["launcher"] == "python":
+        return ["python", script]
+    num_processes, num_machines = launch["num_processes"], launch["num_machines"]
+    if launch["launcher"] == "torchrun":
+        nodes = ["--nnodes", str(num_machines), "--node_rank", "<rank>", "--master_addr", "<ip>"] if num_machines > 1 \
+            else []
+        return ["torchrun", *nodes, "--nproc_per_node", str(num_processes // num_machines), script]
+    if num_processes == 1:
+        return ["accelerate", "launch", script]
+    prefix = ["ACCELERATE_USE_CPU=1"] if launch["distributed_type"] == "MULTI_CPU" else []
+    nodes = ["--num_machines", str(num_machines), "--machine_rank", "<rank>", "--main_process_ip", "<ip>"] \
+        if num_machines > 1 else []
+    return [*prefix, "accelerate", "launch", "--multi_gpu", *nodes, "--num_processes", str(num_processes), script]
+
+
 def write_training_record(args, script: str, global_step: int, seconds: float, model, argv=None, **extra) -> None:
     """``training_info.json`` beside the saved pipeline: arguments, the exact command (``argv``: the arguments given to
     ``main``, default the process's), steps, time, size, extras."""
@@ -466,9 +539,11 @@ def write_training_record(args, script: str, global_step: int, seconds: float, m
 
     from .hub import TRAINING_INFO, command_line, write_json
 
+    launch = launch_record(args)
     write_json(os.path.join(args.output_dir, TRAINING_INFO), {
         "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
-        "command": command_line(["python", script] + list(sys.argv[1:] if argv is None else argv)),
+        "command": command_line(launch_command(launch, script) + list(sys.argv[1:] if argv is None else argv)),
+        "launch": launch,
         "global_step": global_step,
         "training_seconds": seconds,
         "num_parameters": sum(p.numel() for p in model.parameters()),
