@@ -3,7 +3,9 @@
 Sub-commands:
 
 * ``segment`` -- vessel segmentation with an ensemble of diffusion samples: a fused mask plus probability and
-  uncertainty maps (entropy, variance, mutual information) per image, and a ``summary.json``.
+  uncertainty maps (entropy, variance, mutual information) per image, and a ``summary.json``. NIfTI inputs (MRI
+  such as BraTS: a 2-D slice, or a 3-D volume segmented slice by slice; modalities as a 4-D file, as several files
+  joined by commas, or as case folders with ``--modalities``) give NIfTI outputs with the input's affine and header.
 * ``synthesize`` -- paint fundus images from vessel masks (or from masks the pipeline samples itself) with a
   Mask2ImagePipeline; writes ``images/`` + ``masks/`` with matching names, a folder the training scripts read.
 * ``demo`` -- the reference checkpoint on ``skimage.data.retina()`` and, when present, a CHASE_DB1 test image;
@@ -13,6 +15,8 @@ Examples::
 
     diffusers-retina segment fundus.png photos/ --output-dir results --ensemble-size 5 --steps 2
     diffusers-retina segment eye.jpg --output-dir out --pipeline org/segmentation-ensemble --fusion staple
+    diffusers-retina segment BraTS20_Training_001/ --modalities t1,t1ce,t2,flair --label-values 0,1,2,4 \
+        --output-dir out --pipeline brats-run
     diffusers-retina demo --output demo_panel.png
 
 No network at run time (DESIGN section 3): ``HF_HUB_OFFLINE=1`` is set unless the user set ``HF_HUB_OFFLINE``, so
@@ -41,7 +45,16 @@ import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
 import diffusers_retina  # noqa: E402
-from diffusers_retina.data import DataError, read_image  # noqa: E402
+from diffusers_retina.data import (  # noqa: E402
+    DataError,
+    NiftiCase,
+    find_modality_file,
+    is_nifti_file,
+    nifti_bytes_like,
+    nifti_case,
+    read_image,
+    read_nifti_case,
+)
 from diffusers_retina.pipelines import SegmentationEnsemblePipeline  # noqa: E402
 from diffusers_retina.pipelines.sampling import AUTO_BATCH  # noqa: E402
 
@@ -302,6 +315,87 @@ def collect_inputs(inputs: Sequence[str]) -> List[Path]:
     return unique
 
 
+def _nifti_or_cli_error(paths: Sequence[Union[str, Path]], name: Optional[str] = None) -> NiftiCase:
+    """:func:`diffusers_retina.data.nifti_case`, its errors (and a missing nibabel) as CLIErrors."""
+    try:
+        return nifti_case(paths, name=name)
+    except (DataError, ImportError) as error:
+        raise CLIError(str(error)) from error
+
+
+def _case_folders(folder: Path, modalities: Sequence[str]) -> List[NiftiCase]:
+    """``--modalities``: ``folder`` is one case folder (it holds the modality files) or a folder of case folders."""
+    def case_of(candidate: Path) -> NiftiCase:
+        try:
+            files = [find_modality_file(candidate, modality) for modality in modalities]
+        except DataError as error:
+            raise CLIError(f"Case folder '{candidate}': {error}") from error
+        return _nifti_or_cli_error(files, name=candidate.name)
+
+    if any(is_nifti_file(child) for child in folder.iterdir() if child.is_file()):
+        return [case_of(folder)]
+    children = sorted(child for child in folder.iterdir() if child.is_dir() and not child.name.startswith("."))
+    if not children:
+        raise CLIError(f"Input folder '{folder}' holds neither NIfTI files nor case folders (--modalities).")
+    return [case_of(child) for child in children]
+
+
+def collect_segment_inputs(inputs: Sequence[str], modalities: Optional[Sequence[str]] = None
+                           ) -> List[Union[Path, NiftiCase]]:
+    """Expand ``segment``'s INPUT arguments into photographs (:func:`collect_inputs`) and NIfTI cases, in order.
+
+    * ``x.nii.gz`` (or ``.nii``): one case (2-D slice, 3-D volume, or 4-D with the modalities last);
+    * ``a_t1.nii.gz,a_t2.nii.gz``: files joined by commas are the modalities of one case, in that order;
+    * a folder with ``modalities`` given: a case folder holding one file per modality (found by name as in
+      :class:`~diffusers_retina.data.BratsSliceDataset`), or a folder of such case folders;
+    * another folder: its NIfTI files are cases, its photographs are segmented as photographs.
+
+    Only file headers are read here. Raises a CLIError for missing inputs, unreadable headers and inputs whose
+    outputs would share a name.
+
+    Example:
+        >>> collect_segment_inputs(["BraTS20_Training_001"], ["t1", "t1ce", "t2", "flair"])  # doctest: +SKIP
+        [NiftiCase(name='BraTS20_Training_001', ...)]
+    """
+    items: List[Union[Path, NiftiCase]] = []
+    for entry in inputs:
+        parts = entry.split(",")
+        path = Path(entry)
+        if len(parts) > 1 and all(is_nifti_file(part) for part in parts):
+            items.append(_nifti_or_cli_error(parts))
+        elif is_nifti_file(entry) and not path.is_dir():
+            if not path.exists():
+                raise CLIError(f"Input '{entry}' does not exist.")
+            items.append(_nifti_or_cli_error([path]))
+        elif path.is_dir() and modalities:
+            items.extend(_case_folders(path, modalities))
+        elif path.is_dir() and any(is_nifti_file(c) for c in path.iterdir() if c.is_file()):
+            volumes = sorted(c for c in path.iterdir() if c.is_file() and is_nifti_file(c) and not c.name.startswith("."))
+            items.extend(_nifti_or_cli_error([volume]) for volume in volumes)
+            if any(c.suffix.lower() in IMAGE_EXTENSIONS for c in path.iterdir() if c.is_file()):
+                items.extend(collect_inputs([entry]))
+        else:
+            items.extend(collect_inputs([entry]))
+    unique: List[Union[Path, NiftiCase]] = []
+    seen = set()
+    names: Dict[str, str] = {}
+    for item in items:
+        key = item.sources if isinstance(item, NiftiCase) else (item,)
+        key = tuple(source.resolve() for source in key)
+        if key in seen:
+            continue  # the same input named twice (e.g. a file and its folder)
+        seen.add(key)
+        name, label = (item.name, item.label) if isinstance(item, NiftiCase) else (item.stem, str(item))
+        if name in names:
+            raise CLIError(
+                f"Inputs '{names[name]}' and '{label}' share the name '{name}', so their outputs '{name}_*' would "
+                "overwrite each other; rename one of them."
+            )
+        names[name] = label
+        unique.append(item)
+    return unique
+
+
 def check_output_dir(output_dir: Path) -> None:
     """The output folder may exist (as a folder) or be created; a file in its place is a CLIError."""
     for candidate in (output_dir, *output_dir.parents):
@@ -361,6 +455,11 @@ def png_writer(image: PIL.Image.Image) -> Callable[[IO[bytes]], None]:
     return lambda file: image.save(file, format="PNG")
 
 
+def bytes_writer(data: bytes) -> Callable[[IO[bytes]], None]:
+    """A writer for :func:`write_files_atomically` that writes ``data`` as is (e.g. a gzipped NIfTI file)."""
+    return lambda file: file.write(data)
+
+
 def json_safe(value: Any) -> Any:
     """Replace NaN and infinities (not valid JSON) by ``None``, recursively."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -381,6 +480,25 @@ def json_writer(data: Dict[str, Any]) -> Callable[[IO[bytes]], None]:
 # ------------------------------------------------------------------------------------------------ segment
 
 
+def _name_list(text: str) -> List[str]:
+    """``--modalities``: comma-separated non-empty names."""
+    names = [name.strip() for name in text.split(",")]
+    if not names or not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names like t1,t1ce,t2,flair, got {text!r}")
+    return names
+
+
+def _label_values(text: str) -> List[int]:
+    """``--label-values``: comma-separated integers in 0..255 (written as uint8)."""
+    try:
+        values = [int(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2,4, got {text!r}") from None
+    if not all(0 <= value <= 255 for value in values):
+        raise argparse.ArgumentTypeError(f"label values must lie in 0..255, got {text!r}")
+    return values
+
+
 def build_segment_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """The ``segment`` sub-command's arguments."""
     parser = subparsers.add_parser(
@@ -394,7 +512,12 @@ def build_segment_parser(subparsers: "argparse._SubParsersAction") -> argparse.A
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="an image file, or a folder whose images (png, jpg, jpeg, tif, tiff, bmp) are all "
-                        "segmented in sorted order")
+                        "segmented in sorted order; or NIfTI (.nii, .nii.gz; needs nibabel): a 2-D slice or 3-D "
+                        "volume (segmented slice by slice along its last axis), a 4-D file with the modalities last, "
+                        "several files joined by commas (the modalities of one case, in channel order), or with "
+                        "--modalities a case folder or a folder of case folders. NIfTI outputs are "
+                        "<name>_mask.nii.gz, _probability, _entropy, _variance, _mutual_information (float32) with "
+                        "the input's affine and header")
     parser.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
                         help="folder for the outputs (created if missing)")
     add_pipeline_arguments(parser)
@@ -407,6 +530,13 @@ def build_segment_parser(subparsers: "argparse._SubParsersAction") -> argparse.A
                         help="overlap of neighbouring windows as a fraction of --tile-size (default: 0.25)")
     parser.add_argument("--save-members", action="store_true",
                         help="also write each member's probability map as <stem>_member<k>.png (k = 1..E)")
+    parser.add_argument("--modalities", type=_name_list, default=None, metavar="NAMES",
+                        help="NIfTI: comma-separated modality names in the pipeline's channel order (e.g. "
+                        "t1,t1ce,t2,flair); folder INPUTs are then BraTS case folders holding <case>_<name>.nii.gz "
+                        "(or a folder of such folders)")
+    parser.add_argument("--label-values", type=_label_values, default=None, metavar="V0,V1,...",
+                        help="NIfTI: the value written in the mask for each class (e.g. 0,1,2,4 for BraTS labels "
+                        "from a 4-class pipeline; default: the class index)")
     parser.set_defaults(handler=run_segment)
     return parser
 
@@ -467,17 +597,108 @@ def segment_image(
     return outputs, figures
 
 
+def segment_volume(
+    pipe: SegmentationEnsemblePipeline, volume: np.ndarray, args: argparse.Namespace, name: str = "volume"
+) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
+    """Run the pipeline on each slice ``volume[:, :, z]`` of an ``(X, Y, Z, M)`` volume in ``[0, 1]``, each with
+    the ``--seed`` generator (as every photograph).
+
+    Returns the maps keyed by file suffix, shaped ``(X, Y, Z)`` (``probability`` and members: ``(X, Y, Z, K)`` for
+    ``K > 2`` classes, the foreground probability for binary masks): ``mask`` uint8 class indices, the others
+    float32; and the figures of the summary row (over all voxels).
+
+    Example:
+        >>> maps, figures = segment_volume(pipe, np.random.rand(32, 32, 4, 4).astype(np.float32), args)  # doctest: +SKIP
+        >>> maps["mask"].shape, sorted(figures)  # doctest: +SKIP
+        ((32, 32, 4), ['foreground_fraction', 'mean_entropy'])
+    """
+    height, width, depth = volume.shape[:3]
+    num_classes = pipe.num_classes
+    per_class = () if num_classes == 2 else (num_classes,)
+    maps: Dict[str, np.ndarray] = {"mask": np.zeros((height, width, depth), np.uint8),
+                                   "probability": np.zeros((height, width, depth) + per_class, np.float32)}
+    for suffix in ("entropy", "variance", "mutual_information"):
+        maps[suffix] = np.zeros((height, width, depth), np.float32)
+    if args.save_members:
+        for index in range(1, args.ensemble_size + 1):
+            maps[f"member{index}"] = np.zeros((height, width, depth) + per_class, np.float32)
+    for z in range(depth):
+        pipe.set_progress_bar_config(desc=f"{name} slice {z + 1}/{depth}", leave=False)
+        result = pipe(
+            volume[:, :, z],
+            num_inference_steps=args.steps,
+            ensemble_size=args.ensemble_size,
+            fusion=args.fusion,
+            threshold=args.threshold,
+            generator=torch.Generator().manual_seed(args.seed),
+            batch_size=args.batch_size,
+            tile_size=args.tile_size or None,
+            tile_overlap=args.tile_overlap,
+            output_type="np",
+            return_members=args.save_members,
+        )
+        probability = result.probabilities[0]  # (H, W, C)
+        maps["mask"][:, :, z] = result.masks[0]
+        maps["probability"][:, :, z] = probability[..., 0] if num_classes == 2 else probability
+        maps["entropy"][:, :, z] = result.entropy[0]
+        maps["variance"][:, :, z] = result.variance[0]
+        maps["mutual_information"][:, :, z] = result.mutual_information[0]
+        if args.save_members:
+            for index, member in enumerate(result.members[0], start=1):  # (H, W, C) each
+                maps[f"member{index}"][:, :, z] = member[..., 0] if num_classes == 2 else member
+    figures = {
+        "mean_entropy": float(maps["entropy"].mean(dtype=np.float64)),
+        "foreground_fraction": float((maps["mask"] > 0).mean()),
+    }
+    return maps, figures
+
+
+def nifti_outputs(case: NiftiCase, reference: Any, maps: Dict[str, np.ndarray],
+                  label_values: Optional[Sequence[int]] = None) -> Dict[str, Callable[[IO[bytes]], None]]:
+    """Writers of ``<name>_<suffix>.nii.gz`` for the maps of :func:`segment_volume`, on the input's grid (a 2-D input
+    gives 2-D outputs), with the input's affine and header; the mask as uint8 (``label_values[k]`` for class ``k``
+    when given), the other maps as float32."""
+    writers: Dict[str, Callable[[IO[bytes]], None]] = {}
+    for suffix, array in maps.items():
+        if suffix == "mask":
+            if label_values is not None:
+                array = np.asarray(label_values, dtype=np.uint8)[array]
+            dtype = np.uint8
+        else:
+            dtype = np.float32
+        array = array.reshape(tuple(case.spatial_shape) + array.shape[3:])
+        writers[f"{case.name}_{suffix}.nii.gz"] = bytes_writer(nifti_bytes_like(array, reference, dtype))
+    return writers
+
+
+def _check_nifti_cases(cases: Sequence[NiftiCase], pipe: SegmentationEnsemblePipeline,
+                       args: argparse.Namespace) -> None:
+    """Channel counts and ``--label-values`` against the pipeline, before anything is written."""
+    for case in cases:
+        if case.channels != pipe.image_channels:
+            raise CLIError(
+                f"NIfTI input '{case.label}' has {case.channels} channel(s) but the pipeline expects "
+                f"{pipe.image_channels}: give a 4-D file with the modalities last, the modality files joined by "
+                "commas, or case folders with --modalities (e.g. t1,t1ce,t2,flair)."
+            )
+    if cases and args.label_values is not None and len(args.label_values) != pipe.num_classes:
+        raise CLIError(f"--label-values gives {len(args.label_values)} values but the pipeline has "
+                       f"{pipe.num_classes} classes.")
+
+
 def run_segment(args: argparse.Namespace) -> int:
     """The ``segment`` sub-command. Validates everything before writing, then segments image by image."""
     output_dir: Path = args.output_dir
-    files = collect_inputs(args.inputs)
+    files = collect_segment_inputs(args.inputs, getattr(args, "modalities", None))
     check_output_dir(output_dir)
     device = resolve_device(args.device)
     apply_threads(args.threads)
     pipe, source = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
     check_pipeline_settings(pipe, args, args.fusion, args.threshold, args.tile_overlap)
-    for path in files:  # decode every input once before writing anything
-        read_input_image(path, pipe.image_channels)
+    _check_nifti_cases([item for item in files if isinstance(item, NiftiCase)], pipe, args)
+    for path in files:  # decode every photograph once before writing anything (NIfTI headers were read above)
+        if not isinstance(path, NiftiCase):
+            read_input_image(path, pipe.image_channels)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -488,6 +709,9 @@ def run_segment(args: argparse.Namespace) -> int:
     print(f"Segmenting {len(files)} image(s) with {source} ({summary['settings']['scheduler']}, "
           f"{args.steps} steps, {args.ensemble_size} members) on {device} -> {output_dir}", flush=True)
     for index, path in enumerate(files, start=1):
+        if isinstance(path, NiftiCase):
+            _segment_nifti_case(pipe, path, args, summary, started, index, len(files))
+            continue
         stem = path.stem
         try:
             image_started = time.perf_counter()
@@ -529,6 +753,49 @@ def run_segment(args: argparse.Namespace) -> int:
     write_files_atomically(output_dir, {"summary.json": json_writer(summary)})
     print(f"Done in {summary['total_seconds']:.1f} s; summary: {output_dir / 'summary.json'}", flush=True)
     return 0
+
+
+def _segment_nifti_case(pipe: SegmentationEnsemblePipeline, case: NiftiCase, args: argparse.Namespace,
+                        summary: Dict[str, Any], started: float, index: int, total: int) -> None:
+    """One NIfTI case of :func:`run_segment`: segment, write its files atomically, append its summary row (on
+    failure: record the error in summary.json and raise a CLIError naming the input)."""
+    output_dir: Path = args.output_dir
+    try:
+        case_started = time.perf_counter()
+        try:
+            volume, reference = read_nifti_case(case)
+        except (DataError, ImportError) as error:
+            raise CLIError(str(error)) from error
+        maps, figures = segment_volume(pipe, volume, args, name=case.name)
+        written = write_files_atomically(output_dir, nifti_outputs(case, reference, maps, args.label_values))
+        seconds = time.perf_counter() - case_started
+    except Exception as error:
+        summary["status"] = "failed"
+        summary["error"] = {"input": case.label, "message": str(error)}
+        summary["total_seconds"] = time.perf_counter() - started
+        try:
+            write_files_atomically(output_dir, {"summary.json": json_writer(summary)})
+        except OSError:
+            pass  # e.g. a full disk: report the original error, not this one
+        if isinstance(error, CLIError):
+            raise
+        raise CLIError(f"Segmenting '{case.label}' failed: {type(error).__name__}: {error}") from error
+    height, width, depth = volume.shape[:3]
+    summary["images"].append({
+        "input": case.label,
+        "outputs": [item.name for item in written],
+        "width": int(width),
+        "height": int(height),
+        "slices": int(depth),
+        "channels": int(volume.shape[3]),
+        "seconds": round(seconds, 3),
+        **figures,
+    })
+    summary["total_seconds"] = time.perf_counter() - started
+    write_files_atomically(output_dir, {"summary.json": json_writer(summary)})
+    print(f"[{index}/{total}] {case.label}: {height}x{width}x{depth} ({volume.shape[3]} channels), {seconds:.1f} s, "
+          f"mean entropy {figures['mean_entropy']:.4f} nats, foreground {figures['foreground_fraction']:.2%} "
+          f"-> {output_dir / case.name}_*.nii.gz", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ entry point
