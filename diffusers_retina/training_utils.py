@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import math
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -271,7 +273,11 @@ def step_generator(seed: int, global_step: int, process_index: int = 0) -> torch
 
 
 class TrainingClock:
-    """Wall time spent training, saved in accelerate checkpoints so resumed runs report the total."""
+    """Wall time spent training, saved as JSON (``training_clock.json``) inside each checkpoint so resumed runs report
+    the total. Never pickled: accelerate's ``register_for_checkpointing`` would store it with ``torch.save`` and read it
+    back with ``weights_only=False``, so a tampered checkpoint could run code."""
+
+    FILE_NAME = "training_clock.json"
 
     def __init__(self):
         self.seconds, self._since = 0.0, time.time()
@@ -283,21 +289,109 @@ class TrainingClock:
         return {"seconds": self.elapsed()}
 
     def load_state_dict(self, state):
-        self.seconds, self._since = float(state["seconds"]), time.time()
+        seconds = state.get("seconds") if isinstance(state, dict) else None
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+                or seconds < 0:
+            raise ValueError(f"The training clock state must hold a finite, non-negative 'seconds', got {state!r}.")
+        self.seconds, self._since = float(seconds), time.time()
+
+    def save(self, folder) -> None:
+        """Write ``training_clock.json`` into ``folder`` (a checkpoint being written)."""
+        (Path(folder) / self.FILE_NAME).write_text(json.dumps(self.state_dict()) + "\n")
+
+    def load(self, folder) -> bool:
+        """Read ``training_clock.json`` from ``folder``; False (clock unchanged) when the checkpoint has none."""
+        path = Path(folder) / self.FILE_NAME
+        if not path.is_file():
+            return False
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"Cannot read the training clock {path}: {error}") from None
+        try:
+            self.load_state_dict(state)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+        return True
+
+
+def register_clock_checkpointing(accelerator, clock: TrainingClock) -> None:
+    """Save ``clock`` as JSON in every ``accelerator.save_state`` folder and restore it in ``load_state`` (through
+    accelerate's state pre-hooks, instead of ``register_for_checkpointing``, which pickles)."""
+
+    def save_clock(models, weights, output_dir):
+        if accelerator.is_main_process:
+            clock.save(output_dir)
+
+    def load_clock(models, input_dir):
+        clock.load(input_dir)
+
+    accelerator.register_save_state_pre_hook(save_clock)
+    accelerator.register_load_state_pre_hook(load_clock)
+
+
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"  # written last: a folder without it is not a checkpoint to resume
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+_PICKLED_CUSTOM_STATE = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 
 
 def checkpoint_step(path) -> int:
-    return int(Path(path).name.split("-")[1])
+    """The step of a checkpoint folder named ``checkpoint-<step>``; ``ValueError`` naming the folder otherwise."""
+    match = _CHECKPOINT_NAME.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint folder: its name must be 'checkpoint-<step>'.")
+    return int(match.group(1))
+
+
+def is_complete_checkpoint(path) -> bool:
+    """A folder named ``checkpoint-<step>`` whose completion marker was written (after ``save_state`` returned)."""
+    path = Path(path)
+    return _CHECKPOINT_NAME.match(path.name) is not None and path.is_dir() and (path / CHECKPOINT_COMPLETE).is_file()
+
+
+def complete_checkpoints(output_dir) -> List[Path]:
+    """The complete checkpoints in ``output_dir``, oldest first. Folders still being written (``checkpoint-<N>.tmp``),
+    interrupted ones (no marker) and other names (``checkpoint-foo``) are not checkpoints."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if is_complete_checkpoint(p)), key=checkpoint_step)
+
+
+def _check_resumable(path: Path) -> None:
+    """Refuse a checkpoint that is incomplete or holds pickled custom objects (``custom_checkpoint_<i>.pkl``, which
+    accelerate loads with ``weights_only=False``)."""
+    if not path.is_dir():
+        raise ValueError(f"--resume_from_checkpoint {path}: no such checkpoint folder.")
+    checkpoint_step(path)
+    if not (path / CHECKPOINT_COMPLETE).is_file():
+        raise ValueError(
+            f"--resume_from_checkpoint {path} is not a complete checkpoint (no {CHECKPOINT_COMPLETE}): it was "
+            "interrupted while being written, or written before checkpoints were crash-safe. Resume from an older "
+            "complete one, or --resume_from_checkpoint latest.")
+    pickled = sorted(p.name for p in path.iterdir() if _PICKLED_CUSTOM_STATE.match(p.name))
+    if pickled:
+        raise ValueError(
+            f"--resume_from_checkpoint {path} holds pickled custom state {pickled}: accelerate would load it with "
+            "weights_only=False, which can execute arbitrary code. diffusers-retina never writes these files (the "
+            "training clock is training_clock.json); delete them if you trust this checkpoint.")
 
 
 def find_resume_checkpoint(args) -> Optional[str]:
-    """The checkpoint ``--resume_from_checkpoint`` names (``latest``: the newest in ``--output_dir``), or None."""
+    """The checkpoint ``--resume_from_checkpoint`` names (``latest``: the newest *complete* one in ``--output_dir``),
+    or None. Raises ``ValueError`` for a named checkpoint that is missing, incomplete or holds pickled state."""
     if not args.resume_from_checkpoint:
         return None
     if args.resume_from_checkpoint != "latest":
-        return args.resume_from_checkpoint
-    found = sorted(Path(args.output_dir).glob("checkpoint-*"), key=checkpoint_step)
-    return str(found[-1]) if found else None
+        path = Path(args.resume_from_checkpoint)
+        _check_resumable(path)
+        return str(path)
+    found = complete_checkpoints(args.output_dir)
+    if not found:
+        return None
+    _check_resumable(found[-1])
+    return str(found[-1])
 
 
 def resume_position(path: str, num_update_steps_per_epoch: int, gradient_accumulation_steps: int
@@ -309,14 +403,64 @@ def resume_position(path: str, num_update_steps_per_epoch: int, gradient_accumul
     return global_step, first_epoch, resume_step
 
 
-def save_checkpoint(accelerator, args, global_step: int) -> None:
-    """``accelerator.save_state`` to ``checkpoint-<step>``, first removing the oldest beyond
-    ``--checkpoints_total_limit``."""
+def _fsync_directory(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every platform opens directories
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder, its completion marker first, so a kill halfway never leaves a "complete" remnant."""
+    marker = path / CHECKPOINT_COMPLETE
+    if marker.exists():
+        marker.unlink()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, args, global_step: int) -> str:
+    """Crash-safe ``accelerator.save_state``: write ``checkpoint-<step>.tmp``, add the completion marker, rename it to
+    ``checkpoint-<step>``, and only then delete the oldest complete checkpoints beyond ``--checkpoints_total_limit``
+    (and leftovers of interrupted writes). A kill at any point leaves the previous complete checkpoint resumable.
+    Returns the checkpoint folder."""
+    output_dir = Path(args.output_dir)
+    final = output_dir / f"{CHECKPOINT_PREFIX}{global_step}"
+    temporary = output_dir / f"{final.name}.tmp"
+    if temporary.exists():  # a leftover of an interrupted write of the same step
+        shutil.rmtree(temporary)
+    accelerator.save_state(str(temporary))
+    files = sorted(p.relative_to(temporary).as_posix() for p in temporary.rglob("*") if p.is_file())
+    with open(temporary / CHECKPOINT_COMPLETE, "w") as handle:
+        json.dump({"step": global_step, "files": files}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_directory(temporary)
+    if final.exists():  # e.g. a run resumed from an earlier step writes this step again
+        stale = output_dir / f"{final.name}.old"
+        if stale.exists():
+            shutil.rmtree(stale)
+        os.replace(final, stale)
+        os.replace(temporary, final)
+        _remove_checkpoint(stale)
+    else:
+        os.replace(temporary, final)
+    _fsync_directory(output_dir)
+
     if args.checkpoints_total_limit is not None:
-        existing = sorted(Path(args.output_dir).glob("checkpoint-*"), key=checkpoint_step)
-        for old in existing[: max(len(existing) - args.checkpoints_total_limit + 1, 0)]:
-            shutil.rmtree(old)
-    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+        complete = complete_checkpoints(output_dir)
+        for old in complete[: max(len(complete) - args.checkpoints_total_limit, 0)]:
+            if old != final:
+                _remove_checkpoint(old)
+    for leftover in output_dir.glob(f"{CHECKPOINT_PREFIX}*.tmp"):  # interrupted writes of other steps
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+    return str(final)
 
 
 def push_folder(args, folder: str) -> None:
@@ -402,7 +546,7 @@ def prepare_training(accelerator, args, model, logger, project_name: str) -> Tra
     clock = TrainingClock()
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
-    accelerator.register_for_checkpointing(clock)
+    register_clock_checkpointing(accelerator, clock)  # JSON in the checkpoint, never pickled
 
     train_dataset, validation_dataset = build_datasets(args)
     patches = RandomPatchDataset(train_dataset, patch_size=args.resolution, patches_per_image=args.patches_per_image,
