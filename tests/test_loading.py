@@ -52,7 +52,7 @@ def saved(tmp_path, make_pipe):
     pipe = make_pipe()
     reference = _output(pipe)
     folder = tmp_path / "saved"
-    pipe.save_pretrained(folder, safe_serialization=False)  # must be overridden: safetensors only
+    pipe.save_pretrained(folder)
     return pipe, reference, folder
 
 

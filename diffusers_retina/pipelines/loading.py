@@ -21,8 +21,10 @@ import importlib
 import json
 import os
 import re
+import shutil
+from glob import escape as glob_escape
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 
@@ -117,7 +119,15 @@ class RetinaPipelineMixin:
                 local_files_only=kwargs.pop("local_files_only", False) or constants.HF_HUB_OFFLINE,
             )
         kwargs.pop("trust_remote_code", None)  # nothing remote is executed on this path
-        return super().from_pretrained(path, **kwargs)
+        # safetensors only unless the caller opts in: a pickle-only folder is an error naming the file
+        if kwargs.get("use_safetensors") is None:
+            kwargs["use_safetensors"] = True
+        _check_interrupted_save(Path(path))
+        check_weight_files(path, kwargs["use_safetensors"])
+        pipeline = super().from_pretrained(path, **kwargs)
+        check_loaded_weights(pipeline, path, skip=[name for name in kwargs if name in pipeline.components],
+                             variant=kwargs.get("variant"))
+        return pipeline
 
     def save_pretrained(
         self,
@@ -129,12 +139,35 @@ class RetinaPipelineMixin:
         **kwargs: Any,
     ) -> None:
         """Save weights as safetensors plus the remote-code layout (shim files) so the folder loads with this
-        class, with ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`` and from the Hub."""
+        class, with ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`` and from the Hub.
+
+        Crash-safe: everything is written into a sibling temporary folder first and then swapped in (``swap_in``), so
+        a kill never leaves new components under an old ``model_index.json``. Other files in ``save_directory`` (a
+        model card, training checkpoints) are kept. ``safe_serialization=False`` is an error: weights are safetensors
+        only."""
+        if kwargs.get("safe_serialization", True) is not True:
+            raise ValueError(
+                f"`safe_serialization={kwargs['safe_serialization']!r}` is not supported: diffusers-retina saves "
+                "safetensors only (pickled weights can execute code when loaded). Drop the argument.")
         kwargs["safe_serialization"] = True
         commit_message = kwargs.pop("commit_message", None)
         create_pr = kwargs.pop("create_pr", False)
-        super().save_pretrained(save_directory, **kwargs)
-        write_remote_code_layout(self, save_directory)
+        target = Path(save_directory).absolute()
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"`save_directory` {save_directory} exists and is not a folder.")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in _leftovers(target):  # interrupted saves of dead processes
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = _sibling(target, _STAGING_TAG)
+        if staging.exists():
+            shutil.rmtree(staging)
+        try:
+            super().save_pretrained(staging, **kwargs)
+            write_remote_code_layout(self, staging)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # an error (not a kill) while writing: target untouched
+            raise
+        swap_in(staging, target)
         if push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 
@@ -145,6 +178,187 @@ class RetinaPipelineMixin:
                 default_model_card(type(self).__name__, repo_id).save(str(card_path))
             upload_folder(repo_id=repo_id, folder_path=save_directory, token=token, commit_message=commit_message,
                           create_pr=create_pr)
+
+
+# ------------------------------------------------------------------------------------------------ crash-safe saving
+
+MODEL_INDEX = "model_index.json"
+_STAGING_TAG = ".saving-"  # sibling folder a save is written into: .<name>.saving-<pid>
+_RETIRED_TAG = ".old-"  # sibling folder the replaced entries wait in until the new ones are in: .<name>.old-<pid>
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _fsync_directory(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every platform opens directories
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _sibling(target: Path, tag: str, pid: Optional[int] = None) -> Path:
+    return target.parent / f".{target.name}{tag}{os.getpid() if pid is None else pid}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _leftovers(target: Path) -> List[Path]:
+    """Sibling folders of interrupted saves into ``target`` (their process is gone)."""
+    found = []
+    for tag in (_STAGING_TAG, _RETIRED_TAG):
+        for path in target.parent.glob(f".{glob_escape(target.name)}{tag}*"):
+            pid = path.name[len(f".{target.name}{tag}"):]
+            if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+                found.append(path)
+    return found
+
+
+def pipeline_entries(folder: Union[str, os.PathLike]) -> Set[str]:
+    """The names in ``folder`` that belong to the pipeline its ``model_index.json`` describes: the index, one folder per
+    component and the pipeline's shim file. Other files (a model card, training checkpoints, logs) are not entries."""
+    folder = Path(folder)
+    try:
+        index = json.loads((folder / MODEL_INDEX).read_text())
+    except (OSError, ValueError):
+        return {MODEL_INDEX}
+    entries = {MODEL_INDEX}
+    class_name = index.get("_class_name")
+    if isinstance(class_name, (list, tuple)) and class_name and isinstance(class_name[0], str):
+        entries.add(f"{class_name[0]}.py")
+    for key, value in index.items():
+        if not key.startswith("_") and isinstance(value, (list, tuple)) and len(value) == 2:
+            entries.add(key)
+    return {name for name in entries if "/" not in name and name not in ("", ".", "..")}
+
+
+def swap_in(staging: Path, target: Path) -> None:
+    """Move a complete pipeline folder ``staging`` to ``target`` so that a kill at any moment leaves ``target`` either
+    the old pipeline, the new one, or no pipeline (no ``model_index.json``): never new components under the old index.
+
+    A new ``target`` is one rename. Into an existing folder the old index is renamed away first, then the old entries
+    (components, shim), then the new entries are renamed in with the new index last; the old ones are deleted after.
+    Files that are no pipeline entries (a model card, training checkpoints) stay where they are."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        os.replace(staging, target)
+        _fsync_directory(target.parent)
+        return
+    if not target.is_dir():
+        raise NotADirectoryError(f"`save_directory` {target} exists and is not a folder.")
+    new = {path.name for path in staging.iterdir()}
+    old = {name for name in pipeline_entries(target) | new if os.path.lexists(target / name)}
+    retired = _sibling(target, _RETIRED_TAG)
+    if retired.exists():
+        shutil.rmtree(retired)
+    retired.mkdir()
+    for name in sorted(old, key=lambda n: n != MODEL_INDEX):  # the index first: from now on no (old) pipeline
+        os.replace(target / name, retired / name)
+    _fsync_directory(target)
+    for name in sorted(new, key=lambda n: n == MODEL_INDEX):  # the index last: the new pipeline is complete
+        os.replace(staging / name, target / name)
+        if name == MODEL_INDEX:
+            _fsync_directory(target)
+    shutil.rmtree(retired, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_interrupted_save(path: Path) -> None:
+    if path.is_dir() and not (path / MODEL_INDEX).is_file():
+        pending = [p.name for p in path.parent.glob(f".{glob_escape(path.name)}.*")
+                   if _STAGING_TAG in p.name or _RETIRED_TAG in p.name]
+        if pending:
+            raise ValueError(
+                f"{path} has no {MODEL_INDEX}: a save_pretrained into it was interrupted ({pending} beside it hold the "
+                "pipeline being written or the one being replaced). Save the pipeline again.")
+
+
+# ------------------------------------------------------------------------------------------------ safe loading
+
+
+def check_weight_files(path: Union[str, os.PathLike], use_safetensors: bool = True) -> None:
+    """Before loading: with ``use_safetensors`` a component folder holding only pickle weights (``.bin``, ``.pt``,
+    ...) is an error naming the file -- unpickling can execute code, even restricted unpickling is no guarantee."""
+    path = Path(path)
+    if not use_safetensors:
+        return
+    for name in sorted(pipeline_entries(path) - {MODEL_INDEX}):
+        folder = path / name
+        if not folder.is_dir():
+            continue
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        pickles = [p for p in files if p.suffix in PICKLE_WEIGHT_SUFFIXES]
+        if pickles and not any(p.name.endswith(".safetensors") for p in files):
+            raise ValueError(
+                f"{pickles[0]} holds pickled weights and {folder} has no .safetensors file: diffusers-retina loads "
+                "safetensors only (unpickling can execute code). If you trust the file, load it once with "
+                "`use_safetensors=False` and save_pretrained() it again to convert it.")
+
+
+def _saved_weight_keys(folder: Path, variant: Optional[str]) -> Optional[Tuple[Path, Set[str]]]:
+    """``(file, tensor names)`` of the safetensors weights of a component folder (the sharded index when there is
+    one), or None when there are none or the file cannot be told."""
+    from safetensors import safe_open
+
+    def has_variant(name: str, suffix: str) -> bool:
+        parts = name[: -len(suffix)].split(".")
+        return (variant in parts[1:]) if variant else len(parts) == 1
+
+    indexes = [p for p in folder.glob("*.safetensors.index.json") if has_variant(p.name, ".safetensors.index.json")]
+    if len(indexes) == 1:
+        try:
+            weight_map = json.loads(indexes[0].read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{indexes[0]} is not a readable sharded-weights index: {error}") from None
+        return indexes[0], set(weight_map)
+    files = [p for p in folder.glob("*.safetensors") if has_variant(p.name, ".safetensors")]
+    if len(files) != 1:
+        return None
+    with safe_open(str(files[0]), framework="pt") as handle:
+        return files[0], set(handle.keys())
+
+
+def check_loaded_weights(pipeline, path: Union[str, os.PathLike], skip: Sequence[str] = (),
+                         variant: Optional[str] = None) -> None:
+    """After loading: every model component's weights file must hold exactly the model's tensors. diffusers only logs
+    missing keys (the tensors stay on the meta device and fail later elsewhere) and unexpected ones."""
+    import torch
+
+    path = Path(path)
+    for name, component in pipeline.components.items():
+        if name in skip or not isinstance(component, torch.nn.Module) or not (path / name).is_dir():
+            continue
+        saved = _saved_weight_keys(path / name, variant)
+        expected = set(component.state_dict())
+        on_meta = sorted(key for key, tensor in component.state_dict().items() if tensor.device.type == "meta")
+        if saved is None:
+            if on_meta:
+                raise ValueError(f"{path / name}: the weights of {type(component).__name__} were not loaded "
+                                 f"(still on the meta device: {on_meta[:5]}).")
+            continue
+        file, keys = saved
+        missing, unexpected = sorted(expected - keys), sorted(keys - expected)
+        if missing or unexpected or on_meta:
+            details = []
+            if missing or on_meta:
+                details.append(f"missing {len(missing or on_meta)} tensor(s) {(missing or on_meta)[:5]}")
+            if unexpected:
+                details.append(f"{len(unexpected)} unexpected tensor(s) {unexpected[:5]}")
+            raise ValueError(
+                f"{file} does not match the {type(component).__name__} of {path / name / 'config.json'}: "
+                f"{'; '.join(details)}. The weights belong to another model or the file is damaged.")
 
 
 def default_model_card(class_name: str, repo_id: str):
