@@ -10,6 +10,8 @@ Sub-commands:
   Mask2ImagePipeline; writes ``images/`` + ``masks/`` with matching names, a folder the training scripts read.
 * ``demo`` -- the reference checkpoint on ``skimage.data.retina()`` and, when present, a CHASE_DB1 test image;
   prints the figures and writes a picture panel (see :mod:`diffusers_retina.demo`).
+* ``push`` -- upload a saved pipeline folder to the Hugging Face Hub: the repo is created first, then an explicit
+  allow-list of files is uploaded (never training states, pickles or logs; see :mod:`diffusers_retina.push`).
 
 Examples::
 
@@ -18,19 +20,16 @@ Examples::
     diffusers-retina segment BraTS20_Training_001/ --modalities t1,t1ce,t2,flair --label-values 0,1,2,4 \
         --output-dir out --pipeline brats-run
     diffusers-retina demo --output demo_panel.png
+    diffusers-retina push checkpoints/segmentation-ensemble-chase --repo-id my-org/segmentation-ensemble --dry-run
 
-No network at run time (DESIGN section 3): ``HF_HUB_OFFLINE=1`` is set unless the user set ``HF_HUB_OFFLINE``, so
-``--pipeline org/name`` resolves from the local Hugging Face cache.
+No network at run time (DESIGN section 3): the ``diffusers-retina`` entry point (:func:`main`) sets
+``HF_HUB_OFFLINE=1`` for every sub-command but ``push`` unless the user set ``HF_HUB_OFFLINE``, so
+``--pipeline org/name`` resolves from the local Hugging Face cache. Importing this module changes no Hub setting.
 """
 
 from __future__ import annotations
 
 import os
-
-# Must happen before huggingface_hub / diffusers are imported (they read it at import time).
-if "HF_HUB_OFFLINE" not in os.environ:
-    os.environ["HF_HUB_OFFLINE"] = "1"
-
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -71,7 +70,8 @@ def _apply_offline_mode() -> None:
         hub_utils.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE
 
 
-_apply_offline_mode()
+#: Sub-commands that need the network (everything else runs offline by default).
+ONLINE_COMMANDS = ("push",)
 
 #: The embedded reference checkpoint (DESIGN section 8), trained by ``training/train_segmentation_ensemble.py``.
 DEFAULT_PIPELINE: Path = Path(diffusers_retina.__file__).resolve().parents[1] / "checkpoints" / "segmentation-ensemble-chase"
@@ -803,7 +803,7 @@ def _segment_nifti_case(pipe: SegmentationEnsemblePipeline, case: NiftiCase, arg
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``diffusers-retina`` argument parser with all sub-commands."""
-    from . import demo, synthesize
+    from . import demo, push, synthesize
 
     parser = argparse.ArgumentParser(
         prog="diffusers-retina",
@@ -815,6 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     build_segment_parser(subparsers)
     synthesize.build_synthesize_parser(subparsers)
     demo.build_demo_parser(subparsers)
+    push.build_push_parser(subparsers)
     return parser
 
 
@@ -826,6 +827,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command not in ONLINE_COMMANDS:  # no network at run time unless the user set HF_HUB_OFFLINE
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        _apply_offline_mode()
     try:
         return int(args.handler(args))
     except CLIError as error:

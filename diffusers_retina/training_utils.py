@@ -464,13 +464,33 @@ def save_checkpoint(accelerator, args, global_step: int) -> str:
 
 
 def push_folder(args, folder: str) -> None:
-    """Upload a saved pipeline folder (weights, shims, card) with ``--push_to_hub``."""
-    from huggingface_hub import create_repo, upload_folder
+    """Upload a saved pipeline folder with ``--push_to_hub``: the allow-list of ``diffusers-retina push``
+    (:func:`diffusers_retina.push.files_to_push`: weights, configs, shims, card, records, small PNGs; never the
+    ``checkpoint-*`` training states, optimizer states, pickles or logs) to ``--hub_model_id`` (as resolved by
+    :func:`create_hub_repo` at the start of training)."""
+    from .push import push_checkpoint
 
-    repo_id = create_repo(args.hub_model_id or Path(folder).name, exist_ok=True, private=args.hub_private_repo,
-                          token=args.hub_token).repo_id
-    upload_folder(repo_id=repo_id, folder_path=folder, token=args.hub_token,
-                  ignore_patterns=["checkpoint-*", "logs/*"])
+    push_checkpoint(folder, args.hub_model_id or Path(folder).name, token=args.hub_token,
+                    private=args.hub_private_repo)
+
+
+def create_hub_repo(args) -> Optional[str]:
+    """With ``--push_to_hub``, create (or reuse) the Hub repo before training, so a missing login, a network failure
+    or a name clash fails in the first seconds rather than after hours; ``args.hub_model_id`` becomes the full repo id
+    (``user/name``), which the model card and the final upload then use. Main process only; None without
+    ``--push_to_hub``."""
+    if not getattr(args, "push_to_hub", False):
+        return None
+    from .push import create_repo
+
+    repo_id = args.hub_model_id or Path(args.output_dir).name
+    try:
+        args.hub_model_id = create_repo(repo_id, token=args.hub_token, private=args.hub_private_repo)
+    except Exception as error:
+        raise RuntimeError(f"--push_to_hub: could not create the Hub repo {repo_id!r} (log in with "
+                           f"`huggingface-cli login` or pass --hub_token; HF_HUB_OFFLINE must be unset): "
+                           f"{type(error).__name__}: {error}") from error
+    return args.hub_model_id
 
 
 # ------------------------------------------------------------------------------------------------ set-up
@@ -478,7 +498,7 @@ def push_folder(args, folder: str) -> None:
 
 def make_accelerator(args):
     """The ``Accelerator`` of the flags, logging, the seed (set before the model is built, so its initial weights
-    depend only on ``--seed``) and the output folder."""
+    depend only on ``--seed``), the output folder and, with ``--push_to_hub``, the Hub repo (:func:`create_hub_repo`)."""
     import logging
 
     from accelerate import Accelerator
@@ -495,6 +515,7 @@ def make_accelerator(args):
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
+        create_hub_repo(args)  # --push_to_hub: fail now, not after training
     return accelerator
 
 

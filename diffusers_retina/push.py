@@ -1,0 +1,175 @@
+"""``diffusers-retina push CHECKPOINT --repo-id ORG/NAME``: publish a saved pipeline folder to the Hugging Face Hub.
+
+The repo is created first (so a missing login or network fails before anything else), then exactly the files of an
+explicit allow-list are uploaded in one commit:
+
+* ``model_index.json``, ``config.json`` files (top level and one component folder down), ``*.safetensors`` weights,
+  ``scheduler_config.json`` files;
+* the remote-code shim files (``pipeline_*.py`` and ``<component>/*.py``) that ``trust_remote_code=True`` loads;
+* ``README.md`` (the model card), ``training_info.json``, ``evaluation.json``;
+* small PNGs (validation grids, at most :data:`MAX_PNG_BYTES` each) at the top level or in ``validation/``.
+
+Never uploaded, whatever their name: anything in ``checkpoint-*`` folders (accelerate states: optimizer,
+scheduler, RNG pickles), ``logs/``, hidden or ``__pycache__`` folders, and every other file (``*.bin``, ``*.pkl``,
+``*.pt`` ...). ``--dry-run`` prints the exact list and uploads nothing. The same list serves
+``--push_to_hub`` in the training scripts (:func:`diffusers_retina.training_utils.push_folder`).
+
+Example::
+
+    diffusers-retina push checkpoints/segmentation-ensemble-chase --repo-id my-org/segmentation-ensemble-chase --dry-run
+    diffusers-retina push checkpoints/segmentation-ensemble-chase --repo-id my-org/segmentation-ensemble-chase
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+from pathlib import Path, PurePosixPath
+from typing import List, Optional, Sequence, Union
+
+from huggingface_hub import CommitOperationAdd, HfApi
+
+#: Largest PNG uploaded (validation grids are tens of kB; anything bigger is probably not a preview).
+MAX_PNG_BYTES = 2 * 1024 * 1024
+
+#: ``(pattern, maximum folder depth)``: a relative path is uploaded when it matches a pattern (``fnmatch`` on the
+#: POSIX path) and lies at most that many folders deep (0: top level; 1: inside one component folder).
+ALLOWED_FILES = (
+    ("model_index.json", 0),
+    ("config.json", 0),  # a bare model folder (e.g. a supervised baseline's unet/)
+    ("*/config.json", 1),
+    ("*.safetensors", 1),
+    ("scheduler_config.json", 0),
+    ("*/scheduler_config.json", 1),
+    ("pipeline_*.py", 0),
+    ("*/*.py", 1),
+    ("README.md", 0),
+    ("training_info.json", 0),
+    ("evaluation.json", 0),
+    ("*.png", 0),
+    ("validation/*.png", 1),
+)
+
+#: Folders never entered: accelerate training states, tracker logs, caches.
+EXCLUDED_FOLDERS = ("checkpoint-*", "checkpoints", "logs", "__pycache__", ".*")
+
+
+#: Top-level files that mark an accelerate ``save_state`` folder (optimizer, schedulers, RNG pickles): refused whole.
+TRAINING_STATE_FILES = ("optimizer*.bin", "scheduler*.bin", "random_states_*.pkl", "custom_checkpoint_*.pkl")
+
+
+class PushError(Exception):
+    """A folder that cannot be pushed (the message names it and says why)."""
+
+
+def files_to_push(folder: Union[str, Path]) -> List[str]:
+    """The sorted relative POSIX paths of the files under ``folder`` that ``push`` uploads (the allow-list above).
+
+    Raises :class:`PushError` when ``folder`` is not a folder, or holds no saved weights (``*.safetensors``) in the
+    allowed places -- for example an accelerate ``checkpoint-N`` state, which is not a saved pipeline.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise PushError(f"CHECKPOINT '{root}' is not a folder (give a folder written by save_pretrained or a "
+                        "training script's --output_dir).")
+    selected = []
+    for path in root.rglob("*"):
+        if not path.is_file() or path.is_symlink():
+            continue
+        relative = PurePosixPath(path.relative_to(root).as_posix())
+        folders = relative.parts[:-1]
+        if any(fnmatch.fnmatch(part, pattern) for part in folders for pattern in EXCLUDED_FOLDERS):
+            continue
+        if not any(fnmatch.fnmatch(str(relative), pattern) and len(folders) <= depth
+                   for pattern, depth in ALLOWED_FILES):
+            continue
+        if relative.suffix == ".png" and path.stat().st_size > MAX_PNG_BYTES:
+            continue
+        selected.append(str(relative))
+    selected.sort()
+    state_files = sorted(p.name for pattern in TRAINING_STATE_FILES for p in root.glob(pattern))
+    if state_files:
+        raise PushError(f"CHECKPOINT '{root}' is an accelerate training state ({', '.join(state_files)}), not a saved "
+                        "pipeline: push the run's --output_dir (the pipeline saved at the end of training).")
+    if not any(name.endswith(".safetensors") for name in selected):
+        raise PushError(f"CHECKPOINT '{root}' holds no *.safetensors weights at the top level or in a component "
+                        "folder, so it is not a saved pipeline or model.")
+    return selected
+
+
+def create_repo(repo_id: str, token: Optional[str] = None, private: bool = False) -> str:
+    """Create (or reuse) the model repo ``repo_id`` and return its full id (``user/name`` when only a name was
+    given). Run it before anything expensive: a missing login or network fails here."""
+    return HfApi(token=token).create_repo(repo_id, repo_type="model", private=private, exist_ok=True).repo_id
+
+
+def push_checkpoint(folder: Union[str, Path], repo_id: str, token: Optional[str] = None, private: bool = False,
+                    commit_message: Optional[str] = None) -> str:
+    """Create ``repo_id`` if needed, then upload :func:`files_to_push` of ``folder`` in one commit.
+    Returns the full repo id."""
+    files = files_to_push(folder)  # a bad folder fails before any network call
+    full_repo_id = create_repo(repo_id, token=token, private=private)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(folder) / name)) for name in files]
+    HfApi(token=token).create_commit(full_repo_id, operations=operations, repo_type="model",
+                                     commit_message=commit_message or f"Upload {Path(folder).name} with diffusers-retina")
+    return full_repo_id
+
+
+def _human_size(size: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size} B"
+
+
+def build_push_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    """The ``push`` sub-command's arguments."""
+    parser = subparsers.add_parser(
+        "push",
+        help="upload a saved pipeline folder to the Hugging Face Hub (allow-listed files only)",
+        description="Create the Hub model repo --repo-id (if needed), then upload the pipeline files of CHECKPOINT: "
+        "model_index.json, configs, *.safetensors, scheduler configs, remote-code shims, README.md, "
+        "training_info.json, evaluation.json and small PNGs. Never checkpoint-*/ training states, optimizer states, "
+        "pickles or logs. Uses your Hugging Face login (huggingface-cli login) or --token.",
+    )
+    parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a saved pipeline folder")
+    parser.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="the Hub model repo to create/update")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--token", default=None, help="a Hugging Face token (default: your login)")
+    parser.add_argument("--commit-message", default=None, help="the commit message")
+    parser.add_argument("--dry-run", action="store_true", help="print the files that would be uploaded and stop")
+    parser.set_defaults(handler=run_push)
+    return parser
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """The ``push`` sub-command: print the file list, and upload it unless ``--dry-run``."""
+    from .cli import CLIError
+
+    if args.repo_id.count("/") > 1 or not args.repo_id.strip("/"):
+        raise CLIError(f"--repo-id must be NAME or ORG/NAME, got {args.repo_id!r}.")
+    try:
+        files = files_to_push(args.checkpoint)
+    except PushError as error:
+        raise CLIError(str(error)) from None
+    total = sum((args.checkpoint / name).stat().st_size for name in files)
+    print(f"{len(files)} files ({_human_size(total)}) from {args.checkpoint} to {args.repo_id}:")
+    for name in files:
+        print(f"  {name}  ({_human_size((args.checkpoint / name).stat().st_size)})")
+    if args.dry_run:
+        print("Dry run: nothing uploaded.")
+        return 0
+    try:
+        repo_id = push_checkpoint(args.checkpoint, args.repo_id, token=args.token, private=args.private,
+                                  commit_message=args.commit_message)
+    except PushError as error:
+        raise CLIError(str(error)) from None
+    except Exception as error:  # network, login, permissions: say which repo, keep the Hub's message
+        raise CLIError(f"pushing to --repo-id {args.repo_id} failed: {type(error).__name__}: {error}") from None
+    print(f"Uploaded to https://huggingface.co/{repo_id}")
+    return 0
+
+
+__all__: Sequence[str] = ("ALLOWED_FILES", "MAX_PNG_BYTES", "PushError", "build_push_parser", "create_repo",
+                          "files_to_push", "push_checkpoint", "run_push")
