@@ -558,8 +558,10 @@ def _hd95_spaced(pred: np.ndarray, target: np.ndarray, spacing: Optional[Sequenc
         return math.inf
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
+        # MONAI accepts Python floats only (nibabel's get_zooms() gives numpy float32)
+        spacing_list = None if spacing is None else [float(value) for value in spacing]
         value = compute_hausdorff_distance(_monai_image(pred), _monai_image(target), include_background=True,
-                                           percentile=95, spacing=None if spacing is None else list(spacing))
+                                           percentile=95, spacing=spacing_list)
     return float(value.item())
 
 

@@ -288,7 +288,8 @@ def test_brats_region_metrics_hand_computed():
     target_3d = np.zeros((8, 8, 5), np.uint8)
     target_3d[2:6, 2:6, 1:3] = 4
     pred_3d = np.roll(target_3d, 1, axis=2)
-    scores_3d = brats_region_metrics(pred_3d, target_3d, spacing=(1.0, 1.0, 2.5))
+    spacing = tuple(np.array([1.0, 1.0, 2.5], np.float32))  # as nibabel's header.get_zooms() gives it
+    scores_3d = brats_region_metrics(pred_3d, target_3d, spacing=spacing)
     for region in scores_3d.values():  # 16 of 32 voxels overlap; the other half lies one slice (2.5 mm) away
         assert region["dice"] == pytest.approx(0.5)
         assert region["hd95"] == pytest.approx(2.5)
