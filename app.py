@@ -1,9 +1,22 @@
-"""Gradio Space: vessel segmentation with a diffusion ensemble and its uncertainty.
+"""Gradio Space: the diffusers-retina pipelines, one tab each, on the embedded reference checkpoints.
 
     pip install -e ".[demo]" && python app.py
 
-The pipeline is the embedded reference checkpoint unless ``DIFFUSERS_RETINA_PIPELINE`` names another folder or Hub
-repo. Runs on CPU; large photographs are downscaled so that their longer side is ``MAX_SIDE`` pixels.
+Tabs (and their API names, for ``gradio_client``):
+
+* **Segment with uncertainty** (``/segment``) -- ``SegmentationEnsemblePipeline``, ``checkpoints/segmentation-ensemble-chase``:
+  fused vessel mask, predictive-entropy map and the ensemble members.
+* **Mask -> image** (``/synthesize``) -- ``Mask2ImagePipeline``, ``checkpoints/mask2image-chase``: a fundus image
+  painted from a vessel mask.
+* **Features -> segmentation** (``/features``) -- ``DiffusionFeaturePipeline``, ``checkpoints/feature-head-chase``: a
+  pixel-MLP head on a frozen fundus DDPM's features, with its uncertainty.
+* **Adaptation** -- a marked place for ``AdaptDiffPipeline`` once it exists.
+
+Masks come back as lossless PNGs (0/255) through the UI and the API (gradio's default image format, WebP, is lossy).
+Each checkpoint can be replaced by a folder or Hub repo with ``DIFFUSERS_RETINA_PIPELINE``,
+``DIFFUSERS_RETINA_MASK2IMAGE`` and ``DIFFUSERS_RETINA_FEATURES``. Runs on CPU: inputs are downscaled (longer side at
+most ``MAX_SIDE`` / ``SMALL_SIDE`` pixels) and the default step counts are small. No network at run time unless
+``HF_HUB_OFFLINE=0`` is set.
 """
 
 from __future__ import annotations
@@ -14,36 +27,63 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network at run time unless th
 
 from functools import lru_cache  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import List, Tuple  # noqa: E402
+from typing import List, Optional, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
-from diffusers_retina import SegmentationEnsemblePipeline  # noqa: E402
+from diffusers_retina import (  # noqa: E402
+    DiffusionFeaturePipeline,
+    Mask2ImagePipeline,
+    SegmentationEnsemblePipeline,
+)
 
-DEFAULT_PIPELINE = str(Path(__file__).resolve().parent / "checkpoints" / "segmentation-ensemble-chase")
-MAX_SIDE = 960
+ROOT = Path(__file__).resolve().parent
+DEFAULT_PIPELINE = str(ROOT / "checkpoints" / "segmentation-ensemble-chase")
+DEFAULT_MASK2IMAGE = str(ROOT / "checkpoints" / "mask2image-chase")
+DEFAULT_FEATURES = str(ROOT / "checkpoints" / "feature-head-chase")
+EXAMPLES = ROOT / "space" / "examples"
+EXAMPLE_FUNDUS = EXAMPLES / "retina_256.png"  # skimage.data.retina() (public domain), downscaled to 256 px
+EXAMPLE_VESSELS = EXAMPLES / "retina_256_vessels.png"  # the segmentation tab's mask of it (seed 0, 5 members)
+MAX_SIDE = 512  # segmentation inputs (tiled in 256-pixel windows)
+SMALL_SIDE = 256  # mask -> image and features -> segmentation inputs
 FUSIONS = ["mean", "majority", "staple"]
 
 
-@lru_cache(maxsize=1)
-def load_pipeline(name_or_path: str) -> SegmentationEnsemblePipeline:
-    pipe = SegmentationEnsemblePipeline.from_pretrained(name_or_path, dtype=torch.float32)
+@lru_cache(maxsize=3)
+def load(pipeline_class, name_or_path: str):
+    """A pipeline from a folder or Hub repo, in float32 on the CPU, loaded once per (class, path)."""
+    pipe = pipeline_class.from_pretrained(name_or_path, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def downscale(image: PIL.Image.Image, max_side: int = MAX_SIDE) -> PIL.Image.Image:
+def load_pipeline(name_or_path: str) -> SegmentationEnsemblePipeline:
+    return load(SegmentationEnsemblePipeline, name_or_path)
+
+
+def downscale(image: PIL.Image.Image, max_side: int = MAX_SIDE,
+              resample: int = PIL.Image.BICUBIC) -> PIL.Image.Image:
+    """``image`` resized so its longer side is at most ``max_side`` (smaller images are kept as they are)."""
     scale = max_side / max(image.size)
     if scale >= 1:
         return image
-    return image.resize((round(image.width * scale), round(image.height * scale)), PIL.Image.BICUBIC)
+    return image.resize((round(image.width * scale), round(image.height * scale)), resample)
+
+
+def binary_png(mask) -> PIL.Image.Image:
+    """A mask (bool / 0-1 / 0-255 array or tensor) as an "L" image with values 0 and 255 only."""
+    array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    return PIL.Image.fromarray(np.where(array > 0, 255, 0).astype(np.uint8), mode="L")
+
+
+# ------------------------------------------------------------------------------------------------ tab functions
 
 
 def segment(image: PIL.Image.Image, ensemble_size: int = 5, steps: int = 2, fusion: str = "mean", seed: int = 0,
             pipeline: str = None) -> Tuple[PIL.Image.Image, PIL.Image.Image, List[PIL.Image.Image], str]:
-    """Segment one photograph; returns (fused mask, entropy map, member probability maps, summary text)."""
+    """Segment one photograph; returns (fused mask 0/255, entropy map, member probability maps, summary text)."""
     if image is None:
         raise ValueError("Upload a fundus photograph first.")
     pipe = load_pipeline(pipeline or os.environ.get("DIFFUSERS_RETINA_PIPELINE", DEFAULT_PIPELINE))
@@ -54,36 +94,122 @@ def segment(image: PIL.Image.Image, ensemble_size: int = 5, steps: int = 2, fusi
     entropy = np.asarray(out.entropy[0], dtype=np.float32) / 255.0 * np.log(2.0)
     summary = (f"{image.width}x{image.height} px, {int(ensemble_size)} members, {int(steps)} steps, fusion={fusion}: "
                f"vessel fraction {vessel_fraction:.3f}, mean predictive entropy {entropy.mean():.4f} nats")
-    return out.masks[0], out.entropy[0], out.members[0], summary
+    return binary_png(out.masks[0]), out.entropy[0], out.members[0], summary
+
+
+def synthesize(mask: PIL.Image.Image, steps: int = 10, guidance_scale: float = 1.5, seed: int = 0,
+               pipeline: Optional[str] = None) -> Tuple[PIL.Image.Image, PIL.Image.Image, str]:
+    """Paint a fundus image from a vessel mask (white = vessel); returns (image, the binary mask used, summary)."""
+    if mask is None:
+        raise ValueError("Upload or draw a vessel mask first (white vessels on black).")
+    pipe = load(Mask2ImagePipeline, pipeline or os.environ.get("DIFFUSERS_RETINA_MASK2IMAGE", DEFAULT_MASK2IMAGE))
+    grey = downscale(mask.convert("L"), SMALL_SIDE, PIL.Image.NEAREST)
+    binary = binary_png(np.asarray(grey) > 127)
+    out = pipe(binary, num_inference_steps=int(steps), guidance_scale=float(guidance_scale), tile_size=64,
+               generator=torch.Generator().manual_seed(int(seed)))
+    vessel_fraction = (np.asarray(binary) > 0).mean()
+    summary = (f"{binary.width}x{binary.height} px mask (vessel fraction {vessel_fraction:.3f}), {int(steps)} steps, "
+               f"guidance {float(guidance_scale):g}, seed {int(seed)}")
+    return out.images[0], binary, summary
+
+
+def segment_features(image: PIL.Image.Image, seed: int = 0,
+                     pipeline: Optional[str] = None) -> Tuple[PIL.Image.Image, PIL.Image.Image, str]:
+    """Vessels from a frozen DDPM's features and a pixel-MLP head; returns (mask 0/255, uncertainty map, summary)."""
+    if image is None:
+        raise ValueError("Upload a fundus photograph first.")
+    pipe = load(DiffusionFeaturePipeline, pipeline or os.environ.get("DIFFUSERS_RETINA_FEATURES", DEFAULT_FEATURES))
+    image = downscale(image.convert("RGB"), SMALL_SIDE)
+    out = pipe(image, output="segmentation", seed=int(seed))
+    mask = out.masks[0]
+    # the head's uncertainty is an entropy in nats: at most log 2 for two classes, shown as 0..255
+    uncertainty = (out.uncertainty[0].float() / np.log(2.0)).clamp(0, 1).mul(255).round().byte().numpy()
+    summary = (f"{image.width}x{image.height} px: vessel fraction {(mask > 0).float().mean():.3f}, mean uncertainty "
+               f"{out.uncertainty[0].float().mean():.4f} nats")
+    return binary_png(mask), PIL.Image.fromarray(uncertainty, mode="L"), summary
+
+
+# ------------------------------------------------------------------------------------------------ UI
+
+
+def _example(path: Path) -> Optional[str]:
+    return str(path) if path.is_file() else None
 
 
 def build_demo():
+    """The Blocks app: one tab per pipeline; every image output is PNG (lossless)."""
     import gradio as gr
 
-    example = None
-    try:
-        from skimage.data import retina
+    fundus, vessels = _example(EXAMPLE_FUNDUS), _example(EXAMPLE_VESSELS)
+    with gr.Blocks(title="diffusers-retina") as demo:
+        gr.Markdown("# diffusers-retina\nDiffusion models for retinal images as diffusers pipelines. Reference models "
+                    "trained on CHASE_DB1 (CC BY 4.0, Fraz et al. 2012); the example photograph is "
+                    "`skimage.data.retina()` (public domain). Runs on a CPU: keep images small and steps few.")
 
-        example = PIL.Image.fromarray(retina())
-    except ImportError:
-        pass
-    with gr.Blocks(title="diffusers-retina: diffusion segmentation ensembles") as demo:
-        gr.Markdown("# Retinal vessel segmentation with a diffusion ensemble\nEach member is one diffusion sample; "
-                    "their disagreement is the uncertainty map. Reference model trained on CHASE_DB1 (CC BY 4.0).")
-        with gr.Row():
-            image = gr.Image(type="pil", label="Fundus photograph", value=example)
-            with gr.Column():
-                ensemble_size = gr.Slider(1, 8, value=5, step=1, label="Ensemble members")
-                steps = gr.Slider(1, 25, value=2, step=1, label="DDIM steps")
-                fusion = gr.Dropdown(FUSIONS, value="mean", label="Fusion")
-                seed = gr.Number(value=0, precision=0, label="Seed")
-                run = gr.Button("Segment", variant="primary")
-        with gr.Row():
-            mask = gr.Image(label="Fused mask")
-            entropy = gr.Image(label="Predictive entropy")
-        members = gr.Gallery(label="Members (vessel probability)", columns=5)
-        summary = gr.Textbox(label="Summary")
-        run.click(segment, [image, ensemble_size, steps, fusion, seed], [mask, entropy, members, summary])
+        with gr.Tab("Segment with uncertainty"):
+            gr.Markdown("Each ensemble member is one diffusion sample of the vessel mask; their disagreement is the "
+                        "uncertainty (predictive entropy).")
+            with gr.Row():
+                image = gr.Image(type="pil", label="Fundus photograph", value=fundus, format="png")
+                with gr.Column():
+                    ensemble_size = gr.Slider(1, 8, value=5, step=1, label="Ensemble members")
+                    steps = gr.Slider(1, 25, value=2, step=1, label="DDIM steps")
+                    fusion = gr.Dropdown(FUSIONS, value="mean", label="Fusion")
+                    seed = gr.Number(value=0, precision=0, label="Seed")
+                    run = gr.Button("Segment", variant="primary")
+            with gr.Row():
+                mask = gr.Image(label="Fused mask", format="png", type="pil")
+                entropy = gr.Image(label="Predictive entropy", format="png", type="pil")
+            members = gr.Gallery(label="Members (vessel probability)", columns=5, format="png")
+            summary = gr.Textbox(label="Summary")
+            run.click(segment, [image, ensemble_size, steps, fusion, seed], [mask, entropy, members, summary],
+                      api_name="segment")
+            if fundus:
+                gr.Examples([[fundus]], inputs=[image], cache_examples=False)
+
+        with gr.Tab("Mask → image"):
+            gr.Markdown("A fundus image painted from a vessel mask (white vessels on black) by a mask-conditioned "
+                        "diffusion model (ReTree; concat + SPADE conditioning, classifier-free guidance).")
+            with gr.Row():
+                vessel_mask = gr.Image(type="pil", label="Vessel mask", value=vessels, format="png",
+                                       image_mode="L")
+                with gr.Column():
+                    synth_steps = gr.Slider(1, 50, value=10, step=1, label="DDIM steps")
+                    guidance = gr.Slider(1.0, 3.0, value=1.5, step=0.1, label="Guidance scale")
+                    synth_seed = gr.Number(value=0, precision=0, label="Seed")
+                    synth_run = gr.Button("Paint", variant="primary")
+            with gr.Row():
+                painted = gr.Image(label="Synthetic fundus", format="png", type="pil")
+                used_mask = gr.Image(label="Mask used (binary)", format="png", type="pil")
+            synth_summary = gr.Textbox(label="Summary")
+            synth_run.click(synthesize, [vessel_mask, synth_steps, guidance, synth_seed],
+                            [painted, used_mask, synth_summary], api_name="synthesize")
+            if vessels:
+                gr.Examples([[vessels]], inputs=[vessel_mask], cache_examples=False)
+
+        with gr.Tab("Features → segmentation"):
+            gr.Markdown("A frozen fundus DDPM as a feature extractor (ddpm-segmentation / DiffDGSSv2 anchoring) and "
+                        "a small pixel-MLP ensemble head trained on 20 labelled images.")
+            with gr.Row():
+                feature_image = gr.Image(type="pil", label="Fundus photograph", value=fundus, format="png")
+                with gr.Column():
+                    feature_seed = gr.Number(value=0, precision=0, label="Seed")
+                    feature_run = gr.Button("Segment from features", variant="primary")
+            with gr.Row():
+                feature_mask = gr.Image(label="Vessel mask", format="png", type="pil")
+                feature_uncertainty = gr.Image(label="Uncertainty (head disagreement)", format="png", type="pil")
+            feature_summary = gr.Textbox(label="Summary")
+            feature_run.click(segment_features, [feature_image, feature_seed],
+                              [feature_mask, feature_uncertainty, feature_summary], api_name="features")
+
+        # ---------------------------------------------------------------------------------------- ADAPTATION TAB
+        # Placeholder: when AdaptDiffPipeline and its reference checkpoint exist, this tab takes a target-modality
+        # image (OCT-A / FA), shows the source segmenter's pseudo-label, a synthetic target-modality image painted from
+        # it and the adapted segmenter's mask, with api_name="adapt" and PNG outputs like the tabs above.
+        with gr.Tab("Adaptation (planned)"):
+            gr.Markdown("**Not available yet.** Cross-modality adaptation (AdaptDiff: pseudo-labels on an unlabelled "
+                        "modality, a weakly conditioned diffusion model synthesising paired data, fine-tuning) will "
+                        "appear here once `AdaptDiffPipeline` has a reference checkpoint.")
     return demo
 
 

@@ -113,6 +113,123 @@ def select_stems(dataset_root, args, patterns: str):
     folder = Path(dataset_root) / args.image_dir
     stems = sorted(p.stem[: len(p.stem) - len(args.image_suffix)] if args.image_suffix else p.stem
                    for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+def check_positive_integers(parser: argparse.ArgumentParser, args: argparse.Namespace, *flags: str,
+                            minimum: int = 1) -> None:
+    """``parser.error`` naming the first of ``flags`` (``"--name"``) whose value is set and below ``minimum``."""
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-"), None)
+        if value is not None and value < minimum:
+            parser.error(f"{flag} must be {'a positive integer' if minimum == 1 else f'>= {minimum}'}, got {value}.")
+
+
+def check_finite_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, *flags: str) -> None:
+    """``parser.error`` naming the first of ``flags`` whose value is NaN, infinite or not above zero."""
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-"), None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"{flag} must be a finite number > 0, got {value}.")
+
+
+def check_fraction(parser: argparse.ArgumentParser, args: argparse.Namespace, flag: str, upper_open: bool = False
+                   ) -> None:
+    """``parser.error`` unless the value of ``flag`` lies in [0, 1] ([0, 1) with ``upper_open``)."""
+    value = getattr(args, flag.lstrip("-"), None)
+    if value is not None and not (0.0 <= value < 1.0 if upper_open else 0.0 <= value <= 1.0):
+        parser.error(f"{flag} must lie in [0, 1{')' if upper_open else ']'}, got {value}.")
+
+
+def check_pipeline_folder(parser: argparse.ArgumentParser, flag: str, folder: Optional[str],
+                          component: str = "unet", out_channels: Optional[int] = None) -> None:
+    """Up-front check of a saved pipeline that a later step loads (e.g. ``--mask_pipeline``, read only when the
+    trained model is saved): a folder with ``model_index.json`` naming ``component``, whose ``config.json`` exists (and
+    makes ``out_channels``) and whose weights are safetensors. ``parser.error`` naming ``flag`` otherwise."""
+    if folder is None:
+        return
+    root = Path(folder)
+    if not root.is_dir():
+        parser.error(f"{flag} {folder}: no such folder (give a folder written by save_pretrained).")
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, ValueError) as error:
+        parser.error(f"{flag} {folder}: cannot read its model_index.json ({error}); give a folder written by "
+                     "save_pretrained.")
+    if not isinstance(index, dict) or not isinstance(index.get(component), list):
+        parser.error(f"{flag} {folder}: its model_index.json has no '{component}' component.")
+    try:
+        config = json.loads((root / component / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        parser.error(f"{flag} {folder}: cannot read {component}/config.json ({error}).")
+    if not any((root / component).glob("*.safetensors")) and not any((root / component).glob("*.safetensors.*")):
+        parser.error(f"{flag} {folder}: {component}/ holds no .safetensors weights.")
+    if out_channels is not None and config.get("out_channels") != out_channels:
+        parser.error(f"{flag} {folder}: its {component} makes {config.get('out_channels')} channel(s), but this run "
+                     f"needs {out_channels} (--num_classes).")
+
+
+def check_resume_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A named ``--resume_from_checkpoint`` folder must be a complete checkpoint (checked before training starts)."""
+    value = getattr(args, "resume_from_checkpoint", None)
+    if value and value != "latest":
+        try:
+            _check_resumable(Path(value))
+        except ValueError as error:
+            parser.error(str(error))
+
+
+def check_optimization_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every flag of ``add_data_arguments``, ``add_optimization_arguments`` and ``add_output_arguments`` that would
+    otherwise fail late (ZeroDivisionError, an untrained model saved, a crash after training) is checked here, before
+    anything is built: ``parser.error`` naming the flag. With ``--train_data_dir`` the training images are counted, so a
+    batch larger than an epoch is refused too."""
+    check_positive_integers(parser, args, "--max_train_steps", "--num_epochs", "--train_batch_size",
+                            "--gradient_accumulation_steps", "--checkpointing_steps", "--validation_steps",
+                            "--checkpoints_total_limit", "--resolution", "--patches_per_image", "--image_channels")
+    check_positive_integers(parser, args, "--num_classes", minimum=2)
+    check_positive_integers(parser, args, "--lr_warmup_steps", "--dataloader_num_workers", "--validation_crop",
+                            minimum=0)
+    check_finite_positive(parser, args, "--learning_rate", "--adam_epsilon")
+    for flag in ("--adam_beta1", "--adam_beta2"):
+        check_fraction(parser, args, flag, upper_open=True)
+    for flag in ("--foreground_fraction", "--ema_max_decay"):
+        check_fraction(parser, args, flag)
+    weight_decay = getattr(args, "adam_weight_decay", None)
+    if weight_decay is not None and not (math.isfinite(weight_decay) and weight_decay >= 0):
+        parser.error(f"--adam_weight_decay must be a finite number >= 0, got {weight_decay}.")
+    check_resume_argument(parser, args)
+    if getattr(args, "train_data_dir", None) is not None and getattr(args, "dataset_name", None) is None:
+        train_data_dir = Path(args.train_data_dir)
+        if not train_data_dir.is_dir():
+            parser.error(f"--train_data_dir {args.train_data_dir}: no such folder.")
+        try:
+            images = len(build_datasets(args)[0])
+        except Exception as error:  # a pairing problem: the data loaders' message names the file or folder
+            parser.error(f"--train_data_dir {args.train_data_dir}: {error}")
+        patches = images * args.patches_per_image
+        if args.train_batch_size > patches:
+            parser.error(f"--train_batch_size {args.train_batch_size} is larger than an epoch: {images} training "
+                         f"image(s) x --patches_per_image {args.patches_per_image} = {patches} patches, so no full "
+                         "batch could be drawn. Lower --train_batch_size or raise --patches_per_image.")
+
+
+def check_feature_head_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The flags of ``training/train_feature_head.py``: positive counts, a finite learning rate, integer timesteps,
+    block names, and the ``--ddpm`` and ``--train_data_dir`` folders (read before any feature is extracted)."""
+    check_positive_integers(parser, args, "--max_train_steps", "--num_labelled", "--crop", "--crops_per_image",
+                            "--ensemble_size", "--embed_dim", "--pixels_per_step")
+    check_finite_positive(parser, args, "--learning_rate")
+    try:
+        timesteps = [int(t) for t in args.timesteps.split(",")]
+    except ValueError:
+        parser.error(f"--timesteps must be comma-separated integers, got {args.timesteps!r}.")
+    if not timesteps or any(t < 0 for t in timesteps):
+        parser.error(f"--timesteps must be non-negative integers, got {args.timesteps!r}.")
+    if not [b for b in args.blocks.split(",") if b.strip()]:
+        parser.error(f"--blocks must name at least one block, got {args.blocks!r}.")
+    check_pipeline_folder(parser, "--ddpm", args.ddpm)
+    if not Path(args.train_data_dir).is_dir():
+        parser.error(f"--train_data_dir {args.train_data_dir}: no such folder.")
+
+
     selected = [s for s in stems if any(fnmatch.fnmatch(s, pat.strip()) for pat in patterns.split(","))]
     if not selected:
         raise ValueError(f"No image stems in {folder} match {patterns!r}.")

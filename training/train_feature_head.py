@@ -33,7 +33,12 @@ from tqdm.auto import tqdm
 from diffusers_retina import DiffusionFeaturePipeline
 from diffusers_retina.hub import write_feature_head_card
 from diffusers_retina.models import FreqAggHead, PixelMLPEnsemble, read_pixels
-from diffusers_retina.training_utils import build_datasets, select_stems, write_training_record
+from diffusers_retina.training_utils import (
+    build_datasets,
+    check_feature_head_arguments,
+    select_stems,
+    write_training_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +79,7 @@ def parse_args(argv=None):
     args.validation_stems = None
     if args.num_labelled < 1:
         parser.error("--num_labelled must be at least 1.")
+    check_feature_head_arguments(parser, args)  # counts, learning rate, timesteps, --ddpm folder
     return args
 
 

@@ -41,6 +41,8 @@ from diffusers_retina.training_utils import (
     add_output_arguments,
     central_crop,
     check_data_arguments,
+    check_optimization_arguments,
+    check_pipeline_folder,
     ema_weights,
     epoch_dataloader,
     final_weights,
@@ -90,10 +92,14 @@ def parse_args(argv=None):
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     check_data_arguments(parser, args)
+    check_optimization_arguments(parser, args)  # zero steps/intervals, a batch larger than an epoch, ...
     if args.task != "image" and (args.mask_pipeline or args.faithfulness_pipeline):
         parser.error("--mask_pipeline and --faithfulness_pipeline belong to --task image.")
     if not 0.0 <= args.condition_dropout < 1.0:
         parser.error(f"--condition_dropout must lie in [0, 1), got {args.condition_dropout}.")
+    # read only when the trained model is saved: check it before training
+    check_pipeline_folder(parser, "--mask_pipeline", args.mask_pipeline, out_channels=1 if args.num_classes == 2
+                          else args.num_classes)
     return args
 
 

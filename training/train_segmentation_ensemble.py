@@ -53,6 +53,7 @@ from diffusers_retina.training_utils import (
     resolve_data_format,
     save_checkpoint,
     step_generator,
+    check_optimization_arguments,
     write_training_record,
 )
 
@@ -114,6 +115,7 @@ def build_unet(args):
                   down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=args.norm_num_groups)
     if args.model == "medsegdiff":
         return MedSegDiffUNet2DModel(
+    check_optimization_arguments(parser, args)  # zero steps/intervals, a batch larger than an epoch, ...
             image_channels=args.image_channels, dynamic_encoding=args.dynamic_encoding, ff_parser=args.ff_parser,
             ff_parser_grid=tuple(int(n) for n in args.ff_parser_grid.split(",")),
             condition_head=args.aux_loss_weight > 0, **common,
