@@ -370,7 +370,8 @@ def collect_segment_inputs(inputs: Sequence[str], modalities: Optional[Sequence[
         elif path.is_dir() and modalities:
             items.extend(_case_folders(path, modalities))
         elif path.is_dir() and any(is_nifti_file(c) for c in path.iterdir() if c.is_file()):
-            volumes = sorted(c for c in path.iterdir() if c.is_file() and is_nifti_file(c) and not c.name.startswith("."))
+            volumes = sorted(c for c in path.iterdir()
+                             if c.is_file() and is_nifti_file(c) and not c.name.startswith("."))
             items.extend(_nifti_or_cli_error([volume]) for volume in volumes)
             if any(c.suffix.lower() in IMAGE_EXTENSIONS for c in path.iterdir() if c.is_file()):
                 items.extend(collect_inputs([entry]))
@@ -608,7 +609,8 @@ def segment_volume(
     float32; and the figures of the summary row (over all voxels).
 
     Example:
-        >>> maps, figures = segment_volume(pipe, np.random.rand(32, 32, 4, 4).astype(np.float32), args)  # doctest: +SKIP
+        >>> volume = np.random.rand(32, 32, 4, 4).astype(np.float32)  # (X, Y, slices, modalities)
+        >>> maps, figures = segment_volume(pipe, volume, args)  # doctest: +SKIP
         >>> maps["mask"].shape, sorted(figures)  # doctest: +SKIP
         ((32, 32, 4), ['foreground_fraction', 'mean_entropy'])
     """

@@ -528,10 +528,12 @@ BRATS_REGIONS: Dict[str, Tuple[int, ...]] = {
 def _brats_labels(x: ArrayLike, name: str) -> np.ndarray:
     array = _to_numpy(x, name)
     if array.ndim not in (2, 3):
-        raise ValueError(f"`{name}` must be one (H, W) slice or one (X, Y, Z) volume of labels, got shape {array.shape}.")
+        raise ValueError(f"`{name}` must be one (H, W) slice or one (X, Y, Z) volume of labels, "
+                         f"got shape {array.shape}.")
     if array.size and not np.isin(array, (0, 1, 2, 3, 4)).all():
         values = sorted(set(np.unique(array).tolist()) - {0, 1, 2, 3, 4})[:10]
-        raise ValueError(f"`{name}` has values {values} outside the BraTS labels {{0, 1, 2, 4}} / classes {{0, 1, 2, 3}}.")
+        raise ValueError(f"`{name}` has values {values} outside the BraTS labels {{0, 1, 2, 4}} / "
+                         "classes {0, 1, 2, 3}.")
     return array
 
 
@@ -591,7 +593,8 @@ def brats_region_metrics(
     """
     pred_array, target_array = _brats_labels(pred, "pred"), _brats_labels(target, "target")
     if pred_array.shape != target_array.shape:
-        raise ValueError(f"`pred` and `target` must have the same shape, got {pred_array.shape} and {target_array.shape}.")
+        raise ValueError(f"`pred` and `target` must have the same shape, got {pred_array.shape} and "
+                         f"{target_array.shape}.")
     if spacing is not None and len(tuple(spacing)) != pred_array.ndim:
         raise ValueError(f"`spacing` needs one value per axis ({pred_array.ndim}), got {tuple(spacing)}.")
     pred_masks, target_masks = brats_region_masks(pred_array), brats_region_masks(target_array)

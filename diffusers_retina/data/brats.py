@@ -302,7 +302,8 @@ def nifti_case(paths: Sequence[PathLike], name: Optional[str] = None) -> NiftiCa
             differ in shape or affine.
 
     Example:
-        >>> case = nifti_case(["p/p_t1.nii.gz", "p/p_t1ce.nii.gz", "p/p_t2.nii.gz", "p/p_flair.nii.gz"])  # doctest: +SKIP
+        >>> files = ["p/p_t1.nii.gz", "p/p_t1ce.nii.gz", "p/p_t2.nii.gz", "p/p_flair.nii.gz"]
+        >>> case = nifti_case(files)  # doctest: +SKIP
         >>> case.name, case.channels  # doctest: +SKIP
         ('p', 4)
     """
