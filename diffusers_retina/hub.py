@@ -172,8 +172,8 @@ def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
     args = info["args"]
     repo_id = repo_id or args.get("hub_model_id") or f"diffusers-retina/{folder.name}"
 
-    eval_results = []
-    if evaluation:
+    eval_results = _eval_results(evaluation) or []
+    if evaluation and not eval_results and evaluation.get("rows"):
         main_row = evaluation["rows"][0]
         for metric, value in main_row["metrics"].items():
             if metric in METRIC_LABELS and value is not None:
@@ -187,6 +187,7 @@ def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
                            metrics=["dice"], eval_results=eval_results or None)
     validation = info.get("validation_dice")
     unet_config = read_json(folder / "unet" / "config.json") or {}
+    index = read_json(folder / "model_index.json") or {}
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATES / "segmentation_ensemble.md"),
@@ -194,11 +195,17 @@ def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
         repo_id=repo_id,
         model_description=_model_description(unet_config),
         medsegdiff=unet_config.get("_class_name") == "MedSegDiffUNet2DModel",
-        inference_steps=(evaluation or {}).get("inference_steps", args.get("validation_inference_steps", 2)),
+        inference_steps=index.get("default_denoising_steps") or (evaluation or {}).get(
+            "inference_steps", args.get("validation_inference_steps", 2)),
         ensemble_size=(evaluation or {}).get("ensemble_size", 5),
         validation_dice="not run" if validation is None else f"{validation:.3f}",
+        anchor=index.get("anchor"),
+        anchor_strength=index.get("anchor_strength"),
+        prior_command=((read_json(Path(args["prior_segmenter"]).parent / TRAINING_INFO) or {}).get("command")
+                       if args.get("prior_segmenter") else None),
+        augmentation=_augmentation_text(args),
         **_common_card_fields(folder, info),
-        evaluation=_evaluation_markdown(evaluation),
+        evaluation=_measured_markdown(evaluation) or _evaluation_markdown(evaluation),
     )
 
 
@@ -322,6 +329,55 @@ def write_feature_head_card(folder: Union[str, os.PathLike], repo_id: Optional[s
     """Render and save ``README.md`` of a `DiffusionFeaturePipeline` folder; returns its path."""
     path = Path(folder) / "README.md"
     feature_head_model_card(folder, repo_id=repo_id).save(str(path))
+    return path
+
+
+def _augmentation_text(args: Dict[str, Any]) -> str:
+    parts = []
+    if args.get("photometric_augmentation"):
+        parts.append(f"camera-like colour, brightness, contrast, gamma, blur and noise changes (strength "
+                     f"{args['photometric_augmentation']:g})")
+    if args.get("scale_augmentation"):
+        parts.append(f"rescaling by {args['scale_augmentation'].replace(',', '–')}x")
+    return "; " + ", ".join(parts) if parts else ""
+
+
+def segmenter_model_card(folder: Union[str, os.PathLike], repo_id: Optional[str] = None) -> ModelCard:
+    """The model card of a deterministic segmenter folder (``config.json`` + weights + ``training_info.json``, and
+    ``evaluation.json`` with a measured ``markdown`` table when one was written).
+
+    Example:
+        >>> card = segmenter_model_card("checkpoints/vessel-segmenter-chase")  # doctest: +SKIP
+    """
+    folder = Path(folder)
+    info = _training_info(folder)
+    args = info["args"]
+    repo_id = repo_id or args.get("hub_model_id") or f"diffusers-retina/{folder.name}"
+    evaluation = read_json(folder / EVALUATION)
+    card_data = _card_data(args, repo_id, "image-segmentation", ["vessel-segmentation", "unet"],
+                           metrics=["dice"], eval_results=_eval_results(evaluation))
+    return ModelCard.from_template(
+        card_data, template_path=str(TEMPLATES / "vessel_segmenter.md"), model_name=repo_id, repo_id=repo_id,
+        augmentation=_augmentation_text(args), **_common_card_fields(folder, info),
+        evaluation=_measured_markdown(evaluation) or "Not evaluated yet: run `benchmarks/evaluate_anchored.py`.",
+    )
+
+
+def _eval_results(evaluation: Optional[Dict[str, Any]]) -> Optional[List[EvalResult]]:
+    """``model-index`` entries from an ``evaluation.json`` that names its ``metrics`` (a full test-set evaluation)."""
+    if not evaluation or not evaluation.get("metrics"):
+        return None
+    return [EvalResult(task_type="image-segmentation", dataset_type="chase_db1", dataset_name="CHASE_DB1",
+                       dataset_split=evaluation.get("split", "test (Image_11L–Image_14R, 1stHO, full resolution)"),
+                       metric_type=metric, metric_name=METRIC_LABELS.get(metric, metric),
+                       metric_value=round(float(value), 4))
+            for metric, value in evaluation["metrics"].items() if value is not None]
+
+
+def write_segmenter_card(folder: Union[str, os.PathLike], repo_id: Optional[str] = None) -> Path:
+    """Render and save ``README.md`` of a deterministic segmenter folder; returns its path."""
+    path = Path(folder) / "README.md"
+    segmenter_model_card(folder, repo_id=repo_id).save(str(path))
     return path
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from .data import FolderPairDataset, HFSegmentationDataset
@@ -61,6 +62,13 @@ def add_data_arguments(parser: argparse.ArgumentParser, default_resolution: int 
     parser.add_argument("--patches_per_image", type=int, default=50)
     parser.add_argument("--foreground_fraction", type=float, default=0.5)
     parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--photometric_augmentation", type=float, default=0.0,
+                        help="Strength of the random camera-like colour, brightness, contrast, gamma, blur and noise "
+                             "changes of every patch (0: none, 1: the documented ranges; see "
+                             "diffusers_retina.data.transforms.random_photometric).")
+    parser.add_argument("--scale_augmentation", type=str, default=None,
+                        help="'low,high': cut patches low..high times the patch size (log-uniform) and resize them, "
+                             "so vessels appear at other calibres, as with other cameras and fields of view.")
 
 
 def add_optimization_arguments(parser: argparse.ArgumentParser, default_learning_rate: float = 1e-3) -> None:
@@ -105,14 +113,6 @@ def check_data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error("Give --train_data_dir (images/ + masks/ folders) or --dataset_name.")
 
 
-# ------------------------------------------------------------------------------------------------ data
-
-
-def select_stems(dataset_root, args, patterns: str):
-    """Stems of image files under ``image_dir`` that match any of the comma-separated glob ``patterns``."""
-    folder = Path(dataset_root) / args.image_dir
-    stems = sorted(p.stem[: len(p.stem) - len(args.image_suffix)] if args.image_suffix else p.stem
-                   for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 def check_positive_integers(parser: argparse.ArgumentParser, args: argparse.Namespace, *flags: str,
                             minimum: int = 1) -> None:
     """``parser.error`` naming the first of ``flags`` (``"--name"``) whose value is set and below ``minimum``."""
@@ -230,6 +230,14 @@ def check_feature_head_arguments(parser: argparse.ArgumentParser, args: argparse
         parser.error(f"--train_data_dir {args.train_data_dir}: no such folder.")
 
 
+# ------------------------------------------------------------------------------------------------ data
+
+
+def select_stems(dataset_root, args, patterns: str):
+    """Stems of image files under ``image_dir`` that match any of the comma-separated glob ``patterns``."""
+    folder = Path(dataset_root) / args.image_dir
+    stems = sorted(p.stem[: len(p.stem) - len(args.image_suffix)] if args.image_suffix else p.stem
+                   for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     selected = [s for s in stems if any(fnmatch.fnmatch(s, pat.strip()) for pat in patterns.split(","))]
     if not selected:
         raise ValueError(f"No image stems in {folder} match {patterns!r}.")
@@ -330,6 +338,52 @@ def build_datasets(args):
         validation = FolderPairDataset(args.train_data_dir,
                                        stems=select_stems(args.train_data_dir, args, args.validation_stems), **common)
     return train, validation
+
+
+def parse_scale_range(value: Optional[str]) -> Optional[Tuple[float, float]]:
+    """``"0.75,1.33"`` -> ``(0.75, 1.33)``; None stays None."""
+    if not value:
+        return None
+    try:
+        low, high = (float(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"--scale_augmentation must be 'low,high' (e.g. 0.75,1.33), got {value!r}.") from None
+    if not 0 < low <= high:
+        raise ValueError(f"--scale_augmentation must satisfy 0 < low <= high, got {value!r}.")
+    return low, high
+
+
+def load_prior_maps(dataset, folder) -> list:
+    """The prior probability maps of ``dataset``'s samples: ``<folder>/<name>.png`` (uint8, 255 = probability 1),
+    as written by ``training/make_prior_maps.py``. A missing or mis-sized map is an error naming the file."""
+    from .data import DataError
+    from .data.reading import open_pil
+
+    maps = []
+    for index in range(len(dataset)):
+        raw = dataset.load_raw(index)
+        path = Path(folder) / f"{raw.name}.png"
+        if not path.is_file():
+            raise DataError(f"No prior map '{path}' for training image '{raw.name}' (see training/make_prior_maps.py).")
+        prior = np.asarray(open_pil(path, "prior map").convert("L"))
+        if prior.shape != raw.size:
+            raise DataError(f"Prior map '{path}' is {prior.shape[1]}x{prior.shape[0]}, its image "
+                            f"{raw.size[1]}x{raw.size[0]}.")
+        maps.append(prior)
+    return maps
+
+
+def augmentation_options(args, train_dataset) -> dict:
+    """The ``RandomPatchDataset`` keywords of the augmentation and prior flags (absent flags: none)."""
+    options = {}
+    if getattr(args, "photometric_augmentation", 0.0):
+        options["photometric"] = args.photometric_augmentation
+    scale_range = parse_scale_range(getattr(args, "scale_augmentation", None))
+    if scale_range is not None:
+        options["scale_range"] = scale_range
+    if getattr(args, "prior_maps", None):
+        options["priors"] = load_prior_maps(train_dataset, args.prior_maps)
+    return options
 
 
 def central_crop(tensor: torch.Tensor, size: int) -> torch.Tensor:
@@ -688,7 +742,8 @@ def prepare_training(accelerator, args, model, logger, project_name: str) -> Tra
 
     train_dataset, validation_dataset = build_datasets(args)
     patches = RandomPatchDataset(train_dataset, patch_size=args.resolution, patches_per_image=args.patches_per_image,
-                                 foreground_fraction=args.foreground_fraction, augment=True, seed=args.seed)
+                                 foreground_fraction=args.foreground_fraction, augment=True, seed=args.seed,
+                                 **augmentation_options(args, train_dataset))
     train_dataloader = torch.utils.data.DataLoader(patches, batch_size=args.train_batch_size,
                                                    sampler=EpochSampler(len(patches), args.seed),
                                                    num_workers=args.dataloader_num_workers, drop_last=True)

@@ -11,6 +11,14 @@ logits out at timestep 0, BCE + soft Dice): the same-budget baseline to report n
 patches in the same order, optimiser, schedule, EMA and steps). It saves the UNet alone (``<output_dir>/unet``);
 ``benchmarks/evaluate_segmentation.py --baseline <output_dir>`` scores it with the same tiles and metrics.
 
+Prior-anchored diffusion: ``--prior_maps DIR`` gives every training image a prior probability map (made by
+``training/make_prior_maps.py``, out of fold so that training priors look like test-time priors) and the denoiser
+takes it as one more input channel. ``--anchor residual`` learns the residual ``y - p`` from pure noise;
+``--anchor strength --anchor_strength S`` learns the mask only over the first ``S`` of the noise schedule (sampling
+starts from the noised prior). ``--prior_segmenter DIR`` is the segmenter saved into the pipeline as its ``prior``
+(the one that made the test-time priors). With ``--objective supervised`` the prior maps make a deterministic cascade
+(``[image | prior]`` in, logits out: the control with no noise).
+
 In the shape of diffusers' ``examples/unconditional_image_generation/train_unconditional.py``: one file, argparse at
 the top, ``main()`` with the accelerate loop. Runs unchanged on CPU, one GPU or many
 (``accelerate launch --multi_gpu training/train_segmentation_ensemble.py ...``).
@@ -38,12 +46,14 @@ from diffusers_retina import SegmentationEnsemblePipeline
 from diffusers_retina.image_processing import mask_to_diffusion
 from diffusers_retina.metrics import dice as dice_score
 from diffusers_retina.models import MedSegDiffUNet2DModel
+from diffusers_retina.pipelines.sampling import segmenter_probabilities
 from diffusers_retina.training_utils import (
     add_data_arguments,
     add_optimization_arguments,
     add_output_arguments,
     central_crop,
     check_data_arguments,
+    check_optimization_arguments,
     ema_weights,
     epoch_dataloader,
     final_weights,
@@ -53,7 +63,6 @@ from diffusers_retina.training_utils import (
     resolve_data_format,
     save_checkpoint,
     step_generator,
-    check_optimization_arguments,
     write_training_record,
 )
 
@@ -85,6 +94,19 @@ def parse_args(argv=None):
     parser.add_argument("--prediction_type", type=str, default="sample", choices=["epsilon", "sample", "v_prediction"],
                         help="Wolleb et al. use epsilon; x0 ('sample') learned faster on CPU and works at 2 DDIM steps.")
     parser.add_argument("--num_train_timesteps", type=int, default=1000)
+    # prior anchoring
+    parser.add_argument("--prior_maps", type=str, default=None,
+                        help="Folder of <stem>.png prior probability maps of the training images "
+                             "(training/make_prior_maps.py); the model takes the prior as an input channel.")
+    parser.add_argument("--anchor", type=str, default=None, choices=["residual", "strength"],
+                        help="Diffusion objective with --prior_maps: residual (y - p from noise) or strength "
+                             "(img2img from the noised prior).")
+    parser.add_argument("--anchor_strength", type=float, default=0.4,
+                        help="--anchor strength: fraction of the noise schedule trained and sampled from.")
+    parser.add_argument("--prior_segmenter", type=str, default=None,
+                        help="The deterministic segmenter (a UNet2DModel folder) saved as the pipeline's prior.")
+    parser.add_argument("--default_denoising_steps", type=int, default=None,
+                        help="Steps stored with the saved pipeline as its default (Marigold's convention).")
     parser.add_argument("--beta_schedule", type=str, default="linear")
     # validation
     parser.add_argument("--validation_ensemble_size", type=int, default=3)
@@ -93,11 +115,29 @@ def parse_args(argv=None):
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     check_data_arguments(parser, args)
+    check_optimization_arguments(parser, args)  # zero steps/intervals, a batch larger than an epoch, ...
     resolve_data_format(parser, args)  # --data_format brats: image channels = modalities
     if args.model == "unet" and args.aux_loss_weight:
         parser.error("--aux_loss_weight needs --model medsegdiff (a stock UNet2DModel has no condition encoder).")
     if args.objective == "supervised" and args.model != "unet":
         parser.error("--objective supervised trains a stock UNet2DModel (--model unet).")
+    if args.objective == "diffusion" and args.prior_maps and args.anchor is None:
+        parser.error("--prior_maps with the diffusion objective needs --anchor residual|strength.")
+    if args.anchor is not None:
+        if not args.prior_maps or not args.prior_segmenter:
+            parser.error("--anchor needs --prior_maps (training priors) and --prior_segmenter (the saved prior).")
+        if args.objective != "diffusion" or args.model != "unet" or args.num_classes != 2:
+            parser.error("--anchor is implemented for the diffusion objective, --model unet and binary masks.")
+        if not 0.0 < args.anchor_strength <= 1.0:
+            parser.error(f"--anchor_strength must lie in (0, 1], got {args.anchor_strength}.")
+        if not os.path.isfile(os.path.join(args.prior_segmenter, "config.json")):
+            parser.error(f"--prior_segmenter {args.prior_segmenter!r} has no config.json (a saved UNet2DModel folder).")
+    if args.prior_maps and args.validation_stems and not args.prior_segmenter:
+        parser.error("Validation with --prior_maps needs --prior_segmenter (it makes the validation images' priors).")
+    if args.prior_maps and not os.path.isdir(args.prior_maps):
+        parser.error(f"--prior_maps {args.prior_maps!r} is not a folder.")
+    if args.default_denoising_steps is not None and args.default_denoising_steps < 1:
+        parser.error("--default_denoising_steps must be a positive integer.")
     return args
 
 
@@ -110,12 +150,13 @@ def build_unet(args):
         down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
     # the supervised baseline sees the image alone; the diffusion model the noisy mask and the image
     in_channels = args.image_channels + (mask_channels if args.objective == "diffusion" else 0)
+    if args.prior_maps:  # the prior is one more input channel
+        in_channels += 1
     common = dict(sample_size=args.resolution, in_channels=in_channels,
                   out_channels=mask_channels, block_out_channels=channels, layers_per_block=args.layers_per_block,
                   down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=args.norm_num_groups)
     if args.model == "medsegdiff":
         return MedSegDiffUNet2DModel(
-    check_optimization_arguments(parser, args)  # zero steps/intervals, a batch larger than an epoch, ...
             image_channels=args.image_channels, dynamic_encoding=args.dynamic_encoding, ff_parser=args.ff_parser,
             ff_parser_grid=tuple(int(n) for n in args.ff_parser_grid.split(",")),
             condition_head=args.aux_loss_weight > 0, **common,
@@ -130,13 +171,23 @@ def auxiliary_loss(condition_logits, masks, num_classes):
     return F.cross_entropy(condition_logits.float(), masks.long())
 
 
-def diffusion_loss(unet, noise_scheduler, images, masks, args, generator):
+def diffusion_loss(unet, noise_scheduler, images, masks, args, generator, prior=None):
     """Wolleb et al.: noise the mask to a random timestep and regress the target from ``[noisy mask | image]``.
-    Returns ``(model output, MSE loss)``."""
+    With a ``prior`` (probabilities, ``(N, 1, H, W)``) the denoiser also sees ``q = 2p - 1``; ``--anchor residual``
+    diffuses the residual ``y - p`` instead of the mask, ``--anchor strength`` only trains the timesteps below
+    ``anchor_strength * T`` (sampling starts there). Returns ``(model output, MSE loss)``."""
     clean_masks = mask_to_diffusion(masks, args.num_classes).to(images.dtype)
+    condition = images
+    max_timestep = noise_scheduler.config.num_train_timesteps
+    if prior is not None:
+        prior_masks = (2.0 * prior - 1.0).to(images.dtype)
+        condition = torch.cat([images, prior_masks], dim=1)
+        if args.anchor == "residual":
+            clean_masks = (clean_masks - prior_masks) / 2.0  # = y - p, in [-1, 1]
+        elif args.anchor == "strength":
+            max_timestep = max(1, int(round(args.anchor_strength * max_timestep)))
     noise = torch.randn(clean_masks.shape, generator=generator).to(images.device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (images.shape[0],),
-                              generator=generator).to(images.device)
+    timesteps = torch.randint(0, max_timestep, (images.shape[0],), generator=generator).to(images.device)
     noisy_masks = noise_scheduler.add_noise(clean_masks, noise, timesteps)
     if args.prediction_type == "epsilon":
         target = noise
@@ -144,7 +195,7 @@ def diffusion_loss(unet, noise_scheduler, images, masks, args, generator):
         target = clean_masks
     else:
         target = noise_scheduler.get_velocity(clean_masks, noise, timesteps)
-    output = unet(torch.cat([noisy_masks, images], dim=1), timesteps)
+    output = unet(torch.cat([noisy_masks, condition], dim=1), timesteps)
     return output, F.mse_loss(output.sample[:, : clean_masks.shape[1]].float(), target.float())
 
 
@@ -180,16 +231,23 @@ def inference_scheduler(noise_scheduler):
 def run_validation(unet, noise_scheduler, validation, args, seed):
     """Sample the validation images with a few DDIM steps (the supervised baseline: one forward) and return their mean
     Dice (monitoring only)."""
+    prior = None
+    if args.prior_maps:  # validation images get their prior from the segmenter the pipeline will ship
+        prior = UNet2DModel.from_pretrained(args.prior_segmenter).to(unet.device, unet.dtype).eval()
     if args.objective == "diffusion":
-        pipeline = SegmentationEnsemblePipeline(unet=unet, scheduler=inference_scheduler(noise_scheduler))
+        anchoring = {} if prior is None else dict(prior=prior, anchor=args.anchor, anchor_strength=args.anchor_strength)
+        pipeline = SegmentationEnsemblePipeline(unet=unet, scheduler=inference_scheduler(noise_scheduler), **anchoring)
         pipeline.set_progress_bar_config(disable=True)
     scores = []
     for index in range(len(validation)):
         item = validation[index]
         image, mask = central_crop(item["image"], args.validation_crop), central_crop(item["mask"], args.validation_crop)
         if args.objective == "supervised":
+            inputs = image[None].to(unet.device, unet.dtype)
             with torch.no_grad():
-                logits = unet(image[None].to(unet.device, unet.dtype), 0).sample
+                if prior is not None:
+                    inputs = torch.cat([inputs, 2.0 * segmenter_probabilities(prior, inputs).to(inputs.dtype) - 1.0], 1)
+                logits = unet(inputs, 0).sample
             predicted = supervised_masks(logits, args.num_classes)[0].cpu()
         else:
             predicted = pipeline(image, num_inference_steps=args.validation_inference_steps,
@@ -221,13 +279,16 @@ def main(argv=None):
         for batch in epoch_dataloader(accelerator, state.train_dataloader, epoch, state.first_epoch,
                                       state.resume_step):
             images = batch["image"]
+            prior = batch.get("prior")  # (N, 1, H, W) probabilities with --prior_maps
             with accelerator.accumulate(unet):
                 if args.objective == "supervised":
-                    output = unet(images, torch.zeros(images.shape[0], dtype=torch.long, device=images.device))
+                    inputs = images if prior is None else torch.cat([images, 2.0 * prior - 1.0], dim=1)
+                    output = unet(inputs, torch.zeros(images.shape[0], dtype=torch.long, device=images.device))
                     loss = supervised_loss(output.sample, batch["mask"], args.num_classes)
                 else:
                     generator = step_generator(args.seed, global_step, accelerator.process_index)
-                    output, loss = diffusion_loss(unet, noise_scheduler, images, batch["mask"], args, generator)
+                    output, loss = diffusion_loss(unet, noise_scheduler, images, batch["mask"], args, generator,
+                                                  prior=prior)
                 if args.aux_loss_weight:
                     loss = loss + args.aux_loss_weight * auxiliary_loss(output.condition_logits, batch["mask"],
                                                                         args.num_classes)
@@ -285,12 +346,24 @@ def save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_ste
     if args.objective == "supervised":  # a bare UNet: the baseline is not a diffusion pipeline (and has no card)
         model.save_pretrained(os.path.join(args.output_dir, "unet"))
     else:
-        SegmentationEnsemblePipeline(unet=model, scheduler=inference_scheduler(noise_scheduler)).save_pretrained(
-            args.output_dir)
+        anchoring = {}
+        if args.anchor is not None:
+            prior = UNet2DModel.from_pretrained(args.prior_segmenter).to(model.dtype)
+            anchoring = dict(prior=prior, anchor=args.anchor, anchor_strength=args.anchor_strength)
+        SegmentationEnsemblePipeline(unet=model, scheduler=inference_scheduler(noise_scheduler),
+                                     default_denoising_steps=args.default_denoising_steps,
+                                     **anchoring).save_pretrained(args.output_dir)
     write_training_record(args, "training/train_segmentation_ensemble.py", global_step, seconds, model, argv=argv,
                           validation_dice=validation_dice)
     if args.objective == "diffusion":
         write_segmentation_card(args.output_dir, repo_id=args.hub_model_id)
+    elif not args.prior_maps:  # the deterministic segmenter is a model of its own: its folder gets the record + card
+        import shutil
+
+        from diffusers_retina.hub import TRAINING_INFO, write_segmenter_card
+
+        shutil.copy(os.path.join(args.output_dir, TRAINING_INFO), os.path.join(args.output_dir, "unet", TRAINING_INFO))
+        write_segmenter_card(os.path.join(args.output_dir, "unet"), repo_id=args.hub_model_id)
     if args.push_to_hub:
         push_folder(args, args.output_dir)
 

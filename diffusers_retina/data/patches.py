@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple, Union
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .errors import DataError
 from .reading import RawSample, mask_array_from_numpy, raw_to_item
-from .transforms import random_flip_rotate
+from .transforms import random_flip_rotate, random_photometric
 
 
 def _raw_from_dataset(dataset: Dataset, index: int, num_classes: int) -> RawSample:
@@ -29,12 +31,16 @@ def _raw_from_dataset(dataset: Dataset, index: int, num_classes: int) -> RawSamp
     return RawSample(image=image_hwc, mask=mask, name=str(item.get("name", index)), fov=fov_array)
 
 
+def _centred_pads(size: Tuple[int, int], height: int, width: int):
+    pad_h, pad_w = max(0, height - size[0]), max(0, width - size[1])
+    return ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
+
+
 def _pad_to_at_least(raw: RawSample, height: int, width: int) -> RawSample:
     """Reflect-pad (centred) a sample smaller than ``height x width``; larger samples are returned unchanged."""
-    pad_h, pad_w = max(0, height - raw.size[0]), max(0, width - raw.size[1])
-    if not pad_h and not pad_w:
+    pads = _centred_pads(raw.size, height, width)
+    if not any(pads[0] + pads[1]):
         return raw
-    pads = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2))
     # numpy's reflect cannot mirror a single row / column; symmetric repeats it instead
     mode = "reflect" if min(raw.size) > 1 else "symmetric"
     return RawSample(
@@ -90,6 +96,9 @@ class RandomPatchDataset(Dataset):
         foreground_fraction: float = 0.5,
         augment: bool = True,
         seed: int = 0,
+        photometric: float = 0.0,
+        scale_range: Optional[Tuple[float, float]] = None,
+        priors: Optional[Sequence[np.ndarray]] = None,
     ) -> None:
         if isinstance(patch_size, int):
             patch_size = (patch_size, patch_size)
@@ -103,17 +112,38 @@ class RandomPatchDataset(Dataset):
             raise DataError(f"`seed` must be a non-negative integer, got {seed!r}.")
         if len(dataset) == 0:
             raise DataError("`dataset` is empty.")
+        if not 0.0 <= float(photometric) <= 2.0:
+            raise DataError(f"`photometric` (augmentation strength) must lie in [0, 2], got {photometric!r}.")
+        if scale_range is not None:
+            scale_range = tuple(float(v) for v in scale_range)
+            if len(scale_range) != 2 or not 0.0 < scale_range[0] <= scale_range[1] or not all(
+                    math.isfinite(v) for v in scale_range):
+                raise DataError(f"`scale_range` must be (low, high) with 0 < low <= high, got {scale_range!r}.")
+        if priors is not None and len(priors) != len(dataset):
+            raise DataError(f"`priors` has {len(priors)} maps for {len(dataset)} images.")
         self.patch_size: Tuple[int, int] = tuple(patch_size)
         self.patches_per_image = patches_per_image
         self.foreground_fraction = float(foreground_fraction)
         self.augment = augment
         self.seed = seed
+        self.photometric = float(photometric)
+        self.scale_range = scale_range
         self.num_classes: int = getattr(dataset, "num_classes", 256)
 
-        self.samples: List[RawSample] = [
-            _pad_to_at_least(_raw_from_dataset(dataset, i, self.num_classes), *self.patch_size)
-            for i in range(len(dataset))
-        ]
+        raw_samples = [_raw_from_dataset(dataset, i, self.num_classes) for i in range(len(dataset))]
+        # prior maps (a deterministic segmenter's probabilities, uint8 0..255) are cut, scaled and flipped with the image
+        self.priors: Optional[List[np.ndarray]] = None
+        if priors is not None:
+            self.priors = []
+            for raw, prior in zip(raw_samples, priors):
+                prior = np.asarray(prior)
+                if prior.shape != raw.size:
+                    raise DataError(f"Prior map of '{raw.name}' has shape {prior.shape}, its image {raw.size}.")
+                if prior.dtype != np.uint8:
+                    prior = np.round(np.clip(prior.astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+                mode = "reflect" if min(raw.size) > 1 else "symmetric"
+                self.priors.append(np.pad(prior, _centred_pads(raw.size, *self.patch_size), mode=mode))
+        self.samples: List[RawSample] = [_pad_to_at_least(raw, *self.patch_size) for raw in raw_samples]
         self.image_channels = int(self.samples[0].image.shape[2])
         # flat indices of the foreground pixels, computed once (int32 keeps them small)
         self.foreground: List[np.ndarray] = [
@@ -140,9 +170,10 @@ class RandomPatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples) * self.patches_per_image
 
-    def _patch_origin(self, sample_index: int, generator: torch.Generator) -> Tuple[int, int]:
+    def _patch_origin(self, sample_index: int, generator: torch.Generator,
+                      patch_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
         height, width = self.samples[sample_index].size
-        patch_h, patch_w = self.patch_size
+        patch_h, patch_w = patch_size or self.patch_size
         foreground = self.foreground[sample_index]
         use_foreground = foreground.size > 0 and float(torch.rand((), generator=generator)) < self.foreground_fraction
         if use_foreground:
@@ -162,8 +193,14 @@ class RandomPatchDataset(Dataset):
         generator = torch.Generator().manual_seed(patch_seed(self.seed, self.epoch, index))
         sample_index = index % len(self.samples)
         sample = self.samples[sample_index]
-        top, left = self._patch_origin(sample_index, generator)
-        rows, cols = slice(top, top + self.patch_size[0]), slice(left, left + self.patch_size[1])
+        crop = self.patch_size
+        if self.scale_range is not None:
+            # vessel-scale augmentation: cut a patch `scale` times the size and resize it to the patch size
+            low, high = math.log(self.scale_range[0]), math.log(self.scale_range[1])
+            scale = math.exp(low + (high - low) * float(torch.rand((), generator=generator)))
+            crop = tuple(min(max(1, int(round(p * scale))), s) for p, s in zip(self.patch_size, sample.size))
+        top, left = self._patch_origin(sample_index, generator, crop)
+        rows, cols = slice(top, top + crop[0]), slice(left, left + crop[1])
         patch = RawSample(
             image=sample.image[rows, cols],
             mask=sample.mask[rows, cols],
@@ -171,18 +208,51 @@ class RandomPatchDataset(Dataset):
             fov=None if sample.fov is None else sample.fov[rows, cols],
         )
         item = raw_to_item(patch, self.image_channels)
-        if self.augment:
+        if self.priors is not None:
+            item["prior"] = torch.from_numpy(np.ascontiguousarray(self.priors[sample_index][rows, cols])).float()[None]
+            item["prior"] = item["prior"] / 255.0
+        if crop != self.patch_size:
+            item = _resize_item(item, self.patch_size)
+        if self.augment and "prior" in item:  # flip / rotate the prior with the image
+            channels = item["image"].shape[0]
+            stacked = torch.cat([item["image"], item["prior"]])
+            if "fov" in item:
+                stacked, item["mask"], item["fov"] = random_flip_rotate(stacked, item["mask"], generator,
+                                                                        fov=item["fov"])
+            else:
+                stacked, item["mask"] = random_flip_rotate(stacked, item["mask"], generator)
+            item["image"], item["prior"] = stacked[:channels].contiguous(), stacked[channels:].contiguous()
+        elif self.augment:
             if "fov" in item:
                 item["image"], item["mask"], item["fov"] = random_flip_rotate(
                     item["image"], item["mask"], generator, fov=item["fov"]
                 )
             else:
                 item["image"], item["mask"] = random_flip_rotate(item["image"], item["mask"], generator)
+        if self.photometric:
+            item["image"] = random_photometric(item["image"], generator, self.photometric)
         return item
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(images={len(self.samples)}, patch_size={self.patch_size}, "
             f"patches_per_image={self.patches_per_image}, foreground_fraction={self.foreground_fraction}, "
-            f"augment={self.augment}, seed={self.seed}, epoch={self.epoch})"
+            f"augment={self.augment}, seed={self.seed}, epoch={self.epoch}, photometric={self.photometric}, "
+            f"scale_range={self.scale_range}, priors={self.priors is not None})"
         )
+
+
+def _resize_item(item: Dict[str, Union[torch.Tensor, str]], size: Tuple[int, int]
+                 ) -> Dict[str, Union[torch.Tensor, str]]:
+    """Resize a patch item to ``size``: image and prior bilinear (antialiased when shrinking), mask and field of view
+    nearest-neighbour (they stay labels)."""
+    out = dict(item)
+    for key in ("image", "prior"):
+        if key in item:
+            out[key] = F.interpolate(item[key][None].float(), size=size, mode="bilinear", align_corners=False,
+                                     antialias=True)[0].to(item[key].dtype)
+    for key in ("mask", "fov"):
+        if key in item:
+            resized = F.interpolate(item[key][None, None].float(), size=size, mode="nearest")[0, 0]
+            out[key] = resized.to(item[key].dtype)
+    return out

@@ -62,3 +62,49 @@ def diffusion_inputs(batch: Dict[str, torch.Tensor], num_classes: int = 2) -> Tu
         (torch.Size([2, 1, 4, 4]), 1.0)
     """
     return batch["image"].float(), mask_to_diffusion(batch["mask"], num_classes)
+
+
+def _uniform(generator: Optional[torch.Generator], low: float, high: float, size: int = 1) -> torch.Tensor:
+    return low + (high - low) * torch.rand(size, generator=generator)
+
+
+def random_photometric(
+    image: torch.Tensor, generator: Optional[torch.Generator] = None, strength: float = 1.0
+) -> torch.Tensor:
+    """Random camera-like photometric change of one ``(C, H, W)`` image in ``[-1, 1]`` (the mask is unchanged).
+
+    What differs between fundus cameras and sessions, each drawn independently: a per-channel gain (white balance,
+    ``exp(±0.25)``), a global brightness gain (``exp(±0.4)``), a contrast change about the image mean
+    (``exp(±0.4)``), a gamma change (``exp(±0.4)``), and, each with probability 0.3, a Gaussian blur (sigma 0.3-1.2
+    px: sharpness, compression) and additive noise (sigma up to 0.03). Multiplicative changes keep the black
+    surround of the field of view black. ``strength`` scales every range (0: identity).
+
+    Example:
+        >>> image = torch.rand(3, 16, 16) * 2 - 1
+        >>> out = random_photometric(image, torch.Generator().manual_seed(0))
+        >>> out.shape == image.shape and float(out.min()) >= -1 and float(out.max()) <= 1
+        True
+    """
+    if strength <= 0:
+        return image
+    channels = image.shape[0]
+    x = (image.float() + 1.0) / 2.0
+    x = x * torch.exp(_uniform(generator, -0.25, 0.25, channels) * strength).view(channels, 1, 1)
+    x = x * float(torch.exp(_uniform(generator, -0.4, 0.4) * strength))
+    mean = x.mean()
+    x = (x - mean) * float(torch.exp(_uniform(generator, -0.4, 0.4) * strength)) + mean
+    x = x.clamp(0.0, 1.0) ** float(torch.exp(_uniform(generator, -0.4, 0.4) * strength))
+    blur, noise = (torch.rand(2, generator=generator) < 0.3).tolist()
+    sigma = float(_uniform(generator, 0.3, 1.2)) * strength
+    noise_sigma = float(_uniform(generator, 0.0, 0.03)) * strength
+    if blur and sigma > 0.05:
+        radius = max(1, int(round(2.5 * sigma)))
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        padded = torch.nn.functional.pad(x[None], (radius, radius, radius, radius), mode="replicate")
+        x = torch.nn.functional.conv2d(padded, kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
+        x = torch.nn.functional.conv2d(x, kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)[0]
+    if noise and noise_sigma > 0:
+        x = x + noise_sigma * torch.randn(x.shape, generator=generator)
+    return (x.clamp(0.0, 1.0) * 2.0 - 1.0).to(image.dtype)

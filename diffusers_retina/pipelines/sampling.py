@@ -121,3 +121,34 @@ def check_common_inputs(size_multiple: int, batch_size, tile_size, tile_overlap,
         raise ValueError(
             f"`callback_on_step_end_tensor_inputs` has {unknown}; allowed: {list(allowed_tensor_inputs)}."
         )
+
+
+@torch.no_grad()
+def segmenter_probabilities(segmenter, images: torch.Tensor, tile_size: Optional[int] = None,
+                            tile_overlap: float = 0.25, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Foreground probabilities ``(B, 1, H, W)`` (float32) of a deterministic segmenter: a ``UNet2DModel`` that takes
+    the image (``[-1, 1]``, plus ``extra`` channels such as a prior, if given) at timestep 0 and returns one logit
+    channel. Reflect-padded to the segmenter's down-sampling factor and, with ``tile_size``, run on Gaussian-blended
+    windows, exactly like the diffusion pipelines' denoiser calls.
+
+    Example:
+        >>> from diffusers import UNet2DModel
+        >>> unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=1, block_out_channels=(8, 16),
+        ...                    down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+        ...                    norm_num_groups=4, layers_per_block=1)
+        >>> segmenter_probabilities(unet, torch.zeros(2, 3, 20, 20)).shape
+        torch.Size([2, 1, 20, 20])
+    """
+    from ..image_processing import pad_to_multiple
+
+    model_input = images if extra is None else torch.cat([images, extra.to(images.dtype)], dim=1)
+    model_input = model_input.to(segmenter.device, segmenter.dtype)
+    multiple = 2 ** (len(segmenter.config.block_out_channels) - 1)
+    padded, (height, width) = pad_to_multiple(model_input, multiple)
+    timestep = torch.zeros((), dtype=torch.long, device=segmenter.device)
+
+    def forward(window: torch.Tensor) -> torch.Tensor:
+        return segmenter(window, timestep, return_dict=False)[0]
+
+    logits = tiled_predict(forward, padded, tile_size, tile_overlap)
+    return logits[:, :1, :height, :width].float().sigmoid()

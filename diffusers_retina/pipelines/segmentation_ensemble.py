@@ -3,12 +3,25 @@
 A DDPM over the *mask*: at every denoising step the noisy mask is concatenated with the clean image, so the
 denoiser is a plain ``UNet2DModel`` with ``in_channels = image_channels + mask_channels``. Sampling several
 members from different noise gives an ensemble whose spread is an uncertainty map.
+
+With a ``prior`` (a deterministic segmenter) the sampling is *anchored* on its prediction ``p`` (``q = 2p - 1`` in
+diffusion space), and the denoiser sees ``[state | image | q]``:
+
+* ``anchor="residual"``: the diffusion runs over the residual ``r = y - p`` (mask minus prior probability), from pure
+  noise with the scheduler's full schedule, so every diffusers scheduler works unchanged; a member's mask is
+  ``q + 2r``. Its forward process moves the mask's mean from ``y`` to ``p`` (the Gaussian counterpart of HiDiff's
+  Bernoulli process).
+* ``anchor="strength"``: diffusers' img2img convention: the prior ``q`` is noised to the timestep that
+  ``anchor_strength`` picks and only the last ``num_inference_steps`` of a ``ceil(steps / strength)``-step schedule
+  are run (SDEdit-style).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Union
+
+import math
 
 import numpy as np
 import torch
@@ -34,12 +47,14 @@ from .sampling import (
     per_sample_generators,
     sample_chunks,
     samples_per_call,
+    segmenter_probabilities,
     step_accepts_generator,
     tiled_predict,
     window_pixels,
 )
 
 FUSION_METHODS = ("mean", "majority", "staple")
+ANCHORS = ("residual", "strength")
 # schedulers whose `step` takes ``2 * C`` output channels and uses the learned variance
 VARIANCE_SCHEDULERS = (DDPMScheduler, DDPMParallelScheduler, UnCLIPScheduler)
 
@@ -95,16 +110,49 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
             learned variance). A stock ``UNet2DModel`` works, so does ``MedSegDiffUNet2DModel`` (MedSegDiff's
             condition encoder, dynamic conditional encoding and FF-Parser), and any model with the same call contract.
         scheduler: any diffusers scheduler (DDPM, DDIM, DPM-Solver, Euler, ...).
+        prior: optional deterministic segmenter (a ``UNet2DModel`` taking the image at timestep 0 and returning one
+            logit channel, e.g. ``train_segmentation_ensemble.py --objective supervised``). With a prior, the
+            ``unet`` also takes the prior as one more input channel and sampling is anchored on it (``anchor``).
+        anchor: ``"residual"`` or ``"strength"`` (see the module docstring); required with a prior, else None.
+        anchor_strength: for ``anchor="strength"``: the fraction of the noise schedule sampling starts from.
+        default_denoising_steps: ``num_inference_steps`` when the call does not give it (Marigold's convention:
+            the checkpoint knows the step count it was evaluated with); None: 50.
+        default_threshold: ``threshold`` when the call does not give it (chosen on training data); None: 0.5.
 
     Masks have one channel (binary, ``2m - 1``) or ``K`` one-hot channels in ``[-1, 1]`` (``K`` classes).
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "prior->unet"
+    _optional_components = ["prior"]
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet: Union[UNet2DModel, MedSegDiffUNet2DModel], scheduler: SchedulerMixin):
+    def __init__(self, unet: Union[UNet2DModel, MedSegDiffUNet2DModel], scheduler: SchedulerMixin,
+                 prior: Optional[UNet2DModel] = None, anchor: Optional[str] = None, anchor_strength: float = 1.0,
+                 default_denoising_steps: Optional[int] = None, default_threshold: Optional[float] = None):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        if anchor is not None and anchor not in ANCHORS:
+            raise ValueError(f"`anchor` must be one of {ANCHORS} or None, got {anchor!r}.")
+        if (prior is None) != (anchor is None):
+            raise ValueError("A `prior` segmenter and an `anchor` formulation go together: give both or neither "
+                             f"(got prior={type(prior).__name__ if prior is not None else None}, anchor={anchor!r}).")
+        if not (isinstance(anchor_strength, (int, float)) and 0.0 < anchor_strength <= 1.0):
+            raise ValueError(f"`anchor_strength` must lie in (0, 1], got {anchor_strength!r}.")
+        if default_denoising_steps is not None and (
+                not isinstance(default_denoising_steps, int) or default_denoising_steps < 1):
+            raise ValueError(f"`default_denoising_steps` must be a positive integer, got {default_denoising_steps!r}.")
+        if default_threshold is not None and not 0.0 < default_threshold < 1.0:
+            raise ValueError(f"`default_threshold` must lie in (0, 1), got {default_threshold!r}.")
+        self.register_modules(unet=unet, scheduler=scheduler, prior=prior)
+        self.register_to_config(anchor=anchor, anchor_strength=float(anchor_strength),
+                                default_denoising_steps=default_denoising_steps, default_threshold=default_threshold)
+        if prior is not None:
+            if prior.config.out_channels != 1 or self.mask_channels != 1:
+                raise ValueError("Prior anchoring is implemented for binary masks: the prior must return one logit "
+                                 f"channel (has {prior.config.out_channels}) and the unet one mask channel.")
+            if prior.config.in_channels != self.image_channels:
+                raise ValueError(f"The prior takes {prior.config.in_channels} image channels but the unet's inputs "
+                                 f"leave {self.image_channels} for the image (in_channels "
+                                 f"{self.unet.config.in_channels} = mask + image + prior).")
 
     # ------------------------------------------------------------------ model facts
     @property
@@ -120,8 +168,23 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         return 2 if self.mask_channels == 1 else self.mask_channels
 
     @property
+    def num_timesteps(self) -> int:
+        """Denoising steps the last call ran per sample (diffusers' property; after ``anchor_strength``)."""
+        return getattr(self, "_num_timesteps", 0)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` from a step callback to skip the remaining steps (diffusers' convention)."""
+        return getattr(self, "_interrupt", False)
+
+    @property
+    def prior_channels(self) -> int:
+        """Channels of the prior the denoiser takes (one per mask channel when anchored, else 0)."""
+        return self.mask_channels if getattr(self, "prior", None) is not None else 0
+
+    @property
     def image_channels(self) -> int:
-        return self.unet.config.in_channels - self.mask_channels
+        return self.unet.config.in_channels - self.mask_channels - self.prior_channels
 
     @property
     def size_multiple(self) -> int:
@@ -140,6 +203,19 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         check_common_inputs(self.size_multiple, batch_size, tile_size, tile_overlap, output_type,
                             callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
 
+    def anchored_timesteps(self, num_inference_steps: int, device) -> torch.Tensor:
+        """The timesteps a call runs: the full schedule, or (``anchor="strength"``) the last ``num_inference_steps``
+        of a ``ceil(steps / strength)``-step schedule, as diffusers' img2img pipelines do."""
+        if self.config.anchor != "strength":
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            return self.scheduler.timesteps
+        total = max(num_inference_steps, math.ceil(num_inference_steps / self.config.anchor_strength - 1e-9))
+        self.scheduler.set_timesteps(total, device=device)
+        start = (total - num_inference_steps) * self.scheduler.order
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(start)
+        return self.scheduler.timesteps[start:]
+
     def predict(self, model_input: torch.Tensor, timestep: torch.Tensor, tile_size: Optional[int],
                 tile_overlap: float) -> torch.Tensor:
         """One denoiser evaluation; with ``tile_size``, overlapping windows blended with a Gaussian (MONAI)."""
@@ -154,10 +230,10 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
     def __call__(
         self,
         image: ImageInput,
-        num_inference_steps: int = 50,
+        num_inference_steps: Optional[int] = None,
         ensemble_size: int = 5,
         fusion: str = "mean",
-        threshold: float = 0.5,
+        threshold: Optional[float] = None,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         batch_size: Union[int, str, None] = None,
         tile_size: Optional[int] = None,
@@ -175,11 +251,13 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         Args:
             image: PIL image(s), numpy array(s) (``HWC``/``NHWC``, uint8 or float in [0, 1]) or a tensor
                 (``CHW``/``NCHW`` in [-1, 1]). Any size: padded (reflect) to the UNet's factor and cropped back.
-            num_inference_steps: denoising steps of the scheduler.
+            num_inference_steps: denoising steps of the scheduler; default the checkpoint's
+                ``default_denoising_steps`` (else 50).
             ensemble_size: members sampled per image.
             fusion: ``"mean"`` (average probabilities), ``"majority"`` (vote of hard member masks) or ``"staple"``
                 (STAPLE, Warfield et al. 2004, on the hard member masks).
-            threshold: foreground threshold for binary masks (members and fused probabilities).
+            threshold: foreground threshold for binary masks (members and fused probabilities); default the
+                checkpoint's ``default_threshold`` (else 0.5).
             generator: a ``torch.Generator`` or a list with one per sample (images x members, image-major). Same
                 generators, same output, whatever ``batch_size``.
             batch_size: samples (images x members) denoised together; default all at once. Lower it to save memory.
@@ -203,7 +281,13 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
 
-        # 1. Check inputs
+        # 1. Check inputs (defaults stored with the checkpoint first)
+        if num_inference_steps is None:
+            num_inference_steps = self.config.get("default_denoising_steps") or 50
+        if threshold is None:
+            threshold = self.config.get("default_threshold") or 0.5
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
         self.check_inputs(ensemble_size, fusion, threshold, batch_size, tile_size, tile_overlap, output_type,
                           callback_on_step_end_tensor_inputs)
         device = self._execution_device
@@ -216,12 +300,18 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         num_samples = num_images * ensemble_size
         generators = per_sample_generators(generator, num_samples, device, "member and image (images x ensemble_size)")
         sample_shape = (self.mask_channels,) + tuple(images.shape[-2:])
+        anchor = self.config.get("anchor") if self.prior is not None else None
+        condition = images
+        if anchor is not None:
+            # the prior's prediction, once per image, in diffusion space: the anchor and one more denoiser input
+            prior_masks = 2.0 * segmenter_probabilities(self.prior, images, tile_size, tile_overlap) - 1.0
+            condition = torch.cat([images, prior_masks.to(dtype)], dim=1)
 
         # 3. Denoise the samples (image-major order), chunk by chunk
         chunk = samples_per_call(batch_size, num_samples, window_pixels(*images.shape[-2:], tile_size), device, dtype)
         chunks = sample_chunks(num_samples, chunk)
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        self._num_timesteps = len(self.scheduler.timesteps)
+        self._num_timesteps = len(self.anchored_timesteps(num_inference_steps, device))
+        self._interrupt = False
         # only DDPM-style schedulers split a learned variance off the model output themselves; DDIM/DPM-Solver/...
         # built with `from_config` keep `variance_type` in their config but need the mean channels only.
         # Not every scheduler's `step` takes a generator (e.g. UniPC).
@@ -234,14 +324,21 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         with self.progress_bar(total=len(chunks) * self._num_timesteps) as progress_bar:
             for chunk in chunks:
                 # multistep schedulers keep per-run state: start each chunk afresh
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
+                timesteps = self.anchored_timesteps(num_inference_steps, device)
                 chunk_generators = [generators[i] for i in chunk]
-                prior = images[[i // ensemble_size for i in chunk]]
+                chunk_condition = condition[[i // ensemble_size for i in chunk]]
                 latents = randn_tensor((len(chunk),) + sample_shape, generator=chunk_generators, device=device,
                                        dtype=dtype)
-                latents = latents * self.scheduler.init_noise_sigma
-                for step_index, t in enumerate(self.scheduler.timesteps):
-                    model_input = torch.cat([self.scheduler.scale_model_input(latents, t), prior], dim=1)
+                if anchor == "strength":  # img2img: start from the prior, noised to the first timestep
+                    anchor_masks = chunk_condition[:, -self.mask_channels:]
+                    latents = self.scheduler.add_noise(anchor_masks, latents, timesteps[:1].repeat(len(chunk)))
+                else:
+                    latents = latents * self.scheduler.init_noise_sigma
+                for step_index, t in enumerate(timesteps):
+                    if self.interrupt:
+                        progress_bar.update()
+                        continue
+                    model_input = torch.cat([self.scheduler.scale_model_input(latents, t), chunk_condition], dim=1)
                     model_output = self.predict(model_input, t, tile_size, tile_overlap)
                     if model_output.shape[1] != self.mask_channels and not uses_variance:
                         # a learned-variance model used with a scheduler that does not take the variance
@@ -257,6 +354,8 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
                         callback_outputs = callback_on_step_end(self, step_index, t, callback_kwargs)
                         latents = callback_outputs.pop("latents", latents)
                     progress_bar.update()
+                if anchor == "residual":  # mask = prior + residual (both in diffusion space: q + 2r)
+                    latents = (chunk_condition[:, -self.mask_channels:] + 2.0 * latents).clamp(-1.0, 1.0)
                 samples.append(latents[..., :height, :width].float())
 
         # 4. Post-process: member probabilities -> fusion -> uncertainty
