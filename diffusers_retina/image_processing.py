@@ -161,10 +161,29 @@ def numpy_to_pil_maps(maps: np.ndarray, max_value: float = 1.0) -> List[PIL.Imag
 MaskInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[PIL.Image.Image], Sequence[np.ndarray]]
 
 
+# A numpy mask (H, W, C) with one of these channel counts is one mask stored as an image (grey, RGB or RGBA with
+# equal colour channels), not C-pixel-wide masks; NHW batches of masks 1, 3 or 4 pixels wide would be read as HWC,
+# so a 3-D array is an image only when its first axis is longer than 4.
+_MASK_IMAGE_CHANNELS = (1, 3, 4)
+
+
+def _single_channel_mask(array: np.ndarray, name: str) -> np.ndarray:
+    """``(H, W, C)`` mask stored as an image -> ``(H, W)``: the grey channel; RGB(A) only when the colour channels agree
+    (alpha is ignored)."""
+    if array.shape[-1] == 1:
+        return array[..., 0]
+    colour = array[..., :3]
+    if not (np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])):
+        raise ValueError(f"`{name}` is an (H, W, {array.shape[-1]}) array whose colour channels differ; give a "
+                         "grey mask (H, W) or class indices, not a colour image.")
+    return colour[..., 0]
+
+
 def prepare_masks(mask: MaskInput, num_classes: int, name: str = "mask") -> torch.Tensor:
     """Turn masks (single or batched) into diffusion space: a float ``(N, C, H, W)`` tensor in ``[-1, 1]``.
 
-    * Hard masks -- PIL images, integer / bool numpy arrays (``HW`` or ``NHW``) or integer tensors (``HW`` / ``NHW``):
+    * Hard masks -- PIL images, integer / bool numpy arrays (``HW``, ``NHW``, or ``HWC`` / ``NHWC`` with C = 1, 3 or 4
+      equal grey channels, as image readers return them), integer tensors (``HW`` / ``NHW``) or a list of tensors:
       binary masks as 0/1 or 0/255, ``K`` classes as class indices ``< K`` (checked like the data loaders do).
     * Soft masks -- float numpy arrays or tensors with probabilities in ``[0, 1]``: ``HW`` / ``NHW`` for binary masks,
       or ``NCHW`` tensors with ``C`` class probabilities (``K`` classes).
@@ -196,6 +215,13 @@ def prepare_masks(mask: MaskInput, num_classes: int, name: str = "mask") -> torc
             raise ValueError(f"All masks in `{name}` must have the same size, got {sorted({a.shape for a in indices})}.")
         return mask_to_diffusion(torch.from_numpy(np.stack(indices)).long(), num_classes)
 
+    if isinstance(mask, (list, tuple)) and mask and all(isinstance(item, torch.Tensor) for item in mask):
+        # a list of tensors (diffusers' processors accept lists): each as a tensor input, then one batch
+        parts = [prepare_masks(item, num_classes, f"{name}[{index}]") for index, item in enumerate(mask)]
+        if len({tuple(part.shape[1:]) for part in parts}) > 1:
+            raise ValueError(f"All masks in `{name}` must have the same size, got "
+                             f"{[tuple(part.shape[-2:]) for part in parts]}.")
+        return torch.cat(parts)
     if isinstance(mask, torch.Tensor):
         tensor = mask.detach().cpu()
         if tensor.is_floating_point():
@@ -226,12 +252,17 @@ def prepare_masks(mask: MaskInput, num_classes: int, name: str = "mask") -> torc
             except DataError as error:
                 raise ValueError(str(error)) from None
         elif isinstance(item, np.ndarray):
-            if item.ndim == 3:
+            if item.ndim == 4 and item.shape[-1] in _MASK_IMAGE_CHANNELS:
+                arrays.extend(_single_channel_mask(m, name) for m in item)  # NHWC, as an image loader gives them
+            elif item.ndim == 3 and item.shape[-1] in _MASK_IMAGE_CHANNELS and item.shape[0] > 4:
+                arrays.append(_single_channel_mask(item, name))  # HWC: one mask stored as an image
+            elif item.ndim == 3:
                 arrays.extend(list(item))  # NHW
             elif item.ndim == 2:
                 arrays.append(item)
             else:
-                raise ValueError(f"`{name}` numpy arrays must be HW or NHW, got shape {item.shape}.")
+                raise ValueError(f"`{name}` numpy arrays must be HW, HWC (C = 1, 3 or 4), NHW or NHWC, got shape "
+                                 f"{item.shape}.")
         else:
             raise TypeError(f"`{name}` must be PIL images, numpy arrays or a torch tensor, got {type(item)}.")
     is_soft = [np.issubdtype(a.dtype, np.floating) and not np.array_equal(a, np.round(a)) for a in arrays]

@@ -313,7 +313,7 @@ def test_freq_agg_head_shapes_gradients_half_precision_and_save_load(tmp_path):
                        block_channels=[description[b]["channels"] for b in blocks], embed_dim=8)
     x = images(count=2, height=16, width=24)
     features = pipe(x, blocks=blocks, timesteps=[10, 60], policy="anchor").features  # float16, native sizes
-    logits = head(features, size=(16, 24))
+    logits = head(features, size=(16, 24)).logits
     assert logits.shape == (2, 2, 16, 24) and torch.isfinite(logits).all()
     logits.square().mean().backward()
     for name, parameter in head.named_parameters():
@@ -322,7 +322,7 @@ def test_freq_agg_head_shapes_gradients_half_precision_and_save_load(tmp_path):
     # the timestep reaches the normalisation: zero-initialised modulation moves once trained
     with torch.no_grad():
         head.time_modulation[-1].bias.normal_()
-    assert not torch.allclose(head(features, size=(16, 24)), logits.detach(), atol=1e-4)
+    assert not torch.allclose(head(features, size=(16, 24)).logits, logits.detach(), atol=1e-4)
 
     pipe.set_head(head)
     out = pipe(x, output="segmentation")  # blocks, timesteps and policy come from the head's config

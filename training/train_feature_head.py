@@ -170,7 +170,7 @@ def train_pixel_mlp(head, features, masks, size, args, weights):
             cols = torch.randint(0, size[1], (args.pixels_per_step,), generator=generator)
             vectors = read_pixels(features, head.config.blocks, torch.stack([rows, cols], dim=-1), size,
                                   image_index=crop)
-            loss = F.cross_entropy(head(vectors, member=member), masks[crop, rows, cols].long(), weight=weights)
+            loss = F.cross_entropy(head(vectors, member=member).logits, masks[crop, rows, cols].long(), weight=weights)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -183,7 +183,7 @@ def train_freq_agg(head, features, masks, size, args, weights):
     head.train()
     for _ in tqdm(range(args.max_train_steps), desc="freq_agg", leave=False):
         batch = torch.randint(0, masks.shape[0], (4,), generator=generator)
-        logits = head({name: maps[batch] for name, maps in features.items()}, size=size)
+        logits = head({name: maps[batch] for name, maps in features.items()}, size=size).logits
         loss = F.cross_entropy(logits, masks[batch].long(), weight=weights)
         optimizer.zero_grad()
         loss.backward()

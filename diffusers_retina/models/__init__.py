@@ -9,11 +9,12 @@ listed here are found by name when a saved pipeline's shim files are mapped back
 from .conditional_unet import SPADE, ConditionalUNet2DModel
 from .freq_agg_head import FreqAggHead, frequency_bands
 from .medsegdiff_unet import DynamicConditionalEncoding, FFParser, MedSegDiffUNet2DModel, MedSegDiffUNet2DOutput
-from .pixel_mlp_ensemble import PixelMLPEnsemble, read_pixels
+from .pixel_mlp_ensemble import FeatureHeadOutput, PixelMLPEnsemble, read_pixels
 
 __all__ = [
     "ConditionalUNet2DModel",
     "DynamicConditionalEncoding",
+    "FeatureHeadOutput",
     "FFParser",
     "FreqAggHead",
     "MedSegDiffUNet2DModel",

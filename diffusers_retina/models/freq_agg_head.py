@@ -11,7 +11,7 @@ conv classifier predicts the classes, upsampled to the image.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,8 @@ from diffusers import ModelMixin  # noqa: F401  (diffusers resolves package comp
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import Timesteps
 from torch import nn
+
+from .pixel_mlp_ensemble import FeatureHeadOutput
 
 
 def frequency_bands(maps: torch.Tensor, cutoff: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +52,7 @@ class FreqAggHead(ModelMixin, ConfigMixin):
         >>> from diffusers_retina.models import FreqAggHead
         >>> head = FreqAggHead(blocks=["mid", "up.1"], timesteps=[50, 150], block_channels=[64, 32])
         >>> features = {"mid": torch.randn(1, 2, 64, 8, 8), "up.1": torch.randn(1, 2, 32, 32, 32)}
-        >>> head(features, size=(64, 64)).shape
+        >>> head(features, size=(64, 64)).logits.shape
         torch.Size([1, 2, 64, 64])
         ```
     """
@@ -94,12 +96,15 @@ class FreqAggHead(ModelMixin, ConfigMixin):
         weights = self.band_logits.softmax(dim=-1)  # (2, S)
         return (weights[0].view(-1, 1, 1, 1, 1) * low + weights[1].view(-1, 1, 1, 1, 1) * high).sum(dim=0)
 
-    def forward(self, features: Dict[str, torch.Tensor], size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    def forward(self, features: Dict[str, torch.Tensor], size: Optional[Tuple[int, int]] = None,
+                return_dict: bool = True) -> Union[FeatureHeadOutput, Tuple[torch.Tensor]]:
         """Class logits ``(N, K, H, W)`` from ``{block: (N, T, C, h, w)}`` (``size``: output size, default the finest
-        feature map's)."""
+        feature map's), as a [`FeatureHeadOutput`] (or ``(logits,)`` with ``return_dict=False``). Works in the head's
+        dtype whatever the features' (float16/bfloat16 pipelines)."""
         timesteps = self.config.timesteps
         device = self.band_logits.device
-        embedding = self.time_modulation(self.time_proj(torch.tensor(timesteps, device=device)).to(device))
+        dtype = self.time_modulation[0].weight.dtype  # the sinusoidal embedding comes out in float32
+        embedding = self.time_modulation(self.time_proj(torch.tensor(timesteps, device=device)).to(device, dtype))
         scale, shift = embedding.chunk(2, dim=-1)  # (T, D) each
         per_timestep, gates = [], []
         for k in range(len(timesteps)):
@@ -116,12 +121,12 @@ class FreqAggHead(ModelMixin, ConfigMixin):
         logits = self.classifier(mixed)
         if size is not None and tuple(logits.shape[-2:]) != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        return logits
+        return FeatureHeadOutput(logits=logits) if return_dict else (logits,)
 
     @torch.no_grad()
     def predict(self, features: Dict[str, torch.Tensor], size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
         """``masks (N, H, W)``, ``probabilities (N, K, H, W)`` and ``uncertainty (N, H, W)`` (predictive entropy)."""
         self.eval()
-        probabilities = self(features, size=size).float().softmax(dim=1)
+        probabilities = self(features, size=size, return_dict=False)[0].float().softmax(dim=1)
         entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim=1)
         return {"masks": probabilities.argmax(dim=1), "probabilities": probabilities, "uncertainty": entropy}

@@ -11,13 +11,27 @@ uncertainty map.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from diffusers import ModelMixin  # noqa: F401  (diffusers resolves package components via ModelMixin)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.utils import BaseOutput
 from torch import nn
+
+
+@dataclass
+class FeatureHeadOutput(BaseOutput):
+    """Output of the feature heads' ``forward``.
+
+    Args:
+        logits: class logits -- ``PixelMLPEnsemble``: ``(E, P, K)`` (or ``(P, K)`` of one member); ``FreqAggHead``:
+            ``(N, K, H, W)``.
+    """
+
+    logits: torch.Tensor
 
 
 def gather_pixels(maps: torch.Tensor, image_index: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
@@ -129,11 +143,17 @@ class PixelMLPEnsemble(ModelMixin, ConfigMixin):
     def in_features(self) -> int:
         return sum(self.config.block_channels) * len(self.config.timesteps)
 
-    def forward(self, pixel_features: torch.Tensor, member: Optional[int] = None) -> torch.Tensor:
-        """Logits ``(E, P, K)`` of every member for pixel vectors ``(P, F)`` (or ``(P, K)`` of one ``member``)."""
+    def forward(self, pixel_features: torch.Tensor, member: Optional[int] = None, return_dict: bool = True
+                ) -> Union[FeatureHeadOutput, Tuple[torch.Tensor]]:
+        """Logits ``(E, P, K)`` of every member for pixel vectors ``(P, F)`` (or ``(P, K)`` of one ``member``), as a
+        [`FeatureHeadOutput`] (or a tuple ``(logits,)`` with ``return_dict=False``). Vectors of any float dtype are
+        cast to the head's (a float16/bfloat16 pipeline reads float32 vectors from its feature maps)."""
+        pixel_features = pixel_features.to(self.members[0][0].weight.dtype)
         if member is not None:
-            return self.members[member](pixel_features)
-        return torch.stack([mlp(pixel_features) for mlp in self.members])
+            logits = self.members[member](pixel_features)
+        else:
+            logits = torch.stack([mlp(pixel_features) for mlp in self.members])
+        return FeatureHeadOutput(logits=logits) if return_dict else (logits,)
 
     @torch.no_grad()
     def predict(self, features: Dict[str, torch.Tensor], size: Tuple[int, int], chunk: int = 65536
@@ -153,7 +173,7 @@ class PixelMLPEnsemble(ModelMixin, ConfigMixin):
             for start in range(0, coords.shape[0], chunk):
                 vectors = read_pixels(single, self.config.blocks, coords[None, start: start + chunk],
                                       size)[0].to(device)
-                member_probs = self(vectors).softmax(dim=-1)  # (E, P, K)
+                member_probs = self(vectors, return_dict=False)[0].float().softmax(dim=-1)  # (E, P, K)
                 mean = member_probs.mean(dim=0)
                 counts = F.one_hot(member_probs.argmax(dim=-1), self.config.num_classes).sum(dim=0)  # (P, K)
                 entropy_of_mean = -(mean * mean.clamp_min(1e-12).log()).sum(-1)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -36,6 +36,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..image_processing import ImageInput, pad_to_multiple, prepare_images
+from .checks import check_finite_output
 from .loading import RetinaPipelineMixin
 from .sampling import per_sample_generators
 
@@ -78,6 +79,14 @@ class DiffusionFeaturePipelineOutput(BaseOutput):
     probabilities: Optional[torch.Tensor] = None
     uncertainty: Optional[torch.Tensor] = None
 
+    def __post_init__(self) -> None:
+        # diffusers' BaseOutput unpacks a lone dict in the first field into the output's own keys (``out[0]`` would
+        # be one block's tensor and ``out["features"]`` a KeyError): keep every set field under its name instead
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is not None:
+                self[field.name] = value
+
 
 def _first_tensor(output) -> torch.Tensor:
     """Block outputs come as tensors, tuples (down blocks: ``(hidden, residuals)``) or output dataclasses."""
@@ -118,6 +127,14 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
     @property
     def size_multiple(self) -> int:
         return 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def default_blocks(self) -> List[str]:
+        """``["up.1", "up.2"]`` (ddpm-segmentation's choice) when the UNet has them, else its two finest up blocks
+        (a two-level UNet has ``up.0`` and ``up.1`` only)."""
+        levels = len(self.unet.up_blocks)
+        if levels >= 3:
+            return ["up.1", "up.2"]
+        return [f"up.{i}" for i in range(max(levels - 2, 0), levels)]
 
     def block_modules(self) -> Dict[str, torch.nn.Module]:
         """Every hookable block by name, in forward order: ``down.{i}``, ``mid``, ``up.{i}.{j}``, ``up.{i}``."""
@@ -400,7 +417,8 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
         Args:
             image: PIL image(s), numpy array(s) (``HWC``, uint8 or float in [0, 1]) or a tensor (``CHW``/``NCHW`` in
                 [-1, 1]); any size (reflect-padded to the UNet's factor; features cover the padded image).
-            blocks: block names (``describe()`` lists them); default: the head's, else ``["up.1", "up.2"]``.
+            blocks: block names (``describe()`` lists them); default: the head's, else ``default_blocks()``
+                (``["up.1", "up.2"]``, or the two finest up blocks of a UNet with fewer levels).
             timesteps: timesteps in ``[0, num_train_timesteps)``; default: the head's, else ``[50, 150, 250]``.
             policy: ``"noise"``, ``"anchor"`` or ``"ddim_inversion"``; default: the head's, else ``"noise"``.
             output: ``"features"`` or ``"segmentation"`` (needs a head).
@@ -420,7 +438,7 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
         Examples:
         """
         head_config = self.head.config if self.head is not None else {}
-        blocks = list(blocks or head_config.get("blocks") or ["up.1", "up.2"])
+        blocks = list(blocks or head_config.get("blocks") or self.default_blocks())
         timesteps = list(timesteps or head_config.get("timesteps") or [50, 150, 250])
         policy = policy or head_config.get("policy") or "noise"
         if output not in ("features", "segmentation"):
@@ -441,7 +459,11 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
                               num_noise_draws=num_noise_draws, shared_noise=shared_noise, feature_dtype=feature_dtype,
                               batch_size=batch_size, cache_dir=cache_dir, seed=seed)
         if output == "features":
-            result = DiffusionFeaturePipelineOutput(features=self.extract(images, **extract_kwargs))
+            features = self.extract(images, **extract_kwargs)
+            for name, maps in features.items():
+                check_finite_output(maps, f"The features of block {name!r}", hint=f"unet dtype {self.unet.dtype}, "
+                                    f"feature_dtype {feature_dtype} (float16 overflows above 65504)")
+            result = DiffusionFeaturePipelineOutput(features=features)
         else:
             head_device = next(self.head.parameters()).device
 
@@ -460,6 +482,8 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
                 roi = (min(tile_size, images.shape[-2]), min(tile_size, images.shape[-1]))
                 maps = sliding_window_inference(images, roi_size=roi, sw_batch_size=1, predictor=segment,
                                                 overlap=tile_overlap, mode="gaussian", progress=False)
+            check_finite_output(maps, "The head's probabilities and uncertainty",
+                                hint=f"unet dtype {self.unet.dtype}, head dtype {self.head.dtype}")
             probabilities = maps[:, :-1, :height, :width]
             result = DiffusionFeaturePipelineOutput(masks=probabilities.argmax(dim=1), probabilities=probabilities,
                                                     uncertainty=maps[:, -1, :height, :width])

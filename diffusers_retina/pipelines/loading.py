@@ -71,6 +71,20 @@ def _is_external_library(library: Optional[str]) -> bool:
     return not hasattr(pipelines, library)
 
 
+def _check_pipeline_class(cls, saved_class, location) -> None:
+    """A folder saved from another pipeline of this package is refused with a message naming both classes (a
+    Mask2Image checkpoint is no segmentation model, and the other way round: loading it would fail later with an
+    unrelated error, or not at all)."""
+    from .. import pipelines
+
+    saved = getattr(pipelines, saved_class, None) if isinstance(saved_class, str) else None
+    if saved is None or not isinstance(saved, type) or issubclass(cls, saved) or issubclass(saved, cls):
+        return
+    raise ValueError(
+        f"{location} holds a {saved_class} (its model_index.json), not a {cls.__name__}: load it with "
+        f"`{saved_class}.from_pretrained(...)`, or give a {cls.__name__} checkpoint.")
+
+
 class RetinaPipelineMixin:
     """First base class of every diffusers-retina pipeline (before ``DiffusionPipeline``).
 
@@ -89,6 +103,8 @@ class RetinaPipelineMixin:
         output = super().load_config(*args, **kwargs)
         config = output[0] if isinstance(output, tuple) else output
         class_name = config.get("_class_name")
+        saved_class = class_name[1] if isinstance(class_name, (list, tuple)) and len(class_name) == 2 else class_name
+        _check_pipeline_class(cls, saved_class, args[0] if args else kwargs.get("pretrained_model_name_or_path"))
         if isinstance(class_name, (list, tuple)):
             # ["pipeline_x", "XPipeline"]: we are the class, do not let diffusers import the shim file
             config["_class_name"] = class_name[1]

@@ -29,6 +29,7 @@ from ..image_processing import (
     prepare_masks,
 )
 from ..models import ConditionalUNet2DModel
+from .checks import check_finite_output, check_guidance_scale, check_num_inference_steps
 from .loading import RetinaPipelineMixin
 from .sampling import (
     check_common_inputs,
@@ -114,13 +115,31 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
     def size_multiple(self) -> int:
         return self.unet.size_multiple
 
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance scale of the running call; a step callback may change
+        ``pipe._guidance_scale`` (e.g. to 1.0 to stop guiding), read at every denoiser call."""
+        return getattr(self, "_guidance_scale", 1.0)
+
+    @property
+    def num_timesteps(self) -> int:
+        """Denoising steps of the image scheduler in the running (or last) call."""
+        return getattr(self, "_num_timesteps", 0)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` from a step callback to skip the remaining steps (diffusers' convention)."""
+        return getattr(self, "_interrupt", False)
+
     # ------------------------------------------------------------------ helpers
     def check_inputs(self, mask, num_masks, height, width, num_images_per_mask, guidance_scale, batch_size, tile_size,
-                     tile_overlap, output_type, callback_on_step_end_tensor_inputs):
-        if not isinstance(num_images_per_mask, int) or num_images_per_mask < 1:
+                     tile_overlap, output_type, callback_on_step_end_tensor_inputs, num_inference_steps=1,
+                     mask_num_inference_steps=None):
+        if isinstance(num_images_per_mask, bool) or not isinstance(num_images_per_mask, int) or num_images_per_mask < 1:
             raise ValueError(f"`num_images_per_mask` must be a positive integer, got {num_images_per_mask!r}.")
-        if guidance_scale < 0:
-            raise ValueError(f"`guidance_scale` must be >= 0 (1: no guidance), got {guidance_scale!r}.")
+        check_num_inference_steps(num_inference_steps)
+        check_num_inference_steps(mask_num_inference_steps, "mask_num_inference_steps", allow_none=True)
+        check_guidance_scale(guidance_scale)
         if mask is None:
             if self.mask_unet is None:
                 raise ValueError("`mask` is None and this pipeline has no `mask_unet` to sample masks: pass masks, or "
@@ -133,7 +152,11 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
             for name, value in (("height", height), ("width", width)):
                 if value is not None and (not isinstance(value, int) or value < 1):
                     raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        check_common_inputs(self.size_multiple, batch_size, tile_size, tile_overlap, output_type,
+        if output_type == "latent" and mask is None:
+            raise ValueError("`output_type='latent'` returns the image latents of given masks; with `mask=None` use "
+                             "'pt' (the sampled masks are part of the output).")
+        check_common_inputs(self.size_multiple, batch_size, tile_size, tile_overlap,
+                            "pt" if output_type == "latent" else output_type,
                             callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
 
     def _denoise(self, unet_forward, scheduler, shape, generators, num_inference_steps, device, dtype, progress_bar,
@@ -143,6 +166,9 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
         latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
         step_kwargs = {"generator": generators} if step_accepts_generator(scheduler) else {}
         for step_index, t in enumerate(scheduler.timesteps):
+            if callback is not None and self.interrupt:  # set by a step callback: skip the remaining image steps
+                progress_bar.update()
+                continue
             model_output = unet_forward(scheduler.scale_model_input(latents, t), t)
             latents = scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
             if callback is not None:
@@ -171,7 +197,9 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
                     (len(chunk), channels, *padded), [generators[i] for i in chunk], num_inference_steps, device,
                     dtype, progress_bar,
                 )[..., :height, :width].float())
-        probabilities = diffusion_to_probabilities(torch.cat(samples))
+        samples = torch.cat(samples)
+        check_finite_output(samples, "The masks sampled by `mask_unet`")
+        probabilities = diffusion_to_probabilities(samples)
         indices = (probabilities[:, 0] > 0.5).long() if channels == 1 else probabilities.argmax(dim=1)
         return mask_to_diffusion(indices, self.num_classes)
 
@@ -220,10 +248,13 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
             tile_size: run the denoiser on overlapping ``tile_size`` windows blended with a Gaussian (for images larger
                 than the training size, e.g. 999x960 CHASE_DB1 masks). A multiple of the UNet's factor.
             tile_overlap: overlap of neighbouring windows as a fraction of the tile.
-            output_type: ``"pil"``, ``"np"`` or ``"pt"``.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the denoised ``(N, C, H, W)`` latents in the
+                model's [-1, 1] space, unclamped; masks as a ``pt`` tensor).
             return_dict: return a [`Mask2ImagePipelineOutput`] instead of a tuple ``(images, masks)``.
             callback_on_step_end: called after every image denoising step as ``callback(pipe, step, timestep,
-                callback_kwargs)``; may return ``{"latents": ...}`` to replace the current batch's latents.
+                callback_kwargs)``; may return ``{"latents": ...}`` to replace the current batch's latents, read
+                ``pipe.guidance_scale`` / ``pipe.num_timesteps``, change ``pipe._guidance_scale`` or set
+                ``pipe._interrupt = True`` to skip the remaining steps.
             callback_on_step_end_tensor_inputs: tensors passed in ``callback_kwargs`` (``["latents"]``).
 
         Examples:
@@ -234,8 +265,11 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
 
         # 1. Check inputs
         self.check_inputs(mask, num_masks, height, width, num_images_per_mask, guidance_scale, batch_size, tile_size,
-                          tile_overlap, output_type, callback_on_step_end_tensor_inputs)
+                          tile_overlap, output_type, callback_on_step_end_tensor_inputs, num_inference_steps,
+                          mask_num_inference_steps)
         device, dtype = self._execution_device, self.unet.dtype
+        self._guidance_scale = float(guidance_scale)
+        self._interrupt = False
 
         # 2. Masks: given (validated, to diffusion space) or sampled by the mask model
         if mask is not None:
@@ -260,14 +294,15 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
         masks = masks.repeat_interleave(num_images_per_mask, dim=0).to(device=device, dtype=dtype)
         masks, (out_height, out_width) = pad_to_multiple(masks, self.size_multiple)
         image_channels = self.unet.config.in_channels
-        do_guidance = guidance_scale != 1.0
+        do_guidance = guidance_scale != 1.0  # sizes the batches; a callback may still change the scale per step
 
         def guided_forward(condition: torch.Tensor) -> Callable:
             """The denoiser on ``[latents | condition]`` channels (so tiles carry their own condition), with CFG."""
 
             def forward(window: torch.Tensor, t) -> torch.Tensor:
                 latents_in, segmap = window[:, :image_channels], window[:, image_channels:]
-                if not do_guidance:
+                guidance_scale = self.guidance_scale  # read per call: step callbacks may change it
+                if guidance_scale == 1.0:
                     return self.unet(latents_in, t, mask=segmap, return_dict=False)[0]
                 if guidance_scale == 0.0:
                     return self.unet(latents_in, t, mask=None, return_dict=False)[0]
@@ -300,10 +335,15 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
                 images.append(latents[..., :out_height, :out_width].float())
         self.maybe_free_model_hooks()
 
-        # 4. Post-process
-        images = (torch.cat(images).clamp(-1, 1) + 1) / 2
+        # 4. Post-process (NaN from damaged weights or a half-precision overflow is an error, not a black image)
+        latents = torch.cat(images)
+        check_finite_output(latents, "The images of Mask2ImagePipeline", hint=f"unet dtype {dtype}")
         probabilities = diffusion_to_probabilities(masks[..., :out_height, :out_width].float())
         mask_indices = (probabilities[:, 0] > 0.5).long() if self.mask_channels == 1 else probabilities.argmax(dim=1)
+        if output_type == "latent":  # the denoised latents (image space in [-1, 1], unclamped), like diffusers
+            images, mask_indices = latents, mask_indices
+        else:
+            images = (latents.clamp(-1, 1) + 1) / 2
         images, mask_indices = images.cpu(), mask_indices.cpu()
         if output_type == "np" or output_type == "pil":
             images = images.permute(0, 2, 3, 1).numpy()

@@ -1,0 +1,39 @@
+"""Argument and output checks shared by the pipelines' ``__call__`` (issue 15): step counts, guidance scales and
+non-finite outputs raise errors naming the argument or the component instead of failing deep inside a scheduler or
+returning a black image."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
+
+class NonFiniteOutputError(RuntimeError):
+    """A pipeline produced NaN or infinite values (damaged weights, or an overflow in half precision)."""
+
+
+def check_num_inference_steps(value, name: str = "num_inference_steps", allow_none: bool = False) -> None:
+    """``value`` must be a positive integer (``bool`` is not one); ``ValueError`` naming ``name`` otherwise."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+
+
+def check_guidance_scale(value, name: str = "guidance_scale") -> None:
+    """A finite real number >= 0; ``ValueError`` naming ``name`` otherwise (NaN/inf would paint black images)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be a finite number >= 0 (1: no guidance), got {value!r}.")
+
+
+def check_finite_output(tensor: torch.Tensor, what: str, hint: Optional[str] = None) -> None:
+    """Raise :class:`NonFiniteOutputError` when ``tensor`` holds NaN or infinite values."""
+    if not torch.isfinite(tensor).all():
+        count = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteOutputError(
+            f"{what} holds {count} NaN or infinite value(s)"
+            f"{': ' + hint if hint else ''}. Check the weights (NaN weights) or run in float32 (half-precision "
+            "overflow).")
