@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast clean-venv
+.PHONY: demo test test-fast browser screenshot clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -27,6 +27,16 @@ test: $(VENV)/.installed-test
 
 test-fast: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# A real headless browser for tests/test_app.py: Debian's Chromium (Playwright's own browser download does not work
+# on our machines; the test launches the Debian binary through Playwright's executable_path).
+browser: $(VENV)/.installed-test
+	command -v chromium-headless-shell >/dev/null || (apt-get update && apt-get install -y chromium-headless-shell)
+	$(BIN)/pip install -q playwright
+
+# The Space in the browser, its screenshot kept as docs/space_screenshot.png (shown in the README).
+screenshot: browser
+	SPACE_SCREENSHOT=docs/space_screenshot.png $(BIN)/python -m pytest -q tests/test_app.py -k browser
 
 clean-venv:
 	rm -rf $(VENV)

@@ -6,6 +6,7 @@ gradio is in the ``demo`` and ``test`` extras; the API and browser tests skip wi
 
 import importlib.util
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -137,7 +138,8 @@ def running_app(app_module):
 def test_api_returns_lossless_png_masks(running_app, app_module, tmp_path):
     from gradio_client import Client, handle_file
 
-    client = Client(running_app.local_url, verbose=False)
+    # a generous read timeout: on a busy 2-core machine the first call also loads the checkpoints
+    client = Client(running_app.local_url, verbose=False, httpx_kwargs={"timeout": 600}, analytics_enabled=False)
     fundus = tmp_path / "fundus.png"
     crop(app_module.EXAMPLE_FUNDUS, 96, "RGB").save(fundus)
     mask_path, entropy_path, members, summary = client.predict(handle_file(str(fundus)), 2, 1, "mean", 0,
@@ -158,6 +160,12 @@ def test_api_returns_lossless_png_masks(running_app, app_module, tmp_path):
 
 
 def find_chromium():
+    """Debian's Chromium binary (not its /usr/bin shell wrapper, so that closing the browser ends the real process),
+    else whichever candidate is on PATH."""
+    for name in CHROMIUM_CANDIDATES:
+        binary = Path("/usr/lib/chromium") / name
+        if binary.is_file():
+            return str(binary)
     for name in CHROMIUM_CANDIDATES:
         found = shutil.which(name)
         if found:
@@ -181,11 +189,14 @@ def test_app_in_a_real_headless_browser(running_app, tmp_path):
             for tab in ("Segment with uncertainty", "Mask → image", "Features → segmentation",
                         "Adaptation (planned)"):
                 assert page.get_by_role("tab", name=tab).count() == 1, tab
+            images_before = page.locator("img").count()
             page.get_by_role("button", name="Segment", exact=True).click()
             summary = page.get_by_label("Summary").first
-            sync_api.expect(summary).to_have_value(__import__("re").compile("members"), timeout=600_000)
+            sync_api.expect(summary).to_have_value(re.compile("members"), timeout=600_000)
             assert "256x256 px, 5 members" in summary.input_value()
-            page.get_by_label("Fused mask").first.locator("img").wait_for(timeout=60_000)
+            # the fused mask, the entropy map and the members' thumbnails appear on the page
+            page.wait_for_function(f"document.querySelectorAll('img').length >= {images_before + 3}", timeout=60_000)
+            page.wait_for_timeout(1000)  # let the images paint before the screenshot
             page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
