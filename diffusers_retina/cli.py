@@ -22,7 +22,7 @@ Examples::
     diffusers-retina demo --output demo_panel.png
     diffusers-retina push checkpoints/segmentation-ensemble-chase --repo-id my-org/segmentation-ensemble --dry-run
 
-No network at run time (DESIGN section 3): the ``diffusers-retina`` entry point (:func:`main`) sets
+No network at run time: the ``diffusers-retina`` entry point (:func:`main`) sets
 ``HF_HUB_OFFLINE=1`` for every sub-command but ``push`` unless the user set ``HF_HUB_OFFLINE``, so
 ``--pipeline org/name`` resolves from the local Hugging Face cache. Importing this module changes no Hub setting.
 """
@@ -73,7 +73,7 @@ def _apply_offline_mode() -> None:
 #: Sub-commands that need the network (everything else runs offline by default).
 ONLINE_COMMANDS = ("push",)
 
-#: The embedded reference checkpoint (DESIGN section 8), trained by ``training/train_segmentation_ensemble.py``.
+#: The embedded reference checkpoint, trained by ``training/train_segmentation_ensemble.py``.
 DEFAULT_PIPELINE: Path = Path(diffusers_retina.__file__).resolve().parents[1] / "checkpoints" / "segmentation-ensemble-chase"
 
 #: Image files a folder INPUT is scanned for (lower-case suffixes).
