@@ -29,8 +29,8 @@ def free_port() -> int:
 
 
 def launch_two_cpu_processes(script_args, env_extra=None):
-    """``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 <script_args>`` (design §13: the CPU
-    recipe that really starts two gloo ranks), one thread per process, on a free port."""
+    """``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 <script_args>`` (the CPU recipe that
+    really starts two gloo ranks; ``--cpu --num_processes 2`` starts one), one thread per process, on a free port."""
     env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env_extra or {}))
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
