@@ -158,8 +158,8 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ensemble-size", type=positive_int, default=5, metavar="E",
                         help="ensemble members sampled per image (default: 5)")
-    parser.add_argument("--steps", type=positive_int, default=2, metavar="N",
-                        help="denoising steps per member (default: 2)")
+    parser.add_argument("--steps", type=positive_int, default=None, metavar="N",
+                        help="denoising steps per member (default: the checkpoint's default_denoising_steps, else 2)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None,
                         help="sampler, built from the saved scheduler's config (default: the scheduler saved with "
                         "the pipeline)")
@@ -542,6 +542,11 @@ def build_segment_parser(subparsers: "argparse._SubParsersAction") -> argparse.A
     return parser
 
 
+def resolve_steps(steps: Optional[int], pipe) -> int:
+    """``--steps``, else the checkpoint's ``default_denoising_steps`` (Marigold's convention), else 2."""
+    return steps or pipe.config.get("default_denoising_steps") or 2
+
+
 def _settings(args: argparse.Namespace, pipe: SegmentationEnsemblePipeline, source: str) -> Dict[str, Any]:
     return {
         "pipeline": source,
@@ -696,6 +701,7 @@ def run_segment(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     apply_threads(args.threads)
     pipe, source = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
+    args.steps = resolve_steps(args.steps, pipe)
     check_pipeline_settings(pipe, args, args.fusion, args.threshold, args.tile_overlap)
     _check_nifti_cases([item for item in files if isinstance(item, NiftiCase)], pipe, args)
     for path in files:  # decode every photograph once before writing anything (NIfTI headers were read above)

@@ -44,6 +44,7 @@ from .cli import (
     load_pipeline,
     positive_int,
     resolve_device,
+    resolve_steps,
     write_files_atomically,
 )
 from .data import DataError, chase_db1, default_chase_db1_root
@@ -355,6 +356,7 @@ def run_demo(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     apply_threads(args.threads)
     pipe, source = load_pipeline(args.pipeline, device, args.dtype, args.scheduler)
+    args.steps = resolve_steps(args.steps, pipe)
     check_pipeline_settings(pipe, args, args.fusion, args.threshold, args.tile_overlap)
     if pipe.image_channels != 3:
         raise CLIError(f"--pipeline '{source}' expects {pipe.image_channels}-channel images; the demo needs RGB.")
