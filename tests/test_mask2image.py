@@ -288,7 +288,7 @@ def test_wrong_number_of_classes_and_bad_arguments():
     pipe = tiny_pipe()
     with pytest.raises(ValueError, match="no `mask_unet`"):
         pipe(None)
-    for name, value in (("guidance_scale", -1.0), ("num_images_per_mask", 0), ("output_type", "latent"),
+    for name, value in (("guidance_scale", -1.0), ("num_images_per_mask", 0), ("output_type", "latents"),
                         ("tile_size", 7), ("batch_size", 0)):
         with pytest.raises(ValueError, match=name):
             pipe(vessel_masks(1), num_inference_steps=1, **{name: value})
