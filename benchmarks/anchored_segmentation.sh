@@ -11,6 +11,7 @@
 #   residual  the residual-anchored refiner (row 4a)      strength  the strength-anchored refiner (row 4b)
 #   cascade   the same refiner network without noise (row 3)
 #   budget    a U-Net trained for the prior's + the refiner's budget (row 2)
+#   ship      copy the prior and the residual pipeline into checkpoints/ (the embedded reference)
 #   evaluate  the table on the 8 test images at full resolution (and under a camera shift)
 # CHASE_DB1 (CC BY 4.0) is read from DATA (default ../shared/data/chase_db1); all settings were chosen on the 20
 # training images only.
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 DATA=${DATA:-../shared/data/chase_db1}
 RUNS=${RUNS:-runs}
-STAGES=${STAGES:-"prior oof residual strength cascade budget evaluate"}
+STAGES=${STAGES:-"prior oof residual strength cascade budget ship evaluate"}
 THREADS=${THREADS:-1}
 export OMP_NUM_THREADS=$THREADS
 
@@ -66,17 +67,27 @@ if stage budget; then
     --train_stems 'Image_0*,Image_10*' "${UNET[@]}" "${AUGMENT[@]}" "${COMMON[@]}" --lr_warmup_steps 100 \
     --max_train_steps "${BUDGET_STEPS:-2500}" --checkpointing_steps 250 --output_dir "$RUNS/segmenter-budget"
 fi
+if stage ship; then  # the shipped reference: the prior as a model of its own, the residual pipeline (with its prior)
+  mkdir -p checkpoints/vessel-segmenter-chase checkpoints/segmentation-anchored-chase
+  cp "$PRIOR_DIR"/unet/{config.json,diffusion_pytorch_model.safetensors,training_info.json} \
+    checkpoints/vessel-segmenter-chase/
+  (cd "$RUNS/anchored-residual" && tar --exclude='checkpoint-*' --exclude=logs -cf - .) | \
+    tar -xf - -C checkpoints/segmentation-anchored-chase
+fi
 if stage evaluate; then
   for shift in "" "--shift"; do
     suffix=${shift:+_shift}
+    cards=()
+    [[ -z $shift ]] && cards=(--write-card "1. U-Net alone (the prior)=checkpoints/vessel-segmenter-chase"
+                              --write-card "4a. Residual-anchored diffusion, 2 steps=checkpoints/segmentation-anchored-chase")
     $PYTHON benchmarks/evaluate_anchored.py --threads "$THREADS" $shift \
       --output "benchmarks/results/evaluate_anchored${suffix}.json" \
-      --segmenter "1. U-Net alone (the prior)=$PRIOR_DIR" \
+      --segmenter "1. U-Net alone (the prior)=checkpoints/vessel-segmenter-chase" \
       --segmenter "2. U-Net, prior + refiner budget=$RUNS/segmenter-budget" \
-      --cascade "3. Deterministic cascade=$PRIOR_DIR,$RUNS/cascade" \
-      --diffusion "4a. Residual-anchored diffusion=$RUNS/anchored-residual@1,2,4" \
+      --cascade "3. Deterministic cascade=checkpoints/vessel-segmenter-chase,$RUNS/cascade" \
+      --diffusion "4a. Residual-anchored diffusion=checkpoints/segmentation-anchored-chase@1,2,4" \
       --diffusion "4b. Strength-anchored diffusion=$RUNS/anchored-strength@1,2,4" \
       --diffusion "5a. Plain diffusion (reference)=checkpoints/segmentation-ensemble-chase@2" \
-      --diffusion "5b. MedSegDiff (reference)=checkpoints/segmentation-medsegdiff-chase@2"
+      --diffusion "5b. MedSegDiff (reference)=checkpoints/segmentation-medsegdiff-chase@2" "${cards[@]}"
   done
 fi

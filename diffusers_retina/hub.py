@@ -201,8 +201,7 @@ def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
         validation_dice="not run" if validation is None else f"{validation:.3f}",
         anchor=index.get("anchor"),
         anchor_strength=index.get("anchor_strength"),
-        prior_command=((read_json(Path(args["prior_segmenter"]).parent / TRAINING_INFO) or {}).get("command")
-                       if args.get("prior_segmenter") else None),
+        prior_command=info.get("prior_command"),
         augmentation=_augmentation_text(args),
         **_common_card_fields(folder, info),
         evaluation=_measured_markdown(evaluation) or _evaluation_markdown(evaluation),

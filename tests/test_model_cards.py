@@ -1,4 +1,5 @@
-"""Model cards render what the benchmarks measured: the comparison block of compare_segmentation.py --write-into."""
+"""Model cards render what the benchmarks measured: the comparison block of compare_segmentation.py --write-into and
+the prior-anchored evaluation (evaluate_anchored.py --write-card)."""
 
 import json
 import os
@@ -71,3 +72,46 @@ def test_a_named_row_can_be_compared(tmp_path):
     run[-3] = f"baseline={path}#no such row"
     result = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "no such row" in result.stderr and "baseline, same budget" in result.stderr
+
+
+def fake_anchored_table():
+    row = {"dice_mean": 0.8123, "cldice_mean": 0.83, "auc_roc_mean": 0.98, "ece_mean": 0.012, "hd95_mean": 20.0,
+           "nll_mean": 0.1, "brier_mean": 0.03, "seconds_per_image": 2.0, "entropy_auroc_errors": 0.9,
+           "entropy_auroc_observer_disagreement": 0.8}
+    return [{"label": "1. U-Net alone (the prior)", **row},
+            {"label": "4a. Residual-anchored diffusion, 2 steps", **row, "dice_mean": 0.8234},
+            {"label": "Second observer (2ndHO)", "dice_mean": 0.798}]
+
+
+@pytest.mark.parametrize("source, label, dice", [
+    ("vessel-segmenter-chase", "1. U-Net alone (the prior)", "0.8123"),
+    ("segmentation-anchored-chase", "4a. Residual-anchored diffusion, 2 steps", "0.8234"),
+])
+def test_anchored_evaluation_writes_card_and_model_index(tmp_path, source, label, dice):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from evaluate_anchored import write_card
+
+    folder = tmp_path / source
+    shutil.copytree(REPO / "checkpoints" / source, folder, ignore=shutil.ignore_patterns("*.safetensors", "README.md",
+                                                                                           "evaluation.json"))
+    write_card(f"{label}={folder}", fake_anchored_table(), {"command": "python benchmarks/evaluate_anchored.py"})
+    card = (folder / "README.md").read_text()
+    evaluation = json.loads((folder / "evaluation.json").read_text())
+    assert evaluation["row"] == label and evaluation["metrics"]["dice"] == float(dice)
+    assert "model-index" in card and f"value: {dice}" in card and f"| {dice[:5]} |" in card
+    assert f"**{label}**" in card and "Second observer" in card and "python benchmarks/evaluate_anchored.py" in card
+    assert "license: cc-by-4.0" in card
+    if source == "segmentation-anchored-chase":
+        assert "Prior-anchored" in card and "out-of-fold" in card and "--objective supervised" in card
+    with pytest.raises(SystemExit):
+        write_card(f"no such row={folder}", fake_anchored_table(), {"command": "x"})
+
+
+def test_anchored_evaluation_refuses_to_write_cards_from_a_partial_run(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from evaluate_anchored import parse_args
+
+    for partial in (["--crop", "64"], ["--shift"], ["--images", "Image_11L"]):
+        with pytest.raises(SystemExit) as raised:
+            parse_args([*partial, "--segmenter", f"a={tmp_path}", "--write-card", f"a={tmp_path}"])
+        assert raised.value.code == 2 and "only for the full evaluation" in capsys.readouterr().err

@@ -353,8 +353,17 @@ def save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_ste
         SegmentationEnsemblePipeline(unet=model, scheduler=inference_scheduler(noise_scheduler),
                                      default_denoising_steps=args.default_denoising_steps,
                                      **anchoring).save_pretrained(args.output_dir)
+    extra = {}
+    if args.anchor is not None:  # the card names how the prior was made
+        from diffusers_retina.hub import TRAINING_INFO, read_json
+
+        for folder in (args.prior_segmenter, os.path.dirname(os.path.normpath(args.prior_segmenter))):
+            prior_info = read_json(os.path.join(folder, TRAINING_INFO))
+            if prior_info:
+                extra["prior_command"] = prior_info["command"]
+                break
     write_training_record(args, "training/train_segmentation_ensemble.py", global_step, seconds, model, argv=argv,
-                          validation_dice=validation_dice)
+                          validation_dice=validation_dice, **extra)
     if args.objective == "diffusion":
         write_segmentation_card(args.output_dir, repo_id=args.hub_model_id)
     elif not args.prior_maps:  # the deterministic segmenter is a model of its own: its folder gets the record + card

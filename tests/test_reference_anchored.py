@@ -1,0 +1,87 @@
+"""Checks on the shipped prior-anchored reference: the deterministic segmenter (a model of its own, with a card) and
+the residual-anchored SegmentationEnsemblePipeline that carries it as its prior."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel
+from safetensors import safe_open
+
+from diffusers_retina import SegmentationEnsemblePipeline
+from diffusers_retina.data import chase_db1, default_chase_db1_root
+from diffusers_retina.metrics import dice
+from diffusers_retina.pipelines.sampling import segmenter_probabilities
+
+pytestmark = pytest.mark.slow
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+SEGMENTER = CHECKPOINTS / "vessel-segmenter-chase"
+ANCHORED = CHECKPOINTS / "segmentation-anchored-chase"
+HAS_CHASE = default_chase_db1_root() is not None
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = SegmentationEnsemblePipeline.from_pretrained(ANCHORED, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_files_and_stored_defaults():
+    for weights in (SEGMENTER / "diffusion_pytorch_model.safetensors",
+                    ANCHORED / "unet" / "diffusion_pytorch_model.safetensors",
+                    ANCHORED / "prior" / "diffusion_pytorch_model.safetensors"):
+        assert weights.stat().st_size <= 8 * 1024 * 1024
+        with safe_open(weights, "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    index = json.loads((ANCHORED / "model_index.json").read_text())
+    assert index["anchor"] == "residual" and index["default_denoising_steps"] >= 1
+    assert index["prior"] == ["diffusers", "UNet2DModel"]
+    for folder in (SEGMENTER, ANCHORED):
+        assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pkl"))
+
+
+def test_the_pipeline_ships_the_segmenter_as_its_prior(pipe):
+    segmenter = UNet2DModel.from_pretrained(SEGMENTER)
+    shipped = pipe.prior.state_dict()
+    for key, value in segmenter.state_dict().items():
+        torch.testing.assert_close(shipped[key].float(), value.float())
+
+
+def test_cards_report_the_measured_table():
+    for folder in (SEGMENTER, ANCHORED):
+        card = (folder / "README.md").read_text()
+        evaluation = json.loads((folder / "evaluation.json").read_text())
+        info = json.loads((folder / "training_info.json").read_text())
+        assert f"{evaluation['metrics']['dice']:.3f}" in card
+        assert info["command"] in card
+        assert "CC BY 4.0" in card and "license: cc-by-4.0" in card and "Fraz" in card
+        assert "model-index" in card and "Second observer" in card
+    assert "out-of-fold" in (ANCHORED / "README.md").read_text()
+
+
+def test_plain_diffusers_loading_and_a_swapped_scheduler(pipe):
+    remote = DiffusionPipeline.from_pretrained(str(ANCHORED), trust_remote_code=True)
+    assert type(remote).__name__ == "SegmentationEnsemblePipeline" and remote.prior is not None
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    out = pipe(image, ensemble_size=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert np.isfinite(out.probabilities).all()
+
+
+@pytest.mark.skipif(not HAS_CHASE, reason="CHASE_DB1 not found beside the project (../shared/data)")
+def test_anchored_ensemble_on_a_chase_db1_test_crop(pipe):
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    item = chase_db1(split="test")[2]
+    image, mask = item["image"][:, 352:608, 372:628], item["mask"][352:608, 372:628]
+    out = pipe(image, ensemble_size=3, generator=torch.Generator().manual_seed(0), output_type="pt")
+    score = dice(out.masks[0], mask)
+    prior = segmenter_probabilities(pipe.prior, image[None])[0, 0] > 0.5
+    assert score > 0.7, f"Dice {score:.3f}"
+    assert score > dice(prior, mask) - 0.03  # anchoring does not throw the prior's accuracy away
+    errors = out.masks[0] != mask
+    assert out.entropy[0][errors].mean() > 2 * out.entropy[0][~errors].mean()
