@@ -186,6 +186,8 @@ def test_app_in_a_real_headless_browser(running_app, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(running_app.local_url, wait_until="networkidle")
+            # the page renders after its scripts run, which can take a while on a busy machine
+            page.get_by_role("tab", name="Segment with uncertainty").wait_for(timeout=180_000)
             for tab in ("Segment with uncertainty", "Mask → image", "Features → segmentation",
                         "Adaptation (planned)"):
                 assert page.get_by_role("tab", name=tab).count() == 1, tab
