@@ -69,7 +69,13 @@ def parse_args(argv=None):
     parser.add_argument("--write-card", action="append", default=[], metavar="LABEL=FOLDER",
                         help="Write this row's metrics and the whole table into FOLDER/evaluation.json and regenerate "
                              "its model card (only for the full evaluation: all 8 test images, no crop, no shift).")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="Instead of evaluating: join the rows of earlier runs of this script (same images, crop, "
+                             "shift and machine; e.g. rows split over two processes, one thread each) into --output, "
+                             "and write cards from the joined table.")
     args = parser.parse_args(argv)
+    if args.merge:
+        return args
     if args.write_card and (args.crop or args.shift or sorted(args.images) != sorted(CHASE_DB1_TEST)):
         parser.error("--write-card is only for the full evaluation (all 8 test images, --crop 0, no --shift).")
     if not (args.segmenter or args.cascade or args.pipelines):
@@ -157,8 +163,35 @@ class EntropyDetector:
         return histogram_auroc(self.histogram[1], self.histogram[0])
 
 
+def merge(args):
+    """Join the tables of several runs (``--merge``): rows in the order given, one observer row."""
+    import json
+
+    parts = [json.loads(_common.resolve_path(path).read_text()) for path in args.merge]
+    keys = {(tuple(p["images"]), p["crop"], p["shift"]) for p in parts}
+    if len(keys) != 1:
+        sys.exit(f"--merge: the runs differ in images, crop or shift: {sorted(keys)}")
+    images, crop, shift = keys.pop()
+    if args.write_card and (crop or shift or sorted(images) != sorted(CHASE_DB1_TEST)):
+        sys.exit("--write-card is only for the full evaluation (all 8 test images, --crop 0, no --shift).")
+    rows = [r for p in parts for r in p["rows"] if r.get("kind") != "observer"]
+    rows.append(next(r for r in parts[0]["rows"] if r.get("kind") == "observer"))
+    result = {**parts[0], "rows": rows, "merged_from": [p["command"] for p in parts],
+              "per_image": [{k: v for p in parts for k, v in p["per_image"][i].items()} for i in range(len(images))]}
+    # the parts ran side by side (one thread each), then this merge
+    result["command"] = "\n".join([f"{command} &" for command in result["merged_from"]] + ["wait", _common.command()])
+    path = _common.save_json(args.output, result)
+    print(table_markdown(rows))
+    print(f"wrote {path}")
+    for spec in args.write_card:
+        write_card(spec, rows, result)
+    return result
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     root = _common.chase_root_or_exit()
     device = _common.setup(args)
     torch.set_grad_enabled(False)
