@@ -840,14 +840,17 @@ def launch_record(args) -> dict:
         launcher = "python"
     world_size = state.num_processes
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    # scripts without batches of patches (train_feature_head.py) record no batch figures
+    batch = getattr(args, "train_batch_size", None)
+    accumulation = getattr(args, "gradient_accumulation_steps", 1)
     return {
         "launcher": launcher,
         "distributed_type": str(state.distributed_type.value),
         "num_processes": world_size,
         "num_machines": max(world_size // max(local_world_size, 1), 1),
-        "train_batch_size_per_process": args.train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "total_batch_size": args.train_batch_size * world_size * args.gradient_accumulation_steps,
+        "train_batch_size_per_process": batch,
+        "gradient_accumulation_steps": accumulation,
+        "total_batch_size": None if batch is None else batch * world_size * accumulation,
     }
 
 
