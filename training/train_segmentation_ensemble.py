@@ -114,13 +114,14 @@ def parse_args(argv=None):
     add_optimization_arguments(parser, default_learning_rate=1e-3)
     add_output_arguments(parser)
     args = parser.parse_args(argv)
-    check_data_arguments(parser, args)
-    check_optimization_arguments(parser, args)  # zero steps/intervals, a batch larger than an epoch, ...
-    resolve_data_format(parser, args)  # --data_format brats: image channels = modalities
+    # flag combinations first (they need no file), then the data and the numbers
     if args.model == "unet" and args.aux_loss_weight:
         parser.error("--aux_loss_weight needs --model medsegdiff (a stock UNet2DModel has no condition encoder).")
     if args.objective == "supervised" and args.model != "unet":
         parser.error("--objective supervised trains a stock UNet2DModel (--model unet).")
+    check_data_arguments(parser, args)
+    check_optimization_arguments(parser, args)  # zero steps/intervals, a batch larger than an epoch, ...
+    resolve_data_format(parser, args)  # --data_format brats: image channels = modalities
     if args.objective == "diffusion" and args.prior_maps and args.anchor is None:
         parser.error("--prior_maps with the diffusion objective needs --anchor residual|strength.")
     if args.anchor is not None:
