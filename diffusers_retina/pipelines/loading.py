@@ -94,6 +94,16 @@ class RetinaPipelineMixin:
       uploads the folder without overwriting a model card written beside it.
     """
 
+    @property
+    def num_timesteps(self) -> int:
+        """Denoising steps per sample of the running (or last) call (diffusers' property)."""
+        return getattr(self, "_num_timesteps", 0)
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` from a step callback to skip the remaining steps (diffusers' convention)."""
+        return getattr(self, "_interrupt", False)
+
     @classmethod
     def _remote_code_name(cls) -> str:
         return f"pipeline_{_snake_case(cls.__name__)}"

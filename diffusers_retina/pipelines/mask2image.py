@@ -121,16 +121,6 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
         ``pipe._guidance_scale`` (e.g. to 1.0 to stop guiding), read at every denoiser call."""
         return getattr(self, "_guidance_scale", 1.0)
 
-    @property
-    def num_timesteps(self) -> int:
-        """Denoising steps of the image scheduler in the running (or last) call."""
-        return getattr(self, "_num_timesteps", 0)
-
-    @property
-    def interrupt(self) -> bool:
-        """Set ``pipe._interrupt = True`` from a step callback to skip the remaining steps (diffusers' convention)."""
-        return getattr(self, "_interrupt", False)
-
     # ------------------------------------------------------------------ helpers
     def check_inputs(self, mask, num_masks, height, width, num_images_per_mask, guidance_scale, batch_size, tile_size,
                      tile_overlap, output_type, callback_on_step_end_tensor_inputs, num_inference_steps=1,

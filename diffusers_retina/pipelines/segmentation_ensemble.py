@@ -168,16 +168,6 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         return 2 if self.mask_channels == 1 else self.mask_channels
 
     @property
-    def num_timesteps(self) -> int:
-        """Denoising steps the last call ran per sample (diffusers' property; after ``anchor_strength``)."""
-        return getattr(self, "_num_timesteps", 0)
-
-    @property
-    def interrupt(self) -> bool:
-        """Set ``pipe._interrupt = True`` from a step callback to skip the remaining steps (diffusers' convention)."""
-        return getattr(self, "_interrupt", False)
-
-    @property
     def prior_channels(self) -> int:
         """Channels of the prior the denoiser takes (one per mask channel when anchored, else 0)."""
         return self.mask_channels if getattr(self, "prior", None) is not None else 0
