@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .data import FolderPairDataset, HFSegmentationDataset
+from .pipelines.loading import _fsync_directory  # one fsync helper for checkpoints and pipeline saves
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -572,19 +573,6 @@ def resume_position(path: str, num_update_steps_per_epoch: int, gradient_accumul
     first_epoch = global_step // num_update_steps_per_epoch
     resume_step = (global_step % num_update_steps_per_epoch) * gradient_accumulation_steps
     return global_step, first_epoch, resume_step
-
-
-def _fsync_directory(folder: Path) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:  # not every platform opens directories
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def _remove_checkpoint(path: Path) -> None:
