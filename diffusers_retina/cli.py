@@ -3,15 +3,23 @@
 Sub-commands:
 
 * ``segment`` -- vessel segmentation with an ensemble of diffusion samples: a fused mask plus probability and
-  uncertainty maps (entropy, variance, mutual information) per image, and a ``summary.json``. NIfTI inputs (MRI
+  uncertainty maps (entropy, variance, mutual information) per image, one row per image in ``results.jsonl`` and
+  a ``summary.json``. NIfTI inputs (MRI
   such as BraTS: a 2-D slice, or a 3-D volume segmented slice by slice; modalities as a 4-D file, as several files
   joined by commas, or as case folders with ``--modalities``) give NIfTI outputs with the input's affine and header.
 * ``synthesize`` -- paint fundus images from vessel masks (or from masks the pipeline samples itself) with a
   Mask2ImagePipeline; writes ``images/`` + ``masks/`` with matching names, a folder the training scripts read.
+* ``features`` -- a DiffusionFeaturePipeline over images: its head's segmentation (mask, probability, uncertainty) or
+  the UNet features themselves as safetensors (see :mod:`diffusers_retina.features`).
 * ``demo`` -- the reference checkpoint on ``skimage.data.retina()`` and, when present, a CHASE_DB1 test image;
   prints the figures and writes a picture panel (see :mod:`diffusers_retina.demo`).
 * ``push`` -- upload a saved pipeline folder to the Hugging Face Hub: the repo is created first, then an explicit
   allow-list of files is uploaded (never training states, pickles or logs; see :mod:`diffusers_retina.push`).
+
+``segment``, ``synthesize`` and ``features`` run folders sharded and resumable
+(:mod:`diffusers_retina.sharded_inference`): under ``accelerate launch`` each process takes its share of the inputs,
+inputs whose outputs are complete are skipped (``--overwrite`` redoes them), ``--image-batch-size`` images of one size
+share a pipeline call, and each finished input appends its row to a per-process file merged into ``results.jsonl``.
 
 Examples::
 
@@ -19,6 +27,8 @@ Examples::
     diffusers-retina segment eye.jpg --output-dir out --pipeline org/segmentation-ensemble --fusion staple
     diffusers-retina segment BraTS20_Training_001/ --modalities t1,t1ce,t2,flair --label-values 0,1,2,4 \
         --output-dir out --pipeline brats-run
+    accelerate launch --num_processes 8 -m diffusers_retina.cli segment photos/ --output-dir results \
+        --image-batch-size 4 --device cuda
     diffusers-retina demo --output demo_panel.png
     diffusers-retina push checkpoints/segmentation-ensemble-chase --repo-id my-org/segmentation-ensemble --dry-run
 
@@ -55,7 +65,16 @@ from diffusers_retina.data import (  # noqa: E402
     read_nifti_case,
 )
 from diffusers_retina.pipelines import SegmentationEnsemblePipeline  # noqa: E402
-from diffusers_retina.pipelines.sampling import AUTO_BATCH  # noqa: E402
+from diffusers_retina.pipelines.sampling import AUTO_BATCH, per_sample_generators  # noqa: E402
+from diffusers_retina.sharded_inference import (  # noqa: E402
+    RESULTS_FILE,
+    SUMMARY_FILE,
+    RunOutcome,
+    ShardedFolderRun,
+    ShardedRunError,
+    WorkItem,
+    make_batches,
+)
 
 
 def _apply_offline_mode() -> None:
@@ -172,8 +191,7 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ensemble members denoised together; the output does not depend on it (default: auto = "
                         "all at once on GPU; on CPU as many as keep one UNet call within 48k float32 pixels, since a batch of "
                         "5 x 256^2 ran slower there than 5 single calls, see benchmarks/)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="where to run (default: cuda when available, else cpu)")
+    add_device_argument(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="weights and activations dtype (default: float32; float16/bfloat16 for GPUs)")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
@@ -184,13 +202,61 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``: any torch device string, checked by :func:`resolve_device` before anything is loaded."""
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="where to run: any torch device string (cpu, cuda, cuda:1, mps, xpu, ...). Default: under "
+                        "`accelerate launch` each process's own device, else cuda when available, else cpu")
+
+
+def _backend_available(kind: str) -> bool:
+    """Whether torch can use devices of type ``kind`` here (``cuda``, ``mps``, ``xpu``, ...)."""
+    if kind == "cpu":
+        return True
+    if kind == "mps":
+        return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    module = getattr(torch, kind, None)
+    is_available = getattr(module, "is_available", None)
+    return bool(callable(is_available) and is_available())
+
+
 def resolve_device(name: Optional[str]) -> torch.device:
-    """``"cpu"``, ``"cuda"`` or ``None`` (CUDA when available) to a device; an unavailable CUDA is a CLIError."""
+    """``--device``: any torch device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ``xpu:0``, ...), checked here.
+
+    ``None`` picks the device of this process: under ``accelerate launch`` with several processes accelerate's
+    ``PartialState().device`` (e.g. ``cuda:<local rank>``), else CUDA when available, else the CPU. A device type
+    without an index (``cuda``) under several processes also becomes the process's own device of that type, so that
+    the processes do not all run on device 0.
+
+    Raises:
+        CLIError: naming ``--device`` for a string torch does not parse, a backend that is not available, or an index
+            beyond the devices present.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
     if name is None:
+        if state.num_processes > 1:
+            return state.device
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: CUDA is not available on this machine; use --device cpu.")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise CLIError(f"--device {name!r} is not a torch device string (e.g. cpu, cuda, cuda:1, mps): "
+                       f"{error}") from None
+    if not _backend_available(device.type):
+        fallback = "; use --device cpu." if device.type != "cpu" else "."
+        what = "CUDA" if device.type == "cuda" else f"the {device.type!r} backend"
+        raise CLIError(f"--device {name}: {what} is not available on this machine{fallback}")
+    if device.type != "cpu" and device.index is not None:
+        module = getattr(torch, device.type, None)
+        count = module.device_count() if hasattr(module, "device_count") else None
+        if count is not None and device.index >= count:
+            raise CLIError(f"--device {name}: this machine has {count} {device.type} device(s) "
+                           f"({device.type}:0 to {device.type}:{count - 1}).")
+    if device.index is None and state.num_processes > 1 and state.device.type == device.type:
+        return state.device
+    return device
 
 
 def apply_threads(threads: Optional[int]) -> None:
@@ -538,6 +604,7 @@ def build_segment_parser(subparsers: "argparse._SubParsersAction") -> argparse.A
     parser.add_argument("--label-values", type=_label_values, default=None, metavar="V0,V1,...",
                         help="NIfTI: the value written in the mask for each class (e.g. 0,1,2,4 for BraTS labels "
                         "from a 4-class pipeline; default: the class index)")
+    add_folder_run_arguments(parser, "images")
     parser.set_defaults(handler=run_segment)
     return parser
 
@@ -560,6 +627,7 @@ def _settings(args: argparse.Namespace, pipe: SegmentationEnsemblePipeline, sour
         "seed": args.seed,
         "batch_size": args.batch_size,
         "save_members": args.save_members,
+        "image_batch_size": getattr(args, "image_batch_size", 1),
         "device": str(pipe.device),
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
@@ -567,40 +635,61 @@ def _settings(args: argparse.Namespace, pipe: SegmentationEnsemblePipeline, sour
     }
 
 
-def segment_image(
-    pipe: SegmentationEnsemblePipeline, image: np.ndarray, args: argparse.Namespace
-) -> Tuple[Dict[str, PIL.Image.Image], Dict[str, float]]:
-    """Run the pipeline on one image. Returns the output images keyed by file suffix and the per-image figures."""
+def segment_images(
+    pipe: SegmentationEnsemblePipeline, images: Sequence[np.ndarray], args: argparse.Namespace
+) -> List[Tuple[Dict[str, PIL.Image.Image], Dict[str, float]]]:
+    """Run the pipeline once on several images of one size (a batch of ``--image-batch-size``).
+
+    Each image gets the ensemble generators a lone call with ``torch.Generator().manual_seed(--seed)`` would give it,
+    so an image's outputs do not depend on which images share its call, nor on the process that segments it.
+
+    Returns:
+        For each image: the output pictures keyed by file suffix, and the figures of its row.
+    """
+    generators: List[torch.Generator] = []
+    for _ in images:  # CPU seed generator: same seed, same output on any device
+        generators.extend(per_sample_generators(torch.Generator().manual_seed(args.seed), args.ensemble_size,
+                                                pipe._execution_device))
     result = pipe(
-        image,
+        list(images) if len(images) > 1 else images[0],
         num_inference_steps=args.steps,
         ensemble_size=args.ensemble_size,
         fusion=args.fusion,
         threshold=args.threshold,
-        generator=torch.Generator().manual_seed(args.seed),  # CPU generator: same seed, same output on any device
+        generator=generators,
         batch_size=args.batch_size,
         tile_size=args.tile_size or None,
         tile_overlap=args.tile_overlap,
         output_type="pil",
         return_members=args.save_members,
     )
-    outputs = {
-        "mask": result.masks[0],
-        "probability": result.probabilities[0],
-        "entropy": result.entropy[0],
-        "variance": result.variance[0],
-        "mutual_information": result.mutual_information[0],
-    }
-    if args.save_members:
-        for index, member in enumerate(result.members[0], start=1):
-            outputs[f"member{index}"] = member
-    # Figures from the 8-bit maps the pipeline returns: entropy is scaled so ln K is 255 (error < 0.002 nats).
     max_entropy = math.log(pipe.num_classes)
-    figures = {
-        "mean_entropy": float(np.asarray(result.entropy[0], dtype=np.float64).mean() / 255.0 * max_entropy),
-        "foreground_fraction": float((np.asarray(result.masks[0]) > 0).mean()),
-    }
-    return outputs, figures
+    per_image = []
+    for index in range(len(images)):
+        outputs = {
+            "mask": result.masks[index],
+            "probability": result.probabilities[index],
+            "entropy": result.entropy[index],
+            "variance": result.variance[index],
+            "mutual_information": result.mutual_information[index],
+        }
+        if args.save_members:
+            for member_index, member in enumerate(result.members[index], start=1):
+                outputs[f"member{member_index}"] = member
+        # Figures from the 8-bit maps the pipeline returns: entropy is scaled so ln K is 255 (error < 0.002 nats).
+        figures = {
+            "mean_entropy": float(np.asarray(result.entropy[index], dtype=np.float64).mean() / 255.0 * max_entropy),
+            "foreground_fraction": float((np.asarray(result.masks[index]) > 0).mean()),
+        }
+        per_image.append((outputs, figures))
+    return per_image
+
+
+def segment_image(
+    pipe: SegmentationEnsemblePipeline, image: np.ndarray, args: argparse.Namespace
+) -> Tuple[Dict[str, PIL.Image.Image], Dict[str, float]]:
+    """Run the pipeline on one image. Returns the output images keyed by file suffix and the per-image figures."""
+    return segment_images(pipe, [image], args)[0]
 
 
 def segment_volume(
@@ -693,8 +782,43 @@ def _check_nifti_cases(cases: Sequence[NiftiCase], pipe: SegmentationEnsemblePip
                        f"{pipe.num_classes} classes.")
 
 
+def _sharded_errors(action: Callable[[], Any]) -> Any:
+    """Run ``action``; the sharded runner's errors (output folder, settings, another process) become CLIErrors."""
+    try:
+        return action()
+    except ShardedRunError as error:
+        raise CLIError(str(error)) from error
+
+
+def finish_sharded_run(outcome: RunOutcome, verb: str) -> None:
+    """Raise the CLIError of a failed folder run (this process's own error first; the original CLIError as is)."""
+    if not outcome.errors:
+        return
+    first = outcome.errors[0]
+    caught = first.get("exception")
+    if isinstance(caught, CLIError):
+        raise caught
+    if caught is not None:
+        raise CLIError(f"{verb} '{first['input']}' failed: {type(caught).__name__}: {caught}") from caught
+    raise CLIError(f"{verb} '{first['input']}' failed on process {first['rank']}: {first['type']}: "
+                   f"{first['message']}")
+
+
+def add_folder_run_arguments(parser: argparse.ArgumentParser, what: str = "images") -> None:
+    """``--overwrite`` and ``--image-batch-size``: the sharded, resumable folder run of
+    :mod:`diffusers_retina.sharded_inference` (``segment``, ``synthesize``, ``features``)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"redo {what} whose outputs are already complete in --output-dir (default: skip them, "
+                        "so that a stopped run continues where it stopped)")
+    parser.add_argument("--image-batch-size", type=positive_int, default=1, metavar="N",
+                        help=f"{what} of one size put through one pipeline call (default: 1); the outputs do not "
+                        "depend on it. Under `accelerate launch` each process takes its share of the inputs")
+
+
 def run_segment(args: argparse.Namespace) -> int:
-    """The ``segment`` sub-command. Validates everything before writing, then segments image by image."""
+    """The ``segment`` sub-command. Validates everything before writing, then segments this process's share of the
+    inputs still to do, ``--image-batch-size`` images of one size per pipeline call (see
+    :mod:`diffusers_retina.sharded_inference`)."""
     output_dir: Path = args.output_dir
     files = collect_segment_inputs(args.inputs, getattr(args, "modalities", None))
     check_output_dir(output_dir)
@@ -704,106 +828,71 @@ def run_segment(args: argparse.Namespace) -> int:
     args.steps = resolve_steps(args.steps, pipe)
     check_pipeline_settings(pipe, args, args.fusion, args.threshold, args.tile_overlap)
     _check_nifti_cases([item for item in files if isinstance(item, NiftiCase)], pipe, args)
-    for path in files:  # decode every photograph once before writing anything (NIfTI headers were read above)
-        if not isinstance(path, NiftiCase):
-            read_input_image(path, pipe.image_channels)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CLIError(f"--output-dir '{output_dir}' cannot be created: {error}") from error
+    items = [WorkItem(name=item.name, label=item.label, payload=item) if isinstance(item, NiftiCase)
+             else WorkItem(name=item.stem, label=str(item), payload=item) for item in files]
+    run = ShardedFolderRun(output_dir, "segment", _settings(args, pipe, source), overwrite=args.overwrite)
+    mine = _sharded_errors(lambda: run.plan(items))
 
-    summary: Dict[str, Any] = {"settings": _settings(args, pipe, source), "images": [], "status": "running"}
-    started = time.perf_counter()
-    print(f"Segmenting {len(files)} image(s) with {source} ({summary['settings']['scheduler']}, "
-          f"{args.steps} steps, {args.ensemble_size} members) on {device} -> {output_dir}", flush=True)
-    for index, path in enumerate(files, start=1):
-        if isinstance(path, NiftiCase):
-            _segment_nifti_case(pipe, path, args, summary, started, index, len(files))
-            continue
-        stem = path.stem
-        try:
-            image_started = time.perf_counter()
-            image = read_input_image(path, pipe.image_channels)
-            pipe.set_progress_bar_config(desc=f"{stem}", leave=False)
-            outputs, figures = segment_image(pipe, image, args)
+    def validate() -> None:
+        # decode every photograph of this share once before writing anything (NIfTI headers were read above)
+        for item in mine:
+            if not isinstance(item.payload, NiftiCase):
+                image = read_input_image(item.payload, pipe.image_channels)
+                item.group = (image.shape, image.dtype.str)
+
+    _sharded_errors(lambda: run.agree(validate))
+    _sharded_errors(run.start)
+
+    def process(batch: List[WorkItem]) -> List[Dict[str, Any]]:
+        if isinstance(batch[0].payload, NiftiCase):
+            return [_segment_nifti_case(pipe, item.payload, args)]
+        images = [read_input_image(item.payload, pipe.image_channels) for item in batch]
+        pipe.set_progress_bar_config(desc=batch[0].name if len(batch) == 1 else f"{len(batch)} images", leave=False)
+        rows = []
+        for item, image, (outputs, figures) in zip(batch, images, segment_images(pipe, images, args)):
             written = write_files_atomically(
-                output_dir, {f"{stem}_{suffix}.png": png_writer(picture) for suffix, picture in outputs.items()}
+                output_dir, {f"{item.name}_{suffix}.png": png_writer(picture) for suffix, picture in outputs.items()}
             )
-            seconds = time.perf_counter() - image_started
-        except Exception as error:
-            summary["status"] = "failed"
-            summary["error"] = {"input": str(path), "message": str(error)}
-            summary["total_seconds"] = time.perf_counter() - started
-            try:
-                write_files_atomically(output_dir, {"summary.json": json_writer(summary)})
-            except OSError:
-                pass  # e.g. a full disk: report the original error, not this one
-            if isinstance(error, CLIError):
-                raise
-            raise CLIError(f"Segmenting '{path}' failed: {type(error).__name__}: {error}") from error
-        record = {
-            "input": str(path),
-            "outputs": [item.name for item in written],
-            "width": int(image.shape[1]),
-            "height": int(image.shape[0]),
-            "seconds": round(seconds, 3),
-            **figures,
-        }
-        summary["images"].append(record)
-        summary["total_seconds"] = time.perf_counter() - started
-        # kept up to date after every image, so an interrupted run still documents what it finished
-        write_files_atomically(output_dir, {"summary.json": json_writer(summary)})
-        print(f"[{index}/{len(files)}] {path}: {image.shape[1]}x{image.shape[0]}, {seconds:.1f} s, "
-              f"mean entropy {figures['mean_entropy']:.4f} nats, foreground {figures['foreground_fraction']:.2%} "
-              f"-> {output_dir / stem}_*.png", flush=True)
-    summary["status"] = "complete"
-    summary["total_seconds"] = time.perf_counter() - started
-    write_files_atomically(output_dir, {"summary.json": json_writer(summary)})
-    print(f"Done in {summary['total_seconds']:.1f} s; summary: {output_dir / 'summary.json'}", flush=True)
+            rows.append({"outputs": [path.name for path in written], "width": int(image.shape[1]),
+                         "height": int(image.shape[0]), **figures})
+        return rows
+
+    def describe(row: Dict[str, Any]) -> str:
+        size = "x".join(str(row[key]) for key in ("height", "width", "slices") if key in row)
+        return (f"{size}, {row['seconds']:.1f} s, mean entropy {row['mean_entropy']:.4f} nats, foreground "
+                f"{row['foreground_fraction']:.2%} -> {output_dir / row['name']}_*")
+
+    prefix = f"[rank {run.state.process_index}] " if run.state.num_processes > 1 else ""
+    print(f"{prefix}Segmenting {len(mine)} of {len(items)} input(s) ({len(run.skipped)} already done) with {source} "
+          f"({type(pipe.scheduler).__name__}, {args.steps} steps, {args.ensemble_size} members) on {device} "
+          f"-> {output_dir}", flush=True)
+    outcome = _sharded_errors(lambda: run.execute(make_batches(mine, args.image_batch_size), process, describe))
+    finish_sharded_run(outcome, "Segmenting")
+    if run.state.is_main_process:
+        print(f"Done in {outcome.summary.get('total_seconds', 0.0):.1f} s; rows: {output_dir / RESULTS_FILE}, "
+              f"summary: {output_dir / SUMMARY_FILE}", flush=True)
     return 0
 
 
-def _segment_nifti_case(pipe: SegmentationEnsemblePipeline, case: NiftiCase, args: argparse.Namespace,
-                        summary: Dict[str, Any], started: float, index: int, total: int) -> None:
-    """One NIfTI case of :func:`run_segment`: segment, write its files atomically, append its summary row (on
-    failure: record the error in summary.json and raise a CLIError naming the input)."""
-    output_dir: Path = args.output_dir
+def _segment_nifti_case(pipe: SegmentationEnsemblePipeline, case: NiftiCase, args: argparse.Namespace
+                        ) -> Dict[str, Any]:
+    """One NIfTI case of :func:`run_segment`: segment it slice by slice and write its files atomically. Returns its
+    row (outputs, size, figures)."""
     try:
-        case_started = time.perf_counter()
-        try:
-            volume, reference = read_nifti_case(case)
-        except (DataError, ImportError) as error:
-            raise CLIError(str(error)) from error
-        maps, figures = segment_volume(pipe, volume, args, name=case.name)
-        written = write_files_atomically(output_dir, nifti_outputs(case, reference, maps, args.label_values))
-        seconds = time.perf_counter() - case_started
-    except Exception as error:
-        summary["status"] = "failed"
-        summary["error"] = {"input": case.label, "message": str(error)}
-        summary["total_seconds"] = time.perf_counter() - started
-        try:
-            write_files_atomically(output_dir, {"summary.json": json_writer(summary)})
-        except OSError:
-            pass  # e.g. a full disk: report the original error, not this one
-        if isinstance(error, CLIError):
-            raise
-        raise CLIError(f"Segmenting '{case.label}' failed: {type(error).__name__}: {error}") from error
+        volume, reference = read_nifti_case(case)
+    except (DataError, ImportError) as error:
+        raise CLIError(str(error)) from error
+    maps, figures = segment_volume(pipe, volume, args, name=case.name)
+    written = write_files_atomically(args.output_dir, nifti_outputs(case, reference, maps, args.label_values))
     height, width, depth = volume.shape[:3]
-    summary["images"].append({
-        "input": case.label,
+    return {
         "outputs": [item.name for item in written],
         "width": int(width),
         "height": int(height),
         "slices": int(depth),
         "channels": int(volume.shape[3]),
-        "seconds": round(seconds, 3),
         **figures,
-    })
-    summary["total_seconds"] = time.perf_counter() - started
-    write_files_atomically(output_dir, {"summary.json": json_writer(summary)})
-    print(f"[{index}/{total}] {case.label}: {height}x{width}x{depth} ({volume.shape[3]} channels), {seconds:.1f} s, "
-          f"mean entropy {figures['mean_entropy']:.4f} nats, foreground {figures['foreground_fraction']:.2%} "
-          f"-> {output_dir / case.name}_*.nii.gz", flush=True)
+    }
 
 
 # ------------------------------------------------------------------------------------------------ entry point

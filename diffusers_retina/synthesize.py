@@ -4,7 +4,9 @@ Input: mask files / folders (binary 0/255 or 0/1 PNGs, or class-index masks), or
 pipeline's mask model sample the masks too. Output: ``<output-dir>/images/<name>.png`` and
 ``<output-dir>/masks/<name>.png`` (0/255 for binary masks) with matching names -- the folder-pair layout that
 ``FolderPairDataset`` and ``training/train_segmentation_ensemble.py --train_data_dir`` read directly -- and a
-``summary.json``. Every pair is written atomically; nothing is written before all inputs have been read and checked.
+``summary.json``, with one row per mask in ``results.jsonl``. Every pair is written atomically; nothing is written
+before all inputs have been read and checked. Folders run sharded under ``accelerate launch`` and resume where a
+stopped run left off (``--overwrite`` redoes finished masks; see :mod:`diffusers_retina.sharded_inference`).
 
 Examples::
 
@@ -15,7 +17,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -28,19 +29,24 @@ from .cli import (
     DTYPES,
     SCHEDULERS,
     CLIError,
+    _sharded_errors,
+    add_device_argument,
+    add_folder_run_arguments,
     apply_threads,
     check_output_dir,
     collect_inputs,
-    json_writer,
     load_pipeline,
     non_negative_int,
     png_writer,
     positive_int,
+    finish_sharded_run,
     resolve_device,
     write_files_atomically,
 )
 from .data import DataError, read_mask
 from .pipelines import Mask2ImagePipeline
+from .pipelines.sampling import per_sample_generators
+from .sharded_inference import ShardedFolderRun, WorkItem, make_batches
 
 #: The embedded mask-to-image reference checkpoint, trained by ``training/train_mask2image.py``.
 DEFAULT_SYNTHESIS_PIPELINE: Path = Path(diffusers_retina.__file__).resolve().parents[1] / "checkpoints" / "mask2image-chase"
@@ -80,32 +86,45 @@ def build_synthesize_parser(subparsers: "argparse._SubParsersAction") -> argpars
                         help="paint masks larger than this in overlapping windows (default: the model's training "
                         "size; 0 = whole image at once)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    add_device_argument(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N")
+    add_folder_run_arguments(parser, "masks")
     parser.set_defaults(handler=run_synthesize)
     return parser
 
 
+def _read_mask(path: Path, num_classes: int, crop: int = 0) -> np.ndarray:
+    """Decode and check one mask (and cut its central ``crop`` x ``crop`` box); errors are CLIErrors naming it."""
+    try:
+        mask = read_mask(path, num_classes)
+    except DataError as error:
+        raise CLIError(str(error)) from error
+    if crop:
+        height, width = mask.shape[-2:]
+        if crop > min(height, width):
+            raise CLIError(f"--crop {crop}: the mask '{path}' is only {width}x{height}.")
+        top, left = (height - crop) // 2, (width - crop) // 2
+        mask = mask[..., top: top + crop, left: left + crop]
+    return mask
+
+
 def _read_masks(files: List[Path], num_classes: int, crop: int = 0) -> Dict[str, np.ndarray]:
     """Decode and check every mask (and cut its central ``crop`` x ``crop`` box) before anything is written."""
-    masks = {}
-    for path in files:
-        try:
-            mask = read_mask(path, num_classes)
-        except DataError as error:
-            raise CLIError(str(error)) from error
-        if crop:
-            height, width = mask.shape[-2:]
-            if crop > min(height, width):
-                raise CLIError(f"--crop {crop}: the mask '{path}' is only {width}x{height}.")
-            top, left = (height - crop) // 2, (width - crop) // 2
-            mask = mask[..., top: top + crop, left: left + crop]
-        masks[path.stem] = mask
-    return masks
+    return {path.stem: _read_mask(path, num_classes, crop) for path in files}
+
+
+def job_generators(seed: int, index: int, count: int, device: torch.device) -> List[torch.Generator]:
+    """The ``count`` generators a lone call with ``torch.Generator().manual_seed(seed * 1000003 + index)`` gives job
+    ``index`` (one seed per job, so a job's output depends neither on the other masks, nor on the batch or process
+    it runs in)."""
+    return per_sample_generators(torch.Generator().manual_seed(seed * 1000003 + index), count, device)
 
 
 def run_synthesize(args: argparse.Namespace) -> int:
+    """The ``synthesize`` sub-command: checks everything before writing, then paints this process's share of the
+    masks still to do, ``--image-batch-size`` masks of one size per pipeline call (see
+    :mod:`diffusers_retina.sharded_inference`)."""
     if bool(args.masks) == (args.num_masks is not None):
         raise CLIError("Give MASK files/folders or --num-masks N (masks sampled by the pipeline), not both or neither.")
     if args.masks and (args.height or args.width):
@@ -120,7 +139,6 @@ def run_synthesize(args: argparse.Namespace) -> int:
                                  default=DEFAULT_SYNTHESIS_PIPELINE)
     if args.num_masks is not None and pipe.mask_unet is None:
         raise CLIError(f"--num-masks: the pipeline '{source}' has no mask model; pass MASK files instead.")
-    masks = _read_masks(files, pipe.num_classes, args.crop)  # every mask checked before anything is written
     tile_size = args.tile_size
     if tile_size is None:
         sample_size = pipe.unet.config.sample_size
@@ -133,45 +151,80 @@ def run_synthesize(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CLIError(str(error).replace("`tile_size`", "--tile-size").replace("`guidance_scale`",
                                                                                  "--guidance-scale")) from error
-    for sub in ("images", "masks"):
-        try:
-            (args.output_dir / sub).mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise CLIError(f"--output-dir '{args.output_dir}' cannot be created: {error}") from error
 
-    summary: Dict[str, Any] = {
-        "settings": {"pipeline": source, "steps": args.steps, "guidance_scale": args.guidance_scale,
-                     "scheduler": type(pipe.scheduler).__name__, "images_per_mask": args.images_per_mask,
-                     "tile_size": tile_size, "crop": args.crop or None, "seed": args.seed, "device": str(device), "dtype": args.dtype,
-                     "diffusers_retina_version": diffusers_retina.__version__},
-        "pairs": [], "status": "running",
-    }
-    started = time.perf_counter()
-    jobs = list(masks.items()) if masks else [(f"synthetic_{i + 1:04d}", None) for i in range(args.num_masks)]
-    print(f"Synthesizing {len(jobs) * args.images_per_mask} image(s) with {source} ({args.steps} steps, guidance "
-          f"{args.guidance_scale}) on {device} -> {args.output_dir}", flush=True)
-    for index, (name, mask) in enumerate(jobs):
-        job_started = time.perf_counter()
-        pipe.set_progress_bar_config(desc=name, leave=False)
-        # one seed per job, so a job's output does not depend on which other masks were given
-        generator = torch.Generator().manual_seed(args.seed * 1000003 + index)
-        result = pipe(mask if mask is not None else None, num_masks=1, height=args.height, width=args.width,
-                      num_images_per_mask=args.images_per_mask, num_inference_steps=args.steps,
-                      guidance_scale=args.guidance_scale, generator=generator, tile_size=tile_size, output_type="pil")
-        for k, (image, mask_image) in enumerate(zip(result.images, result.masks), start=1):
-            stem = name if args.images_per_mask == 1 else f"{name}_{k}"
-            # image and mask are renamed into place together, after both were written
-            write_files_atomically(args.output_dir, {f"images/{stem}.png": png_writer(image),
-                                                     f"masks/{stem}.png": png_writer(mask_image)})
-            summary["pairs"].append({"name": stem, "source_mask": str(files[index]) if files else None,
-                                     "width": image.size[0], "height": image.size[1]})
-        seconds = time.perf_counter() - job_started
-        summary["total_seconds"] = time.perf_counter() - started
-        write_files_atomically(args.output_dir, {"summary.json": json_writer(summary)})
-        print(f"[{index + 1}/{len(jobs)}] {name}: {seconds:.1f} s", flush=True)
-    summary["status"] = "complete"
-    summary["total_seconds"] = time.perf_counter() - started
-    write_files_atomically(args.output_dir, {"summary.json": json_writer(summary)})
-    print(f"Done in {summary['total_seconds']:.1f} s; pairs in {args.output_dir / 'images'} and "
-          f"{args.output_dir / 'masks'}", flush=True)
+    per_mask = args.images_per_mask
+    settings = {"pipeline": source, "steps": args.steps, "guidance_scale": args.guidance_scale,
+                "scheduler": type(pipe.scheduler).__name__, "images_per_mask": per_mask,
+                "tile_size": tile_size, "crop": args.crop or None, "seed": args.seed,
+                "num_masks": args.num_masks, "height": args.height, "width": args.width,
+                "image_batch_size": args.image_batch_size, "device": str(device), "dtype": args.dtype,
+                "diffusers_retina_version": diffusers_retina.__version__}
+    if files:
+        items = [WorkItem(name=path.stem, label=str(path), payload=(index, path)) for index, path in enumerate(files)]
+    else:
+        items = [WorkItem(name=f"synthetic_{i + 1:04d}", label=f"synthetic_{i + 1:04d}", payload=(i, None),
+                          group="sampled") for i in range(args.num_masks)]
+
+    def pairs_of(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+        return {"pairs": [pair for row in rows for pair in row.get("pairs", [])]}
+
+    run = ShardedFolderRun(args.output_dir, "synthesize", settings, overwrite=args.overwrite, rows_key="masks",
+                           summary_extra=pairs_of)
+    mine = _sharded_errors(lambda: run.plan(items))
+
+    def validate() -> None:  # every mask of this share checked before anything is written
+        for item in mine:
+            if item.payload[1] is not None:
+                mask = _read_mask(item.payload[1], pipe.num_classes, args.crop)
+                item.group = (mask.shape, mask.dtype.str)
+
+    _sharded_errors(lambda: run.agree(validate))
+    if run.state.is_main_process:
+        for sub in ("images", "masks"):
+            try:
+                (args.output_dir / sub).mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise CLIError(f"--output-dir '{args.output_dir}' cannot be created: {error}") from error
+    _sharded_errors(run.start)
+
+    def process(batch: List[WorkItem]) -> List[Dict[str, Any]]:
+        indices = [item.payload[0] for item in batch]
+        pipe.set_progress_bar_config(desc=batch[0].name if len(batch) == 1 else f"{len(batch)} masks", leave=False)
+        if files:
+            masks = [_read_mask(item.payload[1], pipe.num_classes, args.crop) for item in batch]
+            generators = [g for index in indices for g in job_generators(args.seed, index, per_mask, device)]
+            mask_input: Any = masks if len(masks) > 1 else masks[0]
+        else:  # sampled masks: every job's mask generator first, then every job's image generators
+            split = [job_generators(args.seed, index, 1 + per_mask, device) for index in indices]
+            generators = [g[0] for g in split] + [g for job in split for g in job[1:]]
+            mask_input = None
+        result = pipe(mask_input, num_masks=len(batch), height=args.height, width=args.width,
+                      num_images_per_mask=per_mask, num_inference_steps=args.steps,
+                      guidance_scale=args.guidance_scale, generator=generators, tile_size=tile_size,
+                      output_type="pil")
+        rows = []
+        for position, item in enumerate(batch):
+            outputs, pairs = [], []
+            for k in range(per_mask):
+                image, mask_image = result.images[position * per_mask + k], result.masks[position * per_mask + k]
+                stem = item.name if per_mask == 1 else f"{item.name}_{k + 1}"
+                # image and mask are renamed into place together, after both were written
+                write_files_atomically(args.output_dir, {f"images/{stem}.png": png_writer(image),
+                                                         f"masks/{stem}.png": png_writer(mask_image)})
+                outputs += [f"images/{stem}.png", f"masks/{stem}.png"]
+                pairs.append({"name": stem, "source_mask": item.label if files else None,
+                              "width": image.size[0], "height": image.size[1]})
+            rows.append({"outputs": outputs, "pairs": pairs})
+        return rows
+
+    prefix = f"[rank {run.state.process_index}] " if run.state.num_processes > 1 else ""
+    print(f"{prefix}Synthesizing {len(mine) * per_mask} image(s) for {len(mine)} of {len(items)} mask(s) "
+          f"({len(run.skipped)} already done) with {source} ({args.steps} steps, guidance {args.guidance_scale}) on "
+          f"{device} -> {args.output_dir}", flush=True)
+    outcome = _sharded_errors(lambda: run.execute(make_batches(mine, args.image_batch_size), process,
+                                                  lambda row: f"{row['seconds']:.1f} s"))
+    finish_sharded_run(outcome, "Synthesizing from")
+    if run.state.is_main_process:
+        print(f"Done in {outcome.summary.get('total_seconds', 0.0):.1f} s; pairs in {args.output_dir / 'images'} and "
+              f"{args.output_dir / 'masks'}", flush=True)
     return 0

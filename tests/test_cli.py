@@ -96,7 +96,7 @@ def test_segment_single_file(tiny_pipeline_dir, tmp_path, capsys):
     assert segment([image], output_dir, tiny_pipeline_dir, "--save-members") == 0
 
     expected = {f"fundus_{name}.png" for name in MAPS} | {f"fundus_member{k}.png" for k in (1, 2, 3)}
-    assert {p.name for p in output_dir.iterdir()} == expected | {"summary.json"}
+    assert {p.name for p in output_dir.iterdir()} == expected | {"summary.json", "results.jsonl"}
     mask = np.asarray(PIL.Image.open(output_dir / "fundus_mask.png"))
     assert mask.shape == (37, 45) and mask.dtype == np.uint8
     assert set(np.unique(mask).tolist()) <= {0, 255}
@@ -121,7 +121,8 @@ def test_segment_folder_and_scheduler(tiny_pipeline_dir, image_folder, tmp_path)
     output_dir = tmp_path / "nested" / "out"
     assert segment([image_folder], output_dir, tiny_pipeline_dir, "--scheduler", "dpm", "--fusion", "majority") == 0
     stems = ("a_eye", "b_eye", "c_eye")
-    assert {p.name for p in output_dir.iterdir()} == {f"{s}_{m}.png" for s in stems for m in MAPS} | {"summary.json"}
+    assert {p.name for p in output_dir.iterdir()} == ({f"{s}_{m}.png" for s in stems for m in MAPS}
+                                                     | {"summary.json", "results.jsonl"})
     summary = json.loads((output_dir / "summary.json").read_text())
     assert [Path(r["input"]).stem for r in summary["images"]] == list(stems)  # sorted, notes.txt skipped
     assert summary["settings"]["scheduler"] == "DPMSolverMultistepScheduler"
@@ -210,19 +211,19 @@ def test_truncated_image_in_folder_leaves_no_partial_files(tiny_pipeline_dir, im
 
 def test_failure_mid_way_keeps_finished_images(tiny_pipeline_dir, image_folder, tmp_path, capsys, monkeypatch):
     calls = []
-    original = cli.segment_image
+    original = cli.segment_images
 
-    def flaky(pipe, image, args):
-        calls.append(image.shape)
+    def flaky(pipe, images, args):
+        calls.append([image.shape for image in images])
         if len(calls) == 2:
             raise RuntimeError("simulated out-of-memory")
-        return original(pipe, image, args)
+        return original(pipe, images, args)
 
-    monkeypatch.setattr(cli, "segment_image", flaky)
+    monkeypatch.setattr(cli, "segment_images", flaky)
     output_dir = tmp_path / "out"
     expect_error(["segment", str(image_folder), "--output-dir", str(output_dir), "--pipeline",
                   str(tiny_pipeline_dir), *FAST], capsys, "b_eye.jpg", "simulated out-of-memory")
-    assert {p.name for p in output_dir.iterdir()} == {f"a_eye_{m}.png" for m in MAPS} | {"summary.json"}
+    assert {p.name for p in output_dir.iterdir()} == {f"a_eye_{m}.png" for m in MAPS} | {"summary.json", "results.jsonl"}
     for name in MAPS:  # the finished image is complete and readable
         with PIL.Image.open(output_dir / f"a_eye_{name}.png") as picture:
             picture.load()
