@@ -2,7 +2,13 @@
 
 Contracts (DESIGN.md section 3):
 
-* images are float tensors ``NCHW`` in ``[-1, 1]``;
+* inputs follow diffusers' image processors: PIL images, uint8 / uint16 / float ``[0, 1]`` numpy arrays and float
+  tensors in ``[0, 1]`` (a tensor with negative values is read as ``[-1, 1]`` with a warning, as
+  ``VaeImageProcessor`` does); 16-bit and float PIL images (modes ``I;16``, ``I``, ``F``) are read like the data
+  loaders read the same files (:func:`diffusers_retina.data.reading.image_array_from_pil`);
+* inside the models images are float tensors ``NCHW`` in ``[-1, 1]``;
+* every input image is checked against a pixel cap (:func:`max_pixels`: 64 megapixels unless the argument
+  ``max_pixels`` or the environment variable ``DIFFUSERS_RETINA_MAX_PIXELS`` says otherwise) before it is decoded;
 * masks are stored as ``{0, 1}`` (binary) or class indices; in diffusion space a binary mask is ``2m - 1`` with one
   channel and ``K`` classes are ``K`` one-hot channels in ``[-1, 1]``.
 
@@ -12,7 +18,9 @@ padding, and it does not know masks, so the few conversions needed here are writ
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+import os
+import warnings
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -20,6 +28,68 @@ import torch
 import torch.nn.functional as F
 
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[PIL.Image.Image], Sequence[np.ndarray]]
+
+#: Pixel cap (height x width of one image) when neither the ``max_pixels`` argument nor the environment variable
+#: :data:`MAX_PIXELS_ENV` sets one: 64 megapixels, about 8000 x 8000, far above fundus photographs (CHASE_DB1:
+#: 999 x 960) and far below what a small, valid PNG can expand to (a 78 KB file of 9000 x 9000 pixels takes 5 GB in
+#: the pipelines). Assign another value to change the default of the whole process.
+DEFAULT_MAX_PIXELS: int = 64_000_000
+#: Environment variable that overrides :data:`DEFAULT_MAX_PIXELS` (a positive integer).
+MAX_PIXELS_ENV = "DIFFUSERS_RETINA_MAX_PIXELS"
+
+
+class ImageTooLargeError(ValueError):
+    """An input image has more pixels than the cap (:func:`max_pixels`); raised before it is decoded."""
+
+
+def max_pixels(value: Optional[int] = None) -> int:
+    """The pixel cap in force: ``value`` when given, else the environment variable ``DIFFUSERS_RETINA_MAX_PIXELS``,
+    else :data:`DEFAULT_MAX_PIXELS`. Raises ``ValueError`` naming the argument or the variable when it is not a
+    positive integer.
+
+    Example:
+        >>> max_pixels(1000)
+        1000
+    """
+    source = "`max_pixels`"
+    if value is None:
+        raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+        if not raw:
+            value, source = DEFAULT_MAX_PIXELS, "`diffusers_retina.image_processing.DEFAULT_MAX_PIXELS`"
+        else:
+            source = f"the environment variable {MAX_PIXELS_ENV}"
+            try:
+                value = int(raw.replace("_", ""))
+            except ValueError:
+                raise ValueError(f"{source} must be a positive integer (pixels), got {raw!r}.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{source} must be a positive integer (pixels), got {value!r}.")
+    return int(value)
+
+
+def check_pixel_count(height: int, width: int, what: str, limit: Optional[int] = None) -> None:
+    """Raise :class:`ImageTooLargeError` naming ``what`` when ``height x width`` exceeds the cap (:func:`max_pixels`
+    of ``limit``). Call it before decoding: PIL reads the size from the header.
+
+    Example:
+        >>> check_pixel_count(960, 999, "`image`")  # a CHASE_DB1 photograph
+        >>> check_pixel_count(9000, 9000, "`image`", limit=10**6)  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+        ImageTooLargeError: `image` is 9000x9000 pixels (81.0 megapixels), over the cap of 1.0 megapixels ...
+    """
+    cap = max_pixels(limit)
+    if int(height) * int(width) > cap:
+        raise ImageTooLargeError(
+            f"{what} is {width}x{height} pixels ({int(height) * int(width) / 1e6:.1f} megapixels), over the cap of "
+            f"{cap / 1e6:.1f} megapixels. Crop or downscale it, or raise the cap with the `max_pixels` argument or "
+            f"the environment variable {MAX_PIXELS_ENV} (pixels)."
+        )
+
+
+def _describe_pil(image: PIL.Image.Image, name: str) -> str:
+    """``name``, plus the file a lazily opened PIL image comes from (for error messages)."""
+    filename = getattr(image, "filename", None)
+    return f"`{name}` (file '{filename}')" if filename else f"`{name}`"
 
 
 def _numpy_to_unit_float(array: np.ndarray, name: str) -> np.ndarray:
@@ -40,25 +110,73 @@ def _numpy_to_unit_float(array: np.ndarray, name: str) -> np.ndarray:
     return array
 
 
-def _pil_to_numpy(image: PIL.Image.Image, num_channels: int) -> np.ndarray:
-    mode = {1: "L", 3: "RGB"}.get(num_channels)
-    if mode is not None and image.mode != mode:
-        image = image.convert(mode)
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return _numpy_to_unit_float(array, "image")
+def _pil_to_numpy(image: PIL.Image.Image, num_channels: int, name: str = "image",
+                  limit: Optional[int] = None) -> np.ndarray:
+    """A PIL image as ``(H, W, C)`` float32 in ``[0, 1]``, read exactly as the data loaders read files
+    (:func:`diffusers_retina.data.reading.image_array_from_pil`): 8-bit modes converted to RGB / L, 16-bit (``I;16``)
+    scaled by 65535, float (``F``) and 32-bit integer (``I``) images checked for their range instead of being
+    clipped to 255 by ``convert("RGB")``. The size is checked against the pixel cap before anything is decoded."""
+    from .data.errors import DataError
+    from .data.reading import image_array_from_pil
+
+    check_pixel_count(image.height, image.width, _describe_pil(image, name), limit)
+    try:
+        array = image_array_from_pil(image, num_channels, name, limit)
+    except DataError as error:
+        raise ValueError(str(error)) from None
+    return _numpy_to_unit_float(array, name)
 
 
-def prepare_images(image: ImageInput, num_channels: int, name: str = "image") -> torch.Tensor:
-    """Turn PIL images, numpy arrays or tensors (single or batched) into a float ``NCHW`` tensor in ``[-1, 1]``.
+def _tensor_to_model_range(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """A float image tensor in ``[0, 1]`` (diffusers' convention) to the models' ``[-1, 1]``.
 
-    * PIL images are converted to RGB (3 channels) or L (1 channel) as the model needs.
-    * numpy arrays are ``HWC`` / ``NHWC`` (or ``HW`` for one channel), uint8 or float in ``[0, 1]``.
-    * tensors (or a list of them) are ``CHW`` / ``NCHW`` already in ``[-1, 1]`` (the contract of every model here).
+    As diffusers' ``VaeImageProcessor`` does, a tensor with negative values is taken to be in ``[-1, 1]`` already
+    (with a ``FutureWarning``); values outside ``[-1, 1]``, or above 1, are an error naming ``name``.
+    """
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"`{name}` contains NaN or infinite values.")
+    if not tensor.numel():
+        return tensor * 2.0 - 1.0
+    low, high = float(tensor.min()), float(tensor.max())
+    if low < -1.0 - 1e-4 or high > 1.0 + 1e-4:
+        raise ValueError(
+            f"`{name}` tensor has values in [{low:.3g}, {high:.3g}]; image tensors must lie in [0, 1] (diffusers' "
+            "convention; [-1, 1] is still accepted)."
+        )
+    if low < 0.0:
+        warnings.warn(
+            f"`{name}` is a tensor with values in [{low:.3g}, {high:.3g}]: read as [-1, 1]. Image tensors are "
+            "expected in [0, 1], as diffusers' image processors take them; pass `(x + 1) / 2`.",
+            FutureWarning, stacklevel=5,  # the user's pipeline call (through prepare_images, __call__, no_grad)
+        )
+        return tensor
+    return tensor * 2.0 - 1.0
 
-    Raises ``ValueError`` naming ``name`` for a wrong channel count, NaN, values out of range or a batch whose
-    images differ in size.
+
+def prepare_images(image: ImageInput, num_channels: int, name: str = "image",
+                   max_pixels: Optional[int] = None) -> torch.Tensor:
+    """Turn PIL images, numpy arrays or tensors (single or batched) into a float ``NCHW`` tensor in ``[-1, 1]`` (the
+    models' range). Inputs follow diffusers' image processors:
+
+    * PIL images are converted to RGB (3 channels) or L (1 channel) as the model needs; 16-bit (``I;16``), float
+      (``F``) and 32-bit integer (``I``) images are read like the data loaders read the same files (scaled by 65535,
+      float in ``[0, 1]``, integers in ``0..255``) instead of being clipped to 255.
+    * numpy arrays are ``HWC`` / ``NHWC`` (or ``HW`` for one channel), uint8, uint16 or float in ``[0, 1]``.
+    * tensors (or a list of them) are ``CHW`` / ``NCHW`` floats in ``[0, 1]``, as diffusers' ``VaeImageProcessor``
+      takes them. A tensor with negative values is read as ``[-1, 1]`` with a ``FutureWarning`` (as diffusers does);
+      a ``[-1, 1]`` tensor without negative values would be misread, so convert with ``(x + 1) / 2``.
+
+    Every image is checked against the pixel cap (``max_pixels``, else the environment variable
+    ``DIFFUSERS_RETINA_MAX_PIXELS``, else :data:`DEFAULT_MAX_PIXELS`) before it is decoded.
+
+    Raises ``ValueError`` naming ``name`` for a wrong channel count, NaN, values out of range, a batch whose images
+    differ in size, or (:class:`ImageTooLargeError`) an image over the pixel cap.
+
+    Example:
+        >>> prepare_images(torch.ones(3, 4, 4), 3).max().item()  # 1 in [0, 1] is 1 in [-1, 1]
+        1.0
+        >>> prepare_images(torch.zeros(3, 4, 4), 3).min().item()  # 0 is black: -1
+        -1.0
     """
     if isinstance(image, (list, tuple)) and image and all(isinstance(item, torch.Tensor) for item in image):
         # a list of CHW / NCHW tensors, as diffusers' VaeImageProcessor accepts
@@ -73,13 +191,11 @@ def prepare_images(image: ImageInput, num_channels: int, name: str = "image") ->
             tensor = tensor.unsqueeze(0)
         if tensor.ndim != 4:
             raise ValueError(f"`{name}` tensor must be CHW or NCHW, got shape {tuple(image.shape)}.")
-        tensor = tensor.float()
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"`{name}` contains NaN or infinite values.")
-        if tensor.numel() and (tensor.min() < -1.0 - 1e-4 or tensor.max() > 1.0 + 1e-4):
-            raise ValueError(
-                f"`{name}` tensor has values in [{tensor.min():.3g}, {tensor.max():.3g}]; tensors must lie in [-1, 1]."
-            )
+        check_pixel_count(tensor.shape[-2], tensor.shape[-1], f"`{name}`", max_pixels)
+        if not tensor.is_floating_point():
+            raise ValueError(f"`{name}` is a {tensor.dtype} tensor; image tensors are floats in [0, 1] (pass integer "
+                             "images as numpy arrays).")
+        tensor = _tensor_to_model_range(tensor.float(), name)
     else:
         items: List = list(image) if isinstance(image, (list, tuple)) else [image]
         if isinstance(image, np.ndarray) and image.ndim == 4:
@@ -89,11 +205,12 @@ def prepare_images(image: ImageInput, num_channels: int, name: str = "image") ->
         arrays = []
         for item in items:
             if isinstance(item, PIL.Image.Image):
-                arrays.append(_pil_to_numpy(item, num_channels))
+                arrays.append(_pil_to_numpy(item, num_channels, name, max_pixels))
             elif isinstance(item, np.ndarray):
                 array = item if item.ndim == 3 else item[:, :, None] if item.ndim == 2 else None
                 if array is None:
                     raise ValueError(f"`{name}` numpy arrays must be HW, HWC or NHWC, got shape {item.shape}.")
+                check_pixel_count(array.shape[0], array.shape[1], f"`{name}`", max_pixels)
                 arrays.append(_numpy_to_unit_float(array, name))
             else:
                 raise TypeError(f"`{name}` must be PIL images, numpy arrays or a torch tensor, got {type(item)}.")
@@ -179,7 +296,8 @@ def _single_channel_mask(array: np.ndarray, name: str) -> np.ndarray:
     return colour[..., 0]
 
 
-def prepare_masks(mask: MaskInput, num_classes: int, name: str = "mask") -> torch.Tensor:
+def prepare_masks(mask: MaskInput, num_classes: int, name: str = "mask",
+                  max_pixels: Optional[int] = None) -> torch.Tensor:
     """Turn masks (single or batched) into diffusion space: a float ``(N, C, H, W)`` tensor in ``[-1, 1]``.
 
     * Hard masks -- PIL images, integer / bool numpy arrays (``HW``, ``NHW``, or ``HWC`` / ``NHWC`` with C = 1, 3 or 4
@@ -189,7 +307,9 @@ def prepare_masks(mask: MaskInput, num_classes: int, name: str = "mask") -> torc
       or ``NCHW`` tensors with ``C`` class probabilities (``K`` classes).
 
     ``C`` is 1 for binary masks (``2m - 1``) and ``K`` one-hot channels otherwise. Raises ``ValueError`` naming
-    ``name`` for values outside the allowed range, NaN, a wrong number of classes or masks of different sizes.
+    ``name`` for values outside the allowed range, NaN, a wrong number of classes, masks of different sizes or
+    (:class:`ImageTooLargeError`) a mask over the pixel cap (``max_pixels``, see :func:`prepare_images`), checked
+    before a PIL mask is decoded.
     """
     from .data.errors import DataError
     from .data.reading import mask_array_from_numpy, mask_array_from_pil
@@ -217,13 +337,15 @@ def prepare_masks(mask: MaskInput, num_classes: int, name: str = "mask") -> torc
 
     if isinstance(mask, (list, tuple)) and mask and all(isinstance(item, torch.Tensor) for item in mask):
         # a list of tensors (diffusers' processors accept lists): each as a tensor input, then one batch
-        parts = [prepare_masks(item, num_classes, f"{name}[{index}]") for index, item in enumerate(mask)]
+        parts = [prepare_masks(item, num_classes, f"{name}[{index}]", max_pixels) for index, item in enumerate(mask)]
         if len({tuple(part.shape[1:]) for part in parts}) > 1:
             raise ValueError(f"All masks in `{name}` must have the same size, got "
                              f"{[tuple(part.shape[-2:]) for part in parts]}.")
         return torch.cat(parts)
     if isinstance(mask, torch.Tensor):
         tensor = mask.detach().cpu()
+        if tensor.ndim >= 2:
+            check_pixel_count(tensor.shape[-2], tensor.shape[-1], f"`{name}`", max_pixels)
         if tensor.is_floating_point():
             if tensor.ndim == 4:
                 if tensor.shape[1] != channels:
@@ -247,11 +369,16 @@ def prepare_masks(mask: MaskInput, num_classes: int, name: str = "mask") -> torc
     arrays = []
     for item in items:
         if isinstance(item, PIL.Image.Image):
+            check_pixel_count(item.height, item.width, _describe_pil(item, name), max_pixels)
             try:
-                arrays.append(mask_array_from_pil(item, num_classes, name))
+                arrays.append(mask_array_from_pil(item, num_classes, name, max_pixels))
             except DataError as error:
                 raise ValueError(str(error)) from None
         elif isinstance(item, np.ndarray):
+            if item.ndim in (2, 3, 4):
+                is_image = item.ndim == 3 and item.shape[-1] in _MASK_IMAGE_CHANNELS and item.shape[0] > 4
+                height, width = item.shape[:2] if item.ndim == 2 or is_image else item.shape[1:3]  # HW(C) / NHW(C)
+                check_pixel_count(height, width, f"`{name}`", max_pixels)
             if item.ndim == 4 and item.shape[-1] in _MASK_IMAGE_CHANNELS:
                 arrays.extend(_single_channel_mask(m, name) for m in item)  # NHWC, as an image loader gives them
             elif item.ndim == 3 and item.shape[-1] in _MASK_IMAGE_CHANNELS and item.shape[0] > 4:

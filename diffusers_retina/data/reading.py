@@ -17,7 +17,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..image_processing import prepare_images
+from ..image_processing import ImageTooLargeError, check_pixel_count, prepare_images
 from .errors import DataError
 
 PathLike = Union[str, os.PathLike]
@@ -56,14 +56,32 @@ class RawSample:
         return int(self.mask.shape[0]), int(self.mask.shape[1])
 
 
-def open_pil(path: PathLike, role: str = "image") -> PIL.Image.Image:
+def _check_pixels(height: int, width: int, role: str, source: str, max_pixels: Optional[int]) -> None:
+    """The pixel cap (:func:`diffusers_retina.image_processing.max_pixels`) as a :class:`DataError` naming the file."""
+    try:
+        check_pixel_count(height, width, f"{role.capitalize()} file '{source}'", max_pixels)
+    except ImageTooLargeError as error:
+        raise DataError(str(error)) from None
+
+
+def open_pil(path: PathLike, role: str = "image", max_pixels: Optional[int] = None) -> PIL.Image.Image:
     """Open an image file fully (``verify`` then ``load``) so broken or truncated files fail here, not later.
+
+    The size in the file's header is checked against the pixel cap (``max_pixels``, else the environment variable
+    ``DIFFUSERS_RETINA_MAX_PIXELS``, else 64 megapixels) *before* anything is decoded: a small PNG can expand to
+    gigabytes.
 
     Example:
         >>> open_pil("missing.png")  # doctest: +IGNORE_EXCEPTION_DETAIL
         Traceback (most recent call last):
         DataError: Cannot read image file 'missing.png': ...
     """
+    try:
+        with PIL.Image.open(path) as probe:
+            size = probe.size
+    except Exception as exc:  # PIL raises OSError, SyntaxError, struct.error, zlib.error, ... for broken files
+        raise DataError(f"Cannot read {role} file '{path}': {exc}") from exc
+    _check_pixels(size[1], size[0], role, str(path), max_pixels)
     try:
         with PIL.Image.open(path) as probe:
             probe.verify()
@@ -75,8 +93,23 @@ def open_pil(path: PathLike, role: str = "image") -> PIL.Image.Image:
     return image
 
 
-def load_npy(path: PathLike) -> np.ndarray:
-    """Load a ``.npy`` file without pickle; any failure is a :class:`DataError` naming the file."""
+def npy_shape(path: PathLike) -> Tuple[int, ...]:
+    """The array shape in a ``.npy`` file's header, read without loading the data."""
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            header = np.lib.format.read_array_header_2_0 if version >= (2, 0) else np.lib.format.read_array_header_1_0
+            return tuple(header(handle)[0])
+    except Exception as exc:  # OSError, ValueError (not a .npy file)
+        raise DataError(f"Cannot read numpy file '{path}': {exc}") from exc
+
+
+def load_npy(path: PathLike, role: str = "image", max_pixels: Optional[int] = None) -> np.ndarray:
+    """Load a ``.npy`` file without pickle; any failure is a :class:`DataError` naming the file. The first two axes
+    (``H, W`` of an image or mask) are checked against the pixel cap from the header, before the data is read."""
+    shape = npy_shape(path)
+    if len(shape) >= 2:
+        _check_pixels(shape[0], shape[1], role, str(path), max_pixels)
     try:
         return np.load(path, allow_pickle=False)
     except Exception as exc:  # ValueError (truncated / pickled), OSError, EOFError
@@ -132,16 +165,31 @@ def image_array_from_numpy(array: np.ndarray, image_channels: int, source: str) 
     return array
 
 
-def image_array_from_pil(image: PIL.Image.Image, image_channels: int, source: str) -> np.ndarray:
+def image_array_from_pil(image: PIL.Image.Image, image_channels: int, source: str,
+                         max_pixels: Optional[int] = None) -> np.ndarray:
     """PIL image to ``(H, W, C)`` uint8 (or float32 for 16-bit / float images), converting RGB <-> L as needed.
+
+    16-bit (``I;16``) images are scaled by 65535, float (``F``) images must lie in ``[0, 1]`` and 32-bit integer
+    (``I``) images in ``0..255`` (their bit depth is ambiguous otherwise): PIL's ``convert("RGB")`` would clip them all
+    to 255. The Python API reads PIL inputs through this function too
+    (:func:`diffusers_retina.image_processing.prepare_images`). An image over the pixel cap (``max_pixels``, see
+    :func:`open_pil`) is refused before it is decoded.
 
     Example:
         >>> image_array_from_pil(PIL.Image.new("L", (5, 4)), 3, "gray.png").shape
         (4, 5, 3)
     """
+    _check_pixels(image.height, image.width, "image", source, max_pixels)
     if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
         # PIL's convert("RGB") clips 16-bit data to 255, so these go through the numpy path
-        return image_array_from_numpy(np.array(image), image_channels, source)
+        array = np.array(image)
+        if image.mode == "I" and array.size and (array.min() < 0 or array.max() > 255):
+            raise DataError(
+                f"Image '{source}' is a 32-bit integer (PIL mode I) image with values in [{array.min()}, "
+                f"{array.max()}]; its bit depth is ambiguous. Give 16-bit data as mode I;16 or a uint16 array "
+                "(scaled by 65535), other data as floats in [0, 1] (mode F)."
+            )
+        return image_array_from_numpy(array, image_channels, source)
     target_mode = {1: "L", 3: "RGB"}.get(image_channels)
     if target_mode is not None and image.mode != target_mode:
         image = image.convert(target_mode)
@@ -200,19 +248,25 @@ def mask_array_from_numpy(array: np.ndarray, num_classes: int, source: str) -> n
     )
 
 
-def mask_array_from_pil(image: PIL.Image.Image, num_classes: int, source: str) -> np.ndarray:
+def mask_array_from_pil(image: PIL.Image.Image, num_classes: int, source: str,
+                        max_pixels: Optional[int] = None) -> np.ndarray:
     """PIL mask (1-bit, L, P, 16-bit, grey RGB) to ``(H, W)`` uint8 class indices (see :func:`mask_array_from_numpy`).
+
+    A mask over the pixel cap (``max_pixels``, see :func:`open_pil`) is refused before it is decoded.
 
     Example:
         >>> mask_array_from_pil(PIL.Image.new("1", (3, 2), 1), 2, "m.png").tolist()
         [[1, 1, 1], [1, 1, 1]]
     """
+    _check_pixels(image.height, image.width, "mask", source, max_pixels)
     # "P" masks are read as palette indices, which is how class-index masks are usually stored
     return mask_array_from_numpy(np.array(image), num_classes, source)
 
 
-def read_image(path: PathLike, image_channels: int) -> np.ndarray:
+def read_image(path: PathLike, image_channels: int, max_pixels: Optional[int] = None) -> np.ndarray:
     """Read an image file (PIL formats or ``.npy``) into ``(H, W, C)`` uint8 / float32 ``[0, 1]``.
+
+    Files over the pixel cap (``max_pixels``, see :func:`open_pil`) are refused before they are decoded.
 
     Example:
         >>> read_image("images/Image_01L.jpg", 3).shape  # doctest: +SKIP
@@ -220,13 +274,15 @@ def read_image(path: PathLike, image_channels: int) -> np.ndarray:
     """
     path = Path(path)
     if path.suffix.lower() == ".npy":
-        return image_array_from_numpy(load_npy(path), image_channels, str(path))
-    with open_pil(path) as image:
-        return image_array_from_pil(image, image_channels, str(path))
+        return image_array_from_numpy(load_npy(path, "image", max_pixels), image_channels, str(path))
+    with open_pil(path, "image", max_pixels) as image:
+        return image_array_from_pil(image, image_channels, str(path), max_pixels)
 
 
-def read_mask(path: PathLike, num_classes: int) -> np.ndarray:
+def read_mask(path: PathLike, num_classes: int, max_pixels: Optional[int] = None) -> np.ndarray:
     """Read a mask file (PIL formats or ``.npy``) into ``(H, W)`` uint8 class indices.
+
+    Files over the pixel cap (``max_pixels``, see :func:`open_pil`) are refused before they are decoded.
 
     Example:
         >>> read_mask("1stHO/Image_01L_1stHO.png", 2).max()  # doctest: +SKIP
@@ -234,9 +290,9 @@ def read_mask(path: PathLike, num_classes: int) -> np.ndarray:
     """
     path = Path(path)
     if path.suffix.lower() == ".npy":
-        return mask_array_from_numpy(load_npy(path), num_classes, str(path))
-    with open_pil(path, "mask") as image:
-        return mask_array_from_pil(image, num_classes, str(path))
+        return mask_array_from_numpy(load_npy(path, "mask", max_pixels), num_classes, str(path))
+    with open_pil(path, "mask", max_pixels) as image:
+        return mask_array_from_pil(image, num_classes, str(path), max_pixels)
 
 
 def check_same_size(reference: np.ndarray, reference_source: str, other: np.ndarray, other_source: str) -> None:

@@ -111,7 +111,7 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
             features; its config names the blocks, timesteps and policy it was trained with.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->head"
     _optional_components = ["head"]
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, head: Optional[torch.nn.Module] = None):
@@ -415,14 +415,18 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
         r"""Extract features, or segment with the head.
 
         Args:
-            image: PIL image(s), numpy array(s) (``HWC``, uint8 or float in [0, 1]) or a tensor (``CHW``/``NCHW`` in
-                [-1, 1]); any size (reflect-padded to the UNet's factor; features cover the padded image).
+            image: PIL image(s) (8-bit, and 16-bit / float modes ``I;16`` / ``F`` read like the data loaders read
+                files), numpy array(s) (``HWC``, uint8, uint16 or float in [0, 1]) or a float tensor (``CHW``/``NCHW``
+                in [0, 1], diffusers' convention; a tensor with negative values is read as [-1, 1] with a warning);
+                any size up to the pixel cap (64 megapixels; ``DIFFUSERS_RETINA_MAX_PIXELS``), reflect-padded to the
+                UNet's factor (features cover the padded image). ``extract`` takes prepared ``[-1, 1]`` tensors.
             blocks: block names (``describe()`` lists them); default: the head's, else ``default_blocks()``
                 (``["up.1", "up.2"]``, or the two finest up blocks of a UNet with fewer levels).
             timesteps: timesteps in ``[0, num_train_timesteps)``; default: the head's, else ``[50, 150, 250]``.
             policy: ``"noise"``, ``"anchor"`` or ``"ddim_inversion"``; default: the head's, else ``"noise"``.
             output: ``"features"`` or ``"segmentation"`` (needs a head).
-            generator: noise for ``"noise"`` (a generator, or one per image x noise draw).
+            generator: noise for ``"noise"`` (a generator, or one per image x noise draw; a single generator for one
+                image and one draw is used as given, so ``g`` and ``[g]`` agree, as in diffusers).
             num_noise_draws: average the features over this many noise draws (``"noise"``).
             shared_noise: one noise for all images (ddpm-segmentation's fixed noise).
             feature_dtype: ``torch.float16`` (default), ``torch.bfloat16`` or ``torch.float32``.

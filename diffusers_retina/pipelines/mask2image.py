@@ -221,7 +221,8 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
         Args:
             mask: PIL image(s), numpy array(s) (``HW``/``NHW``) or a tensor: binary masks (0/1, 0/255, or float
                 probabilities in [0, 1] for soft masks) or ``K``-class index masks (``NCHW`` float tensors of class
-                probabilities for soft ``K``-class masks). Any size: padded (reflect) and cropped back.
+                probabilities for soft ``K``-class masks). Any size up to the pixel cap (64 megapixels;
+                ``DIFFUSERS_RETINA_MAX_PIXELS``): padded (reflect) and cropped back.
             num_inference_steps: denoising steps of the image scheduler.
             guidance_scale: classifier-free guidance ``uncond + s * (cond - uncond)`` with the learned null condition;
                 1 runs the conditional model only (no extra cost), 0 the unconditional one.
@@ -231,7 +232,8 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
             mask_num_inference_steps: steps of the mask scheduler (default ``num_inference_steps``).
             generator: a ``torch.Generator`` or a list with one per image (masks x ``num_images_per_mask``,
                 mask-major); with ``mask=None``, one per sampled mask first, then one per image. A single generator
-                is split into one per sample, so results do not depend on ``batch_size``.
+                for several samples is split into one per sample, so results do not depend on ``batch_size``; for
+                one sample (one mask, one image) it is used as given, so ``g`` and ``[g]`` agree, as in diffusers.
             batch_size: images denoised together (default all; ``"auto"``: all on an accelerator, on a CPU as many
                 as keep one denoiser call within 48k float32 pixels, 96k in half precision, with guidance each counting
                 twice). Same output either way.

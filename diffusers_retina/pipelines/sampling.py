@@ -26,16 +26,35 @@ def per_sample_generators(
     generator: Optional[Union[torch.Generator, List[torch.Generator]]], count: int, device: torch.device,
     what: str = "sample",
 ) -> List[torch.Generator]:
-    """One generator per sample. A list is used as given (it must hold ``count`` generators); a single generator
-    (or none, meaning torch's global RNG) is split into ``count`` seeded generators, so results do not depend on how
-    the samples are batched."""
-    if isinstance(generator, list):
+    """One generator per sample.
+
+    * A list is used as given (it must hold ``count`` generators), as diffusers does.
+    * A single generator for one sample is used as given too, so ``generator=g`` and ``generator=[g]`` give the same
+      result, as in diffusers (where both draw the noise from ``g``).
+    * A single generator for several samples (or none, meaning torch's global RNG) is split into ``count`` seeded
+      generators, so results do not depend on how the samples are batched (``batch_size``).
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> per_sample_generators(g, 1, torch.device("cpu"))[0] is g
+        True
+        >>> len(per_sample_generators(g, 3, torch.device("cpu")))
+        3
+    """
+    if isinstance(generator, (list, tuple)):
         if len(generator) != count:
             raise ValueError(
                 f"`generator` is a list of {len(generator)} generators; pass one per {what} ({count}), or a single "
                 "generator."
             )
-        return generator
+        if not all(isinstance(item, torch.Generator) for item in generator):
+            kinds = sorted({type(item).__name__ for item in generator})
+            raise TypeError(f"`generator` must be a torch.Generator or a list of them, got a list of {kinds}.")
+        return list(generator)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator or a list of them, got {type(generator).__name__}.")
+    if generator is not None and count == 1:
+        return [generator]
     seeds = torch.randint(0, 2**62, (count,), generator=generator, device=generator.device if generator else "cpu")
     return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
 

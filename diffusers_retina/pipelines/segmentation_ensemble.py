@@ -41,6 +41,7 @@ from ..image_processing import (
     pad_to_multiple,
     prepare_images,
 )
+from .checks import check_finite_output, check_num_inference_steps
 from .loading import RetinaPipelineMixin
 from .sampling import (
     check_common_inputs,
@@ -184,11 +185,11 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
     # ------------------------------------------------------------------ helpers
     def check_inputs(self, ensemble_size, fusion, threshold, batch_size, tile_size, tile_overlap, output_type,
                      callback_on_step_end_tensor_inputs):
-        if not isinstance(ensemble_size, int) or ensemble_size < 1:
+        if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
             raise ValueError(f"`ensemble_size` must be a positive integer, got {ensemble_size!r}.")
         if fusion not in FUSION_METHODS:
             raise ValueError(f"`fusion` must be one of {FUSION_METHODS}, got {fusion!r}.")
-        if not 0.0 < threshold < 1.0:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
             raise ValueError(f"`threshold` must lie in (0, 1), got {threshold!r}.")
         check_common_inputs(self.size_multiple, batch_size, tile_size, tile_overlap, output_type,
                             callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
@@ -239,8 +240,12 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         r"""Segment ``image`` with an ensemble of ``ensemble_size`` diffusion samples.
 
         Args:
-            image: PIL image(s), numpy array(s) (``HWC``/``NHWC``, uint8 or float in [0, 1]) or a tensor
-                (``CHW``/``NCHW`` in [-1, 1]). Any size: padded (reflect) to the UNet's factor and cropped back.
+            image: PIL image(s) (8-bit, and 16-bit / float modes ``I;16`` / ``F`` read like the data loaders read
+                files), numpy array(s) (``HWC``/``NHWC``, uint8, uint16 or float in [0, 1]) or a float tensor / list
+                of tensors (``CHW``/``NCHW`` in [0, 1], diffusers' convention; a tensor with negative values is
+                read as [-1, 1] with a warning, so convert [-1, 1] tensors with ``(x + 1) / 2``). Any size up to the
+                pixel cap (64 megapixels; ``DIFFUSERS_RETINA_MAX_PIXELS``): padded (reflect) to the UNet's factor
+                and cropped back.
             num_inference_steps: denoising steps of the scheduler; default the checkpoint's
                 ``default_denoising_steps`` (else 50).
             ensemble_size: members sampled per image.
@@ -249,7 +254,9 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
             threshold: foreground threshold for binary masks (members and fused probabilities); default the
                 checkpoint's ``default_threshold`` (else 0.5).
             generator: a ``torch.Generator`` or a list with one per sample (images x members, image-major). Same
-                generators, same output, whatever ``batch_size``.
+                generators, same output, whatever ``batch_size``: a single generator for several samples is split
+                into one seeded generator per sample; for one sample (one image, ``ensemble_size=1``) it is used as
+                given, so ``g`` and ``[g]`` give the same result, as in diffusers.
             batch_size: samples (images x members) denoised together; default all at once. Lower it to save memory.
                 ``"auto"``: all at once on an accelerator; on a CPU as many as keep one denoiser call within 48k
                 float32 pixels, 96k in half precision (a batch of 5 x 256^2 runs slower there than 5 single passes).
@@ -276,8 +283,7 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
             num_inference_steps = self.config.get("default_denoising_steps") or 50
         if threshold is None:
             threshold = self.config.get("default_threshold") or 0.5
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps!r}.")
+        check_num_inference_steps(num_inference_steps)
         self.check_inputs(ensemble_size, fusion, threshold, batch_size, tile_size, tile_overlap, output_type,
                           callback_on_step_end_tensor_inputs)
         device = self._execution_device
@@ -348,8 +354,12 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
                     latents = (chunk_condition[:, -self.mask_channels:] + 2.0 * latents).clamp(-1.0, 1.0)
                 samples.append(latents[..., :height, :width].float())
 
-        # 4. Post-process: member probabilities -> fusion -> uncertainty
-        member_probs = diffusion_to_probabilities(torch.cat(samples))
+        # 4. Post-process: member probabilities -> fusion -> uncertainty (NaN from damaged weights or a half-precision
+        # overflow is an error, not an empty mask)
+        samples = torch.cat(samples)
+        check_finite_output(samples, "The masks sampled by SegmentationEnsemblePipeline",
+                            hint=f"unet dtype {dtype}" + (f", prior dtype {self.prior.dtype}" if anchor else ""))
+        member_probs = diffusion_to_probabilities(samples)
         member_probs = member_probs.reshape(num_images, ensemble_size, *member_probs.shape[1:])
         masks, probabilities = fuse_members(member_probs, method=fusion, threshold=threshold)
         uncertainty = uncertainty_maps(member_probs)
