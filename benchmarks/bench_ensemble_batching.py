@@ -56,7 +56,7 @@ def measure(pipe, args, image, device):
     """Time the modes on one crop; returns the row of the JSON."""
 
     def run(batch_size):
-        return pipe(image, num_inference_steps=args.steps, ensemble_size=args.ensemble_size,
+        return pipe((image + 1) / 2, num_inference_steps=args.steps, ensemble_size=args.ensemble_size,
                     generator=_common.generator(args.seed), batch_size=batch_size, tile_size=args.tile_size or None,
                     output_type="pt", return_members=True)
 

@@ -80,8 +80,9 @@ def main(argv=None):
     def generators():
         return [torch.Generator(device=device).manual_seed(args.seed + member) for member in range(args.ensemble_size)]
 
+    unit_image = (image.float() + 1) / 2  # the pipeline takes image tensors in [0, 1]; the bare loop [-1, 1]
     runs = {
-        "pipeline": lambda: pipe(image, num_inference_steps=args.steps, ensemble_size=args.ensemble_size,
+        "pipeline": lambda: pipe(unit_image, num_inference_steps=args.steps, ensemble_size=args.ensemble_size,
                                  generator=generators(), output_type="pt", return_members=True).members[0],
         "bare_loop": lambda: bare_loop(pipe.unet, bare_scheduler, image, generators(), args.steps),
     }

@@ -71,7 +71,7 @@ def main(argv=None):
 
     def run(key, steps, image, progress=None):
         pipe.scheduler = _common.make_scheduler(key, base_config, args.timestep_spacing)
-        return pipe(image, num_inference_steps=steps, ensemble_size=args.ensemble_size, fusion=args.fusion,
+        return pipe((image + 1) / 2, num_inference_steps=steps, ensemble_size=args.ensemble_size, fusion=args.fusion,
                     generator=_common.generator(args.seed), output_type="pt", callback_on_step_end=progress)
 
     def progress_printer(label, total):

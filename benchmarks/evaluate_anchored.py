@@ -130,7 +130,7 @@ def build_rows(args, device) -> List[Tuple[str, Callable, Dict]]:
         threshold = pipe.config.get("default_threshold") or args.threshold
         for step_count in [int(s) for s in (steps or "2").split(",")]:
             def predict(image, pipe=pipe, step_count=step_count, threshold=threshold):
-                out = pipe(image, num_inference_steps=step_count, ensemble_size=args.ensemble_size,
+                out = pipe((image + 1) / 2, num_inference_steps=step_count, ensemble_size=args.ensemble_size,
                            threshold=threshold, generator=_common.generator(args.seed), batch_size="auto",
                            output_type="pt", **tiles)
                 return out.probabilities[0, 0], out.entropy[0], threshold

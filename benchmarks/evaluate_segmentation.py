@@ -187,7 +187,7 @@ def main(argv=None):
         sys.exit(f"Unknown test images {unknown}; choose from {reference.stems}.")
 
     def segment(image, steps=args.steps):
-        return pipe(image, num_inference_steps=steps, ensemble_size=args.ensemble_size, fusion=args.fusion,
+        return pipe((image + 1) / 2, num_inference_steps=steps, ensemble_size=args.ensemble_size, fusion=args.fusion,
                     threshold=args.threshold, generator=_common.generator(args.seed), batch_size=args.batch_size,
                     tile_size=tile_size, tile_overlap=args.tile_overlap, output_type="pt", return_members=True)
 

@@ -121,7 +121,7 @@ def main(argv=None):
     references = [central(train[i])[0] for i in range(len(cases))]
 
     def segment(image01: torch.Tensor):
-        return segmenter(image01[None] * 2 - 1, num_inference_steps=args.segmenter_steps,
+        return segmenter(image01[None], num_inference_steps=args.segmenter_steps,  # [0, 1], as the pipelines take
                          ensemble_size=args.segmenter_ensemble_size, generator=_common.generator(args.seed),
                          tile_size=256, output_type="pt")
 

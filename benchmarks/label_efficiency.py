@@ -190,7 +190,7 @@ def head_predictor(pipe, args):
     cache = str(Path(args.work) / "cache")
 
     def predict(image: torch.Tensor) -> Dict[str, torch.Tensor]:
-        out = pipe(image[None], output="segmentation", seed=args.seed, cache_dir=cache)
+        out = pipe((image[None] + 1) / 2, output="segmentation", seed=args.seed, cache_dir=cache)
         return {"mask": out.masks[0] == 1, "probability": out.probabilities[0, 1]}
 
     return predict

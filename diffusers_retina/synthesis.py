@@ -49,7 +49,7 @@ def mask_faithfulness(segmenter, images: torch.Tensor, masks: torch.Tensor, num_
     """
     scores = []
     for image, mask in zip(images, masks):
-        result = segmenter(image[None] * 2 - 1, num_inference_steps=num_inference_steps, ensemble_size=ensemble_size,
+        result = segmenter(image[None], num_inference_steps=num_inference_steps, ensemble_size=ensemble_size,
                            generator=torch.Generator().manual_seed(seed), tile_size=tile_size, output_type="pt")
         scores.append(float(dice(result.masks[0].cpu().numpy() > 0, mask.cpu().numpy() > 0)))
     return scores
