@@ -74,6 +74,7 @@ from diffusers_retina.sharded_inference import (  # noqa: E402
     ShardedRunError,
     WorkItem,
     make_batches,
+    process_state,
 )
 
 
@@ -232,9 +233,7 @@ def resolve_device(name: Optional[str]) -> torch.device:
         CLIError: naming ``--device`` for a string torch does not parse, a backend that is not available, or an index
             beyond the devices present.
     """
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     if name is None:
         if state.num_processes > 1:
             return state.device
@@ -254,7 +253,8 @@ def resolve_device(name: Optional[str]) -> torch.device:
         if count is not None and device.index >= count:
             raise CLIError(f"--device {name}: this machine has {count} {device.type} device(s) "
                            f"({device.type}:0 to {device.type}:{count - 1}).")
-    if device.index is None and state.num_processes > 1 and state.device.type == device.type:
+    own_type = state.device.type == device.type
+    if device.type != "cpu" and device.index is None and state.num_processes > 1 and own_type:
         return state.device
     return device
 
@@ -900,7 +900,7 @@ def _segment_nifti_case(pipe: SegmentationEnsemblePipeline, case: NiftiCase, arg
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``diffusers-retina`` argument parser with all sub-commands."""
-    from . import demo, push, synthesize
+    from . import demo, features, push, synthesize
 
     parser = argparse.ArgumentParser(
         prog="diffusers-retina",
@@ -911,6 +911,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     build_segment_parser(subparsers)
     synthesize.build_synthesize_parser(subparsers)
+    features.build_features_parser(subparsers)
     demo.build_demo_parser(subparsers)
     push.build_push_parser(subparsers)
     return parser

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequence
 
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, parse_flag_from_env
 
 #: The merged per-input rows, one JSON object per line, in input order.
 RESULTS_FILE = "results.jsonl"
@@ -42,6 +42,14 @@ SUMMARY_FILE = "summary.json"
 #: Settings that change how fast or where a run goes, not what it writes: they may differ between a run and its rerun.
 NON_OUTPUT_SETTINGS = frozenset({"device", "threads", "batch_size", "image_batch_size", "num_processes",
                                  "diffusers_retina_version"})
+
+
+def process_state() -> PartialState:
+    """This process's accelerate ``PartialState``, on the CPU when ``ACCELERATE_USE_CPU`` is set (as
+    ``accelerate launch --cpu`` and ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu`` do), as accelerate's own
+    ``AcceleratorState`` reads it: without that flag a CPU-only launch would start processes that each think they
+    are alone."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 class ShardedRunError(Exception):
@@ -150,7 +158,7 @@ class ShardedFolderRun:
         overwrite: redo inputs that are already done.
         rows_key: the summary key listing this run's rows (``"images"`` for ``segment``).
         summary_extra: adds keys to the final summary from the rows of this run's inputs.
-        state: accelerate's ``PartialState`` (default: the process's own).
+        state: accelerate's ``PartialState`` (default: :func:`process_state`).
     """
 
     def __init__(self, output_dir: Path, command: str, settings: Dict[str, Any], overwrite: bool = False,
@@ -163,7 +171,7 @@ class ShardedFolderRun:
         self.overwrite = overwrite
         self.rows_key = rows_key
         self.summary_extra = summary_extra
-        self.state = state if state is not None else PartialState()
+        self.state = state if state is not None else process_state()
         self.items: List[WorkItem] = []
         self.skipped: List[str] = []
         self.started = time.perf_counter()
