@@ -134,11 +134,14 @@ def launch_two_cpu_processes(cli_args: List[str]) -> subprocess.CompletedProcess
     return result
 
 
-@pytest.mark.parametrize("command", ["segment", "synthesize"])
+@pytest.mark.parametrize("command", ["segment", "synthesize", "features"])
 def test_two_processes_share_the_folder_each_input_exactly_once(command, pipelines, tmp_path):
     if command == "segment":
         inputs = write_images(tmp_path / "in")
         common = [str(tmp_path / "in"), "--pipeline", str(pipelines["segment"]), *SEGMENT_FAST]
+    elif command == "features":
+        inputs = write_images(tmp_path / "in")
+        common = [str(tmp_path / "in"), "--pipeline", str(pipelines["features"]), "--device", "cpu"]
     else:
         inputs = write_masks(tmp_path / "in", count=5)
         common = [str(tmp_path / "in"), "--pipeline", str(pipelines["synthesize"]), "--steps", "2", "--device", "cpu"]
@@ -167,7 +170,7 @@ def test_two_processes_share_the_folder_each_input_exactly_once(command, pipelin
     single = tmp_path / "one"
     assert cli.main([command, *common, "--output-dir", str(single), "--image-batch-size", "1"]) == 0
     assert file_bytes(single) == file_bytes(shared)
-    assert len(file_bytes(shared)) == (5 * len(MAPS) if command == "segment" else 10)
+    assert len(file_bytes(shared)) == {"segment": 5 * len(MAPS), "synthesize": 10, "features": 15}[command]
 
     # a rerun under two processes finds everything done
     again = launch_two_cpu_processes([command, *common, "--output-dir", str(shared), "--image-batch-size", "2"])
