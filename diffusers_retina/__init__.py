@@ -3,6 +3,9 @@
 __version__ = "0.1.0"
 
 from .pipelines import (  # noqa: E402
+    AdaptDiffPipeline,
+    AdaptDiffPipelineOutput,
+    AdaptDiffSegmentationOutput,
     DiffusionFeaturePipeline,
     DiffusionFeaturePipelineOutput,
     Mask2ImagePipeline,
@@ -13,6 +16,9 @@ from .pipelines import (  # noqa: E402
 )
 
 __all__ = [
+    "AdaptDiffPipeline",
+    "AdaptDiffPipelineOutput",
+    "AdaptDiffSegmentationOutput",
     "DiffusionFeaturePipeline",
     "DiffusionFeaturePipelineOutput",
     "Mask2ImagePipeline",

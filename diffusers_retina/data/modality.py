@@ -57,12 +57,12 @@ def field_of_view_mask(image: np.ndarray, threshold: float = 0.1, erosion: int =
     level = threshold * max(float(np.percentile(brightest, 99)), 1e-6)
     inside = brightest > level
     labels, count = ndimage.label(inside)
-    if count == 0:
+    if count == 0 or inside.all():
         return np.ones(brightest.shape, dtype=bool)
     sizes = ndimage.sum(inside, labels, index=np.arange(1, count + 1))
     fov = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
     if erosion > 0:
-        fov = ndimage.binary_erosion(fov, iterations=erosion)
+        fov = ndimage.binary_erosion(fov, iterations=erosion, border_value=1)  # the image edge is no rim
     return fov
 
 
@@ -198,3 +198,25 @@ def corrupt_mask(mask: np.ndarray, fp_rate: float = 0.0, fn_rate: float = 0.0, s
     removed = _disc_pixels(vessels, int(round(fn_rate * total)), radius, rng, vessels)
     added = _disc_pixels(~vessels & region, int(round(fp_rate * total)), radius, rng, region)
     return ((vessels & ~removed) | added).astype(np.uint8)
+
+
+INTENSITY_TRANSFORMS = ("none", "invert", "histmatch", "invert+histmatch")
+
+
+def to_source_intensities(image: np.ndarray, transform: str, references: Optional[list] = None,
+                          reference_fovs: Optional[list] = None, fov: Optional[np.ndarray] = None) -> np.ndarray:
+    """A target image moved towards the source's intensities by a simple transform: ``none``, ``invert``
+    (:func:`invert_intensity`), ``histmatch`` (:func:`match_histograms` to the pooled histogram of the source
+    photographs ``references``) or ``invert+histmatch`` (both, in that order). The simple baselines of adaptation,
+    and a way to get usable pseudo-labels from a source segmenter that cannot read the raw target."""
+    if transform not in INTENSITY_TRANSFORMS:
+        raise ValueError(f"`transform` must be one of {INTENSITY_TRANSFORMS}, got {transform!r}.")
+    array = _check_image(image, "image")
+    fov = field_of_view_mask(array) if fov is None else np.asarray(fov, dtype=bool)
+    if "invert" in transform:
+        array = invert_intensity(array, fov)
+    if "histmatch" in transform:
+        if not references:
+            raise ValueError(f"`transform={transform!r}` needs source `references` to match the histogram to.")
+        array = match_histograms(array, list(references), fov, reference_fovs)
+    return array
