@@ -10,6 +10,8 @@ auxiliary segmentation loss). Same loop, same data, same checkpoints for both.
 logits out at timestep 0, BCE + soft Dice): the same-budget baseline to report next to the diffusion model (same
 patches in the same order, optimiser, schedule, EMA and steps). It saves the UNet alone (``<output_dir>/unet``);
 ``benchmarks/evaluate_segmentation.py --baseline <output_dir>`` scores it with the same tiles and metrics.
+``--init_unet DIR`` starts it from a saved segmenter instead of random weights (fine-tuning: AdaptDiff's last step,
+``training/adaptdiff_workflow.py``).
 
 Prior-anchored diffusion: ``--prior_maps DIR`` gives every training image a prior probability map (made by
 ``training/make_prior_maps.py``, out of fold so that training priors look like test-time priors) and the denoiser
@@ -87,6 +89,9 @@ def parse_args(argv=None):
     parser.add_argument("--aux_loss_weight", type=float, default=0.0,
                         help="medsegdiff: weight of the condition encoder's own segmentation loss (0: no head; "
                              "the published code uses 10 with its loss scale).")
+    parser.add_argument("--init_unet", type=str, default=None,
+                        help="--objective supervised: start from this saved UNet2DModel folder (fine-tuning, e.g. "
+                             "AdaptDiff's adaptation of a source segmenter); its config replaces the model flags.")
     parser.add_argument("--block_out_channels", type=str, default="32,64,128")
     parser.add_argument("--layers_per_block", type=int, default=1)
     parser.add_argument("--norm_num_groups", type=int, default=8)
@@ -119,6 +124,12 @@ def parse_args(argv=None):
         parser.error("--aux_loss_weight needs --model medsegdiff (a stock UNet2DModel has no condition encoder).")
     if args.objective == "supervised" and args.model != "unet":
         parser.error("--objective supervised trains a stock UNet2DModel (--model unet).")
+    if args.init_unet is not None:
+        if args.objective != "supervised" or args.prior_maps:
+            parser.error("--init_unet fine-tunes a deterministic segmenter: it needs --objective supervised and no "
+                         "--prior_maps.")
+        if not os.path.isfile(os.path.join(args.init_unet, "config.json")):
+            parser.error(f"--init_unet {args.init_unet!r} has no config.json (a saved UNet2DModel folder).")
     check_data_arguments(parser, args)
     check_optimization_arguments(parser, args)  # zero steps/intervals, a batch larger than an epoch, ...
     resolve_data_format(parser, args)  # --data_format brats: image channels = modalities
@@ -143,6 +154,14 @@ def parse_args(argv=None):
 
 
 def build_unet(args):
+    if args.init_unet is not None:  # fine-tuning: the saved segmenter, in float32 for training
+        unet = UNet2DModel.from_pretrained(args.init_unet, torch_dtype=torch.float32)
+        if unet.config.in_channels != args.image_channels or unet.config.out_channels != (
+                1 if args.num_classes == 2 else args.num_classes):
+            raise ValueError(f"--init_unet {args.init_unet!r} takes {unet.config.in_channels} channels and returns "
+                             f"{unet.config.out_channels}; the data has {args.image_channels} image channels and "
+                             f"{args.num_classes} classes.")
+        return unet
     mask_channels = 1 if args.num_classes == 2 else args.num_classes
     channels = tuple(int(c) for c in args.block_out_channels.split(","))
     down = ["DownBlock2D"] * len(channels)

@@ -1,0 +1,357 @@
+"""AdaptDiff: the target-modality helpers, AdaptDiffPipeline's contract, and the resumable four-step workflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
+from safetensors.torch import load_file
+
+from diffusers_retina import AdaptDiffPipeline, Mask2ImagePipeline
+from diffusers_retina.data.modality import (
+    corrupt_mask,
+    field_of_view_mask,
+    fluorescein_like,
+    invert_intensity,
+    match_histograms,
+)
+from diffusers_retina.models import ConditionalUNet2DModel
+from diffusers_retina.pipelines.adaptdiff import pseudo_labels
+
+from test_checkpoints import KILLING_RUNNER
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW = REPO / "training" / "adaptdiff_workflow.py"
+
+
+# ---------------------------------------------------------------------------------------------- data helpers
+def fundus(size: int = 64, seed: int = 0) -> np.ndarray:
+    """A synthetic photograph: a bright disc on black with a dark horizontal "vessel" through it."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (0.45 * size) ** 2
+    image = np.zeros((size, size, 3), dtype=np.float32)
+    image[disc] = (0.8, 0.45, 0.2)
+    image[size // 2 - 1: size // 2 + 2, :, 1] *= 0.3  # vessels are dark in the green channel
+    image += 0.01 * rng.standard_normal(image.shape).astype(np.float32)
+    return np.clip(image * disc[..., None], 0, 1)
+
+
+def test_field_of_view_is_the_disc():
+    image = fundus()
+    fov = field_of_view_mask(image)
+    assert fov[32, 32] and fov[32, 10] and not fov[0, 0] and not fov[63, 63]
+    assert field_of_view_mask(np.full((8, 8, 3), 0.5)).all()  # no dark surround: everything
+
+
+def test_fluorescein_like_makes_vessels_bright_on_a_dark_background_and_is_seeded():
+    image = fundus()
+    angiogram = fluorescein_like(image, seed=1)
+    assert angiogram.shape == (64, 64, 3) and np.allclose(angiogram[..., 0], angiogram[..., 2])
+    vessel, background = angiogram[32, 20:44, 0].mean(), angiogram[24, 20:44, 0].mean()
+    assert vessel > background + 0.2  # inverted contrast
+    assert angiogram[0, 0].max() == 0  # black surround
+    np.testing.assert_array_equal(angiogram, fluorescein_like(image, seed=1))
+    assert not np.array_equal(angiogram, fluorescein_like(image, seed=2))  # the noise is seeded
+    # 8-bit input reads as [0, 1]
+    np.testing.assert_allclose(fluorescein_like((image * 255).round().astype(np.uint8), seed=1), angiogram, atol=0.05)
+
+
+def test_match_histograms_inside_the_field_of_view():
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.0, 0.5, (32, 32, 3)).astype(np.float32)
+    reference = rng.uniform(0.5, 1.0, (32, 32, 3)).astype(np.float32)
+    fov = np.zeros((32, 32), dtype=bool)
+    fov[4:28, 4:28] = True
+    matched = match_histograms(image, reference, image_fov=fov)
+    assert matched[fov].min() >= 0.49 and abs(np.median(matched[fov]) - np.median(reference)) < 0.02
+    np.testing.assert_array_equal(matched[~fov], image[~fov])  # outside the field of view: unchanged
+    # monotone: the order of intensities is kept
+    order = np.argsort(image[..., 0][fov])
+    assert np.all(np.diff(matched[..., 0][fov][order]) >= -1e-6)
+    grey = match_histograms(image[..., :1], reference)
+    assert grey.shape == (32, 32, 3)
+
+
+def test_invert_intensity_keeps_the_surround_black():
+    image = fundus()
+    inverted = invert_intensity(image)
+    fov = field_of_view_mask(image)
+    np.testing.assert_allclose(inverted[fov], 1 - image[fov], atol=1e-6)
+    assert inverted[~fov].max() == 0
+
+
+def test_corrupt_mask_exact_structured_and_seeded():
+    mask = np.zeros((96, 96), dtype=np.uint8)
+    mask[40:46, :] = 1
+    mask[:, 20:23] = 1
+    fov = np.zeros_like(mask, dtype=bool)
+    fov[8:88, 8:88] = True
+    total = int(mask.sum())
+    noisy = corrupt_mask(mask, fp_rate=0.2, fn_rate=0.4, seed=3, fov=fov)
+    removed = int((mask.astype(bool) & ~noisy.astype(bool)).sum())
+    added = noisy.astype(bool) & ~mask.astype(bool)
+    assert removed == round(0.4 * total) and int(added.sum()) == round(0.2 * total)
+    assert not added[~fov].any()  # false positives only inside the field of view
+    np.testing.assert_array_equal(noisy, corrupt_mask(mask, fp_rate=0.2, fn_rate=0.4, seed=3, fov=fov))
+    assert not np.array_equal(noisy, corrupt_mask(mask, fp_rate=0.2, fn_rate=0.4, seed=4, fov=fov))
+    np.testing.assert_array_equal(corrupt_mask(mask), mask)
+    for bad in (dict(fp_rate=-0.1), dict(fn_rate=1.5), dict(fp_rate=float("nan"))):
+        with pytest.raises(ValueError, match="rate"):
+            corrupt_mask(mask, **bad)
+
+
+def test_pseudo_label_modes():
+    probabilities = torch.tensor([0.05, 0.3, 0.5, 0.7, 0.95])
+    assert pseudo_labels(probabilities, "threshold").tolist() == [0, 0, 0, 1, 1]
+    assert pseudo_labels(probabilities, "threshold", threshold=0.25).tolist() == [0, 1, 1, 1, 1]
+    assert torch.equal(pseudo_labels(probabilities, "soft"), probabilities)
+    assert pseudo_labels(probabilities, "confident", confidence=0.9).tolist() == [0, 0.5, 0.5, 0.5, 1]
+    with pytest.raises(ValueError, match="mode"):
+        pseudo_labels(probabilities, "argmax")
+    with pytest.raises(ValueError, match="confidence"):
+        pseudo_labels(probabilities, "confident", confidence=0.5)
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+def tiny_adaptdiff(seed: int = 0) -> AdaptDiffPipeline:
+    torch.manual_seed(seed)
+    unet = ConditionalUNet2DModel(sample_size=16, conditioning="spade", spade_norm="instance", mask_channels=1,
+                                  block_out_channels=(8, 16), norm_num_groups=4, spade_hidden_channels=8).eval()
+    with torch.no_grad():  # SPADE's gamma/beta start at zero: move them so the mask matters
+        for name, parameter in unet.named_parameters():
+            if ".gamma." in name or ".beta." in name:
+                parameter.add_(0.3 * torch.randn(parameter.shape))
+    segmenter = UNet2DModel(sample_size=16, in_channels=3, out_channels=1, block_out_channels=(8, 16),
+                            layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
+                            up_block_types=("UpBlock2D",) * 2).eval()
+    pipe = AdaptDiffPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=300), segmenter=segmenter)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def masks(count: int = 2, size: int = 16) -> np.ndarray:
+    out = np.zeros((count, size, size), dtype=np.uint8)
+    for index in range(count):
+        out[index, 4 + index * 3: 7 + index * 3, :] = 1
+    return out
+
+
+def test_segment_and_pseudo_label_outputs():
+    pipe = tiny_adaptdiff()
+    images = np.random.default_rng(0).uniform(0, 1, (2, 20, 20, 3)).astype(np.float32)  # not a multiple of 2
+    out = pipe.segment(images, output_type="np")
+    assert out.masks.shape == (2, 20, 20) and set(np.unique(out.masks)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(out.masks, (out.probabilities > 0.5).astype(np.float32))
+    confident = pipe.pseudo_label(images, mode="confident", confidence=0.51, output_type="pt").masks
+    assert set(torch.unique(confident).tolist()) <= {0.0, 0.5, 1.0}
+    pil = pipe.pseudo_label(images, output_type="pil")
+    assert isinstance(pil.masks[0], PIL.Image.Image) and pil.masks[0].size == (20, 20)
+    masks_tuple, probabilities = pipe.segment(images, output_type="np", return_dict=False)
+    np.testing.assert_array_equal(masks_tuple, out.masks)
+    # tiled = untiled up to blending at the seams of a fully convolutional net: same shape, close values
+    tiled = pipe.segment(images, output_type="np", tile_size=8).probabilities
+    assert tiled.shape == probabilities.shape
+    with pytest.raises(ValueError, match="output_type"):
+        pipe.segment(images, output_type="latent")
+
+
+def test_painting_is_reproducible_batched_and_follows_the_mask():
+    pipe = tiny_adaptdiff()
+    batch = masks(2)
+    generators = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    together = pipe(batch, num_inference_steps=2, generator=generators, output_type="np").images
+    alone = pipe(batch[1], num_inference_steps=2, generator=[torch.Generator().manual_seed(2)],
+                 output_type="np").images
+    assert together.shape == (2, 16, 16, 3)
+    np.testing.assert_allclose(together[1], alone[0], atol=1e-5)
+    again = pipe(batch, num_inference_steps=2, generator=torch.Generator().manual_seed(7), output_type="np").images
+    np.testing.assert_array_equal(again, pipe(batch, num_inference_steps=2, generator=torch.Generator().manual_seed(7),
+                                              output_type="np").images)
+    # the condition steers the image: other masks, same noise, other images
+    other = pipe(1 - batch, num_inference_steps=2, generator=torch.Generator().manual_seed(7), output_type="np").images
+    assert np.abs(other - again).max() > 1e-3
+
+
+def test_reference_images_match_the_histogram_and_latent_skips_it():
+    pipe = tiny_adaptdiff()
+    reference = np.full((16, 16, 3), 0.9, dtype=np.float32)
+    reference[::2] = 0.8
+    painted = pipe(masks(1), num_inference_steps=2, reference_images=[reference],
+                   generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    plain = pipe(masks(1), num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images[0]
+    fov = field_of_view_mask(plain)  # the painted image's own field of view is matched, its dark surround kept
+    assert fov.sum() > 100
+    assert painted[fov].min() >= 0.79 and painted[fov].max() <= 0.91  # pulled onto the reference's intensities
+    np.testing.assert_array_equal(painted[~fov], plain[~fov])
+    pil = pipe(masks(1), num_inference_steps=2, reference_images=[reference], output_type="pil",
+               generator=torch.Generator().manual_seed(0))
+    assert isinstance(pil.images[0], PIL.Image.Image) and isinstance(pil.masks[0], PIL.Image.Image)
+    latent = pipe(masks(1), num_inference_steps=2, reference_images=[reference], output_type="latent",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert latent.shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="reference_images"):
+        pipe(masks(1), num_inference_steps=2, reference_images=[])
+
+
+def test_callback_sees_the_painting_loop():
+    pipe = tiny_adaptdiff()
+    seen = []
+
+    def callback(painter, step, timestep, kwargs):
+        seen.append((step, painter.num_timesteps, tuple(kwargs["latents"].shape)))
+        return {}
+
+    pipe(masks(1), num_inference_steps=3, callback_on_step_end=callback, output_type="np")
+    assert [s for s, _, _ in seen] == [0, 1, 2] and seen[0][1] == 3 and pipe.num_timesteps == 3
+
+
+def test_save_load_round_trip_and_loading_ways(tmp_path):
+    pipe = tiny_adaptdiff()
+    pipe.save_pretrained(tmp_path / "adapt")
+    index = json.loads((tmp_path / "adapt" / "model_index.json").read_text())
+    assert index["_class_name"][1] == "AdaptDiffPipeline" and "segmenter" in index
+    loaded = AdaptDiffPipeline.from_pretrained(tmp_path / "adapt")
+    loaded.set_progress_bar_config(disable=True)
+    image = np.random.default_rng(1).uniform(0, 1, (16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(loaded.segment(image, output_type="np").probabilities,
+                               pipe.segment(image, output_type="np").probabilities, atol=1e-6)
+    args = dict(num_inference_steps=2, output_type="np")
+    np.testing.assert_allclose(loaded(masks(1), generator=torch.Generator().manual_seed(3), **args).images,
+                               pipe(masks(1), generator=torch.Generator().manual_seed(3), **args).images, atol=1e-6)
+    remote = DiffusionPipeline.from_pretrained(str(tmp_path / "adapt"), trust_remote_code=True)
+    assert type(remote).__name__ == "AdaptDiffPipeline"
+    with pytest.raises(ValueError, match="AdaptDiffPipeline"):
+        Mask2ImagePipeline.from_pretrained(tmp_path / "adapt")
+
+
+# ---------------------------------------------------------------------------------------------- workflow
+def write_domains(root: Path, count: int = 3, size: int = 48) -> dict:
+    """A labelled source folder (synthetic photographs + masks) and an unlabelled target folder (their angiograms)."""
+    (root / "source" / "images").mkdir(parents=True)
+    (root / "source" / "masks").mkdir(parents=True)
+    (root / "target" / "images").mkdir(parents=True)
+    for index in range(count):
+        image = fundus(size, seed=index)
+        mask = np.zeros((size, size), dtype=np.uint8)
+        mask[size // 2 - 1: size // 2 + 2, 4:-4] = 255
+        PIL.Image.fromarray((image * 255).astype(np.uint8)).save(root / "source" / "images" / f"s{index}.png")
+        PIL.Image.fromarray(mask).save(root / "source" / "masks" / f"s{index}.png")
+        angiogram = fluorescein_like(image, seed=index)
+        PIL.Image.fromarray((angiogram * 255).astype(np.uint8)).save(root / "target" / "images" / f"t{index}.png")
+    segmenter = tiny_adaptdiff().segmenter
+    segmenter.save_pretrained(root / "segmenter")
+    return {"source": root / "source", "target": root / "target", "segmenter": root / "segmenter"}
+
+
+def workflow_args(domains: dict, work_dir: Path, *extra: str) -> list:
+    return [
+        "--source_data_dir", str(domains["source"]), "--source_segmenter", str(domains["segmenter"]),
+        "--target_data_dir", str(domains["target"]), "--work_dir", str(work_dir),
+        "--diffusion_steps", "8", "--diffusion_resolution", "16", "--diffusion_batch_size", "2",
+        "--diffusion_block_out_channels", "8,16",
+        "--diffusion_args", "--norm_num_groups 4 --spade_hidden_channels 8 --patches_per_image 2",
+        "--paint_steps", "2", "--finetune_steps", "4", "--finetune_resolution", "16", "--finetune_batch_size", "2",
+        "--finetune_args", "--patches_per_image 2", "--checkpointing_steps", "4", "--tile_size", "16",
+        "--num_reference_images", "2", *extra,
+    ]
+
+
+def _run(args, runner=None, **env):
+    command = [sys.executable, str(WORKFLOW), *args] if runner is None else [sys.executable, "-c", runner,
+                                                                             str(WORKFLOW), *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env))
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    return write_domains(tmp_path_factory.mktemp("adaptdiff"))
+
+
+def test_workflow_killed_in_step_2_resumes_there_to_the_same_adapted_weights(domains, tmp_path):
+    straight = _run(workflow_args(domains, tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    state = json.loads((tmp_path / "straight" / "workflow.json").read_text())
+    assert all(state["steps"][s]["complete"] for s in ("pseudo-labels", "diffusion", "synthesis", "fine-tune"))
+    assert sorted(os.listdir(tmp_path / "straight" / "3-synthetic" / "images")) == ["s0-0.png", "s1-0.png", "s2-0.png"]
+
+    crashed = tmp_path / "crashed"
+    # SIGKILL while step 2 writes its checkpoint-8 (after checkpoint-4 is complete)
+    killed = _run(workflow_args(domains, crashed), runner=KILLING_RUNNER, KILL_AT_CHECKPOINT="8")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    state = json.loads((crashed / "workflow.json").read_text())
+    assert state["steps"]["pseudo-labels"]["complete"] and "diffusion" not in state["steps"]
+    labels_written = os.stat(crashed / "1-pseudo-labels" / "masks" / "t0.png").st_mtime_ns
+
+    resumed = _run(workflow_args(domains, crashed))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert "step 1 (pseudo-labels): already complete, skipped" in log
+    assert f"Resuming from {crashed / '2-diffusion' / 'checkpoint-4'}" in log
+    assert os.stat(crashed / "1-pseudo-labels" / "masks" / "t0.png").st_mtime_ns == labels_written  # not redone
+    for name in ("segmenter/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(tmp_path / "straight" / "adapted" / name), load_file(crashed / "adapted" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    # the adapted segmenter moved away from the source one, and the result loads as a pipeline
+    source = load_file(domains["segmenter"] / "diffusion_pytorch_model.safetensors")
+    adapted = load_file(crashed / "adapted" / "segmenter" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(source[k].float(), adapted[k].float()) for k in source)
+    pipe = AdaptDiffPipeline.from_pretrained(crashed / "adapted")
+    assert pipe.segment(np.zeros((16, 16, 3), dtype=np.float32), output_type="np").masks.shape == (1, 16, 16)
+
+    before = (crashed / "workflow.json").read_text()
+    workflow().main(workflow_args(domains, crashed))  # everything complete: nothing is redone
+    assert (crashed / "workflow.json").read_text() == before
+
+
+def workflow():
+    """training/adaptdiff_workflow.py as a module (its argument checks and the labelling step run in-process)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("adaptdiff_workflow", WORKFLOW)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_workflow_corrupts_pseudo_labels_and_checks_its_arguments(domains, tmp_path, capsys):
+    module = workflow()
+    module.main(workflow_args(domains, tmp_path / "clean", "--to_step", "1"))
+    # threshold 0 labels every pixel a vessel; the noise then removes exactly half of them, in discs
+    module.main(workflow_args(domains, tmp_path / "noisy", "--to_step", "1", "--pseudo_label_threshold", "0",
+                              "--pseudo_label_fp", "0.5", "--pseudo_label_fn", "0.5"))
+    module.main(workflow_args(domains, tmp_path / "inverted", "--to_step", "1", "--pseudo_label_transform",
+                              "invert+histmatch"))
+    read = lambda run, stem="t0": np.asarray(PIL.Image.open(tmp_path / run / "1-pseudo-labels" / "masks" / f"{stem}.png"))
+    clean, noisy = read("clean"), read("noisy")
+    assert set(np.unique(clean)) <= {0, 255} and set(np.unique(noisy)) == {0, 255}
+    assert int((noisy == 0).sum()) == round(0.5 * noisy.size)
+    assert (tmp_path / "inverted" / "1-pseudo-labels" / "images" / "t0.png").is_file()  # the target image, unchanged
+    assert not (tmp_path / "clean" / "2-diffusion").exists()  # --to_step 1 stops there
+    state = json.loads((tmp_path / "noisy" / "workflow.json").read_text())["steps"]["pseudo-labels"]
+    assert state["complete"] and state["images"] == 3
+
+    with pytest.raises(SystemExit, match="needs step 2 \\(diffusion\\)"):
+        module.main(workflow_args(domains, tmp_path / "fresh", "--from_step", "3"))
+    for bad, message in ((["--diffusion_steps", "0"], "--diffusion_steps"),
+                         (["--pseudo_label_fn", "2"], "--pseudo_label_fn"),
+                         (["--from_step", "3", "--to_step", "2"], "--from_step"),
+                         (["--pseudo_label_transform", "gamma"], "--pseudo_label_transform"),
+                         (["--source_segmenter", str(tmp_path)], "--source_segmenter")):
+        with pytest.raises(SystemExit) as error:
+            module.parse_args(workflow_args(domains, tmp_path / "bad", *bad))
+        assert error.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # nothing written for a refused command
