@@ -6,7 +6,8 @@ explicit allow-list are uploaded in one commit:
 * ``model_index.json``, ``config.json`` files (top level and one component folder down), ``*.safetensors`` weights,
   ``scheduler_config.json`` files;
 * the remote-code shim files (``pipeline_*.py`` and ``<component>/*.py``) that ``trust_remote_code=True`` loads;
-* ``README.md`` (the model card), ``training_info.json``, ``evaluation.json``;
+* ``README.md`` (the model card, uploaded naming the repo it lands in: :func:`card_for_repo`), ``training_info.json``,
+  ``evaluation.json``;
 * small PNGs (validation grids, at most :data:`MAX_PNG_BYTES` each) at the top level or in ``validation/``.
 
 Never uploaded, whatever their name: anything in ``checkpoint-*`` folders (accelerate states: optimizer,
@@ -24,10 +25,11 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import re
 from pathlib import Path, PurePosixPath
 from typing import List, Optional, Sequence, Union
 
-from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
 #: Largest PNG uploaded (validation grids are tens of kB; anything bigger is probably not a preview).
 MAX_PNG_BYTES = 2 * 1024 * 1024
@@ -103,13 +105,45 @@ def create_repo(repo_id: str, token: Optional[str] = None, private: bool = False
     return HfApi(token=token).create_repo(repo_id, repo_type="model", private=private, exist_ok=True).repo_id
 
 
+def card_for_repo(folder: Union[str, Path], repo_id: str, base_model: Optional[str] = None) -> Optional[bytes]:
+    """The model card of ``folder`` as uploaded to ``repo_id``: the card's own name (``model_name``, the
+    ``model-index`` name, the ``# heading`` and the ``from_pretrained("...")`` examples) becomes ``repo_id``, and
+    ``base_model`` (a Hub id) is set when given. The file on disk is left as it is.
+
+    Returns:
+        The card's bytes, or None when ``folder`` has no ``README.md`` or it is not a model card with a name (it is
+        then uploaded unchanged).
+    """
+    path = Path(folder) / "README.md"
+    if not path.is_file():
+        return None
+    try:
+        card = ModelCard(path.read_text(encoding="utf-8"), ignore_metadata_errors=True)
+    except Exception:  # noqa: BLE001 -- not a model card: uploaded as it is
+        return None
+    old = card.data.model_name
+    if not old and not base_model:
+        return None
+    body = card.text
+    if old and old != repo_id:
+        body = re.sub(r"(from_pretrained\(\s*[\"'])" + re.escape(old) + r"([\"'])",
+                      lambda match: match.group(1) + repo_id + match.group(2), body)
+        body = re.sub(r"^# " + re.escape(old) + r"[ \t]*$", lambda match: f"# {repo_id}", body, flags=re.MULTILINE)
+    card.data.model_name = repo_id
+    if base_model:
+        card.data.base_model = base_model
+    return str(ModelCard(f"---\n{card.data.to_yaml()}\n---\n{body}")).encode("utf-8")
+
+
 def push_checkpoint(folder: Union[str, Path], repo_id: str, token: Optional[str] = None, private: bool = False,
-                    commit_message: Optional[str] = None) -> str:
-    """Create ``repo_id`` if needed, then upload :func:`files_to_push` of ``folder`` in one commit.
-    Returns the full repo id."""
+                    commit_message: Optional[str] = None, base_model: Optional[str] = None) -> str:
+    """Create ``repo_id`` if needed, then upload :func:`files_to_push` of ``folder`` in one commit, with the model
+    card naming the repo it lands in (:func:`card_for_repo`). Returns the full repo id."""
     files = files_to_push(folder)  # a bad folder fails before any network call
     full_repo_id = create_repo(repo_id, token=token, private=private)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(folder) / name)) for name in files]
+    card = card_for_repo(folder, full_repo_id, base_model=base_model) if "README.md" in files else None
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=card if name == "README.md" and card is not None
+                                     else str(Path(folder) / name)) for name in files]
     HfApi(token=token).create_commit(full_repo_id, operations=operations, repo_type="model",
                                      commit_message=commit_message or f"Upload {Path(folder).name} with diffusers-retina")
     return full_repo_id
@@ -138,6 +172,9 @@ def build_push_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argu
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--token", default=None, help="a Hugging Face token (default: your login)")
     parser.add_argument("--commit-message", default=None, help="the commit message")
+    parser.add_argument("--base-model", default=None, metavar="ORG/NAME",
+                        help="the Hub id of the model this one is built on (e.g. the fundus DDPM under a feature "
+                        "head), written as base_model into the uploaded card")
     parser.add_argument("--dry-run", action="store_true", help="print the files that would be uploaded and stop")
     parser.set_defaults(handler=run_push)
     return parser
@@ -155,14 +192,18 @@ def run_push(args: argparse.Namespace) -> int:
         raise CLIError(str(error)) from None
     total = sum((args.checkpoint / name).stat().st_size for name in files)
     print(f"{len(files)} files ({_human_size(total)}) from {args.checkpoint} to {args.repo_id}:")
+    if args.base_model is not None and not re.fullmatch(r"[\w.\-]+/[\w.\-]+", args.base_model):
+        raise CLIError(f"--base-model must be a Hub id ORG/NAME, got {args.base_model!r}.")
+    renamed = "README.md" in files and card_for_repo(args.checkpoint, args.repo_id, args.base_model) is not None
     for name in files:
-        print(f"  {name}  ({_human_size((args.checkpoint / name).stat().st_size)})")
+        note = f"; the model card names {args.repo_id}" if name == "README.md" and renamed else ""
+        print(f"  {name}  ({_human_size((args.checkpoint / name).stat().st_size)}{note})")
     if args.dry_run:
         print("Dry run: nothing uploaded.")
         return 0
     try:
         repo_id = push_checkpoint(args.checkpoint, args.repo_id, token=args.token, private=args.private,
-                                  commit_message=args.commit_message)
+                                  commit_message=args.commit_message, base_model=args.base_model)
     except PushError as error:
         raise CLIError(str(error)) from None
     except Exception as error:  # network, login, permissions: say which repo, keep the Hub's message
@@ -171,5 +212,5 @@ def run_push(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__: Sequence[str] = ("ALLOWED_FILES", "MAX_PNG_BYTES", "PushError", "build_push_parser", "create_repo",
-                          "files_to_push", "push_checkpoint", "run_push")
+__all__: Sequence[str] = ("ALLOWED_FILES", "MAX_PNG_BYTES", "PushError", "build_push_parser", "card_for_repo",
+                          "create_repo", "files_to_push", "push_checkpoint", "run_push")

@@ -46,10 +46,12 @@ class RecordingHfApi:
         return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"someone/{repo_id}")
 
     def create_commit(self, repo_id, operations, repo_type="model", commit_message=None):
-        for operation in operations:
-            assert Path(operation.path_or_fileobj).is_file()
+        for operation in operations:  # a file on disk, or the bytes of a card renamed for the repo
+            assert isinstance(operation.path_or_fileobj, bytes) or Path(operation.path_or_fileobj).is_file()
         RecordingHfApi.calls.append({"call": "create_commit", "repo_id": repo_id,
-                                     "files": sorted(op.path_in_repo for op in operations)})
+                                     "files": sorted(op.path_in_repo for op in operations),
+                                     "contents": {op.path_in_repo: op.path_or_fileobj for op in operations
+                                                  if isinstance(op.path_or_fileobj, bytes)}})
 
 
 @pytest.fixture
