@@ -10,11 +10,12 @@ Tabs (and their API names, for ``gradio_client``):
   painted from a vessel mask.
 * **Features -> segmentation** (``/features``) -- ``DiffusionFeaturePipeline``, ``checkpoints/feature-head-chase``: a
   pixel-MLP head on a frozen fundus DDPM's features, with its uncertainty.
-* **Adaptation** -- a marked place for ``AdaptDiffPipeline`` once it exists.
+* **Adaptation** (``/adapt``) -- ``AdaptDiffPipeline``, ``checkpoints/adaptdiff-chase-fa``: vessels of a
+  fluorescein-angiography-like image from the adapted segmenter, and a synthetic angiogram painted from that mask.
 
 Masks come back as lossless PNGs (0/255) through the UI and the API (gradio's default image format, WebP, is lossy).
 Each checkpoint can be replaced by a folder or Hub repo with ``DIFFUSERS_RETINA_PIPELINE``,
-``DIFFUSERS_RETINA_MASK2IMAGE`` and ``DIFFUSERS_RETINA_FEATURES``. Runs on CPU: inputs are downscaled (longer side at
+``DIFFUSERS_RETINA_MASK2IMAGE``, ``DIFFUSERS_RETINA_FEATURES`` and ``DIFFUSERS_RETINA_ADAPTDIFF``. Runs on CPU: inputs are downscaled (longer side at
 most ``MAX_SIDE`` / ``SMALL_SIDE`` pixels) and the default step counts are small. No network at run time unless
 ``HF_HUB_OFFLINE=0`` is set.
 """
@@ -34,6 +35,7 @@ import PIL.Image  # noqa: E402
 import torch  # noqa: E402
 
 from diffusers_retina import (  # noqa: E402
+    AdaptDiffPipeline,
     DiffusionFeaturePipeline,
     Mask2ImagePipeline,
     SegmentationEnsemblePipeline,
@@ -43,15 +45,17 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_PIPELINE = str(ROOT / "checkpoints" / "segmentation-ensemble-chase")
 DEFAULT_MASK2IMAGE = str(ROOT / "checkpoints" / "mask2image-chase")
 DEFAULT_FEATURES = str(ROOT / "checkpoints" / "feature-head-chase")
+DEFAULT_ADAPTDIFF = str(ROOT / "checkpoints" / "adaptdiff-chase-fa")
 EXAMPLES = ROOT / "space" / "examples"
 EXAMPLE_FUNDUS = EXAMPLES / "retina_256.png"  # skimage.data.retina() (public domain), downscaled to 256 px
 EXAMPLE_VESSELS = EXAMPLES / "retina_256_vessels.png"  # the segmentation tab's mask of it (seed 0, 5 members)
+EXAMPLE_ANGIOGRAM = EXAMPLES / "retina_256_fa.png"  # fluorescein_like(retina_256.png, seed=0)
 MAX_SIDE = 512  # segmentation inputs (tiled in 256-pixel windows)
 SMALL_SIDE = 256  # mask -> image and features -> segmentation inputs
 FUSIONS = ["mean", "majority", "staple"]
 
 
-@lru_cache(maxsize=3)
+@lru_cache(maxsize=4)
 def load(pipeline_class, name_or_path: str):
     """A pipeline from a folder or Hub repo, in float32 on the CPU, loaded once per (class, path)."""
     pipe = pipeline_class.from_pretrained(name_or_path, dtype=torch.float32)
@@ -129,6 +133,23 @@ def segment_features(image: PIL.Image.Image, seed: int = 0,
     return binary_png(mask), PIL.Image.fromarray(uncertainty, mode="L"), summary
 
 
+def adapt(image: PIL.Image.Image, steps: int = 10, seed: int = 0, pipeline: Optional[str] = None
+          ) -> Tuple[PIL.Image.Image, PIL.Image.Image, PIL.Image.Image, str]:
+    """Segment a target-modality image with the adapted segmenter and paint a synthetic angiogram from the mask;
+    returns (mask 0/255, probability map, painted image, summary)."""
+    if image is None:
+        raise ValueError("Upload an angiogram (target-modality image) first.")
+    pipe = load(AdaptDiffPipeline, pipeline or os.environ.get("DIFFUSERS_RETINA_ADAPTDIFF", DEFAULT_ADAPTDIFF))
+    image = downscale(image.convert("RGB"), SMALL_SIDE)
+    segmentation = pipe.segment(image, tile_size=128)
+    mask = np.asarray(segmentation.masks[0]) > 127
+    painted = pipe(mask.astype(np.uint8), num_inference_steps=int(steps), reference_images=[image], tile_size=128,
+                   generator=torch.Generator().manual_seed(int(seed))).images[0]
+    summary = (f"{image.width}x{image.height} px: vessel fraction {mask.mean():.3f}; synthetic angiogram painted "
+               f"from the mask in {int(steps)} steps (seed {int(seed)}), histogram-matched to the input")
+    return binary_png(mask), segmentation.probabilities[0], painted, summary
+
+
 # ------------------------------------------------------------------------------------------------ UI
 
 
@@ -202,14 +223,25 @@ def build_demo():
             feature_run.click(segment_features, [feature_image, feature_seed],
                               [feature_mask, feature_uncertainty, feature_summary], api_name="features")
 
-        # ---------------------------------------------------------------------------------------- ADAPTATION TAB
-        # Placeholder: when AdaptDiffPipeline and its reference checkpoint exist, this tab takes a target-modality
-        # image (OCT-A / FA), shows the source segmenter's pseudo-label, a synthetic target-modality image painted from
-        # it and the adapted segmenter's mask, with api_name="adapt" and PNG outputs like the tabs above.
-        with gr.Tab("Adaptation (planned)"):
-            gr.Markdown("**Not available yet.** Cross-modality adaptation (AdaptDiff: pseudo-labels on an unlabelled "
-                        "modality, a weakly conditioned diffusion model synthesising paired data, fine-tuning) will "
-                        "appear here once `AdaptDiffPipeline` has a reference checkpoint.")
+        with gr.Tab("Adaptation"):
+            gr.Markdown("AdaptDiff: a vessel segmenter trained on colour photographs, adapted to an unlabelled "
+                        "modality (here a fluorescein-angiography-like one) by fine-tuning on angiograms that a "
+                        "weakly conditioned diffusion model painted from real vessel masks.")
+            with gr.Row():
+                angiogram = gr.Image(type="pil", label="Angiogram (target modality)", format="png",
+                                     value=_example(EXAMPLE_ANGIOGRAM))
+                with gr.Column():
+                    adapt_steps = gr.Slider(1, 50, value=10, step=1, label="Painting steps")
+                    adapt_seed = gr.Number(value=0, precision=0, label="Seed")
+                    adapt_run = gr.Button("Segment and paint", variant="primary")
+            with gr.Row():
+                adapted_mask = gr.Image(label="Vessel mask (adapted segmenter)", format="png", type="pil")
+                adapted_probability = gr.Image(label="Vessel probability", format="png", type="pil")
+                adapted_painting = gr.Image(label="Synthetic angiogram painted from the mask", format="png",
+                                            type="pil")
+            adapt_summary = gr.Textbox(label="Summary")
+            adapt_run.click(adapt, [angiogram, adapt_steps, adapt_seed],
+                            [adapted_mask, adapted_probability, adapted_painting, adapt_summary], api_name="adapt")
     return demo
 
 

@@ -43,6 +43,9 @@ def parse_args(argv=None):
     parser.add_argument("--source_reference_count", type=int, default=4)
     parser.add_argument("--row", action="append", required=True, help="LABEL=PATH[@TRANSFORM]; repeatable.")
     parser.add_argument("--tile_size", type=int, default=256)
+    parser.add_argument("--write-card", dest="write_card", action="append", default=[], metavar="LABEL=FOLDER",
+                        help="Write this row's metrics and the table into FOLDER/evaluation.json and regenerate its "
+                             "model card (only for the full evaluation: all 8 test images).")
     parser.add_argument("--extra", default=None,
                         help="JSON object merged into the output (e.g. the workflow's step times).")
     return parser.parse_args(argv)
@@ -147,7 +150,40 @@ def main(argv=None):
 
         result["extra"] = json.loads(args.extra)
     print(f"wrote {_common.save_json(args.output, result)}")
+    for spec in args.write_card:
+        write_card(spec, table, result, args)
     return result
+
+
+def table_markdown(table) -> str:
+    lines = ["| Row | Dice | clDice | AUC-ROC | s / image |", "|---|---|---|---|---|"]
+    for row in table:
+        lines.append(f"| {row['label']} | {row['dice_mean']:.3f} ± {row['dice_std']:.3f} | {row['cldice_mean']:.3f} | "
+                     f"{row['auc_roc_mean']:.3f} | {row['seconds_per_image']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_card(spec: str, table, result, args) -> None:
+    """``evaluation.json`` (this row's metrics, the whole table, the command) into an AdaptDiff folder, then its card."""
+    from diffusers_retina.hub import write_adaptdiff_card, write_json
+
+    label, _, folder = spec.partition("=")
+    rows = {row["label"]: row for row in table}
+    if label not in rows:
+        sys.exit(f"--write-card {spec!r}: no row named {label!r} (rows: {list(rows)}).")
+    if args.stems != TEST_STEMS or len(result["images"]) != 8:
+        sys.exit("--write-card is for the full evaluation only (the 8 test images, --stems left at its default).")
+    row = rows[label]
+    markdown = (f"{len(result['images'])} CHASE_DB1 test photographs (Image_11L–Image_14R) in the fluorescein-like "
+                "target modality, full resolution, metrics inside each image's field of view, reference `1stHO`; "
+                f"this model is the row **{label}**.\n\n" + table_markdown(table))
+    write_json(Path(folder) / "evaluation.json", {
+        "command": result["command"], "markdown": markdown, "row": label, "images": result["images"],
+        "dataset": "CHASE_DB1 (fluorescein-like target)", "reference": "1stHO",
+        "split": "test (Image_11L–Image_14R, 1stHO, fluorescein-like, full resolution, inside the field of view)",
+        "metrics": {"dice": row["dice_mean"], "cldice": row["cldice_mean"], "auc_roc": row["auc_roc_mean"]},
+    })
+    print(f"wrote {write_adaptdiff_card(folder)}")
 
 
 if __name__ == "__main__":

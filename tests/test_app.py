@@ -79,25 +79,32 @@ def test_missing_inputs_are_clear_errors(app_module, saved_pipeline):
         app_module.synthesize(None)
     with pytest.raises(ValueError, match="Upload"):
         app_module.segment_features(None)
+    with pytest.raises(ValueError, match="angiogram"):
+        app_module.adapt(None)
 
 
 def test_examples_and_embedded_checkpoints_are_there(app_module):
-    for path in (app_module.DEFAULT_PIPELINE, app_module.DEFAULT_MASK2IMAGE, app_module.DEFAULT_FEATURES):
+    for path in (app_module.DEFAULT_PIPELINE, app_module.DEFAULT_MASK2IMAGE, app_module.DEFAULT_FEATURES,
+                 app_module.DEFAULT_ADAPTDIFF):
         assert (Path(path) / "model_index.json").is_file(), path
     assert PIL.Image.open(app_module.EXAMPLE_FUNDUS).size == (256, 256)
+    assert PIL.Image.open(app_module.EXAMPLE_ANGIOGRAM).size == (256, 256)
     vessels = PIL.Image.open(app_module.EXAMPLE_VESSELS)
     assert vessels.size == (256, 256) and is_binary_png(vessels)
     assert 0.02 < (np.asarray(vessels) > 0).mean() < 0.3  # a vessel tree, not an empty or full mask
 
 
-def test_mask_to_image_and_feature_tabs(app_module):
-    """The two other tabs on the embedded checkpoints, on small crops of the examples (a few CPU seconds)."""
+def test_mask_to_image_feature_and_adaptation_tabs(app_module):
+    """The three other tabs on the embedded checkpoints, on small crops of the examples (a few CPU seconds)."""
     painted, used, summary = app_module.synthesize(crop(app_module.EXAMPLE_VESSELS, 64, "L"), steps=2, seed=0)
     assert painted.mode == "RGB" and painted.size == used.size == (64, 64)
     assert is_binary_png(used) and "2 steps" in summary
     mask, uncertainty, summary = app_module.segment_features(crop(app_module.EXAMPLE_FUNDUS, 64, "RGB"), seed=0)
     assert mask.size == uncertainty.size == (64, 64) and is_binary_png(mask)
     assert "vessel fraction" in summary
+    mask, probability, painted, summary = app_module.adapt(crop(app_module.EXAMPLE_ANGIOGRAM, 64, "RGB"), steps=2)
+    assert mask.size == probability.size == painted.size == (64, 64) and is_binary_png(mask)
+    assert painted.mode == "RGB" and "2 steps" in summary
 
 
 def test_space_files():
@@ -157,6 +164,10 @@ def test_api_returns_lossless_png_masks(running_app, app_module, tmp_path):
     feature_mask, feature_uncertainty, _ = client.predict(handle_file(str(fundus)), 0, api_name="/features")
     assert PIL.Image.open(feature_mask).format == "PNG" and is_binary_png(feature_mask)
     assert PIL.Image.open(feature_uncertainty).size == (96, 96)
+    angiogram = tmp_path / "angiogram.png"
+    crop(app_module.EXAMPLE_ANGIOGRAM, 64, "RGB").save(angiogram)
+    adapted_mask, _, adapted_painting, _ = client.predict(handle_file(str(angiogram)), 2, 0, api_name="/adapt")
+    assert is_binary_png(adapted_mask) and PIL.Image.open(adapted_painting).format == "PNG"
 
 
 def find_chromium():
@@ -189,7 +200,7 @@ def test_app_in_a_real_headless_browser(running_app, tmp_path):
             # the page renders after its scripts run, which can take a while on a busy machine
             page.get_by_role("tab", name="Segment with uncertainty").wait_for(timeout=180_000)
             for tab in ("Segment with uncertainty", "Mask → image", "Features → segmentation",
-                        "Adaptation (planned)"):
+                        "Adaptation"):
                 assert page.get_by_role("tab", name=tab).count() == 1, tab
             images_before = page.locator("img").count()
             page.get_by_role("button", name="Segment", exact=True).click()

@@ -100,6 +100,9 @@ def parse_args(argv=None):
     # step 3
     parser.add_argument("--paint_steps", type=int, default=10, help="DDIM steps per painted image.")
     parser.add_argument("--images_per_mask", type=int, default=1)
+    parser.add_argument("--paint_crop", type=int, default=0,
+                        help="Paint a random crop of this size of each source mask instead of the whole mask (a new "
+                             "crop per image; 0: whole masks). Cheaper synthetic pairs for quick studies.")
     parser.add_argument("--guidance_scale", type=float, default=1.0)
     parser.add_argument("--num_reference_images", type=int, default=4,
                         help="Target images whose pooled histogram the painted images are matched to (0: none).")
@@ -133,6 +136,8 @@ def parse_args(argv=None):
                  "checkpointing_steps", "tile_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be a positive integer, got {getattr(args, flag)}.")
+    if args.paint_crop < 0:
+        parser.error(f"--paint_crop must be >= 0 (0: whole masks), got {args.paint_crop}.")
     if args.num_reference_images < 0 or args.num_source_references < 1:
         parser.error("--num_reference_images must be >= 0 and --num_source_references >= 1.")
     if args.num_reference_images < 0:
@@ -297,12 +302,19 @@ def step_synthesis(args, work_dir: Path) -> Dict:
 
     painted = 0
     for index, (stem, path) in enumerate(tqdm(masks.items(), desc="synthesis")):
-        mask = read_mask(path, 2)
+        whole = read_mask(path, 2)
         for copy in range(args.images_per_mask):
             name = f"{stem}-{copy}.png"
             if (partial / "images" / name).is_file() and (partial / "masks" / name).is_file():
                 continue  # painted before a kill
-            generator = torch.Generator().manual_seed(args.seed * 100_003 + index * 101 + copy)
+            seed = args.seed * 100_003 + index * 101 + copy
+            mask = whole
+            if args.paint_crop and min(whole.shape) > args.paint_crop:
+                rng = np.random.default_rng(seed)
+                top = int(rng.integers(0, whole.shape[0] - args.paint_crop + 1))
+                left = int(rng.integers(0, whole.shape[1] - args.paint_crop + 1))
+                mask = whole[top: top + args.paint_crop, left: left + args.paint_crop]
+            generator = torch.Generator().manual_seed(seed)
             image = pipe(mask, num_inference_steps=args.paint_steps, guidance_scale=args.guidance_scale,
                          reference_images=references, generator=generator, tile_size=args.tile_size,
                          output_type="np").images[0]
@@ -384,7 +396,21 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             print(f"step {number} ({step}): complete in {seconds:.0f} s")
         state_of_run.wait_for_everyone()
         state = WorkflowState(work_dir)
+    if state.complete("fine-tune") and state_of_run.is_main_process:
+        write_workflow_record(args, state, argv)
     return state.data
+
+
+def write_workflow_record(args, state: WorkflowState, argv: Optional[List[str]] = None) -> None:
+    """``<output_dir>/training_info.json``: the workflow's command and arguments and every step's record (commands
+    of the training steps, wall times), read by the model card (``diffusers_retina.hub.write_adaptdiff_card``)."""
+    from diffusers_retina.hub import write_json
+
+    argv = sys.argv[1:] if argv is None else argv
+    write_json(Path(args.output_dir) / "training_info.json", {
+        "command": "python training/adaptdiff_workflow.py " + " ".join(shlex.quote(a) for a in argv),
+        "script": "training/adaptdiff_workflow.py", "args": vars(args), "steps": state.data["steps"],
+    })
 
 
 if __name__ == "__main__":
