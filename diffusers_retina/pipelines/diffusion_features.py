@@ -23,6 +23,7 @@ Input policies:
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -86,6 +87,13 @@ class DiffusionFeaturePipelineOutput(BaseOutput):
             value = getattr(self, field.name)
             if value is not None:
                 self[field.name] = value
+
+
+def _is_integer(value) -> bool:
+    """An integer timestep: a Python / numpy integer or an integer scalar tensor (``bool`` is not one)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def _first_tensor(output) -> torch.Tensor:
@@ -322,13 +330,21 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
         if not timesteps:
             raise ValueError("`timesteps` is empty.")
         num_train = self.scheduler.config.num_train_timesteps
+        not_integers = [t for t in timesteps if not _is_integer(t)]
+        if not_integers:
+            raise ValueError(f"`timesteps` must be integers, got {not_integers}.")
         bad = [t for t in timesteps if not 0 <= int(t) < num_train]
         if bad:
             raise ValueError(f"`timesteps` {bad} are outside [0, {num_train}).")
         if feature_dtype not in FEATURE_DTYPES:
             raise ValueError(f"`feature_dtype` must be one of {FEATURE_DTYPES}, got {feature_dtype!r}.")
-        if not isinstance(num_noise_draws, int) or num_noise_draws < 1:
+        if isinstance(num_noise_draws, bool) or not isinstance(num_noise_draws, int) or num_noise_draws < 1:
             raise ValueError(f"`num_noise_draws` must be a positive integer, got {num_noise_draws!r}.")
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                       or batch_size < 1):
+            raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise ValueError(f"`seed` must be an integer or None, got {seed!r}.")
         if cache_dir is not None and policy == "noise" and seed is None:
             raise ValueError("A feature cache with policy='noise' needs `seed` (the noise must be part of the key).")
         if seed is not None and generator is None:
