@@ -900,7 +900,7 @@ def _segment_nifti_case(pipe: SegmentationEnsemblePipeline, case: NiftiCase, arg
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``diffusers-retina`` argument parser with all sub-commands."""
-    from . import demo, features, push, synthesize
+    from . import adapt, demo, features, push, synthesize
 
     parser = argparse.ArgumentParser(
         prog="diffusers-retina",
@@ -912,6 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
     build_segment_parser(subparsers)
     synthesize.build_synthesize_parser(subparsers)
     features.build_features_parser(subparsers)
+    adapt.build_adapt_parser(subparsers)
     demo.build_demo_parser(subparsers)
     push.build_push_parser(subparsers)
     return parser

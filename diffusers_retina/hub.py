@@ -16,7 +16,7 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -773,4 +773,81 @@ def write_segmentation_card(folder: Union[str, os.PathLike], repo_id: Optional[s
     """Render and save ``README.md`` in ``folder``; returns its path."""
     path = Path(folder) / "README.md"
     segmentation_model_card(folder, repo_id=repo_id).save(str(path))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ AdaptDiff
+
+
+def _adaptdiff_records(args: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Dataset records (:func:`dataset_provenance`) of an AdaptDiff workflow's labelled source and unlabelled target."""
+    source = dataset_provenance({"train_data_dir": args["source_data_dir"], "image_dir": args.get("source_image_dir"),
+                                 "mask_dir": args.get("source_mask_dir"), "train_stems": args.get("source_stems")})
+    target = dataset_provenance({"train_data_dir": args["target_data_dir"], "image_dir": args.get("target_image_dir"),
+                                 "train_stems": args.get("target_stems")})
+    return source, target
+
+
+def adaptdiff_model_card(folder: Union[str, os.PathLike], repo_id: Optional[str] = None) -> ModelCard:
+    """The model card of an adapted ``AdaptDiffPipeline`` folder written by ``training/adaptdiff_workflow.py`` (its
+    ``training_info.json`` holds the workflow's arguments and every step's record; ``evaluation.json`` the measured
+    table when ``benchmarks/evaluate_adaptdiff.py --write-card`` wrote one).
+
+    Example:
+        >>> card = adaptdiff_model_card("checkpoints/adaptdiff-chase-fa")  # doctest: +SKIP
+    """
+    folder = Path(folder)
+    info = _training_info(folder)
+    args = info["args"]
+    repo_id = default_repo_id(folder, args, repo_id)
+    source, target = _adaptdiff_records(args)
+    evaluation = read_json(folder / EVALUATION)
+    base_model = resolve_base_model(args.get("source_segmenter"))
+    card_data = _card_data(args, repo_id, "image-segmentation",
+                           ["vessel-segmentation", "domain-adaptation", "adaptdiff", "fluorescein-angiography"],
+                           record=source, base_model=base_model, metrics=["dice"],
+                           eval_results=_eval_results(evaluation))
+    unet_config = read_json(folder / "unet" / "config.json") or {}
+    scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json") or {}
+    steps = info.get("steps", {})
+    what = {
+        "pseudo-labels": "the source segmenter labels the target images"
+                         + (f" after `{args['pseudo_label_transform']}`" if args.get("pseudo_label_transform",
+                                                                               "none") != "none" else "")
+                         + (f", corrupted at {args['pseudo_label_fp']:.0%} FP / {args['pseudo_label_fn']:.0%} FN"
+                            if args.get("pseudo_label_fp") or args.get("pseudo_label_fn") else ""),
+        "diffusion": f"{args['diffusion_steps']} steps of the conditional diffusion model on "
+                     f"{args['diffusion_resolution']}² crops of the target images given their pseudo-labels",
+        "synthesis": f"{args['images_per_mask']} synthetic image(s) per real source mask, {args['paint_steps']} DDIM "
+                     "steps, histogram-matched to target images",
+        "fine-tune": f"{args['finetune_steps']} steps of fine-tuning on the synthetic pairs (BCE + soft Dice, fresh "
+                     "patches, flips and photometric changes each epoch)",
+    }
+    rows = "\n".join(f"| {number}. {name} | {what[name]} | {_format_duration(steps.get(name, {}).get('seconds'))} |"
+                     for number, name in enumerate(what, start=1))
+    transform = args.get("pseudo_label_transform", "none")
+    note = ("Pseudo-labels: AdaptDiff labels the raw target images with the source segmenter. "
+            + (f"Here the target images were first moved towards the source's intensities (`{transform}`, "
+               "`diffusers_retina.data.modality.to_source_intensities`), chosen on the training images: the labels "
+               "only need to be weak, but on the raw target the source segmenter marks almost nothing."
+               if transform != "none" else "Here the raw target images were labelled, as published."))
+    measured = _measured_markdown(evaluation)
+    return ModelCard.from_template(
+        card_data, template_path=str(TEMPLATES / "adaptdiff.md"), model_name=repo_id, repo_id=repo_id,
+        base_model=base_model or args.get("source_segmenter"),
+        conditioning=f"{unet_config.get('conditioning', 'spade')} conditioning "
+                     f"({unet_config.get('spade_blocks', 'decoder')} blocks, {unet_config.get('spade_norm', 'instance')} norm)",
+        num_train_timesteps=scheduler_config.get("num_train_timesteps", args.get("num_train_timesteps")),
+        prediction_type=scheduler_config.get("prediction_type", args.get("diffusion_prediction_type")),
+        source_description=data_description(source, {"train_data_dir": args["source_data_dir"]}),
+        target_description=data_description({**target, "mask_dir": None}, {"train_data_dir": args["target_data_dir"]}),
+        command=info["command"], step_rows=rows, pseudo_label_note=note,
+        evaluation=measured or "Not evaluated yet: run `benchmarks/evaluate_adaptdiff.py --write-card ...`.",
+    )
+
+
+def write_adaptdiff_card(folder: Union[str, os.PathLike], repo_id: Optional[str] = None) -> Path:
+    """Write ``README.md`` (the model card) into an adapted ``AdaptDiffPipeline`` folder; returns its path."""
+    path = Path(folder) / "README.md"
+    adaptdiff_model_card(folder, repo_id).save(str(path))
     return path

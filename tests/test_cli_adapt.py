@@ -57,8 +57,10 @@ def test_adapt_confident_labels_and_errors(adapted, tmp_path, capsys):
     assert cli.main(["adapt", str(tmp_path / "in"), "--output-dir", str(out), "--pipeline", str(adapted),
                      "--labels", "confident", "--confidence", "0.51", "--tile-size", "8"]) == 0
     assert set(np.unique(np.asarray(PIL.Image.open(out / "angio0_mask.png")))) <= {0, 128, 255}
-    assert cli.main(["adapt", str(tmp_path / "in"), "--output-dir", str(tmp_path / "bad"), "--pipeline",
-                     str(adapted), "--tile-size", "6"]) != 0
+    with pytest.raises(SystemExit) as error:
+        cli.main(["adapt", str(tmp_path / "in"), "--output-dir", str(tmp_path / "bad"), "--pipeline", str(adapted),
+                  "--tile-size", "5"])
+    assert error.value.code != 0
     assert "--tile-size" in capsys.readouterr().err and not (tmp_path / "bad" / "results.jsonl").exists()
     with pytest.raises(SystemExit):
         cli.main(["adapt", str(tmp_path / "in"), "--output-dir", str(out), "--threshold", "1.5"])
