@@ -45,6 +45,23 @@ def add_data_arguments(parser: argparse.ArgumentParser, default_resolution: int 
     parser.add_argument("--train_data_dir", type=str, default=None, help="Folder with images/ and masks/ sub-folders.")
     parser.add_argument("--dataset_name", type=str, default=None, help="A `datasets` dataset with image/mask columns.")
     parser.add_argument("--dataset_config_name", type=str, default=None)
+    parser.add_argument("--dataset_split", type=str, default="train",
+                        help="--dataset_name: the split trained on (default: train); --train_stems filters its rows.")
+    parser.add_argument("--validation_split", type=str, default=None,
+                        help="--dataset_name: a split used for the validation pass (e.g. test); --validation_stems "
+                             "filters its rows. Without it, --validation_stems picks rows of --dataset_split.")
+    parser.add_argument("--stem_column", type=str, default="name",
+                        help="--dataset_name: the column --train_stems / --validation_stems match (default: name, as "
+                             "written by training/make_hf_dataset.py).")
+    parser.add_argument("--dataset_license", type=str, default=None,
+                        help="The training data's licence for training_info.json and the model card (a Hub licence id "
+                             "such as cc-by-4.0, or the phrase, e.g. 'CC BY 4.0'). Default: read from the data's "
+                             "PROVENANCE.md / LICENSE file or README.md front-matter, or the dataset's metadata.")
+    parser.add_argument("--dataset_attribution", type=str, default=None,
+                        help="The citation or credit the training data asks for (default: read beside the data).")
+    parser.add_argument("--dataset_id", type=str, default=None,
+                        help="The dataset's name for the card's `datasets:` metadata (default: from the provenance file, "
+                             "the --dataset_name, or the data folder's name).")
     parser.add_argument("--image_column", type=str, default="image")
     parser.add_argument("--mask_column", type=str, default="mask")
     parser.add_argument("--image_dir", type=str, default="images")
@@ -321,15 +338,47 @@ def build_brats_datasets(args):
     return train, validation
 
 
+def build_hf_datasets(args):
+    """``--dataset_name``: the training rows (``--dataset_split``, filtered by ``--train_stems``) and the validation
+    rows (``--validation_split`` and/or ``--validation_stems``), matched on ``--stem_column`` without decoding an image.
+
+    The dataset is opened once per process (the main process first, so a download or Arrow preparation happens once:
+    :func:`diffusers_retina.data.hf.load_hf_dataset`); images are decoded only when the patch dataset reads them.
+    Raises a DataError naming the flag for an unknown split, a missing column or patterns matching nothing.
+    """
+    from .data.hf import load_hf_dataset, pick_split, select_rows
+
+    dataset = load_hf_dataset(args.dataset_name, getattr(args, "dataset_config_name", None))
+    split = getattr(args, "dataset_split", "train") or "train"
+    stem_column = getattr(args, "stem_column", "name") or "name"
+    train_rows = pick_split(dataset, split, "--dataset_split")
+    if args.train_stems:
+        train_rows = select_rows(train_rows, stem_column, args.train_stems, "--train_stems")
+    validation_rows = None
+    validation_split = getattr(args, "validation_split", None)
+    if validation_split:
+        validation_rows = pick_split(dataset, validation_split, "--validation_split")
+    if args.validation_stems:
+        validation_rows = select_rows(validation_rows if validation_rows is not None else pick_split(dataset, split),
+                                      stem_column, args.validation_stems, "--validation_stems")
+    name_column = stem_column if stem_column in train_rows.column_names else None
+    common = dict(image_column=args.image_column, mask_column=args.mask_column, num_classes=args.num_classes,
+                  image_channels=args.image_channels, name_column=name_column)
+    train = HFSegmentationDataset(train_rows, split=split, **common)
+    train.source = str(args.dataset_name)
+    validation = None
+    if validation_rows is not None:
+        validation = HFSegmentationDataset(validation_rows, split=validation_split or split, **common)
+        validation.source = str(args.dataset_name)
+    return train, validation
+
+
 def build_datasets(args):
     """The training dataset and the optional validation dataset of the data flags (``add_data_arguments``)."""
     if getattr(args, "data_format", "folder") == "brats":
         return build_brats_datasets(args)
     if args.dataset_name is not None:
-        train = HFSegmentationDataset(args.dataset_name, split="train", image_column=args.image_column,
-                                      mask_column=args.mask_column, num_classes=args.num_classes,
-                                      image_channels=args.image_channels, name=args.dataset_config_name)
-        return train, None
+        return build_hf_datasets(args)
     common = dict(image_dir=args.image_dir, mask_dir=args.mask_dir, image_suffix=args.image_suffix,
                   mask_suffix=args.mask_suffix, num_classes=args.num_classes, image_channels=args.image_channels)
     train_stems = select_stems(args.train_data_dir, args, args.train_stems) if args.train_stems else None
@@ -861,15 +910,19 @@ def launch_command(launch: dict, script: str) -> list:
 
 
 def write_training_record(args, script: str, global_step: int, seconds: float, model, argv=None, **extra) -> None:
-    """``training_info.json`` beside the saved pipeline: arguments, the exact command (``argv``: the arguments given to
-    ``main``, default the process's), steps, time, size, extras."""
+    """``training_info.json`` beside the saved pipeline: arguments, the data's provenance (``"dataset"``: name,
+    licence, attribution and the images used, see :func:`diffusers_retina.hub.dataset_provenance`), the exact command
+    (``argv``: the arguments given to ``main``, default the process's), steps, time, size, extras."""
     import sys
 
-    from .hub import TRAINING_INFO, command_line, write_json
+    from .hub import TRAINING_INFO, command_line, dataset_provenance, write_json
 
     launch = launch_record(args)
+    arguments = {k: v for k, v in vars(args).items() if k != "hub_token"}
     write_json(os.path.join(args.output_dir, TRAINING_INFO), {
-        "args": {k: v for k, v in vars(args).items() if k != "hub_token"},
+        "args": arguments,
+        # the data's name, licence and attribution from its provenance files or metadata (the cards are built on it)
+        "dataset": dataset_provenance(arguments),
         "command": command_line(launch_command(launch, script) + list(sys.argv[1:] if argv is None else argv)),
         "launch": launch,
         "global_step": global_step,

@@ -1,9 +1,17 @@
-"""Segmentation data from the Hugging Face Hub or any ``datasets.Dataset`` with image and mask columns."""
+"""Segmentation data from the Hugging Face Hub or any ``datasets.Dataset`` with image and mask columns.
+
+:func:`load_hf_dataset` opens a dataset by Hub id, local loading script/folder or a ``save_to_disk`` folder (as
+written by ``training/make_hf_dataset.py``); under ``accelerate launch`` the main process loads first (download and
+Arrow preparation happen once), the others then read the prepared cache. :func:`select_rows` keeps the rows whose
+name matches glob patterns by reading the name column only (no image is decoded).
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import os
-from typing import Any, Optional, Union
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
@@ -158,3 +166,73 @@ class HFSegmentationDataset(RawSampleDataset):
             f"{type(self).__name__}(source='{self.source}', split={self.split!r}, rows={len(self)}, "
             f"num_classes={self.num_classes}, image_channels={self.image_channels})"
         )
+
+
+def is_saved_dataset(path: Union[str, os.PathLike]) -> bool:
+    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    folder = Path(path).expanduser()
+    return folder.is_dir() and ((folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file())
+
+
+def load_hf_dataset(name_or_path: Union[str, os.PathLike], config_name: Optional[str] = None) -> Any:
+    """A ``datasets`` ``Dataset``/``DatasetDict``: a ``save_to_disk`` folder through ``load_from_disk`` (memory-mapped
+    Arrow, nothing decoded), anything else through ``load_dataset(name, config_name)``.
+
+    Under ``accelerate launch`` the main process loads first (``PartialState().main_process_first()``), so a Hub
+    dataset is downloaded and prepared once and the other processes open the prepared cache.
+
+    Raises:
+        DataError: naming ``--dataset_name`` when the dataset cannot be opened.
+    """
+    import datasets
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    name = str(name_or_path)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    with state.main_process_first():
+        try:
+            if is_saved_dataset(name):
+                return datasets.load_from_disk(str(Path(name).expanduser()))
+            return datasets.load_dataset(name, config_name)
+        except Exception as error:  # missing dataset, no network, bad config: say which
+            raise DataError(f"--dataset_name {name!r} cannot be opened: {type(error).__name__}: {error}") from error
+
+
+def dataset_splits(dataset: Any) -> List[str]:
+    """The split names of a ``DatasetDict`` (``[]`` for a single ``Dataset``)."""
+    import datasets
+
+    return list(dataset.keys()) if isinstance(dataset, (datasets.DatasetDict, dict)) else []
+
+
+def pick_split(dataset: Any, split: str, flag: str = "--dataset_split") -> Any:
+    """Split ``split`` of a ``DatasetDict`` (a single ``Dataset`` is its own ``train`` split); an unknown split is a
+    DataError naming ``flag`` and the available splits."""
+    splits = dataset_splits(dataset)
+    if not splits:
+        if split != "train":
+            raise DataError(f"{flag} {split!r}: the dataset has no splits (it is one table, used as 'train').")
+        return dataset
+    if split not in splits:
+        raise DataError(f"{flag} {split!r} is not a split of the dataset; its splits: {splits}.")
+    return dataset[split]
+
+
+def select_rows(dataset: Any, column: str, patterns: str, flag: str) -> Any:
+    """The rows of ``dataset`` whose ``column`` matches any comma-separated glob of ``patterns`` (the folder datasets'
+    ``--train_stems`` / ``--validation_stems`` rule), read from that column alone: no image is decoded.
+
+    Raises:
+        DataError: naming ``flag`` when the column is missing or no row matches.
+    """
+    if column not in dataset.column_names:
+        raise DataError(f"{flag} selects rows by the '{column}' column (--stem_column), which the dataset does not "
+                        f"have; its columns: {list(dataset.column_names)}.")
+    globs = [pattern.strip() for pattern in patterns.split(",") if pattern.strip()]
+    names = list(dataset[column])  # one Arrow column read; the image columns are not touched
+    keep = [index for index, value in enumerate(names) if any(fnmatch.fnmatch(str(value), g) for g in globs)]
+    if not keep:
+        raise DataError(f"{flag} {patterns!r} matches no row of the '{column}' column (e.g. {names[:3]}).")
+    return dataset.select(keep)
+
