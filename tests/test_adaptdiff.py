@@ -340,6 +340,10 @@ def test_workflow_corrupts_pseudo_labels_and_checks_its_arguments(domains, tmp_p
     assert set(np.unique(clean)) <= {0, 255} and set(np.unique(noisy)) == {0, 255}
     assert int((noisy == 0).sum()) == round(0.5 * noisy.size)
     assert (tmp_path / "inverted" / "1-pseudo-labels" / "images" / "t0.png").is_file()  # the target image, unchanged
+    # labels from an earlier run, corrupted: the segmenter is not run again
+    module.main(workflow_args(domains, tmp_path / "reused", "--to_step", "1", "--pseudo_labels_from",
+                              str(tmp_path / "noisy" / "1-pseudo-labels")))
+    np.testing.assert_array_equal(read("reused"), noisy)
     assert not (tmp_path / "clean" / "2-diffusion").exists()  # --to_step 1 stops there
     state = json.loads((tmp_path / "noisy" / "workflow.json").read_text())["steps"]["pseudo-labels"]
     assert state["complete"] and state["images"] == 3
@@ -350,6 +354,8 @@ def test_workflow_corrupts_pseudo_labels_and_checks_its_arguments(domains, tmp_p
                          (["--pseudo_label_fn", "2"], "--pseudo_label_fn"),
                          (["--from_step", "3", "--to_step", "2"], "--from_step"),
                          (["--pseudo_label_transform", "gamma"], "--pseudo_label_transform"),
+                         (["--pseudo_labels_from", str(tmp_path)], "--pseudo_labels_from"),
+                         (["--paint_crop", "-1"], "--paint_crop"),
                          (["--source_segmenter", str(tmp_path)], "--source_segmenter")):
         with pytest.raises(SystemExit) as error:
             module.parse_args(workflow_args(domains, tmp_path / "bad", *bad))

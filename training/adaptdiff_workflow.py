@@ -81,6 +81,10 @@ def parse_args(argv=None):
                              "to_source_intensities). Choose it on training data: the labels only need to be weak.")
     parser.add_argument("--num_source_references", type=int, default=4,
                         help="Source photographs whose pooled histogram the *histmatch transforms match to.")
+    parser.add_argument("--pseudo_labels_from", type=str, default=None,
+                        help="Take step 1's labels from this folder's masks/<stem>.png (an earlier run's "
+                             "1-pseudo-labels, or weak labels made elsewhere) instead of running the segmenter; "
+                             "--pseudo_label_fp/fn still apply.")
     parser.add_argument("--pseudo_label_threshold", type=float, default=0.5)
     parser.add_argument("--pseudo_label_fp", type=float, default=0.0,
                         help="Corrupt the pseudo-labels: add this fraction of their vessel pixels as false positives.")
@@ -136,6 +140,8 @@ def parse_args(argv=None):
                  "checkpointing_steps", "tile_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be a positive integer, got {getattr(args, flag)}.")
+    if args.pseudo_labels_from and not os.path.isdir(os.path.join(args.pseudo_labels_from, "masks")):
+        parser.error(f"--pseudo_labels_from {args.pseudo_labels_from!r} has no masks/ folder.")
     if args.paint_crop < 0:
         parser.error(f"--paint_crop must be >= 0 (0: whole masks), got {args.paint_crop}.")
     if args.num_reference_images < 0 or args.num_source_references < 1:
@@ -225,6 +231,7 @@ def load_segmenter(path: str):
 # ---------------------------------------------------------------------------------------------- steps
 def step_pseudo_labels(args, work_dir: Path) -> Dict:
     """Step 1: pseudo-labels of the target images by the source segmenter (optionally corrupted)."""
+    from diffusers_retina.data import read_mask
     from diffusers_retina.data.modality import corrupt_mask, field_of_view_mask, to_source_intensities
     from diffusers_retina.image_processing import prepare_images
     from diffusers_retina.pipelines.adaptdiff import pseudo_labels
@@ -244,10 +251,17 @@ def step_pseudo_labels(args, work_dir: Path) -> Dict:
     for index, (stem, path) in enumerate(_stems(Path(args.target_data_dir) / args.target_image_dir,
                                                 args.target_stems).items()):
         image = _read_unit_image(path)
-        labelled = to_source_intensities(image, args.pseudo_label_transform, references, reference_fovs)
-        probabilities = segmenter_probabilities(segmenter, prepare_images(labelled, segmenter.config.in_channels),
-                                                args.tile_size)
-        label = pseudo_labels(probabilities[0, 0], "threshold", args.pseudo_label_threshold).numpy().astype(np.uint8)
+        if args.pseudo_labels_from:
+            given = Path(args.pseudo_labels_from) / "masks" / f"{stem}.png"
+            if not given.is_file():
+                raise SystemExit(f"--pseudo_labels_from: no label {given} for target image {path}.")
+            label = (read_mask(given, 2) > 0).astype(np.uint8)
+        else:
+            labelled = to_source_intensities(image, args.pseudo_label_transform, references, reference_fovs)
+            probabilities = segmenter_probabilities(segmenter, prepare_images(labelled, segmenter.config.in_channels),
+                                                    args.tile_size)
+            label = pseudo_labels(probabilities[0, 0], "threshold",
+                                  args.pseudo_label_threshold).numpy().astype(np.uint8)
         if args.pseudo_label_fp or args.pseudo_label_fn:
             label = corrupt_mask(label, args.pseudo_label_fp, args.pseudo_label_fn, seed=args.seed + index,
                                  fov=field_of_view_mask(image))
