@@ -823,7 +823,12 @@ def adaptdiff_model_card(folder: Union[str, os.PathLike], repo_id: Optional[str]
         "fine-tune": f"{args['finetune_steps']} steps of fine-tuning on the synthetic pairs (BCE + soft Dice, fresh "
                      "patches, flips and photometric changes each epoch)",
     }
-    rows = "\n".join(f"| {number}. {name} | {what[name]} | {_format_duration(steps.get(name, {}).get('seconds'))} |"
+    def wall_time(step: Dict[str, Any]) -> str:
+        if step.get("training_seconds") is not None:  # the training script's clock, over resumed runs
+            return _format_duration(step["training_seconds"]) + " (training clock)"
+        return _format_duration(step.get("seconds"))
+
+    rows = "\n".join(f"| {number}. {name} | {what[name]} | {wall_time(steps.get(name, {}))} |"
                      for number, name in enumerate(what, start=1))
     transform = args.get("pseudo_label_transform", "none")
     note = ("Pseudo-labels: AdaptDiff labels the raw target images with the source segmenter. "

@@ -418,12 +418,19 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 def write_workflow_record(args, state: WorkflowState, argv: Optional[List[str]] = None) -> None:
     """``<output_dir>/training_info.json``: the workflow's command and arguments and every step's record (commands
     of the training steps, wall times), read by the model card (``diffusers_retina.hub.write_adaptdiff_card``)."""
-    from diffusers_retina.hub import write_json
+    from diffusers_retina.hub import TRAINING_INFO, read_json, write_json
 
     argv = sys.argv[1:] if argv is None else argv
-    write_json(Path(args.output_dir) / "training_info.json", {
+    steps = json.loads(json.dumps(state.data["steps"]))
+    # the training steps' own clocks (summed over resumed runs): the workflow's "seconds" only counts the run that
+    # completed a step
+    for step, folder in (("diffusion", "2-diffusion"), ("fine-tune", "4-fine-tune")):
+        info = read_json(Path(args.work_dir) / folder / TRAINING_INFO) or {}
+        if info.get("training_seconds") is not None:
+            steps[step]["training_seconds"] = round(float(info["training_seconds"]), 1)
+    write_json(Path(args.output_dir) / TRAINING_INFO, {
         "command": "python training/adaptdiff_workflow.py " + " ".join(shlex.quote(a) for a in argv),
-        "script": "training/adaptdiff_workflow.py", "args": vars(args), "steps": state.data["steps"],
+        "script": "training/adaptdiff_workflow.py", "args": vars(args), "steps": steps,
     })
 
 

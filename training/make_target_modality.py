@@ -19,7 +19,16 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-README = """# {name}: a fluorescein-angiography-like target modality
+README = """---
+pretty_name: {name} (CHASE_DB1, fluorescein-angiography-like)
+license: CC BY 4.0
+attribution: "Derived from CHASE_DB1 (Fraz MM et al., An ensemble classification-based approach applied to retinal
+  blood vessel segmentation, IEEE Trans. Biomed. Eng. 59(9):2538-2548, 2012) by diffusers-retina's fluorescein_like
+  transform."
+homepage: https://researchdata.kingston.ac.uk/96/
+---
+
+# {name}: a fluorescein-angiography-like target modality
 
 Made by `training/make_target_modality.py` of diffusers-retina from the colour photographs in `{source}` with
 `diffusers_retina.data.modality.fluorescein_like` (seed = index of the image in sorted order). `reference/` holds the
