@@ -88,6 +88,17 @@ def tiny_pipeline(unet=None, scheduler=None) -> SegmentationEnsemblePipeline:
     return pipe
 
 
+def unit_range(image):
+    """Image tensors (or a list of them) from the models' ``[-1, 1]``, in which these tests make them, to the ``[0, 1]``
+    the pipelines take (diffusers' convention; ``prepare_images`` maps them back exactly). PIL images and numpy arrays
+    pass unchanged."""
+    if isinstance(image, torch.Tensor):
+        return (image + 1) / 2
+    if isinstance(image, (list, tuple)) and image and all(isinstance(item, torch.Tensor) for item in image):
+        return [(item + 1) / 2 for item in image]
+    return image
+
+
 def seeded(*seeds: int):
     """One fresh CPU generator, or a list of them for several seeds."""
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -121,5 +132,6 @@ def pipe():
 
 @pytest.fixture
 def image():
-    """One 3-channel NCHW image in [-1, 1] with structure (so members of a trained-like model can differ)."""
+    """One 3-channel NCHW image in [-1, 1] with structure (so members of a trained-like model can differ); the models'
+    range: pass ``unit_range(image)`` to a pipeline, which takes [0, 1] tensors."""
     return torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(123)) * 2 - 1

@@ -18,7 +18,7 @@ from diffusers_retina import SegmentationEnsemblePipeline
 from diffusers_retina.data import FolderPairDataset, RandomPatchDataset
 from diffusers_retina.pipelines.sampling import segmenter_probabilities
 
-from conftest import IMAGE_SIZE, seeded, tiny_unet
+from conftest import IMAGE_SIZE, seeded, tiny_unet, unit_range
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "training" / "train_segmentation_ensemble.py"
@@ -51,13 +51,13 @@ def image():
 @pytest.mark.parametrize("anchor", ["residual", "strength"])
 def test_batched_ensemble_equals_members_one_by_one(anchor, image):
     pipe = anchored_pipeline(anchor)
-    batched = pipe(image, num_inference_steps=3, ensemble_size=3, generator=seeded(1, 2, 3), output_type="pt",
-                   return_members=True)
-    singles = [pipe(image, num_inference_steps=3, ensemble_size=1, generator=[seeded(s)], output_type="pt",
+    batched = pipe(unit_range(image), num_inference_steps=3, ensemble_size=3, generator=seeded(1, 2, 3),
+                   output_type="pt", return_members=True)
+    singles = [pipe(unit_range(image), num_inference_steps=3, ensemble_size=1, generator=[seeded(s)], output_type="pt",
                     return_members=True).members[0, 0] for s in (1, 2, 3)]
     torch.testing.assert_close(batched.members[0], torch.stack(singles), atol=1e-5, rtol=0)
-    chunked = pipe(image, num_inference_steps=3, ensemble_size=3, generator=seeded(1, 2, 3), output_type="pt",
-                   return_members=True, batch_size=1)
+    chunked = pipe(unit_range(image), num_inference_steps=3, ensemble_size=3, generator=seeded(1, 2, 3),
+                   output_type="pt", return_members=True, batch_size=1)
     torch.testing.assert_close(batched.members, chunked.members, atol=1e-5, rtol=0)
 
 
@@ -71,7 +71,7 @@ def test_residual_member_is_prior_plus_residual(image):
         return (output,)
 
     pipe.unet.forward = zero_residual
-    out = pipe(image, num_inference_steps=2, ensemble_size=2, generator=seeded(0), output_type="pt",
+    out = pipe(unit_range(image), num_inference_steps=2, ensemble_size=2, generator=seeded(0), output_type="pt",
                return_members=True)
     with torch.no_grad():
         prior = segmenter_probabilities(pipe.prior, image)
@@ -83,7 +83,7 @@ def test_strength_starts_from_noised_prior_and_runs_the_last_steps(image):
     pipe = anchored_pipeline("strength", DDIMScheduler(num_train_timesteps=100, timestep_spacing="trailing"),
                           strength=0.4)
     seen = []
-    pipe(image, num_inference_steps=2, ensemble_size=1, generator=seeded(0), output_type="pt",
+    pipe(unit_range(image), num_inference_steps=2, ensemble_size=1, generator=seeded(0), output_type="pt",
          callback_on_step_end=lambda p, i, t, kw: seen.append(int(t)) or {})
     # a 5-step trailing schedule over 100 steps is 99, 79, 59, 39, 19: strength 0.4 keeps the last two
     assert seen == [39, 19]
@@ -95,8 +95,8 @@ def test_without_prior_the_pipeline_is_unchanged(image):
     plain = SegmentationEnsemblePipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=100))
     plain.set_progress_bar_config(disable=True)
     assert plain.prior is None and plain.image_channels == 3
-    out = plain(image, num_inference_steps=2, ensemble_size=2, generator=seeded(4), output_type="pt")
-    again = plain(image, num_inference_steps=2, ensemble_size=2, generator=seeded(4), output_type="pt")
+    out = plain(unit_range(image), num_inference_steps=2, ensemble_size=2, generator=seeded(4), output_type="pt")
+    again = plain(unit_range(image), num_inference_steps=2, ensemble_size=2, generator=seeded(4), output_type="pt")
     torch.testing.assert_close(out.probabilities, again.probabilities)
 
 
@@ -105,7 +105,7 @@ def test_without_prior_the_pipeline_is_unchanged(image):
 def test_any_scheduler(anchor, scheduler_cls, image):
     pipe = anchored_pipeline(anchor)
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
-    out = pipe(image, num_inference_steps=2, ensemble_size=2, generator=seeded(0), output_type="np")
+    out = pipe(unit_range(image), num_inference_steps=2, ensemble_size=2, generator=seeded(0), output_type="np")
     assert out.masks.shape == (1, IMAGE_SIZE, IMAGE_SIZE)
     assert np.isfinite(out.probabilities).all() and 0 <= out.probabilities.min() <= out.probabilities.max() <= 1
 
@@ -122,7 +122,8 @@ def test_defaults_travel_with_the_checkpoint(tmp_path, image):
     loaded.set_progress_bar_config(disable=True)
     assert loaded.config.default_threshold == 0.4 and loaded.prior is not None
     seen = []
-    loaded(image, ensemble_size=1, generator=seeded(0), callback_on_step_end=lambda p, i, t, kw: seen.append(i) or {})
+    loaded(unit_range(image), ensemble_size=1, generator=seeded(0),
+           callback_on_step_end=lambda p, i, t, kw: seen.append(i) or {})
     assert len(seen) == 3  # default_denoising_steps
     for key in pipe.prior.state_dict():
         torch.testing.assert_close(loaded.prior.state_dict()[key], pipe.prior.state_dict()[key])
@@ -132,8 +133,8 @@ def test_defaults_travel_with_the_checkpoint(tmp_path, image):
     community = DiffusionPipeline.from_pretrained(
         str(tmp_path / "anchored"), custom_pipeline=str(REPO / "pipelines" / "segmentation_ensemble"),
         trust_remote_code=True)
-    a = loaded(image, ensemble_size=2, generator=seeded(1), output_type="pt").probabilities
-    b = community(image, ensemble_size=2, generator=seeded(1), output_type="pt").probabilities
+    a = loaded(unit_range(image), ensemble_size=2, generator=seeded(1), output_type="pt").probabilities
+    b = community(unit_range(image), ensemble_size=2, generator=seeded(1), output_type="pt").probabilities
     torch.testing.assert_close(a, b)
 
 
@@ -240,7 +241,7 @@ def test_anchored_training_saves_a_pipeline_with_its_prior(anchor, folder_datase
     prior = UNet2DModel.from_pretrained(prior_maps / "fold-0" / "unet")
     for key, value in prior.state_dict().items():
         torch.testing.assert_close(pipe.prior.state_dict()[key].float(), value.float())
-    result = pipe(torch.zeros(1, 3, 40, 40), ensemble_size=2, generator=seeded(0), output_type="np")
+    result = pipe(torch.full((1, 3, 40, 40), 0.5), ensemble_size=2, generator=seeded(0), output_type="np")
     assert result.masks.shape == (1, 40, 40)
 
 

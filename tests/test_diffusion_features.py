@@ -14,6 +14,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DMod
 from diffusers_retina import DiffusionFeaturePipeline
 from diffusers_retina.models import FreqAggHead, PixelMLPEnsemble, frequency_bands, read_pixels
 
+from conftest import unit_range
 from doc_examples import check_call_example
 
 CONFIGS = {
@@ -62,7 +63,8 @@ def test_hooks_return_the_documented_shapes(config):
     assert description["mid"]["stride"] == 2 ** (levels - 1)
 
     x = images(height=32, width=48)
-    features = pipe(x, blocks=list(description), timesteps=[3, 40], generator=torch.Generator().manual_seed(0)).features
+    features = pipe(unit_range(x), blocks=list(description), timesteps=[3, 40],
+                    generator=torch.Generator().manual_seed(0)).features
     for name, info in description.items():
         assert features[name].shape == (2, 2, info["channels"], 32 // info["stride"], 48 // info["stride"]), name
         assert features[name].dtype == torch.float16
@@ -71,12 +73,12 @@ def test_hooks_return_the_documented_shapes(config):
 def test_unknown_blocks_and_bad_arguments():
     pipe = tiny_pipe()
     with pytest.raises(ValueError, match="Unknown blocks"):
-        pipe(images(), blocks=["up.7"], timesteps=[10])
+        pipe(unit_range(images()), blocks=["up.7"], timesteps=[10])
     for kwargs, message in ((dict(timesteps=[100]), "outside"), (dict(policy="inversion"), "policy"),
                             (dict(output="logits"), "output"), (dict(output="segmentation"), "needs a head"),
                             (dict(num_noise_draws=0), "num_noise_draws"), (dict(feature_dtype=torch.int8), "dtype")):
         with pytest.raises(ValueError, match=message):
-            pipe(images(), **{"timesteps": [10], **kwargs})
+            pipe(unit_range(images()), **{"timesteps": [10], **kwargs})
 
 
 # ---------------------------------------------------------------------------------------------- one pass
@@ -86,16 +88,18 @@ def test_one_batched_pass_equals_per_timestep_passes():
     pipe = tiny_pipe("attention")
     x = images()
     seed = 7
-    together = pipe(x, blocks=["mid", "up.1"], timesteps=[5, 50, 95], seed=seed, feature_dtype=torch.float32).features
+    together = pipe(unit_range(x), blocks=["mid", "up.1"], timesteps=[5, 50, 95], seed=seed,
+                    feature_dtype=torch.float32).features
     for k, t in enumerate((5, 50, 95)):
-        alone = pipe(x, blocks=["mid", "up.1"], timesteps=[t], seed=seed, feature_dtype=torch.float32).features
+        alone = pipe(unit_range(x), blocks=["mid", "up.1"], timesteps=[t], seed=seed,
+                     feature_dtype=torch.float32).features
         for name in ("mid", "up.1"):
             torch.testing.assert_close(together[name][:, k], alone[name][:, 0], rtol=1e-4, atol=1e-5)
     # one UNet call for all timesteps and images
     calls = []
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     try:
-        pipe(x, blocks=["up.1"], timesteps=[5, 50, 95], seed=seed)
+        pipe(unit_range(x), blocks=["up.1"], timesteps=[5, 50, 95], seed=seed)
     finally:
         hook.remove()
     assert calls == [6]
@@ -108,9 +112,11 @@ def test_early_exit_gives_the_same_features_and_skips_the_rest():
     hooks = [pipe.unet.conv_out.register_forward_hook(lambda *a: ran.append("conv_out")),
              pipe.unet.up_blocks[2].register_forward_hook(lambda *a: ran.append("up.2"))]
     try:
-        early = pipe(x, blocks=["up.0"], timesteps=[10], seed=1, feature_dtype=torch.float32).features["up.0"]
+        early = pipe(unit_range(x), blocks=["up.0"], timesteps=[10], seed=1,
+                     feature_dtype=torch.float32).features["up.0"]
         assert ran == []  # the forward stopped after up.0
-        full = pipe(x, blocks=["up.0", "up.2"], timesteps=[10], seed=1, feature_dtype=torch.float32).features["up.0"]
+        full = pipe(unit_range(x), blocks=["up.0", "up.2"], timesteps=[10], seed=1,
+                    feature_dtype=torch.float32).features["up.0"]
         assert "up.2" in ran and "conv_out" not in ran
     finally:
         for hook in hooks:
@@ -137,14 +143,14 @@ def test_anchor_policy_feeds_the_clean_image_and_the_timestep():
     inputs = []
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: inputs.append((args[0].clone(), args[1].clone())))
     try:
-        pipe(x, blocks=["up.0"], timesteps=[20, 80], policy="anchor")
+        pipe(unit_range(x), blocks=["up.0"], timesteps=[20, 80], policy="anchor")
     finally:
         hook.remove()
     sample, steps = inputs[0]
     torch.testing.assert_close(sample, x.repeat_interleave(2, dim=0))
     assert steps.tolist() == [20, 80, 20, 80]
-    a = pipe(x, blocks=["up.0"], timesteps=[20], policy="anchor").features["up.0"]
-    b = pipe(x, blocks=["up.0"], timesteps=[80], policy="anchor").features["up.0"]
+    a = pipe(unit_range(x), blocks=["up.0"], timesteps=[20], policy="anchor").features["up.0"]
+    b = pipe(unit_range(x), blocks=["up.0"], timesteps=[80], policy="anchor").features["up.0"]
     assert not torch.equal(a, b)  # the timestep reaches the features through the embedding
 
 
@@ -152,9 +158,9 @@ def test_noise_policy_generators_shared_noise_and_averaged_draws():
     pipe = tiny_pipe()
     x = images()
     kwargs = dict(blocks=["up.1"], timesteps=[60], feature_dtype=torch.float32)
-    one = pipe(x, generator=torch.Generator().manual_seed(0), **kwargs).features["up.1"]
-    same = pipe(x, generator=torch.Generator().manual_seed(0), **kwargs).features["up.1"]
-    other = pipe(x, generator=torch.Generator().manual_seed(1), **kwargs).features["up.1"]
+    one = pipe(unit_range(x), generator=torch.Generator().manual_seed(0), **kwargs).features["up.1"]
+    same = pipe(unit_range(x), generator=torch.Generator().manual_seed(0), **kwargs).features["up.1"]
+    other = pipe(unit_range(x), generator=torch.Generator().manual_seed(1), **kwargs).features["up.1"]
     torch.testing.assert_close(one, same)
     assert not torch.allclose(one, other)
 
@@ -162,7 +168,7 @@ def test_noise_policy_generators_shared_noise_and_averaged_draws():
     inputs = []
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
     try:
-        pipe(x, shared_noise=True, generator=torch.Generator().manual_seed(3), **kwargs)
+        pipe(unit_range(x), shared_noise=True, generator=torch.Generator().manual_seed(3), **kwargs)
     finally:
         hook.remove()
     alpha = pipe.scheduler.alphas_cumprod[60]
@@ -171,9 +177,9 @@ def test_noise_policy_generators_shared_noise_and_averaged_draws():
 
     # averaged draws equal the mean of the single draws made with the same generators
     generators = [torch.Generator().manual_seed(s) for s in range(4)]  # image-major: (image 0: draws 0, 1), ...
-    averaged = pipe(x, num_noise_draws=2, generator=generators, **kwargs).features["up.1"]
-    draws = [pipe(x, generator=[torch.Generator().manual_seed(s) for s in (d, 2 + d)], **kwargs).features["up.1"]
-             for d in range(2)]
+    averaged = pipe(unit_range(x), num_noise_draws=2, generator=generators, **kwargs).features["up.1"]
+    draws = [pipe(unit_range(x), generator=[torch.Generator().manual_seed(s) for s in (d, 2 + d)],
+                  **kwargs).features["up.1"] for d in range(2)]
     torch.testing.assert_close(averaged, (draws[0] + draws[1]) / 2, rtol=1e-4, atol=1e-5)
 
 
@@ -184,17 +190,18 @@ def test_ddim_inversion_trajectory():
     calls = []
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[1].tolist()))
     try:
-        out = pipe(x, blocks=["up.0"], timesteps=[60, 10], policy="ddim_inversion", feature_dtype=torch.float32)
+        out = pipe(unit_range(x), blocks=["up.0"], timesteps=[60, 10], policy="ddim_inversion",
+                   feature_dtype=torch.float32)
     finally:
         hook.remove()
     # the trajectory climbs: a step from 0 to 10 (at t = 0), features at 10, a step from 10 to 60, features at 60
     assert calls == [[0], [10], [10], [60]]
     assert out.features["up.0"].shape[:2] == (1, 2)
-    deterministic = pipe(x, blocks=["up.0"], timesteps=[60, 10], policy="ddim_inversion",
+    deterministic = pipe(unit_range(x), blocks=["up.0"], timesteps=[60, 10], policy="ddim_inversion",
                          feature_dtype=torch.float32).features["up.0"]
     torch.testing.assert_close(out.features["up.0"], deterministic)
     # returned in the requested order: index 1 holds t = 10, the same as asking for t = 10 alone
-    alone = pipe(x, blocks=["up.0"], timesteps=[10], policy="ddim_inversion", feature_dtype=torch.float32)
+    alone = pipe(unit_range(x), blocks=["up.0"], timesteps=[10], policy="ddim_inversion", feature_dtype=torch.float32)
     torch.testing.assert_close(out.features["up.0"][:, 1], alone.features["up.0"][:, 0])
 
 
@@ -208,36 +215,36 @@ def test_cache_hits_only_on_an_identical_key(tmp_path):
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     base = dict(blocks=["up.0"], timesteps=[10, 30], seed=0, cache_dir=tmp_path)
     try:
-        first = pipe(x, **base).features["up.0"]
+        first = pipe(unit_range(x), **base).features["up.0"]
         assert calls and len(list(tmp_path.glob("*.safetensors"))) == 2  # one file per image
         calls.clear()
-        again = pipe(x, **base).features["up.0"]
+        again = pipe(unit_range(x), **base).features["up.0"]
         assert calls == []  # both images from the cache
         torch.testing.assert_close(first, again)
         # the same image in another batch position: still a hit (the noise follows the image, not its position)
-        swapped = pipe(x.flip(0), **base).features["up.0"]
+        swapped = pipe(unit_range(x.flip(0)), **base).features["up.0"]
         assert calls == []
         torch.testing.assert_close(swapped, first.flip(0))
         for change in (dict(timesteps=[10, 31]), dict(blocks=["up.1"]), dict(seed=1), dict(policy="anchor"),
                        dict(feature_dtype=torch.bfloat16), dict(num_noise_draws=2)):
             calls.clear()
-            pipe(x, **{**base, **change})
+            pipe(unit_range(x), **{**base, **change})
             assert calls, f"{change} reused a stale cache entry"
         calls.clear()
         changed_image = x.clone()
         changed_image[0, 0, 0, 0] += 0.5
-        pipe(changed_image, **base)
+        pipe(unit_range(changed_image), **base)
         assert calls == [2]  # only the changed image (2 timesteps) went through the UNet
         calls.clear()
         with torch.no_grad():
             pipe.unet.conv_in.bias.add_(0.1)  # weights changed in place
-        pipe(x, **base)
+        pipe(unit_range(x), **base)
         assert calls, "changed weights reused a stale cache entry"
     finally:
         hook.remove()
     assert not list(tmp_path.glob(".*.tmp"))
     with pytest.raises(ValueError, match="needs `seed`"):
-        pipe(x, blocks=["up.0"], timesteps=[10], cache_dir=tmp_path)
+        pipe(unit_range(x), blocks=["up.0"], timesteps=[10], cache_dir=tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- head
@@ -270,7 +277,7 @@ def test_pixel_mlp_ensemble_defaults_prediction_and_save_load(tmp_path):
     assert abs(weights.std().item() - 0.02) < 0.005  # N(0, 0.02) init
     pipe = tiny_pipe(head=head)
     x = images(count=1, height=16, width=20)
-    out = pipe(x, output="segmentation", seed=0)
+    out = pipe(unit_range(x), output="segmentation", seed=0)
     assert out.masks.shape == (1, 16, 20) and out.probabilities.shape == (1, 2, 16, 20)
     assert torch.allclose(out.probabilities.sum(1), torch.ones(1, 16, 20), atol=1e-5)
     assert (out.uncertainty >= 0).all()
@@ -285,7 +292,7 @@ def test_pixel_mlp_ensemble_defaults_prediction_and_save_load(tmp_path):
                    DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(community), trust_remote_code=True)):
         assert type(loaded).__name__ == "DiffusionFeaturePipeline"
         assert type(loaded.head) is PixelMLPEnsemble and loaded.head.config.blocks == ["up.0", "up.1"]
-        again = loaded(x, output="segmentation", seed=0)
+        again = loaded(unit_range(x), output="segmentation", seed=0)
         torch.testing.assert_close(again.probabilities, out.probabilities, rtol=1e-4, atol=1e-5)
 
 
@@ -312,7 +319,7 @@ def test_freq_agg_head_shapes_gradients_half_precision_and_save_load(tmp_path):
     head = FreqAggHead(blocks=blocks, timesteps=[10, 60], policy="anchor",
                        block_channels=[description[b]["channels"] for b in blocks], embed_dim=8)
     x = images(count=2, height=16, width=24)
-    features = pipe(x, blocks=blocks, timesteps=[10, 60], policy="anchor").features  # float16, native sizes
+    features = pipe(unit_range(x), blocks=blocks, timesteps=[10, 60], policy="anchor").features  # float16, native sizes
     logits = head(features, size=(16, 24)).logits
     assert logits.shape == (2, 2, 16, 24) and torch.isfinite(logits).all()
     logits.square().mean().backward()
@@ -325,13 +332,13 @@ def test_freq_agg_head_shapes_gradients_half_precision_and_save_load(tmp_path):
     assert not torch.allclose(head(features, size=(16, 24)).logits, logits.detach(), atol=1e-4)
 
     pipe.set_head(head)
-    out = pipe(x, output="segmentation")  # blocks, timesteps and policy come from the head's config
+    out = pipe(unit_range(x), output="segmentation")  # blocks, timesteps and policy come from the head's config
     assert out.masks.shape == (2, 16, 24) and out.uncertainty.shape == (2, 16, 24)
     folder = tmp_path / "freq"
     pipe.save_pretrained(folder)
     loaded = DiffusionFeaturePipeline.from_pretrained(folder)
     assert type(loaded.head) is FreqAggHead and loaded.head.config.policy == "anchor"
-    torch.testing.assert_close(loaded(x, output="segmentation").probabilities, out.probabilities)
+    torch.testing.assert_close(loaded(unit_range(x), output="segmentation").probabilities, out.probabilities)
 
 
 def test_tiled_segmentation_of_a_large_non_square_image():
@@ -339,12 +346,12 @@ def test_tiled_segmentation_of_a_large_non_square_image():
     head = PixelMLPEnsemble(blocks=["up.0", "up.1"], timesteps=[10], block_channels=[16, 8], ensemble_size=2)
     pipe.set_head(head)
     x = images(count=1, height=40, width=58)
-    whole = pipe(x, output="segmentation", seed=0)
-    tiled = pipe(x, output="segmentation", seed=0, tile_size=16, tile_overlap=0.5)
+    whole = pipe(unit_range(x), output="segmentation", seed=0)
+    tiled = pipe(unit_range(x), output="segmentation", seed=0, tile_size=16, tile_overlap=0.5)
     assert tiled.masks.shape == whole.masks.shape == (1, 40, 58)
     assert torch.allclose(tiled.probabilities.sum(1), torch.ones(1, 40, 58), atol=1e-4)
     assert (tiled.masks == whole.masks).float().mean() > 0.5  # same head, different context per window
     with pytest.raises(ValueError, match="tile_size"):
-        pipe(x, timesteps=[10], tile_size=16)  # features of a tiled image are not one map
+        pipe(unit_range(x), timesteps=[10], tile_size=16)  # features of a tiled image are not one map
     with pytest.raises(ValueError, match="multiple"):
-        pipe(x, output="segmentation", tile_size=15)
+        pipe(unit_range(x), output="segmentation", tile_size=15)

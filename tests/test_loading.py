@@ -35,7 +35,7 @@ SNAPSHOT_SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
 def _image():
-    return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(321)) * 2 - 1
+    return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(321))  # [0, 1], as pipelines take
 
 
 def _output(pipe) -> torch.Tensor:
@@ -143,7 +143,7 @@ OFFLINE_SCRIPT = textwrap.dedent(
 
     assert constants.HF_HUB_OFFLINE
     torch.set_num_threads(1)
-    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(321)) * 2 - 1
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(321))
     results = {}
     for name, load in [
         ("class", lambda: SegmentationEnsemblePipeline.from_pretrained("org/name")),

@@ -26,6 +26,8 @@ from safetensors.torch import load_file
 from diffusers_retina import SegmentationEnsemblePipeline
 from diffusers_retina.models import DynamicConditionalEncoding, FFParser, MedSegDiffUNet2DModel
 
+from conftest import unit_range
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -242,9 +244,9 @@ def test_pipeline_batched_ensemble_equals_members_one_by_one(scheduler_cls, imag
     pipe = medsegdiff_pipeline(scheduler_cls)
     assert pipe.image_channels == 3 and pipe.mask_channels == 1 and pipe.size_multiple == 2
     seeds = (4, 5, 6)
-    batched = pipe(image, num_inference_steps=2, ensemble_size=3, generator=gen(*seeds), output_type="pt",
+    batched = pipe(unit_range(image), num_inference_steps=2, ensemble_size=3, generator=gen(*seeds), output_type="pt",
                    return_members=True)
-    one_by_one = pipe(image, num_inference_steps=2, ensemble_size=3, generator=gen(*seeds), batch_size=1,
+    one_by_one = pipe(unit_range(image), num_inference_steps=2, ensemble_size=3, generator=gen(*seeds), batch_size=1,
                       output_type="pt", return_members=True)
     torch.testing.assert_close(batched.members, one_by_one.members, rtol=0, atol=1e-5)
     assert not torch.allclose(batched.members[0, 0], batched.members[0, 1])
@@ -254,12 +256,14 @@ def test_pipeline_batched_ensemble_equals_members_one_by_one(scheduler_cls, imag
 def test_pipeline_odd_sizes_tiles_and_multi_class(gen):
     pipe = medsegdiff_pipeline()
     image = torch.rand(1, 3, 21, 37, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    tiled = pipe(image, num_inference_steps=2, ensemble_size=2, tile_size=16, generator=gen(0), output_type="pt")
+    tiled = pipe(unit_range(image), num_inference_steps=2, ensemble_size=2, tile_size=16, generator=gen(0),
+                 output_type="pt")
     assert tiled.masks.shape == (1, 21, 37) and torch.isfinite(tiled.entropy).all()
 
     three = medsegdiff_pipeline(in_channels=6, out_channels=3, condition_head=True)
     assert three.num_classes == 3
-    out = three(image[..., :16, :16], num_inference_steps=2, ensemble_size=2, generator=gen(0), output_type="pt")
+    out = three(unit_range(image[..., :16, :16]), num_inference_steps=2, ensemble_size=2, generator=gen(0),
+                output_type="pt")
     assert out.probabilities.shape == (1, 3, 16, 16) and set(out.masks.unique().tolist()) <= {0, 1, 2}
 
 
@@ -268,7 +272,7 @@ def test_save_and_load_through_every_entry_point(tmp_path, image, gen):
 
     def members(p):
         p.set_progress_bar_config(disable=True)
-        return p(image, num_inference_steps=2, ensemble_size=2, generator=gen(0), output_type="pt",
+        return p(unit_range(image), num_inference_steps=2, ensemble_size=2, generator=gen(0), output_type="pt",
                  return_members=True).members
 
     reference = members(pipe)

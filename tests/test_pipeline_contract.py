@@ -20,7 +20,7 @@ from diffusers_retina.pipelines.checks import NonFiniteOutputError
 
 import test_diffusion_features as features_tests
 import test_mask2image as mask2image_tests
-from conftest import tiny_unet
+from conftest import tiny_unet, unit_range
 
 
 def seeded(*seeds):
@@ -184,10 +184,11 @@ def test_a_checkpoint_of_another_pipeline_is_refused(mask2image, tmp_path):
 
 def test_features_output_keeps_its_fields():
     pipe = features_tests.tiny_pipe("attention")
-    out = pipe(features_tests.images(1), blocks=["up.1"], timesteps=[10], generator=seeded(0))
+    out = pipe(unit_range(features_tests.images(1)), blocks=["up.1"], timesteps=[10], generator=seeded(0))
     assert set(out.keys()) == {"features"}
     assert out["features"] is out.features and out[0] is out.features and out.to_tuple() == (out.features,)
-    as_tuple = pipe(features_tests.images(1), blocks=["up.1"], timesteps=[10], generator=seeded(0), return_dict=False)
+    as_tuple = pipe(unit_range(features_tests.images(1)), blocks=["up.1"], timesteps=[10], generator=seeded(0),
+                    return_dict=False)
     assert isinstance(as_tuple, tuple) and isinstance(as_tuple[0], dict)
     torch.testing.assert_close(as_tuple[0]["up.1"], out.features["up.1"])
 
@@ -195,7 +196,7 @@ def test_features_output_keeps_its_fields():
 def test_default_blocks_on_a_two_level_unet():
     pipe = features_tests.tiny_pipe("plain")  # block_out_channels (8, 16): up.0 and up.1 only
     assert pipe.default_blocks() == ["up.0", "up.1"]
-    out = pipe(features_tests.images(1), timesteps=[10], generator=seeded(0))
+    out = pipe(unit_range(features_tests.images(1)), timesteps=[10], generator=seeded(0))
     assert list(out.features) == ["up.0", "up.1"]
     assert features_tests.tiny_pipe("attention").default_blocks() == ["up.1", "up.2"]
 
@@ -205,7 +206,7 @@ def test_nan_features_raise():
     with torch.no_grad():
         pipe.unet.conv_in.weight.fill_(math.nan)
     with pytest.raises(NonFiniteOutputError, match="features"):
-        pipe(features_tests.images(1), timesteps=[10], generator=seeded(0))
+        pipe(unit_range(features_tests.images(1)), timesteps=[10], generator=seeded(0))
 
 
 def head_pair(blocks, channels):
@@ -243,10 +244,10 @@ def test_segmentation_with_a_head_in_a_bfloat16_pipeline(tmp_path, head_kind):
     channels = {d["name"]: d["channels"] for d in pipe.describe()}
     pixel_head, freq_head = head_pair(["up.0", "up.1"], [channels["up.0"], channels["up.1"]])
     pipe.set_head(pixel_head if head_kind == "pixel_mlp" else freq_head)
-    reference = pipe(features_tests.images(1), output="segmentation", generator=seeded(0))
+    reference = pipe(unit_range(features_tests.images(1)), output="segmentation", generator=seeded(0))
     pipe.save_pretrained(tmp_path / "features")
     half = DiffusionFeaturePipeline.from_pretrained(tmp_path / "features", dtype=torch.bfloat16)
     assert half.head.dtype == torch.bfloat16
-    out = half(features_tests.images(1), output="segmentation", generator=seeded(0))
+    out = half(unit_range(features_tests.images(1)), output="segmentation", generator=seeded(0))
     assert torch.isfinite(out.probabilities).all()
     torch.testing.assert_close(out.probabilities, reference.probabilities, rtol=0, atol=0.1)

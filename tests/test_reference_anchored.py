@@ -65,7 +65,7 @@ def test_cards_report_the_measured_table():
 def test_plain_diffusers_loading_and_a_swapped_scheduler(pipe):
     remote = DiffusionPipeline.from_pretrained(str(ANCHORED), trust_remote_code=True)
     assert type(remote).__name__ == "SegmentationEnsemblePipeline" and remote.prior is not None
-    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # [0, 1], as pipelines take
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     out = pipe(image, ensemble_size=2, generator=torch.Generator().manual_seed(0), output_type="np")
     assert np.isfinite(out.probabilities).all()
@@ -78,7 +78,7 @@ def test_anchored_ensemble_on_a_chase_db1_test_crop(pipe):
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     item = chase_db1(split="test")[2]
     image, mask = item["image"][:, 352:608, 372:628], item["mask"][352:608, 372:628]
-    out = pipe(image, ensemble_size=3, generator=torch.Generator().manual_seed(0), output_type="pt")
+    out = pipe((image + 1) / 2, ensemble_size=3, generator=torch.Generator().manual_seed(0), output_type="pt")
     score = dice(out.masks[0], mask)
     prior = segmenter_probabilities(pipe.prior, image[None])[0, 0] > 0.5
     assert score > 0.7, f"Dice {score:.3f}"

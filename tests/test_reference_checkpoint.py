@@ -61,7 +61,7 @@ def test_model_card_reports_the_measured_evaluation(checkpoint):
 def test_segments_a_chase_db1_test_crop(pipe):
     item = chase_db1(split="test")[2]  # Image_12L: not the image monitored during training
     image, mask = item["image"][:, 352:608, 372:628], item["mask"][352:608, 372:628]
-    out = pipe(image, num_inference_steps=2, ensemble_size=3, generator=torch.Generator().manual_seed(0),
+    out = pipe((image + 1) / 2, num_inference_steps=2, ensemble_size=3, generator=torch.Generator().manual_seed(0),
                output_type="pt")
     score = dice(out.masks[0], mask)
     assert score > 0.65, f"Dice {score:.3f} on a 256 crop of {item['name']}"

@@ -24,15 +24,17 @@ from diffusers import (
 from diffusers_retina import SegmentationEnsemblePipeline, SegmentationEnsemblePipelineOutput
 from diffusers_retina.fusion import staple
 
+from conftest import unit_range
 from doc_examples import check_call_example
 
 STEPS = 2
 
 
 def run(pipe, image, **kwargs):
+    """The pipeline on ``image``; tensors here are in the models' [-1, 1] and go in as the [0, 1] the pipeline takes."""
     kwargs.setdefault("num_inference_steps", STEPS)
     kwargs.setdefault("output_type", "pt")
-    return pipe(image, **kwargs)
+    return pipe(unit_range(image), **kwargs)
 
 
 def last_step_callback(final_latents):

@@ -121,6 +121,6 @@ def test_fundus_task_trains_a_ddpm_the_feature_pipeline_reads(pairs, tmp_path):
     assert Image.open(out / "validation" / "step-000002.png").size == (2 * 16 + 4, 16)
     assert "unconditional fundus DDPM" in (out / "README.md").read_text()
     features = DiffusionFeaturePipeline(unet=ddpm.unet.float(), scheduler=ddpm.scheduler)
-    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    image = torch.rand(1, 3, 16, 16)  # [0, 1], as pipelines take image tensors
     out_features = features(image, blocks=["up.0"], timesteps=[10, 50], seed=0).features["up.0"]
     assert out_features.shape[:2] == (1, 2)
