@@ -270,7 +270,7 @@ def run_validation(unet, noise_scheduler, validation, args, seed):
                 logits = unet(inputs, 0).sample
             predicted = supervised_masks(logits, args.num_classes)[0].cpu()
         else:
-            predicted = pipeline(image, num_inference_steps=args.validation_inference_steps,
+            predicted = pipeline((image + 1) / 2, num_inference_steps=args.validation_inference_steps,
                                  ensemble_size=args.validation_ensemble_size,
                                  generator=torch.Generator().manual_seed(seed), output_type="pt").masks[0]
         if args.num_classes == 2:
