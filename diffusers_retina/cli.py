@@ -845,7 +845,7 @@ def run_segment(args: argparse.Namespace) -> int:
 
     def process(batch: List[WorkItem]) -> List[Dict[str, Any]]:
         if isinstance(batch[0].payload, NiftiCase):
-            return [_segment_nifti_case(pipe, item.payload, args)]
+            return [_segment_nifti_case(pipe, entry.payload, args) for entry in batch]
         images = [read_input_image(item.payload, pipe.image_channels) for item in batch]
         pipe.set_progress_bar_config(desc=batch[0].name if len(batch) == 1 else f"{len(batch)} images", leave=False)
         rows = []

@@ -170,7 +170,7 @@ def test_segment_volume_keeps_affine_and_header(trained_pipeline, brats_root, tm
     assert run_cli(["segment", case, "--modalities", ",".join(MODALITIES), "--label-values", "0,1,2,4",
                     "--pipeline", trained_pipeline, "--output-dir", output_dir, *FAST]) == 0
     maps = ("mask", "probability", "entropy", "variance", "mutual_information")
-    assert {p.name for p in output_dir.iterdir()} == {f"BraTS_002_{m}.nii.gz" for m in maps} | {"summary.json"}
+    assert {p.name for p in output_dir.iterdir()} == {f"BraTS_002_{m}.nii.gz" for m in maps} | {"summary.json", "results.jsonl"}
 
     source = nibabel.load(case / "BraTS_002_flair.nii.gz")
     mask = nibabel.load(output_dir / "BraTS_002_mask.nii.gz")
