@@ -8,8 +8,11 @@ For every N in ``--num-labelled`` (the first N training images, sorted: Image_01
   logits out, cross-entropy + soft Dice, AdamW 1e-3, random 128 crops with flips -- is trained on the same N images for
   the **same CPU budget**: the wall time of the slowest head at that N (feature extraction included; the DDPM's own
   unlabelled pre-training is not counted for either), or ``--unet-seconds``;
-* all are scored on the 8 test images (Image_11L–Image_14R, ``1stHO``; central ``--crop`` crops, 0 = full
-  resolution) by the package's metrics: Dice, clDice, AUC-ROC (mean ± std over images).
+* all are scored on the 8 test images (Image_11L–Image_14R, ``1stHO``; full photographs by default, ``--crop`` for
+  central crops) by the package's metrics: Dice, clDice, AUC-ROC (mean ± std over images), inside each photograph's
+  field of view (``field_of_view_mask``, computed from the photograph as shown to the model). Every model predicts
+  background outside it (the heads through the pipeline's ``field_of_view="auto"``, the U-Net the same way), and the
+  heads segment in ``--tile-size`` windows.
 
 **Domain shift** (models of N = ``--shift-num-labelled``): the same test images after a documented photometric shift
 (`photometric_shift`: channel gains R x0.85, G x1.10, B x1.25, gamma 1.5, Gaussian blur sigma 2 px), "noise" vs
@@ -19,7 +22,7 @@ Test-image features are cached per policy in ``<work>/cache`` (keyed by image, w
 seed), so every head of a policy reuses them. Writes ``--output`` (JSON) and prints the tables; ``--write-card``
 also writes ``evaluation.json`` + the model card into every head folder and into the DDPM folder.
 
-    python benchmarks/label_efficiency.py --ddpm checkpoints/fundus-ddpm-chase --crop 512 --threads 2
+    python benchmarks/label_efficiency.py --ddpm checkpoints/fundus-ddpm-chase --threads 2
 """
 
 from __future__ import annotations
@@ -67,7 +70,11 @@ def parse_args(argv=None):
                              "blocks up.1 + up.2 ran out of 24 GB); N images get min(--crops-per-image, this / N).")
     parser.add_argument("--unet-seconds", type=float, default=None,
                         help="Budget of the supervised U-Net (default: the slowest head's time at the same N).")
-    parser.add_argument("--crop", type=int, default=512, help="Central test crop (0: full 999x960 images).")
+    parser.add_argument("--crop", type=int, default=0, help="Central test crop (0: full 999x960 photographs).")
+    parser.add_argument("--tile-size", type=int, default=256, help="Window of the heads' tiled segmentation.")
+    parser.add_argument("--pixels-per-step", type=int, default=64, help="PixelMLPEnsemble: pixels per step.")
+    parser.add_argument("--edge-crop-fraction", type=float, default=0.25,
+                        help="Heads: fraction of training crops centred on the field-of-view boundary.")
     parser.add_argument("--images", nargs="+", default=list(CHASE_DB1_TEST))
     parser.add_argument("--shift-num-labelled", type=int, default=20, help="N of the domain-shift test (0: none).")
     parser.add_argument("--work", default="runs/label-efficiency", help="Head / U-Net folders and the cache.")
@@ -119,6 +126,7 @@ def train_head(script, args, folder: Path, head: str, policy: str, num_labelled:
                  "--blocks", args.blocks, "--timesteps", args.timesteps, "--num_labelled", str(num_labelled),
                  "--crops_per_image", str(crops_per_image(args, num_labelled)),
                  "--max_train_steps", str(args.head_steps if head == "pixel_mlp" else args.freq_steps),
+                 "--pixels_per_step", str(args.pixels_per_step), "--edge_crop_fraction", str(args.edge_crop_fraction),
                  "--cache_dir", str(Path(args.work) / "cache"), "--seed", str(args.seed),
                  "--output_dir", str(folder)] + data_arguments())
 
@@ -171,15 +179,19 @@ def train_supervised_unet(args, folder: Path, num_labelled: int, seconds: float)
 
 def evaluate(predict: Callable[[torch.Tensor], Dict[str, torch.Tensor]], items: Sequence[Dict[str, Any]]
              ) -> Dict[str, Any]:
-    """Score ``predict(image) -> {"mask", "probability"}`` on the test items."""
+    """Score ``predict(image, fov) -> {"mask", "probability"}`` on the test items, inside each image's field of
+    view."""
+    from diffusers_retina.data.modality import field_of_view_masks
+
     accumulator = MetricAccumulator()
     seconds = []
     for item in items:
+        fov = field_of_view_masks(item["image"][None])[0]
         started = time.perf_counter()
-        prediction = predict(item["image"])
+        prediction = predict(item["image"], fov)
         seconds.append(time.perf_counter() - started)
         accumulator.update(prediction["mask"].numpy().astype(bool), prediction["probability"].float().numpy(),
-                           item["mask"].numpy().astype(bool), name=item["name"])
+                           item["mask"].numpy().astype(bool), fov=fov.numpy(), name=item["name"])
     summary = accumulator.summary()
     return {"metrics": {m: summary[f"{m}_mean"] for m in REPORTED},
             "std": {m: summary[f"{m}_std"] for m in REPORTED},
@@ -189,8 +201,9 @@ def evaluate(predict: Callable[[torch.Tensor], Dict[str, torch.Tensor]], items: 
 def head_predictor(pipe, args):
     cache = str(Path(args.work) / "cache")
 
-    def predict(image: torch.Tensor) -> Dict[str, torch.Tensor]:
-        out = pipe((image[None] + 1) / 2, output="segmentation", seed=args.seed, cache_dir=cache)
+    def predict(image: torch.Tensor, fov: torch.Tensor) -> Dict[str, torch.Tensor]:
+        out = pipe((image[None] + 1) / 2, output="segmentation", seed=args.seed, cache_dir=cache,
+                   tile_size=args.tile_size, field_of_view=fov)
         return {"mask": out.masks[0] == 1, "probability": out.probabilities[0, 1]}
 
     return predict
@@ -202,9 +215,9 @@ def unet_predictor(unet):
     multiple = 2 ** (len(unet.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def predict(image: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def predict(image: torch.Tensor, fov: torch.Tensor) -> Dict[str, torch.Tensor]:
         padded, (height, width) = pad_to_multiple(image[None], multiple)
-        probability = unet(padded, 0).sample.softmax(dim=1)[0, 1, :height, :width]
+        probability = unet(padded, 0).sample.softmax(dim=1)[0, 1, :height, :width] * fov
         return {"mask": probability > 0.5, "probability": probability}
 
     return predict
@@ -241,12 +254,14 @@ def main(argv=None):
     shifted = [dict(item, image=photometric_shift(item["image"])) for item in test]
     script = load_training_script()
     rows: List[Dict[str, Any]] = []
-    region = f"central {args.crop}x{args.crop} crops" if args.crop else "full resolution"
+    region = (f"central {args.crop}x{args.crop} crops" if args.crop else "full photographs") + \
+        ", metrics inside the field of view"
     setting = (f"{len(test)} CHASE_DB1 test images ({region}, `1stHO`); features: blocks {args.blocks}, timesteps "
-               f"{args.timesteps}, seed {args.seed}; heads trained on random 128 crops of the labelled images "
-               f"(min({args.crops_per_image}, {args.max_crops} / N) per image; PixelMLPEnsemble {args.head_steps} "
-               f"steps per member, FreqAggHead {args.freq_steps} steps); U-Net: same wall time as the slowest head "
-               "at that N.")
+               f"{args.timesteps}, seed {args.seed}; heads trained on 128 crops of the labelled images "
+               f"(min({args.crops_per_image}, {args.max_crops} / N) per image, {args.edge_crop_fraction:.0%} of them "
+               f"on the field-of-view boundary; PixelMLPEnsemble {args.head_steps} steps of {args.pixels_per_step} "
+               f"field-of-view pixels per member, FreqAggHead {args.freq_steps} steps), segmenting in "
+               f"{args.tile_size} windows; U-Net: same wall time as the slowest head at that N.")
     result = {**_common.header(args, device), "ddpm": str(args.ddpm), "setting": setting, "shift": SHIFT,
               "rows": rows, "complete": False}
     for num_labelled in args.num_labelled:

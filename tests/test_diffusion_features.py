@@ -355,3 +355,33 @@ def test_tiled_segmentation_of_a_large_non_square_image():
         pipe(unit_range(x), timesteps=[10], tile_size=16)  # features of a tiled image are not one map
     with pytest.raises(ValueError, match="multiple"):
         pipe(unit_range(x), output="segmentation", tile_size=15)
+
+
+def test_field_of_view_restricts_the_segmentation_to_the_retina():
+    """``field_of_view="auto"`` (the default) finds the aperture of a photograph with a black surround and predicts
+    background outside it; a given mask is used as is; ``False`` leaves the head's prediction untouched."""
+    pipe = tiny_pipe()
+    pipe.set_head(PixelMLPEnsemble(blocks=["up.0", "up.1"], timesteps=[10], block_channels=[16, 8], ensemble_size=2))
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(40), indexing="ij")
+    disc = (yy - 16) ** 2 + (xx - 20) ** 2 < 13 ** 2
+    photo = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(1)) * 0.6 + 0.3
+    photo = photo * disc  # a bright disc on black, like a fundus photograph
+    plain = pipe(photo, output="segmentation", seed=0, field_of_view=False)
+    auto = pipe(photo, output="segmentation", seed=0)
+    assert plain.field_of_view is None and auto.field_of_view.shape == (1, 32, 40)
+    fov = auto.field_of_view[0]
+    assert not fov[0, 0] and fov[16, 20] and (fov & ~disc).sum() == 0 and fov.sum() > 0.6 * disc.sum()  # eroded by the rim
+    assert (auto.probabilities[0, 0][~fov] == 1).all() and (auto.masks[0][~fov] == 0).all()
+    assert (auto.uncertainty[0][~fov] == 0).all()
+    assert torch.equal(auto.probabilities[0][:, fov], plain.probabilities[0][:, fov])  # inside: untouched
+    assert plain.probabilities[0, 0][~fov].min() < 1  # so the restriction above did something
+    given = torch.zeros(32, 40, dtype=torch.bool)
+    given[:, :20] = True
+    half = pipe(photo, output="segmentation", seed=0, field_of_view=given)
+    assert torch.equal(half.field_of_view[0], given) and (half.probabilities[0, 0][:, 20:] == 1).all()
+    with pytest.raises(ValueError, match="field_of_view"):
+        pipe(photo, output="segmentation", field_of_view=given[:10])
+    with pytest.raises(ValueError, match="field_of_view"):
+        pipe(photo, output="segmentation", field_of_view="yes")
+    with pytest.raises(ValueError, match="field_of_view"):
+        pipe(photo, output="segmentation", field_of_view=given.float())

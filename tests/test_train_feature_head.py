@@ -75,3 +75,33 @@ def test_too_few_labelled_images(ddpm_and_data, tmp_path):
                              str(tmp_path / "o")], capture_output=True,
                             text=True, env=env, timeout=120)
     assert result.returncode != 0 and "--num_labelled 9" in result.stderr
+
+
+def test_crops_learn_inside_the_field_of_view_and_cover_its_edge(ddpm_and_data):
+    """Edge crops straddle the aperture of a photograph with a black surround, and the pixels the heads learn from
+    are the field-of-view pixels of each crop (all of them with ``--field_of_view 0``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_feature_head", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    yy, xx = torch.meshgrid(torch.arange(96), torch.arange(96), indexing="ij")
+    disc = (yy - 48) ** 2 + (xx - 48) ** 2 < 40 ** 2
+    image = torch.where(disc, torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(0)) * 0.8, -1.0)
+    item = {"image": image, "mask": (torch.rand(96, 96) > 0.9).long() * disc}
+
+    def crops(**overrides):
+        args = script.parse_args(["--ddpm", str(ddpm_and_data[0]), "--train_data_dir", str(ddpm_and_data[1]),
+                                  "--output_dir", "unused",
+                                  "--crop", "32", "--crops_per_image", "8", "--seed", "3"] +
+                                 [f"--{k}={v}" for k, v in overrides.items()])
+        return script.random_crops([item], args, multiple=4)
+
+    images, masks, fovs = crops(edge_crop_fraction=1.0)
+    assert images.shape == (8, 3, 32, 32) and masks.shape == fovs.shape == (8, 32, 32)
+    assert all(0 < fov.float().mean() < 1 for fov in fovs)  # every crop holds both sides of the aperture
+    assert not (fovs & (images[:, 0] == -1)).any()  # the black surround is never a pixel to learn from
+    _, _, uniform = crops(edge_crop_fraction=0.0)
+    assert uniform.float().mean() > fovs.float().mean()  # uniform crops lie mostly inside the disc
+    _, _, everything = crops(edge_crop_fraction=1.0, field_of_view=0)
+    assert everything.all()

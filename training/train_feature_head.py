@@ -13,6 +13,11 @@ Both use cross-entropy weighted by 1/sqrt(class frequency) by default (``--class
 unweighted recipe): vessels cover ~10% of a photograph, and unweighted heads trained on one image predicted almost no
 vessel pixel.
 
+Whole photographs: the pipeline predicts background outside each photograph's field of view (the circular aperture,
+``field_of_view="auto"``), so the heads learn from pixels inside it only (``--field_of_view``, default on), and
+``--edge_crop_fraction`` of the crops are centred on the field-of-view boundary, so that the bright rim of the aperture
+and the dark periphery -- where heads trained on random crops marked false vessels -- are well represented.
+
 The result is saved as a ``DiffusionFeaturePipeline`` (UNet + scheduler + head) with a ``training_info.json``.
 
     python training/train_feature_head.py --ddpm checkpoints/fundus-ddpm-chase --head pixel_mlp \
@@ -31,6 +36,7 @@ from diffusers import DDPMPipeline
 from tqdm.auto import tqdm
 
 from diffusers_retina import DiffusionFeaturePipeline
+from diffusers_retina.data.modality import field_of_view_masks
 from diffusers_retina.hub import write_feature_head_card
 from diffusers_retina.models import FreqAggHead, PixelMLPEnsemble, read_pixels
 from diffusers_retina.training_utils import (
@@ -59,6 +65,12 @@ def parse_args(argv=None):
     parser.add_argument("--num_labelled", type=int, default=5, help="N: the first N candidate images (sorted).")
     parser.add_argument("--crop", type=int, default=128, help="Side of the random crops features are taken from.")
     parser.add_argument("--crops_per_image", type=int, default=8)
+    parser.add_argument("--field_of_view", type=int, default=1, choices=[0, 1],
+                        help="1: learn from pixels inside each photograph's field of view only (the pipeline predicts "
+                             "background outside it); 0: from every pixel.")
+    parser.add_argument("--edge_crop_fraction", type=float, default=0.25,
+                        help="Fraction of the crops centred on a random pixel of the field-of-view boundary (the rest "
+                             "are uniform over the photograph).")
     parser.add_argument("--ensemble_size", type=int, default=10, help="pixel_mlp: members.")
     parser.add_argument("--embed_dim", type=int, default=32, help="freq_agg: projection width.")
     parser.add_argument("--max_train_steps", type=int, default=2000, help="Steps (per member for pixel_mlp).")
@@ -79,6 +91,8 @@ def parse_args(argv=None):
     args.validation_stems = None
     if args.num_labelled < 1:
         parser.error("--num_labelled must be at least 1.")
+    if not 0.0 <= args.edge_crop_fraction <= 1.0:
+        parser.error(f"--edge_crop_fraction must lie in [0, 1], got {args.edge_crop_fraction}.")
     check_feature_head_arguments(parser, args)  # counts, learning rate, timesteps, --ddpm folder
     return args
 
@@ -93,18 +107,31 @@ def labelled_dataset(args):
 
 
 def random_crops(items, args, multiple):
-    """``--crops_per_image`` random crops of each labelled image (sizes rounded down to the UNet's factor)."""
+    """``--crops_per_image`` random crops of each labelled image (sizes rounded down to the UNet's factor): a fraction
+    ``--edge_crop_fraction`` centred on the field-of-view boundary, the rest uniform. Returns images, masks and the
+    field of view of every crop (all ``True`` with ``--field_of_view 0``)."""
     generator = torch.Generator().manual_seed(args.seed)
     crop = max(multiple, args.crop - args.crop % multiple)
-    images, masks = [], []
+    num_edge = round(args.crops_per_image * args.edge_crop_fraction)
+    images, masks, fovs = [], [], []
     for item in items:
         height, width = item["mask"].shape
-        for _ in range(args.crops_per_image):
-            top = int(torch.randint(0, max(height - crop, 0) + 1, (1,), generator=generator))
-            left = int(torch.randint(0, max(width - crop, 0) + 1, (1,), generator=generator))
+        fov = field_of_view_masks(item["image"][None])[0]
+        inner = F.max_pool2d((~fov)[None, None].float(), 3, stride=1, padding=1)[0, 0].bool() & fov
+        boundary = inner.nonzero()  # field-of-view pixels next to the outside
+        for index in range(args.crops_per_image):
+            if index < num_edge and len(boundary):
+                row, col = boundary[int(torch.randint(0, len(boundary), (1,), generator=generator))].tolist()
+                top = min(max(row - crop // 2, 0), max(height - crop, 0))
+                left = min(max(col - crop // 2, 0), max(width - crop, 0))
+            else:
+                top = int(torch.randint(0, max(height - crop, 0) + 1, (1,), generator=generator))
+                left = int(torch.randint(0, max(width - crop, 0) + 1, (1,), generator=generator))
             images.append(item["image"][:, top: top + crop, left: left + crop])
             masks.append(item["mask"][top: top + crop, left: left + crop])
-    return torch.stack(images), torch.stack(masks)
+            fovs.append(fov[top: top + crop, left: left + crop] if args.field_of_view else
+                        torch.ones(masks[-1].shape, dtype=torch.bool))
+    return torch.stack(images), torch.stack(masks), torch.stack(fovs)
 
 
 def main(argv=None):
@@ -122,21 +149,22 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"--blocks {unknown} are not blocks of this UNet; choose from {list(channels)}.")
 
-    images, masks = random_crops(labelled_dataset(args), args, pipe.size_multiple)
-    logger.info(f"{len(images)} crops of {images.shape[-1]} px from {args.num_labelled} labelled image(s)")
+    images, masks, fovs = random_crops(labelled_dataset(args), args, pipe.size_multiple)
+    logger.info(f"{len(images)} crops of {images.shape[-1]} px from {args.num_labelled} labelled image(s); "
+                f"{fovs.float().mean().item():.1%} of their pixels inside the field of view")
     features = pipe.extract(images, blocks, timesteps, args.policy, seed=args.seed, cache_dir=args.cache_dir,
                             batch_size=len(timesteps) * 4)
     size = tuple(images.shape[-2:])
     common = dict(blocks=blocks, timesteps=timesteps, block_channels=[channels[b] for b in blocks],
                   policy=args.policy, num_classes=2)
-    weights = class_weights(masks, 2, args.class_weights)
+    weights = class_weights(masks[fovs], 2, args.class_weights)
     logger.info(f"class weights: {None if weights is None else weights.tolist()}")
     if args.head == "pixel_mlp":
         head = PixelMLPEnsemble(ensemble_size=args.ensemble_size, **common)
-        train_pixel_mlp(head, features, masks, size, args, weights)
+        train_pixel_mlp(head, features, masks, fovs, size, args, weights)
     else:
         head = FreqAggHead(embed_dim=args.embed_dim, **common)
-        train_freq_agg(head, features, masks, size, args, weights)
+        train_freq_agg(head, features, masks, fovs, size, args, weights)
 
     pipe.set_head(head.eval())
     pipe.to(getattr(torch, args.save_dtype)).save_pretrained(args.output_dir)
@@ -156,18 +184,19 @@ def class_weights(masks: torch.Tensor, num_classes: int, scheme: str):
     return weights / weights.mean()
 
 
-def train_pixel_mlp(head, features, masks, size, args, weights):
-    """Each member on its own random pixels of random crops, Adam 1e-3 (ddpm-segmentation); a pixel's vector is read
-    from the native-resolution maps (its four neighbours only)."""
-    num_crops = masks.shape[0]
+def train_pixel_mlp(head, features, masks, fovs, size, args, weights):
+    """Each member on its own random pixels (inside the field of view) of random crops, Adam 1e-3
+    (ddpm-segmentation); a pixel's vector is read from the native-resolution maps (its four neighbours only)."""
+    candidates = fovs.nonzero()  # (crop, row, col) of every pixel a member may learn from
+    if len(candidates) == 0:
+        raise ValueError("No crop pixel lies inside a field of view: check the images, or use --field_of_view 0.")
     for member in range(len(head.members)):
         generator = torch.Generator().manual_seed(args.seed * 1000 + member)
         optimizer = torch.optim.Adam(head.members[member].parameters(), lr=args.learning_rate)
         head.train()
         for _ in tqdm(range(args.max_train_steps), desc=f"member {member + 1}/{len(head.members)}", leave=False):
-            crop = torch.randint(0, num_crops, (args.pixels_per_step,), generator=generator)
-            rows = torch.randint(0, size[0], (args.pixels_per_step,), generator=generator)
-            cols = torch.randint(0, size[1], (args.pixels_per_step,), generator=generator)
+            crop, rows, cols = candidates[torch.randint(0, len(candidates), (args.pixels_per_step,),
+                                                        generator=generator)].unbind(-1)
             vectors = read_pixels(features, head.config.blocks, torch.stack([rows, cols], dim=-1), size,
                                   image_index=crop)
             loss = F.cross_entropy(head(vectors, member=member).logits, masks[crop, rows, cols].long(), weight=weights)
@@ -176,15 +205,16 @@ def train_pixel_mlp(head, features, masks, size, args, weights):
             optimizer.step()
 
 
-def train_freq_agg(head, features, masks, size, args, weights):
-    """Cross-entropy on whole crops (batches of 4), AdamW."""
+def train_freq_agg(head, features, masks, fovs, size, args, weights):
+    """Cross-entropy on whole crops (batches of 4; pixels outside the field of view ignored), AdamW."""
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.learning_rate, weight_decay=1e-4)
     head.train()
     for _ in tqdm(range(args.max_train_steps), desc="freq_agg", leave=False):
         batch = torch.randint(0, masks.shape[0], (4,), generator=generator)
         logits = head({name: maps[batch] for name, maps in features.items()}, size=size).logits
-        loss = F.cross_entropy(logits, masks[batch].long(), weight=weights)
+        targets = masks[batch].long().masked_fill(~fovs[batch], -100)
+        loss = F.cross_entropy(logits, targets, weight=weights, ignore_index=-100)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

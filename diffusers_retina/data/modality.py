@@ -49,13 +49,15 @@ def _check_image(image: np.ndarray, name: str) -> np.ndarray:
 
 def field_of_view_mask(image: np.ndarray, threshold: float = 0.1, erosion: int = 2) -> np.ndarray:
     """The circular field of view of a fundus photograph or angiogram, as retinal tools find it: the brightest
-    channel above ``threshold`` times its 99th percentile (the surround is near black), its largest connected
-    component with the holes filled, eroded by ``erosion`` pixels (the bright rim of the aperture). Returns a bool
-    ``(H, W)`` array; an image with no dark surround gives all ``True``."""
+    channel above ``threshold`` times its 99th percentile (the surround is near black), dark specks smaller than 1 %
+    of the image side (at least 3 px) ignored, its largest connected component with the holes filled, eroded by
+    ``erosion`` pixels (the bright rim of the aperture). Returns a bool ``(H, W)`` array; an image with no dark
+    surround (a crop inside the retina, or any image whose dark pixels are only scattered specks) gives all ``True``."""
     array = _check_image(image, "image")
     brightest = array.max(axis=-1)
     level = threshold * max(float(np.percentile(brightest, 99)), 1e-6)
-    inside = brightest > level
+    speck = max(3, int(round(0.01 * min(brightest.shape))) | 1)
+    inside = ~ndimage.binary_opening(brightest <= level, structure=np.ones((speck, speck), dtype=bool))
     labels, count = ndimage.label(inside)
     if count == 0 or inside.all():
         return np.ones(brightest.shape, dtype=bool)
@@ -64,6 +66,26 @@ def field_of_view_mask(image: np.ndarray, threshold: float = 0.1, erosion: int =
     if erosion > 0:
         fov = ndimage.binary_erosion(fov, iterations=erosion, border_value=1)  # the image edge is no rim
     return fov
+
+
+def field_of_view_masks(images: "torch.Tensor", threshold: float = 0.1, erosion: int = 2) -> "torch.Tensor":
+    """:func:`field_of_view_mask` of every image of a batch as the pipelines hold it (``(N, C, H, W)`` float in
+    ``[-1, 1]``); returns a bool ``(N, H, W)`` tensor on the images' device.
+
+    Example:
+        >>> import torch
+        >>> batch = -torch.ones(2, 3, 32, 32); batch[:, :, 4:28, 4:28] = 0.5
+        >>> fov = field_of_view_masks(batch)
+        >>> fov.shape, bool(fov[0, 16, 16]), bool(fov[1, 0, 0])
+        (torch.Size([2, 32, 32]), True, False)
+    """
+    import torch
+
+    if images.ndim != 4:
+        raise ValueError(f"`images` must be an (N, C, H, W) batch in [-1, 1], got shape {tuple(images.shape)}.")
+    arrays = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    masks = [field_of_view_mask(array, threshold=threshold, erosion=erosion) for array in arrays]
+    return torch.from_numpy(np.stack(masks)).to(images.device)
 
 
 def fluorescein_like(image: np.ndarray, seed: int = 0, fov: Optional[np.ndarray] = None) -> np.ndarray:

@@ -73,12 +73,15 @@ class DiffusionFeaturePipelineOutput(BaseOutput):
             requested dtype; ``T`` follows ``timesteps``. ``None`` when ``output="segmentation"``.
         masks, probabilities, uncertainty: with ``output="segmentation"``, the head's masks ``(N, H, W)``, class
             probabilities ``(N, K, H, W)`` and per-pixel uncertainty ``(N, H, W)``; else ``None``.
+        field_of_view: with ``output="segmentation"`` and a field of view in use, the bool ``(N, H, W)`` mask the
+            prediction was restricted to (outside it: background with probability 1, uncertainty 0); else ``None``.
     """
 
     features: Optional[Dict[str, torch.Tensor]] = None
     masks: Optional[torch.Tensor] = None
     probabilities: Optional[torch.Tensor] = None
     uncertainty: Optional[torch.Tensor] = None
+    field_of_view: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         # diffusers' BaseOutput unpacks a lone dict in the first field into the output's own keys (``out[0]`` would
@@ -409,6 +412,31 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
         return {name: torch.stack([features[name] for features in per_image]) for name in names}
 
     # ------------------------------------------------------------------ call
+    @staticmethod
+    def _field_of_view(field_of_view, images: torch.Tensor) -> Optional[torch.Tensor]:
+        """The ``field_of_view`` argument as a bool ``(N, H, W)`` tensor (or ``None``), checked against ``images``."""
+        if field_of_view is None or field_of_view is False:
+            return None
+        if isinstance(field_of_view, str):
+            if field_of_view != "auto":
+                raise ValueError(f"`field_of_view` must be 'auto', a bool mask or False, got {field_of_view!r}.")
+            from ..data.modality import field_of_view_masks
+
+            return field_of_view_masks(images).cpu()
+        if field_of_view is True:
+            raise ValueError("`field_of_view=True` is ambiguous: pass 'auto' to compute it, or a bool mask.")
+        mask = torch.as_tensor(np.asarray(field_of_view) if not isinstance(field_of_view, torch.Tensor)
+                               else field_of_view).cpu()
+        if mask.dtype != torch.bool:
+            raise ValueError(f"`field_of_view` must be a bool mask, got dtype {mask.dtype}.")
+        if mask.ndim == 2:
+            mask = mask[None].expand(images.shape[0], -1, -1)
+        expected = (images.shape[0], *images.shape[-2:])
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"`field_of_view` must have shape (H, W) or (N, H, W) = {expected}, got "
+                             f"{tuple(field_of_view.shape)}.")
+        return mask
+
     @torch.no_grad()
     def __call__(
         self,
@@ -426,6 +454,7 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
         seed: Optional[int] = None,
         tile_size: Optional[int] = None,
         tile_overlap: float = 0.25,
+        field_of_view: Union[str, bool, np.ndarray, torch.Tensor, None] = "auto",
         return_dict: bool = True,
     ) -> Union[DiffusionFeaturePipelineOutput, tuple]:
         r"""Extract features, or segment with the head.
@@ -453,6 +482,12 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
                 and head per window, probabilities and uncertainty blended with a Gaussian; MONAI
                 ``sliding_window_inference``) -- e.g. a 999x960 photograph with a UNet trained on small patches.
             tile_overlap: overlap of neighbouring windows as a fraction of ``tile_size``.
+            field_of_view: with ``output="segmentation"``, where the retina is: ``"auto"`` (default) finds the
+                circular field of view of each photograph the way retinal tools do (the dark surround thresholded,
+                ``diffusers_retina.data.modality.field_of_view_mask``; an image without a dark surround, such as a
+                crop inside the retina, is all field of view), a bool mask ``(H, W)`` or ``(N, H, W)`` gives it, and
+                ``False``/``None`` uses none. Outside it the prediction is background (probability 1, uncertainty
+                0): the aperture rim and the black surround are where heads trained on the retina mark false vessels.
             return_dict: return a [`DiffusionFeaturePipelineOutput`] instead of a tuple.
 
         Examples:
@@ -474,6 +509,7 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
             if not 0.0 <= tile_overlap < 1.0:
                 raise ValueError(f"`tile_overlap` is a fraction of the tile in [0, 1), got {tile_overlap!r}.")
         images = prepare_images(image, self.unet.config.in_channels)
+        fov = self._field_of_view(field_of_view, images) if output == "segmentation" else None
         images, (height, width) = pad_to_multiple(images, self.size_multiple)
         extract_kwargs = dict(blocks=blocks, timesteps=timesteps, policy=policy, generator=generator,
                               num_noise_draws=num_noise_draws, shared_noise=shared_noise, feature_dtype=feature_dtype,
@@ -504,9 +540,15 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
                                                 overlap=tile_overlap, mode="gaussian", progress=False)
             check_finite_output(maps, "The head's probabilities and uncertainty",
                                 hint=f"unet dtype {self.unet.dtype}, head dtype {self.head.dtype}")
-            probabilities = maps[:, :-1, :height, :width]
+            probabilities, uncertainty = maps[:, :-1, :height, :width], maps[:, -1, :height, :width]
+            if fov is not None:
+                outside = ~fov.to(probabilities.device)[:, None]
+                background = torch.zeros_like(probabilities)
+                background[:, 0] = 1
+                probabilities = torch.where(outside, background, probabilities)
+                uncertainty = uncertainty.masked_fill(outside[:, 0], 0)
             result = DiffusionFeaturePipelineOutput(masks=probabilities.argmax(dim=1), probabilities=probabilities,
-                                                    uncertainty=maps[:, -1, :height, :width])
+                                                    uncertainty=uncertainty, field_of_view=fov)
         self.maybe_free_model_hooks()
         if not return_dict:
             return tuple(v for v in (result.features, result.masks, result.probabilities, result.uncertainty)
