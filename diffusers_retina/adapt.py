@@ -27,27 +27,30 @@ import diffusers_retina
 
 from .cli import (
     DTYPES,
-    _sharded_errors,
+    RESULTS_FILE,
     add_device_argument,
     add_folder_run_arguments,
+    add_image_input_arguments,
     apply_threads,
     bounded,
     check_output_dir,
+    CLIError,
     collect_inputs,
-    finish_sharded_run,
+    describe_image_row,
+    image_group,
     load_pipeline,
     non_negative_int,
     png_writer,
     positive_int,
     read_input_image,
     resolve_device,
+    run_folder_command,
     write_files_atomically,
-    CLIError,
 )
 from .image_processing import numpy_to_pil_maps
 from .pipelines import AdaptDiffPipeline
 from .pipelines.adaptdiff import PSEUDO_LABEL_MODES
-from .sharded_inference import ShardedFolderRun, WorkItem, make_batches
+from .sharded_inference import WorkItem
 
 #: The embedded AdaptDiff reference: CHASE_DB1 photographs adapted to a fluorescein-angiography-like modality.
 DEFAULT_ADAPTDIFF_PIPELINE: Path = (Path(diffusers_retina.__file__).resolve().parents[1] / "checkpoints"
@@ -63,13 +66,8 @@ def build_adapt_parser(subparsers: "argparse._SubParsersAction") -> argparse.Arg
         "write <stem>_mask.png and <stem>_probability.png. Sharded under `accelerate launch`, resumable, one row per "
         "image in results.jsonl. Train an adaptation with training/adaptdiff_workflow.py.",
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="an image file, or a folder whose images (png, jpg, jpeg, tif, tiff, bmp) are all used")
-    parser.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
-                        help="folder for the outputs (created if missing)")
-    parser.add_argument("--pipeline", default=None, metavar="PATH_OR_REPO",
-                        help="a saved AdaptDiffPipeline (folder or cached Hub repo id); default: the embedded "
-                        f"reference {DEFAULT_ADAPTDIFF_PIPELINE}")
+    add_image_input_arguments(parser, "a saved AdaptDiffPipeline (folder or cached Hub repo id); default: the "
+                              f"embedded reference {DEFAULT_ADAPTDIFF_PIPELINE}")
     parser.add_argument("--labels", choices=PSEUDO_LABEL_MODES, default="threshold",
                         help="threshold: 0/255 masks (default); soft: probabilities; confident: 0/128/255 with 128 "
                         "where the probability lies between 1 - confidence and confidence")
@@ -108,17 +106,7 @@ def run_adapt(args: argparse.Namespace) -> int:
                 "image_batch_size": args.image_batch_size, "device": str(device),
                 "diffusers_retina_version": diffusers_retina.__version__}
     items = [WorkItem(name=path.stem, label=str(path), payload=path) for path in files]
-    run = ShardedFolderRun(args.output_dir, "adapt", settings, overwrite=args.overwrite)
-    mine = _sharded_errors(lambda: run.plan(items))
     channels = pipe.segmenter.config.in_channels
-
-    def validate() -> None:  # every image of this share decoded once before anything is written
-        for item in mine:
-            image = read_input_image(item.payload, channels)
-            item.group = (image.shape, image.dtype.str)
-
-    _sharded_errors(lambda: run.agree(validate))
-    _sharded_errors(run.start)
 
     def process(batch: List[WorkItem]) -> List[Dict[str, Any]]:
         images = [read_input_image(item.payload, channels) for item in batch]
@@ -135,16 +123,11 @@ def run_adapt(args: argparse.Namespace) -> int:
                          "height": int(image.shape[0]), "vessel_fraction": float((labels >= 0.5).mean())})
         return rows
 
-    prefix = f"[rank {run.state.process_index}] " if run.state.num_processes > 1 else ""
-    print(f"{prefix}Segmenting {len(mine)} of {len(items)} image(s) ({len(run.skipped)} already done) with the "
-          f"segmenter of {source} on {device} -> {args.output_dir}", flush=True)
-
-    def describe(row: Dict[str, Any]) -> str:
-        return f"{row['height']}x{row['width']}, {row['seconds']:.2f} s -> {args.output_dir / row['name']}_*"
-
-    outcome = _sharded_errors(lambda: run.execute(make_batches(mine, args.image_batch_size), process, describe))
-    finish_sharded_run(outcome, "Segmenting")
-    if run.state.is_main_process:
-        print(f"Done in {outcome.summary.get('total_seconds', 0.0):.1f} s; rows: {args.output_dir / 'results.jsonl'}",
-              flush=True)
+    run_folder_command(
+        args, "adapt", settings, items, process, group_of=image_group(channels),
+        describe=describe_image_row(args.output_dir), verb="Segmenting",
+        intro=lambda mine, total, skipped: (f"Segmenting {mine} of {total} image(s) ({skipped} already done) with the "
+                                            f"segmenter of {source} on {device} -> {args.output_dir}"),
+        done=lambda outcome: (f"Done in {outcome.summary.get('total_seconds', 0.0):.1f} s; rows: "
+                              f"{args.output_dir / RESULTS_FILE}"))
     return 0

@@ -815,6 +815,78 @@ def add_folder_run_arguments(parser: argparse.ArgumentParser, what: str = "image
                         "depend on it. Under `accelerate launch` each process takes its share of the inputs")
 
 
+def add_image_input_arguments(parser: argparse.ArgumentParser, pipeline_help: Optional[str] = None) -> None:
+    """``INPUT...`` (image files or folders), ``--output-dir`` and, with ``pipeline_help``, ``--pipeline``: the inputs of
+    the image folder commands (``features``, ``adapt``)."""
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="an image file, or a folder whose images (png, jpg, jpeg, tif, tiff, bmp) are all used")
+    parser.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
+                        help="folder for the outputs (created if missing)")
+    if pipeline_help is not None:
+        parser.add_argument("--pipeline", default=None, metavar="PATH_OR_REPO", help=pipeline_help)
+
+
+def image_group(channels: int) -> Callable[[WorkItem], Tuple[Tuple[int, ...], str]]:
+    """``group_of`` for :func:`run_folder_command` over image files: decodes the image (so an unreadable file fails
+    before anything is written) and groups images of one shape and dtype into the same batches."""
+
+    def group_of(item: WorkItem) -> Tuple[Tuple[int, ...], str]:
+        image = read_input_image(item.payload, channels)
+        return image.shape, image.dtype.str
+
+    return group_of
+
+
+def describe_image_row(output_dir: Path) -> Callable[[Dict[str, Any]], str]:
+    """The progress line of one finished image: its size, time and output stem."""
+    return lambda row: f"{row['height']}x{row['width']}, {row['seconds']:.2f} s -> {output_dir / row['name']}_*"
+
+
+def run_folder_command(
+    args: argparse.Namespace,
+    command: str,
+    settings: Dict[str, Any],
+    items: List[WorkItem],
+    process: Callable[[List[WorkItem]], List[Dict[str, Any]]],
+    *,
+    group_of: Optional[Callable[[WorkItem], Any]],
+    intro: Callable[[int, int, int], str],
+    verb: str,
+    done: Callable[[RunOutcome], str],
+    describe: Optional[Callable[[Dict[str, Any]], str]] = None,
+    before_start: Optional[Callable[[], None]] = None,
+    **run_options: Any,
+) -> RunOutcome:
+    """The sharded, resumable folder run shared by ``segment``, ``synthesize``, ``features`` and ``adapt`` (see
+    :mod:`diffusers_retina.sharded_inference`): plan this process's share of ``items`` in ``args.output_dir`` (inputs
+    already complete skipped unless ``args.overwrite``), check every input of the share with ``group_of`` (which
+    returns its batch group, or ``None`` to keep the item's own) before anything is written, agree across processes,
+    run ``before_start`` on the main process, then ``process`` batches of ``args.image_batch_size`` inputs of one
+    group; prints ``intro(mine, total, skipped)`` first and ``done(outcome)`` at the end (main process), and raises
+    the first failure as a :class:`CLIError` (``verb`` names the action)."""
+    run = ShardedFolderRun(args.output_dir, command, settings, overwrite=args.overwrite, **run_options)
+    mine = _sharded_errors(lambda: run.plan(items))
+
+    def validate() -> None:
+        for item in mine:
+            group = group_of(item) if group_of is not None else None
+            if group is not None:
+                item.group = group
+
+    _sharded_errors(lambda: run.agree(validate))
+    if before_start is not None and run.state.is_main_process:
+        before_start()
+    _sharded_errors(run.start)
+    prefix = f"[rank {run.state.process_index}] " if run.state.num_processes > 1 else ""
+    print(prefix + intro(len(mine), len(items), len(run.skipped)), flush=True)
+    outcome = _sharded_errors(lambda: run.execute(make_batches(mine, args.image_batch_size), process,
+                                                  describe or (lambda row: f"{row['seconds']:.1f} s")))
+    finish_sharded_run(outcome, verb)
+    if run.state.is_main_process:
+        print(done(outcome), flush=True)
+    return outcome
+
+
 def run_segment(args: argparse.Namespace) -> int:
     """The ``segment`` sub-command. Validates everything before writing, then segments this process's share of the
     inputs still to do, ``--image-batch-size`` images of one size per pipeline call (see
@@ -830,18 +902,10 @@ def run_segment(args: argparse.Namespace) -> int:
     _check_nifti_cases([item for item in files if isinstance(item, NiftiCase)], pipe, args)
     items = [WorkItem(name=item.name, label=item.label, payload=item) if isinstance(item, NiftiCase)
              else WorkItem(name=item.stem, label=str(item), payload=item) for item in files]
-    run = ShardedFolderRun(output_dir, "segment", _settings(args, pipe, source), overwrite=args.overwrite)
-    mine = _sharded_errors(lambda: run.plan(items))
+    photograph_group = image_group(pipe.image_channels)
 
-    def validate() -> None:
-        # decode every photograph of this share once before writing anything (NIfTI headers were read above)
-        for item in mine:
-            if not isinstance(item.payload, NiftiCase):
-                image = read_input_image(item.payload, pipe.image_channels)
-                item.group = (image.shape, image.dtype.str)
-
-    _sharded_errors(lambda: run.agree(validate))
-    _sharded_errors(run.start)
+    def group_of(item: WorkItem) -> Any:  # NIfTI headers were read above; photographs are decoded here
+        return None if isinstance(item.payload, NiftiCase) else photograph_group(item)
 
     def process(batch: List[WorkItem]) -> List[Dict[str, Any]]:
         if isinstance(batch[0].payload, NiftiCase):
@@ -862,15 +926,15 @@ def run_segment(args: argparse.Namespace) -> int:
         return (f"{size}, {row['seconds']:.1f} s, mean entropy {row['mean_entropy']:.4f} nats, foreground "
                 f"{row['foreground_fraction']:.2%} -> {output_dir / row['name']}_*")
 
-    prefix = f"[rank {run.state.process_index}] " if run.state.num_processes > 1 else ""
-    print(f"{prefix}Segmenting {len(mine)} of {len(items)} input(s) ({len(run.skipped)} already done) with {source} "
-          f"({type(pipe.scheduler).__name__}, {args.steps} steps, {args.ensemble_size} members) on {device} "
-          f"-> {output_dir}", flush=True)
-    outcome = _sharded_errors(lambda: run.execute(make_batches(mine, args.image_batch_size), process, describe))
-    finish_sharded_run(outcome, "Segmenting")
-    if run.state.is_main_process:
-        print(f"Done in {outcome.summary.get('total_seconds', 0.0):.1f} s; rows: {output_dir / RESULTS_FILE}, "
-              f"summary: {output_dir / SUMMARY_FILE}", flush=True)
+    run_folder_command(
+        args, "segment", _settings(args, pipe, source), items, process, group_of=group_of, describe=describe,
+        verb="Segmenting",
+        intro=lambda mine, total, skipped: (
+            f"Segmenting {mine} of {total} input(s) ({skipped} already done) with {source} "
+            f"({type(pipe.scheduler).__name__}, {args.steps} steps, {args.ensemble_size} members) on {device} "
+            f"-> {output_dir}"),
+        done=lambda outcome: (f"Done in {outcome.summary.get('total_seconds', 0.0):.1f} s; rows: "
+                              f"{output_dir / RESULTS_FILE}, summary: {output_dir / SUMMARY_FILE}"))
     return 0
 
 

@@ -34,27 +34,30 @@ import diffusers_retina
 
 from .cli import (
     DTYPES,
-    CLIError,
-    _sharded_errors,
+    RESULTS_FILE,
     add_device_argument,
     add_folder_run_arguments,
+    add_image_input_arguments,
     apply_threads,
     bytes_writer,
     check_output_dir,
+    CLIError,
     collect_inputs,
-    finish_sharded_run,
+    describe_image_row,
+    image_group,
     load_pipeline,
     non_negative_int,
     png_writer,
     positive_int,
     read_input_image,
     resolve_device,
+    run_folder_command,
     write_files_atomically,
 )
 from .image_processing import numpy_to_pil_maps, numpy_to_pil_masks
 from .pipelines import DiffusionFeaturePipeline
 from .pipelines.diffusion_features import POLICIES
-from .sharded_inference import ShardedFolderRun, WorkItem, make_batches
+from .sharded_inference import WorkItem
 
 #: The embedded feature-head reference checkpoint, trained by ``training/train_feature_head.py``.
 DEFAULT_FEATURE_PIPELINE: Path = (Path(diffusers_retina.__file__).resolve().parents[1] / "checkpoints"
@@ -91,13 +94,8 @@ def build_features_parser(subparsers: "argparse._SubParsersAction") -> argparse.
         "with --output features write <stem>_features.safetensors. Sharded under `accelerate launch`, resumable, "
         "one row per image in results.jsonl.",
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="an image file, or a folder whose images (png, jpg, jpeg, tif, tiff, bmp) are all used")
-    parser.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
-                        help="folder for the outputs (created if missing)")
-    parser.add_argument("--pipeline", default=None, metavar="PATH_OR_REPO",
-                        help="a saved DiffusionFeaturePipeline (folder or cached Hub repo id); default: the embedded "
-                        f"reference {DEFAULT_FEATURE_PIPELINE}")
+    add_image_input_arguments(parser, "a saved DiffusionFeaturePipeline (folder or cached Hub repo id); default: "
+                              f"the embedded reference {DEFAULT_FEATURE_PIPELINE}")
     parser.add_argument("--output", choices=("segmentation", "features"), default=None,
                         help="what to write (default: segmentation when the pipeline has a head, else features)")
     parser.add_argument("--blocks", type=_names, default=None, metavar="NAMES",
@@ -111,6 +109,9 @@ def build_features_parser(subparsers: "argparse._SubParsersAction") -> argparse.
     parser.add_argument("--tile-size", type=non_negative_int, default=0, metavar="PIXELS",
                         help="segmentation: images larger than this are segmented in overlapping windows; 0 = whole "
                         "image (default)")
+    parser.add_argument("--no-field-of-view", dest="field_of_view", action="store_false",
+                        help="segmentation: also segment outside each photograph's field of view (default: the "
+                        "aperture is found from the dark surround and everything outside it is background)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the noise of the noise policy (default: 0)")
     add_device_argument(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
@@ -172,21 +173,12 @@ def run_features(args: argparse.Namespace) -> int:
                                  default=DEFAULT_FEATURE_PIPELINE)
     resolved = check_feature_settings(pipe, args)
     output = resolved["output"]
-    settings = {"pipeline": source, **resolved, "seed": args.seed, "feature_dtype": args.feature_dtype,
+    settings = {"pipeline": source, **resolved, "field_of_view": args.field_of_view if output == "segmentation"
+                else None, "seed": args.seed, "feature_dtype": args.feature_dtype,
                 "dtype": args.dtype, "image_batch_size": args.image_batch_size, "device": str(device),
                 "diffusers_retina_version": diffusers_retina.__version__}
     items = [WorkItem(name=path.stem, label=str(path), payload=path) for path in files]
-    run = ShardedFolderRun(args.output_dir, "features", settings, overwrite=args.overwrite)
-    mine = _sharded_errors(lambda: run.plan(items))
     channels = pipe.unet.config.in_channels
-
-    def validate() -> None:  # every image of this share decoded once before anything is written
-        for item in mine:
-            image = read_input_image(item.payload, channels)
-            item.group = (image.shape, image.dtype.str)
-
-    _sharded_errors(lambda: run.agree(validate))
-    _sharded_errors(run.start)
     num_classes = int(pipe.head.config.get("num_classes", 2)) if pipe.head is not None else 2
 
     def process(batch: List[WorkItem]) -> List[Dict[str, Any]]:
@@ -194,7 +186,8 @@ def run_features(args: argparse.Namespace) -> int:
         pipe.set_progress_bar_config(desc=batch[0].name if len(batch) == 1 else f"{len(batch)} images", leave=False)
         result = pipe(images if len(images) > 1 else images[0], blocks=resolved["blocks"],
                       timesteps=resolved["timesteps"], policy=resolved["policy"], output=output, seed=args.seed,
-                      feature_dtype=FEATURE_DTYPES[args.feature_dtype], tile_size=resolved["tile_size"])
+                      feature_dtype=FEATURE_DTYPES[args.feature_dtype], tile_size=resolved["tile_size"],
+                      field_of_view="auto" if args.field_of_view else False)
         rows = []
         for index, (item, image) in enumerate(zip(batch, images)):
             height, width = image.shape[:2]
@@ -225,17 +218,13 @@ def run_features(args: argparse.Namespace) -> int:
                          **figures})
         return rows
 
-    prefix = f"[rank {run.state.process_index}] " if run.state.num_processes > 1 else ""
-    print(f"{prefix}{'Segmenting' if output == 'segmentation' else 'Extracting features of'} {len(mine)} of "
-          f"{len(items)} image(s) ({len(run.skipped)} already done) with {source} (blocks {resolved['blocks']}, "
-          f"timesteps {resolved['timesteps']}, policy {resolved['policy']}) on {device} -> {args.output_dir}",
-          flush=True)
-    def describe(row: Dict[str, Any]) -> str:
-        return f"{row['height']}x{row['width']}, {row['seconds']:.2f} s -> {args.output_dir / row['name']}_*"
-
-    outcome = _sharded_errors(lambda: run.execute(make_batches(mine, args.image_batch_size), process, describe))
-    finish_sharded_run(outcome, "Processing")
-    if run.state.is_main_process:
-        print(f"Done in {outcome.summary.get('total_seconds', 0.0):.1f} s; rows: {args.output_dir / 'results.jsonl'}",
-              flush=True)
+    run_folder_command(
+        args, "features", settings, items, process, group_of=image_group(channels),
+        describe=describe_image_row(args.output_dir), verb="Processing",
+        intro=lambda mine, total, skipped: (
+            f"{'Segmenting' if output == 'segmentation' else 'Extracting features of'} {mine} of {total} image(s) "
+            f"({skipped} already done) with {source} (blocks {resolved['blocks']}, timesteps {resolved['timesteps']}, "
+            f"policy {resolved['policy']}) on {device} -> {args.output_dir}"),
+        done=lambda outcome: (f"Done in {outcome.summary.get('total_seconds', 0.0):.1f} s; rows: "
+                              f"{args.output_dir / RESULTS_FILE}"))
     return 0

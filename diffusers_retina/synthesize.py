@@ -28,25 +28,24 @@ import diffusers_retina
 from .cli import (
     DTYPES,
     SCHEDULERS,
-    CLIError,
-    _sharded_errors,
     add_device_argument,
     add_folder_run_arguments,
     apply_threads,
     check_output_dir,
+    CLIError,
     collect_inputs,
     load_pipeline,
     non_negative_int,
     png_writer,
     positive_int,
-    finish_sharded_run,
     resolve_device,
+    run_folder_command,
     write_files_atomically,
 )
 from .data import DataError, read_mask
 from .pipelines import Mask2ImagePipeline
 from .pipelines.sampling import per_sample_generators
-from .sharded_inference import ShardedFolderRun, WorkItem, make_batches
+from .sharded_inference import WorkItem
 
 #: The embedded mask-to-image reference checkpoint, trained by ``training/train_mask2image.py``.
 DEFAULT_SYNTHESIS_PIPELINE: Path = Path(diffusers_retina.__file__).resolve().parents[1] / "checkpoints" / "mask2image-chase"
@@ -168,24 +167,18 @@ def run_synthesize(args: argparse.Namespace) -> int:
     def pairs_of(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         return {"pairs": [pair for row in rows for pair in row.get("pairs", [])]}
 
-    run = ShardedFolderRun(args.output_dir, "synthesize", settings, overwrite=args.overwrite, rows_key="masks",
-                           summary_extra=pairs_of)
-    mine = _sharded_errors(lambda: run.plan(items))
+    def group_of(item: WorkItem) -> Any:  # every given mask checked before anything is written
+        if item.payload[1] is None:
+            return None  # sampled masks keep their own group
+        mask = _read_mask(item.payload[1], pipe.num_classes, args.crop)
+        return mask.shape, mask.dtype.str
 
-    def validate() -> None:  # every mask of this share checked before anything is written
-        for item in mine:
-            if item.payload[1] is not None:
-                mask = _read_mask(item.payload[1], pipe.num_classes, args.crop)
-                item.group = (mask.shape, mask.dtype.str)
-
-    _sharded_errors(lambda: run.agree(validate))
-    if run.state.is_main_process:
+    def make_folders() -> None:
         for sub in ("images", "masks"):
             try:
                 (args.output_dir / sub).mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise CLIError(f"--output-dir '{args.output_dir}' cannot be created: {error}") from error
-    _sharded_errors(run.start)
 
     def process(batch: List[WorkItem]) -> List[Dict[str, Any]]:
         indices = [item.payload[0] for item in batch]
@@ -217,14 +210,12 @@ def run_synthesize(args: argparse.Namespace) -> int:
             rows.append({"outputs": outputs, "pairs": pairs})
         return rows
 
-    prefix = f"[rank {run.state.process_index}] " if run.state.num_processes > 1 else ""
-    print(f"{prefix}Synthesizing {len(mine) * per_mask} image(s) for {len(mine)} of {len(items)} mask(s) "
-          f"({len(run.skipped)} already done) with {source} ({args.steps} steps, guidance {args.guidance_scale}) on "
-          f"{device} -> {args.output_dir}", flush=True)
-    outcome = _sharded_errors(lambda: run.execute(make_batches(mine, args.image_batch_size), process,
-                                                  lambda row: f"{row['seconds']:.1f} s"))
-    finish_sharded_run(outcome, "Synthesizing from")
-    if run.state.is_main_process:
-        print(f"Done in {outcome.summary.get('total_seconds', 0.0):.1f} s; pairs in {args.output_dir / 'images'} and "
-              f"{args.output_dir / 'masks'}", flush=True)
+    run_folder_command(
+        args, "synthesize", settings, items, process, group_of=group_of, before_start=make_folders,
+        verb="Synthesizing from", rows_key="masks", summary_extra=pairs_of,
+        intro=lambda mine, total, skipped: (
+            f"Synthesizing {mine * per_mask} image(s) for {mine} of {total} mask(s) ({skipped} already done) with "
+            f"{source} ({args.steps} steps, guidance {args.guidance_scale}) on {device} -> {args.output_dir}"),
+        done=lambda outcome: (f"Done in {outcome.summary.get('total_seconds', 0.0):.1f} s; pairs in "
+                              f"{args.output_dir / 'images'} and {args.output_dir / 'masks'}"))
     return 0

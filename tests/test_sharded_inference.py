@@ -363,6 +363,23 @@ def test_features_segmentation_and_feature_files(pipelines, tmp_path):
     assert summary_of(feats)["skipped"] == 2 and (feats / "eye2_features.safetensors").is_file()
 
 
+def test_features_segment_inside_the_field_of_view_unless_told_not_to(pipelines, tmp_path):
+    yy, xx = np.mgrid[:40, :48]
+    photo = np.random.default_rng(5).integers(80, 256, (40, 48, 3), dtype=np.uint8)
+    photo[(yy - 20) ** 2 + (xx - 24) ** 2 >= 17 ** 2] = 0  # a fundus-like aperture on black
+    (tmp_path / "in").mkdir()
+    PIL.Image.fromarray(photo).save(tmp_path / "in" / "eye.png")
+    common = ["features", str(tmp_path / "in"), "--pipeline", str(pipelines["features"]), "--device", "cpu"]
+    assert cli.main([*common, "--output-dir", str(tmp_path / "fov")]) == 0
+    assert cli.main([*common, "--output-dir", str(tmp_path / "all"), "--no-field-of-view"]) == 0
+    inside = np.asarray(PIL.Image.open(tmp_path / "fov" / "eye_probability.png"))
+    everywhere = np.asarray(PIL.Image.open(tmp_path / "all" / "eye_probability.png"))
+    surround = photo.max(axis=-1) == 0
+    assert (inside[surround] == 0).all() and everywhere[surround].max() > 0
+    assert summary_of(tmp_path / "fov")["settings"]["field_of_view"] is True
+    assert summary_of(tmp_path / "all")["settings"]["field_of_view"] is False
+
+
 @pytest.mark.parametrize("flags, needle", [
     (["--blocks", "up.7"], "--blocks"),
     (["--timesteps", "500"], "--timesteps [500]"),
