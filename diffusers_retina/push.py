@@ -5,7 +5,11 @@ explicit allow-list are uploaded in one commit:
 
 * ``model_index.json``, ``config.json`` files (top level and one component folder down), ``*.safetensors`` weights,
   ``scheduler_config.json`` files;
-* the remote-code shim files (``pipeline_*.py`` and ``<component>/*.py``) that ``trust_remote_code=True`` loads;
+* the remote-code shim files (``pipeline_*.py`` and ``<component>/*.py``) that ``trust_remote_code=True`` loads, and
+  for a diffusers-retina pipeline the generated ``diffusers_retina_bundle.py``: a self-contained copy of the package's
+  code, which the uploaded pipeline shim installs when diffusers-retina is not installed, so the repo loads with
+  ``DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)`` without the package
+  (:mod:`diffusers_retina.bundle`; the folder on disk is not changed);
 * ``README.md`` (the model card, uploaded naming the repo it lands in: :func:`card_for_repo`), ``training_info.json``,
   ``evaluation.json``;
 * small PNGs (validation grids, at most :data:`MAX_PNG_BYTES` each) at the top level or in ``validation/``.
@@ -27,9 +31,13 @@ import argparse
 import fnmatch
 import re
 from pathlib import Path, PurePosixPath
-from typing import List, Optional, Sequence, Union
+import shutil
+import tempfile
+from typing import Dict, List, Optional, Sequence, Union
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
+
+from .bundle import BUNDLE_FILE, remote_code_files
 
 #: Largest PNG uploaded (validation grids are tens of kB; anything bigger is probably not a preview).
 MAX_PNG_BYTES = 2 * 1024 * 1024
@@ -65,7 +73,9 @@ class PushError(Exception):
 
 
 def files_to_push(folder: Union[str, Path]) -> List[str]:
-    """The sorted relative POSIX paths of the files under ``folder`` that ``push`` uploads (the allow-list above).
+    """The sorted relative POSIX paths that ``push`` uploads from ``folder``: the files of the allow-list above, plus
+    the generated :data:`~diffusers_retina.bundle.BUNDLE_FILE` when ``folder`` holds a diffusers-retina pipeline shim
+    (its contents, and those of the rewritten shim, come from :func:`upload_sources`).
 
     Raises :class:`PushError` when ``folder`` is not a folder, or holds no saved weights (``*.safetensors``) in the
     allowed places -- for example an accelerate ``checkpoint-N`` state, which is not a saved pipeline.
@@ -88,6 +98,8 @@ def files_to_push(folder: Union[str, Path]) -> List[str]:
         if relative.suffix == ".png" and path.stat().st_size > MAX_PNG_BYTES:
             continue
         selected.append(str(relative))
+    if BUNDLE_FILE not in selected and remote_code_files(root):
+        selected.append(BUNDLE_FILE)
     selected.sort()
     state_files = sorted(p.name for pattern in TRAINING_STATE_FILES for p in root.glob(pattern))
     if state_files:
@@ -135,17 +147,61 @@ def card_for_repo(folder: Union[str, Path], repo_id: str, base_model: Optional[s
     return str(ModelCard(f"---\n{card.data.to_yaml()}\n---\n{body}")).encode("utf-8")
 
 
+def upload_sources(folder: Union[str, Path], files: Optional[Sequence[str]] = None, repo_id: Optional[str] = None,
+                   base_model: Optional[str] = None) -> Dict[str, Union[Path, bytes]]:
+    """What each uploaded file of ``folder`` is made of: its ``Path`` on disk, or ``bytes`` for the generated ones --
+    the self-contained bundle and the pipeline shim that falls back on it
+    (:func:`diffusers_retina.bundle.remote_code_files`)
+    and, with ``repo_id``, the model card naming that repo (:func:`card_for_repo`). ``files`` defaults to
+    :func:`files_to_push`."""
+    files = files_to_push(folder) if files is None else list(files)
+    generated = remote_code_files(folder)
+    if repo_id is not None and "README.md" in files:
+        card = card_for_repo(folder, repo_id, base_model=base_model)
+        if card is not None:
+            generated["README.md"] = card
+    return {name: generated.get(name, Path(folder) / name) for name in files}
+
+
+def stage_upload(folder: Union[str, Path], destination: Union[str, Path], repo_id: Optional[str] = None) -> List[str]:
+    """Write what a push of ``folder`` uploads into the new folder ``destination`` (the repo's file tree; weights are
+    hard-linked when possible). Returns the file list. Used by ``save_pretrained(push_to_hub=True)`` and the tests."""
+    destination = Path(destination)
+    sources = upload_sources(folder, repo_id=repo_id)
+    for name, source in sources.items():
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(source, bytes):
+            target.write_bytes(source)
+            continue
+        try:
+            target.hardlink_to(source)
+        except OSError:
+            shutil.copy2(source, target)
+    return list(sources)
+
+
 def push_checkpoint(folder: Union[str, Path], repo_id: str, token: Optional[str] = None, private: bool = False,
                     commit_message: Optional[str] = None, base_model: Optional[str] = None) -> str:
     """Create ``repo_id`` if needed, then upload :func:`files_to_push` of ``folder`` in one commit, with the model
     card naming the repo it lands in (:func:`card_for_repo`). Returns the full repo id."""
     files = files_to_push(folder)  # a bad folder fails before any network call
     full_repo_id = create_repo(repo_id, token=token, private=private)
-    card = card_for_repo(folder, full_repo_id, base_model=base_model) if "README.md" in files else None
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=card if name == "README.md" and card is not None
-                                     else str(Path(folder) / name)) for name in files]
-    HfApi(token=token).create_commit(full_repo_id, operations=operations, repo_type="model",
-                                     commit_message=commit_message or f"Upload {Path(folder).name} with diffusers-retina")
+    sources = upload_sources(folder, files, repo_id=full_repo_id, base_model=base_model)
+    with tempfile.TemporaryDirectory(prefix="diffusers-retina-push-") as staging:
+        operations = []
+        for name, source in sources.items():
+            if isinstance(source, bytes) and name != "README.md":
+                # generated code (the bundle and the shim that falls back on it): uploaded from a temporary file
+                path = Path(staging) / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(source)
+                source = path
+            operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=source if isinstance(source, bytes)
+                                                 else str(source)))
+        HfApi(token=token).create_commit(full_repo_id, operations=operations, repo_type="model",
+                                         commit_message=commit_message
+                                         or f"Upload {Path(folder).name} with diffusers-retina")
     return full_repo_id
 
 
@@ -163,7 +219,8 @@ def build_push_parser(subparsers: "argparse._SubParsersAction") -> argparse.Argu
         "push",
         help="upload a saved pipeline folder to the Hugging Face Hub (allow-listed files only)",
         description="Create the Hub model repo --repo-id (if needed), then upload the pipeline files of CHECKPOINT: "
-        "model_index.json, configs, *.safetensors, scheduler configs, remote-code shims, README.md, "
+        "model_index.json, configs, *.safetensors, scheduler configs, remote-code shims with a self-contained copy of "
+        "the diffusers-retina code (diffusers_retina_bundle.py), README.md, "
         "training_info.json, evaluation.json and small PNGs. Never checkpoint-*/ training states, optimizer states, "
         "pickles or logs. Uses your Hugging Face login (huggingface-cli login) or --token.",
     )
@@ -190,14 +247,23 @@ def run_push(args: argparse.Namespace) -> int:
         files = files_to_push(args.checkpoint)
     except PushError as error:
         raise CLIError(str(error)) from None
-    total = sum((args.checkpoint / name).stat().st_size for name in files)
-    print(f"{len(files)} files ({_human_size(total)}) from {args.checkpoint} to {args.repo_id}:")
     if args.base_model is not None and not re.fullmatch(r"[\w.\-]+/[\w.\-]+", args.base_model):
         raise CLIError(f"--base-model must be a Hub id ORG/NAME, got {args.base_model!r}.")
-    renamed = "README.md" in files and card_for_repo(args.checkpoint, args.repo_id, args.base_model) is not None
+    sources = upload_sources(args.checkpoint, files, repo_id=args.repo_id, base_model=args.base_model)
+    sizes = {name: len(source) if isinstance(source, bytes) else source.stat().st_size
+             for name, source in sources.items()}
+    print(f"{len(files)} files ({_human_size(sum(sizes.values()))}) from {args.checkpoint} to {args.repo_id}:")
     for name in files:
-        note = f"; the model card names {args.repo_id}" if name == "README.md" and renamed else ""
-        print(f"  {name}  ({_human_size((args.checkpoint / name).stat().st_size)}{note})")
+        note = ""
+        if name == "README.md" and isinstance(sources[name], bytes):
+            note = f"; the model card names {args.repo_id}"
+        elif name == BUNDLE_FILE:
+            from . import __version__
+
+            note = f"; generated: self-contained diffusers-retina {__version__} code for trust_remote_code=True"
+        elif isinstance(sources[name], bytes):
+            note = f"; generated: falls back on {BUNDLE_FILE} without diffusers-retina installed"
+        print(f"  {name}  ({_human_size(sizes[name])}{note})")
     if args.dry_run:
         print("Dry run: nothing uploaded.")
         return 0
@@ -213,4 +279,5 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 __all__: Sequence[str] = ("ALLOWED_FILES", "MAX_PNG_BYTES", "PushError", "build_push_parser", "card_for_repo",
-                          "create_repo", "files_to_push", "push_checkpoint", "run_push")
+                          "create_repo", "files_to_push", "push_checkpoint", "run_push", "stage_upload",
+                          "upload_sources")

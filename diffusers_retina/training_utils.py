@@ -673,8 +673,9 @@ def save_checkpoint(accelerator, args, global_step: int) -> str:
 
 def push_folder(args, folder: str) -> None:
     """Upload a saved pipeline folder with ``--push_to_hub``: the allow-list of ``diffusers-retina push``
-    (:func:`diffusers_retina.push.files_to_push`: weights, configs, shims, card, records, small PNGs; never the
-    ``checkpoint-*`` training states, optimizer states, pickles or logs) to ``--hub_model_id`` (as resolved by
+    (:func:`diffusers_retina.push.files_to_push`: weights, configs, shims with the self-contained code bundle, card,
+    records, small PNGs; never the ``checkpoint-*`` training states, optimizer states, pickles or logs) to
+    ``--hub_model_id`` (as resolved by
     :func:`create_hub_repo` at the start of training)."""
     from .push import push_checkpoint
 

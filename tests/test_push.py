@@ -19,6 +19,7 @@ from test_training import REPO, TINY, write_folder_dataset
 REFERENCE = REPO / "checkpoints" / "segmentation-ensemble-chase"
 REFERENCE_FILES = [
     "README.md",
+    "diffusers_retina_bundle.py",  # generated at push time: the self-contained code (diffusers_retina.bundle)
     "evaluation.json",
     "model_index.json",
     "pipeline_segmentation_ensemble.py",

@@ -13,15 +13,19 @@ Facts checked against diffusers 0.42.1 (DESIGN.md section 5):
 So every saved pipeline uses the remote-code layout with one-line shim files that import from this package, and the
 mixin maps that layout back to package classes when a pipeline class of ours loads it: class loading needs no
 ``trust_remote_code``, while plain ``DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)`` works too.
+Pushed repos also carry a self-contained copy of the code (:mod:`diffusers_retina.bundle`), so that plain load works
+without the package installed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import re
 import shutil
+import tempfile
 from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
@@ -202,8 +206,41 @@ class RetinaPipelineMixin:
             card_path = Path(save_directory) / "README.md"
             if not card_path.is_file():  # a card written beside the weights (e.g. by training) is kept
                 default_model_card(type(self).__name__, repo_id).save(str(card_path))
-            upload_folder(repo_id=repo_id, folder_path=save_directory, token=token, commit_message=commit_message,
-                          create_pr=create_pr)
+            with _upload_view(Path(save_directory)) as folder_path:
+                upload_folder(repo_id=repo_id, folder_path=str(folder_path), token=token,
+                              commit_message=commit_message, create_pr=create_pr)
+
+
+@contextlib.contextmanager
+def _upload_view(folder: Path):
+    """``folder`` as uploaded by ``save_pretrained(push_to_hub=True)``: a hard-linked copy beside it (removed after)
+    with the pipeline shim that falls back on the self-contained ``diffusers_retina_bundle.py``, which is added
+    (:mod:`diffusers_retina.bundle`), so the repo loads with ``trust_remote_code=True`` without the package installed.
+    The folder itself is not changed."""
+    from ..bundle import remote_code_files
+
+    generated = remote_code_files(folder)
+    if not generated:
+        yield folder
+        return
+
+    def link_or_copy(source, target):
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+    view = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.upload-"))
+    try:
+        shutil.copytree(folder, view / folder.name, copy_function=link_or_copy)
+        for name, data in generated.items():
+            target = view / folder.name / name
+            if target.exists():
+                target.unlink()  # a hard link: never write through it into the saved folder
+            target.write_bytes(data)
+        yield view / folder.name
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ crash-safe saving
@@ -398,7 +435,7 @@ def default_model_card(class_name: str, repo_id: str):
         "```py\n"
         f"from diffusers_retina import {class_name}\n\n"
         f'pipe = {class_name}.from_pretrained("{repo_id}")\n'
-        "# or: DiffusionPipeline.from_pretrained(repo, trust_remote_code=True) with diffusers-retina installed\n"
+        "# or, without diffusers-retina installed: DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)\n"
         "```\n"
     )
 
