@@ -36,7 +36,8 @@ BUNDLE_FILE = "diffusers_retina_bundle.py"
 BUNDLE_MODULE = BUNDLE_FILE[:-3]
 SHIM_HEADER = "# Shim written by diffusers-retina"
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed timestamps: the same source gives the same zip and hash
-#: What the bundled code imports when loading a pipeline (scipy: ``data.modality``, imported by the AdaptDiff pipeline).
+#: What the bundled code needs: torch and diffusers to load and run a pipeline; scipy (imported lazily by
+#: ``data.modality``) for the feature pipeline's field of view and AdaptDiff's intensity transforms.
 REQUIREMENTS = "torch, diffusers and their dependencies (numpy, Pillow, safetensors, huggingface_hub), and scipy"
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-from scipy import ndimage
 
 # The documented fluorescein-angiography-like transform (see `fluorescein_like`)
 FA_BACKGROUND = 0.3
@@ -53,6 +52,7 @@ def field_of_view_mask(image: np.ndarray, threshold: float = 0.1, erosion: int =
     of the image side (at least 3 px) ignored, its largest connected component with the holes filled, eroded by
     ``erosion`` pixels (the bright rim of the aperture). Returns a bool ``(H, W)`` array; an image with no dark
     surround (a crop inside the retina, or any image whose dark pixels are only scattered specks) gives all ``True``."""
+    from scipy import ndimage  # imported here: the pipelines import this module
     array = _check_image(image, "image")
     brightest = array.max(axis=-1)
     level = threshold * max(float(np.percentile(brightest, 99)), 1e-6)
@@ -100,6 +100,7 @@ def fluorescein_like(image: np.ndarray, seed: int = 0, fov: Optional[np.ndarray]
     darkened towards the edge of the field of view (vignetting ``1 - FA_VIGNETTING * r^2``), with Gaussian noise
     (``FA_NOISE_SIGMA``, seeded by ``seed``) and a black surround. Returns an ``(H, W, 3)`` grey image in ``[0, 1]``.
     """
+    from scipy import ndimage  # imported here: the pipelines import this module
     array = _check_image(image, "image")
     fov = field_of_view_mask(array) if fov is None else np.asarray(fov, dtype=bool)
     green = array[..., 1] if array.shape[-1] == 3 else array[..., 0]
@@ -170,6 +171,7 @@ def _disc_pixels(candidates: np.ndarray, count: int, radius: float, rng: np.rand
                  centre_pool: np.ndarray) -> np.ndarray:
     """``count`` pixels of ``candidates`` (bool ``(H, W)``) chosen in discs of ``radius`` around random centres drawn
     from ``centre_pool``: structured errors (missing segments, spurious blobs) rather than salt-and-pepper noise."""
+    from scipy import ndimage  # imported here: the pipelines import this module
     chosen = np.zeros(candidates.shape, dtype=bool)
     pool = np.flatnonzero(centre_pool)
     if count <= 0 or pool.size == 0:
