@@ -357,11 +357,22 @@ def test_tiled_segmentation_of_a_large_non_square_image():
         pipe(unit_range(x), output="segmentation", tile_size=15)
 
 
+def decisive_head() -> PixelMLPEnsemble:
+    """A head on the anchor policy (no content-seeded noise) with large random weights, so that its probabilities
+    move visibly with its features (a fresh head predicts ~0.5 everywhere)."""
+    head = PixelMLPEnsemble(blocks=["up.0", "up.1"], timesteps=[10], block_channels=[16, 8], ensemble_size=2,
+                            policy="anchor")
+    generator = torch.Generator().manual_seed(0)
+    for parameter in head.parameters():
+        parameter.data = torch.randn(parameter.shape, generator=generator)
+    return head.eval()
+
+
 def test_field_of_view_restricts_the_segmentation_to_the_retina():
     """``field_of_view="auto"`` (the default) finds the aperture of a photograph with a black surround and predicts
     background outside it; a given mask is used as is; ``False`` leaves the head's prediction untouched."""
     pipe = tiny_pipe()
-    pipe.set_head(PixelMLPEnsemble(blocks=["up.0", "up.1"], timesteps=[10], block_channels=[16, 8], ensemble_size=2))
+    pipe.set_head(decisive_head())
     yy, xx = torch.meshgrid(torch.arange(32), torch.arange(40), indexing="ij")
     disc = (yy - 16) ** 2 + (xx - 20) ** 2 < 13 ** 2
     photo = torch.rand(1, 3, 32, 40, generator=torch.Generator().manual_seed(1)) * 0.6 + 0.3
@@ -373,7 +384,13 @@ def test_field_of_view_restricts_the_segmentation_to_the_retina():
     assert not fov[0, 0] and fov[16, 20] and (fov & ~disc).sum() == 0 and fov.sum() > 0.6 * disc.sum()  # eroded by the rim
     assert (auto.probabilities[0, 0][~fov] == 1).all() and (auto.masks[0][~fov] == 0).all()
     assert (auto.uncertainty[0][~fov] == 0).all()
-    assert torch.equal(auto.probabilities[0][:, fov], plain.probabilities[0][:, fov])  # inside: untouched
+    from diffusers_retina.data.modality import fill_outside_field_of_view
+
+    filled = (fill_outside_field_of_view(photo * 2 - 1, fov[None]) + 1) / 2  # what the UNet saw
+    exact = dict(output="segmentation", seed=0, feature_dtype=torch.float32)
+    inside = pipe(filled, field_of_view=False, **exact).probabilities[0][:, fov]
+    # inside: the head's own prediction on the filled photograph
+    assert torch.allclose(pipe(photo, **exact).probabilities[0][:, fov], inside, atol=1e-4)
     assert plain.probabilities[0, 0][~fov].min() < 1  # so the restriction above did something
     given = torch.zeros(32, 40, dtype=torch.bool)
     given[:, :20] = True
@@ -385,3 +402,35 @@ def test_field_of_view_restricts_the_segmentation_to_the_retina():
         pipe(photo, output="segmentation", field_of_view="yes")
     with pytest.raises(ValueError, match="field_of_view"):
         pipe(photo, output="segmentation", field_of_view=given.float())
+
+
+def test_the_surround_is_filled_before_the_unet_sees_it():
+    """With a field of view, the UNet sees the photograph with its surround filled by the field of view's mean colour,
+    so what lies outside (black, or anything else) cannot change the features inside through group normalisation."""
+    pipe = tiny_pipe()
+    pipe.set_head(decisive_head())
+    fov = torch.zeros(24, 32, dtype=torch.bool)
+    fov[4:20, 6:26] = True
+    photo = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(2)) * 0.5 + 0.4
+    other = photo.clone()
+    other[:, :, ~fov] = torch.rand(3, int((~fov).sum()), generator=torch.Generator().manual_seed(3))
+    first = pipe(photo, output="segmentation", seed=0, field_of_view=fov)
+    second = pipe(other, output="segmentation", seed=0, field_of_view=fov)
+    assert torch.allclose(first.probabilities, second.probabilities, atol=1e-5)
+    unfilled = [pipe(x, output="segmentation", seed=0, field_of_view=False).probabilities[0][:, fov] for x in
+                (photo, other)]
+    assert not torch.allclose(*unfilled, atol=1e-3)  # without the fill, the outside changes the inside
+
+
+def test_fill_outside_field_of_view():
+    from diffusers_retina.data.modality import fill_outside_field_of_view
+
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    fov = torch.zeros(2, 4, 4, dtype=torch.bool)
+    fov[0, 1:3, 1:3] = True  # the second image has no field of view: unchanged
+    filled = fill_outside_field_of_view(images, fov)
+    assert torch.equal(filled[0][:, fov[0]], images[0][:, fov[0]]) and torch.equal(filled[1], images[1])
+    expected = images[0][:, fov[0]].mean(dim=1)
+    assert torch.allclose(filled[0, :, 0, 0], expected)
+    with pytest.raises(ValueError, match="fov"):
+        fill_outside_field_of_view(images, fov[0])

@@ -14,7 +14,8 @@ unweighted recipe): vessels cover ~10% of a photograph, and unweighted heads tra
 vessel pixel.
 
 Whole photographs: the pipeline predicts background outside each photograph's field of view (the circular aperture,
-``field_of_view="auto"``), so the heads learn from pixels inside it only (``--field_of_view``, default on), and
+``field_of_view="auto"``, with the surround filled by the mean colour of the field of view before the UNet sees it),
+so the heads learn from pixels inside it only, on images filled the same way (``--field_of_view``, default on), and
 ``--edge_crop_fraction`` of the crops are centred on the field-of-view boundary, so that the bright rim of the aperture
 and the dark periphery -- where heads trained on random crops marked false vessels -- are well represented.
 
@@ -36,7 +37,7 @@ from diffusers import DDPMPipeline
 from tqdm.auto import tqdm
 
 from diffusers_retina import DiffusionFeaturePipeline
-from diffusers_retina.data.modality import field_of_view_masks
+from diffusers_retina.data.modality import field_of_view_masks, fill_outside_field_of_view
 from diffusers_retina.hub import write_feature_head_card
 from diffusers_retina.models import FreqAggHead, PixelMLPEnsemble, read_pixels
 from diffusers_retina.training_utils import (
@@ -66,8 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--crop", type=int, default=128, help="Side of the random crops features are taken from.")
     parser.add_argument("--crops_per_image", type=int, default=8)
     parser.add_argument("--field_of_view", type=int, default=1, choices=[0, 1],
-                        help="1: learn from pixels inside each photograph's field of view only (the pipeline predicts "
-                             "background outside it); 0: from every pixel.")
+                        help="1: learn from pixels inside each photograph's field of view only, the surround filled with "
+                             "the field of view's mean colour (as the pipeline segments); 0: every pixel, unfilled.")
     parser.add_argument("--edge_crop_fraction", type=float, default=0.25,
                         help="Fraction of the crops centred on a random pixel of the field-of-view boundary (the rest "
                              "are uniform over the photograph).")
@@ -117,6 +118,7 @@ def random_crops(items, args, multiple):
     for item in items:
         height, width = item["mask"].shape
         fov = field_of_view_masks(item["image"][None])[0]
+        image = fill_outside_field_of_view(item["image"][None], fov[None])[0] if args.field_of_view else item["image"]
         inner = F.max_pool2d((~fov)[None, None].float(), 3, stride=1, padding=1)[0, 0].bool() & fov
         boundary = inner.nonzero()  # field-of-view pixels next to the outside
         for index in range(args.crops_per_image):
@@ -127,7 +129,7 @@ def random_crops(items, args, multiple):
             else:
                 top = int(torch.randint(0, max(height - crop, 0) + 1, (1,), generator=generator))
                 left = int(torch.randint(0, max(width - crop, 0) + 1, (1,), generator=generator))
-            images.append(item["image"][:, top: top + crop, left: left + crop])
+            images.append(image[:, top: top + crop, left: left + crop])
             masks.append(item["mask"][top: top + crop, left: left + crop])
             fovs.append(fov[top: top + crop, left: left + crop] if args.field_of_view else
                         torch.ones(masks[-1].shape, dtype=torch.bool))

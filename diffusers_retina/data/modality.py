@@ -88,6 +88,31 @@ def field_of_view_masks(images: "torch.Tensor", threshold: float = 0.1, erosion:
     return torch.from_numpy(np.stack(masks)).to(images.device)
 
 
+def fill_outside_field_of_view(images: "torch.Tensor", fov: "torch.Tensor") -> "torch.Tensor":
+    """``images`` (``(N, C, H, W)``) with every pixel outside ``fov`` (bool ``(N, H, W)``) set to the mean colour of
+    that image's field of view. Networks with group normalisation compute their statistics over the whole input, so
+    a window that holds part of the black surround shifts the features of the retina beside it; filled, the surround
+    looks like average retina. Images with an empty field of view are returned unchanged.
+
+    Example:
+        >>> import torch
+        >>> batch = -torch.ones(1, 3, 8, 8); batch[:, :, 2:6, 2:6] = 0.5
+        >>> filled = fill_outside_field_of_view(batch, batch[:, 0] > 0)
+        >>> filled[0, :, 0, 0].tolist()
+        [0.5, 0.5, 0.5]
+    """
+    import torch
+
+    if images.ndim != 4 or fov.shape != (images.shape[0], *images.shape[-2:]):
+        raise ValueError(f"`fov` must be (N, H, W) = {(images.shape[0], *images.shape[-2:])} for images of shape "
+                         f"{tuple(images.shape)}, got {tuple(fov.shape)}.")
+    inside = fov.to(images.device)[:, None].to(images.dtype)
+    count = inside.sum(dim=(-2, -1), keepdim=True)
+    mean = (images * inside).sum(dim=(-2, -1), keepdim=True) / count.clamp_min(1)
+    keep = fov.to(images.device)[:, None] | (count == 0)
+    return torch.where(keep, images, mean.expand_as(images))
+
+
 def fluorescein_like(image: np.ndarray, seed: int = 0, fov: Optional[np.ndarray] = None) -> np.ndarray:
     """A colour fundus photograph made to look like a fluorescein angiogram: vessels bright on a dark background.
 

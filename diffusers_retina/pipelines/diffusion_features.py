@@ -487,7 +487,9 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
                 ``diffusers_retina.data.modality.field_of_view_mask``; an image without a dark surround, such as a
                 crop inside the retina, is all field of view), a bool mask ``(H, W)`` or ``(N, H, W)`` gives it, and
                 ``False``/``None`` uses none. Outside it the prediction is background (probability 1, uncertainty
-                0): the aperture rim and the black surround are where heads trained on the retina mark false vessels.
+                0), and before the UNet sees the image the outside is filled with the mean colour of the field of
+                view: the UNet's group normalisation pools over each window, and a window holding part of the black
+                surround shifted the features of the whole window (whole tiles of false vessels around the retina).
             return_dict: return a [`DiffusionFeaturePipelineOutput`] instead of a tuple.
 
         Examples:
@@ -510,6 +512,10 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
                 raise ValueError(f"`tile_overlap` is a fraction of the tile in [0, 1), got {tile_overlap!r}.")
         images = prepare_images(image, self.unet.config.in_channels)
         fov = self._field_of_view(field_of_view, images) if output == "segmentation" else None
+        if fov is not None:  # the black surround would shift the group-norm statistics of every window holding it
+            from ..data.modality import fill_outside_field_of_view
+
+            images = fill_outside_field_of_view(images, fov)
         images, (height, width) = pad_to_multiple(images, self.size_multiple)
         extract_kwargs = dict(blocks=blocks, timesteps=timesteps, policy=policy, generator=generator,
                               num_noise_draws=num_noise_draws, shared_noise=shared_noise, feature_dtype=feature_dtype,
