@@ -10,9 +10,10 @@ For every N in ``--num-labelled`` (the first N training images, sorted: Image_01
   unlabelled pre-training is not counted for either), or ``--unet-seconds``;
 * all are scored on the 8 test images (Image_11L–Image_14R, ``1stHO``; full photographs by default, ``--crop`` for
   central crops) by the package's metrics: Dice, clDice, AUC-ROC (mean ± std over images), inside each photograph's
-  field of view (``field_of_view_mask``, computed from the photograph as shown to the model). Every model predicts
-  background outside it (the heads through the pipeline's ``field_of_view="auto"``, the U-Net the same way), and the
-  heads segment in ``--tile-size`` windows.
+  field of view (``field_of_view_mask``, computed from the photograph as shown to the model). Every model sees the
+  surround filled with the field of view's mean colour and predicts background outside it (the heads through the
+  pipeline's ``field_of_view``, the U-Net the same way, in training too), and the heads segment in ``--tile-size``
+  windows.
 
 **Domain shift** (models of N = ``--shift-num-labelled``): the same test images after a documented photometric shift
 (`photometric_shift`: channel gains R x0.85, G x1.10, B x1.25, gamma 1.5, Gaussian blur sigma 2 px), "noise" vs
@@ -142,8 +143,12 @@ def train_supervised_unet(args, folder: Path, num_labelled: int, seconds: float)
     config.update(in_channels=3, out_channels=2, sample_size=128)
     torch.manual_seed(args.seed)
     unet = UNet2DModel(**config)
+    from diffusers_retina.data.modality import field_of_view_masks, fill_outside_field_of_view
+
     train = chase_db1(split="train")
     items = [train[i] for i in range(num_labelled)]  # the same first-N (sorted) images as the heads
+    for item in items:  # the surround filled as for the heads (and as the predictor below does)
+        item["image"] = fill_outside_field_of_view(item["image"][None], field_of_view_masks(item["image"][None]))[0]
     generator = torch.Generator().manual_seed(args.seed)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=1e-4)
     started, steps, crop, batch = time.time(), 0, 128, 4
@@ -214,8 +219,11 @@ def unet_predictor(unet):
 
     multiple = 2 ** (len(unet.config.block_out_channels) - 1)
 
+    from diffusers_retina.data.modality import fill_outside_field_of_view
+
     @torch.no_grad()
     def predict(image: torch.Tensor, fov: torch.Tensor) -> Dict[str, torch.Tensor]:
+        image = fill_outside_field_of_view(image[None], fov[None])[0]
         padded, (height, width) = pad_to_multiple(image[None], multiple)
         probability = unet(padded, 0).sample.softmax(dim=1)[0, 1, :height, :width] * fov
         return {"mask": probability > 0.5, "probability": probability}
