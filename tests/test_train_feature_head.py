@@ -95,7 +95,7 @@ def test_crops_learn_inside_the_field_of_view_and_cover_its_edge(ddpm_and_data):
                                   "--output_dir", "unused",
                                   "--crop", "32", "--crops_per_image", "8", "--seed", "3"] +
                                  [f"--{k}={v}" for k, v in overrides.items()])
-        return script.random_crops([item], args, multiple=4)
+        return script.random_crops([item], args, multiple=4)[:3]
 
     images, masks, fovs = crops(edge_crop_fraction=1.0)
     assert images.shape == (8, 3, 32, 32) and masks.shape == fovs.shape == (8, 32, 32)
@@ -105,3 +105,43 @@ def test_crops_learn_inside_the_field_of_view_and_cover_its_edge(ddpm_and_data):
     assert uniform.float().mean() > fovs.float().mean()  # uniform crops lie mostly inside the disc
     _, _, everything = crops(edge_crop_fraction=1.0, field_of_view=0)
     assert everything.all()
+
+
+def test_whole_photograph_context_cuts_crops_from_the_photograph_maps(ddpm_and_data, tmp_path):
+    """``--feature_context image``: crop boxes on the feature grid, crop features equal to the whole (filled)
+    photograph's maps at those boxes, and a head trained that way saves and segments."""
+    import importlib.util
+
+    from diffusers_retina.data.modality import field_of_view_masks, fill_outside_field_of_view
+
+    ddpm, data = ddpm_and_data
+    spec = importlib.util.spec_from_file_location("train_feature_head", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    yy, xx = torch.meshgrid(torch.arange(40), torch.arange(48), indexing="ij")
+    disc = (yy - 20) ** 2 + (xx - 24) ** 2 < 18 ** 2
+    image = torch.where(disc, torch.rand(3, 40, 48, generator=torch.Generator().manual_seed(0)) * 0.8, -1.0)
+    items = [{"image": image, "mask": (torch.rand(40, 48) > 0.8).long() * disc}]
+    args = script.parse_args(["--ddpm", str(ddpm), "--train_data_dir", str(data), "--output_dir", "unused",
+                              "--crop", "16", "--crops_per_image", "5", "--feature_context", "image",
+                              "--policy", "anchor"])
+    pipe = DiffusionFeaturePipeline.from_pretrained(ddpm)
+    _, _, _, boxes = script.random_crops(items, args, multiple=pipe.size_multiple)
+    assert all(top % pipe.size_multiple == 0 and left % pipe.size_multiple == 0 for _, top, left, _ in boxes)
+    features = script.whole_image_features(pipe, items, boxes, ["up.0", "up.1"], [5, 20], args)
+    filled = fill_outside_field_of_view(image[None], field_of_view_masks(image[None]))
+    whole = pipe.extract(filled, ["up.0", "up.1"], [5, 20], "anchor")
+    strides = {d["name"]: d["stride"] for d in pipe.describe()}
+    for position, (_, top, left, crop) in enumerate(boxes):
+        for name in ("up.0", "up.1"):
+            s = strides[name]
+            assert features[name].shape[-1] == crop // s
+            assert torch.equal(features[name][position], whole[name][0, :, :, top // s: (top + crop) // s,
+                                                                     left // s: (left + crop) // s])
+    out = tmp_path / "head"
+    run(["--ddpm", str(ddpm), "--head", "pixel_mlp", "--train_data_dir", str(data), "--num_labelled", "2",
+         "--crop", "16", "--crops_per_image", "4", "--blocks", "up.0,up.1", "--timesteps", "5,20", "--policy",
+         "anchor", "--max_train_steps", "20", "--ensemble_size", "2", "--feature_context", "image",
+         "--output_dir", str(out)])
+    result = DiffusionFeaturePipeline.from_pretrained(out)(torch.rand(1, 3, 32, 32), output="segmentation")
+    assert result.masks.shape == (1, 32, 32)

@@ -69,6 +69,11 @@ def parse_args(argv=None):
     parser.add_argument("--field_of_view", type=int, default=1, choices=[0, 1],
                         help="1: learn from pixels inside each photograph's field of view only, the surround filled with "
                              "the field of view's mean colour (as the pipeline segments); 0: every pixel, unfilled.")
+    parser.add_argument("--feature_context", type=str, default="crop", choices=["crop", "image"],
+                        help="crop: the features of each crop are computed on the crop alone (segment photographs in "
+                             "windows of about --crop, tile_size); image: on the whole photograph (surround filled), "
+                             "the crops cut from its feature maps -- the UNet's group normalisation then sees what it "
+                             "sees when a whole photograph is segmented at once (tile_size=None).")
     parser.add_argument("--edge_crop_fraction", type=float, default=0.25,
                         help="Fraction of the crops centred on a random pixel of the field-of-view boundary (the rest "
                              "are uniform over the photograph).")
@@ -114,8 +119,8 @@ def random_crops(items, args, multiple):
     generator = torch.Generator().manual_seed(args.seed)
     crop = max(multiple, args.crop - args.crop % multiple)
     num_edge = round(args.crops_per_image * args.edge_crop_fraction)
-    images, masks, fovs = [], [], []
-    for item in items:
+    images, masks, fovs, boxes = [], [], [], []
+    for item_index, item in enumerate(items):
         height, width = item["mask"].shape
         fov = field_of_view_masks(item["image"][None])[0]
         image = fill_outside_field_of_view(item["image"][None], fov[None])[0] if args.field_of_view else item["image"]
@@ -129,11 +134,36 @@ def random_crops(items, args, multiple):
             else:
                 top = int(torch.randint(0, max(height - crop, 0) + 1, (1,), generator=generator))
                 left = int(torch.randint(0, max(width - crop, 0) + 1, (1,), generator=generator))
+            if args.feature_context == "image":  # on the grid of every block's feature map
+                top, left = top - top % multiple, left - left % multiple
+            boxes.append((item_index, top, left, crop))
             images.append(image[:, top: top + crop, left: left + crop])
             masks.append(item["mask"][top: top + crop, left: left + crop])
             fovs.append(fov[top: top + crop, left: left + crop] if args.field_of_view else
                         torch.ones(masks[-1].shape, dtype=torch.bool))
-    return torch.stack(images), torch.stack(masks), torch.stack(fovs)
+    return torch.stack(images), torch.stack(masks), torch.stack(fovs), boxes
+
+
+def whole_image_features(pipe, items, boxes, blocks, timesteps, args):
+    """``--feature_context image``: each labelled photograph (surround filled) goes through the UNet whole, and the
+    crops' windows are cut from its native-resolution maps (one photograph's maps in memory at a time)."""
+    from diffusers_retina.image_processing import pad_to_multiple
+
+    strides = {d["name"]: d["stride"] for d in pipe.describe()}
+    features = {name: [None] * len(boxes) for name in blocks}
+    for item_index, item in enumerate(tqdm(items, desc="whole-photograph features", leave=False)):
+        image = item["image"][None]
+        if args.field_of_view:
+            image = fill_outside_field_of_view(image, field_of_view_masks(image))
+        padded, _ = pad_to_multiple(image, pipe.size_multiple)
+        maps = pipe.extract(padded, blocks, timesteps, args.policy, seed=args.seed, batch_size=len(timesteps))
+        for position, (owner, top, left, crop) in enumerate(boxes):
+            if owner == item_index:
+                for name in blocks:
+                    s = strides[name]
+                    features[name][position] = maps[name][0, :, :, top // s: (top + crop) // s,
+                                                          left // s: (left + crop) // s].clone()
+    return {name: torch.stack(crops) for name, crops in features.items()}
 
 
 def main(argv=None):
@@ -151,11 +181,16 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"--blocks {unknown} are not blocks of this UNet; choose from {list(channels)}.")
 
-    images, masks, fovs = random_crops(labelled_dataset(args), args, pipe.size_multiple)
+    items = labelled_dataset(args)
+    images, masks, fovs, boxes = random_crops(items, args, pipe.size_multiple)
     logger.info(f"{len(images)} crops of {images.shape[-1]} px from {args.num_labelled} labelled image(s); "
-                f"{fovs.float().mean().item():.1%} of their pixels inside the field of view")
-    features = pipe.extract(images, blocks, timesteps, args.policy, seed=args.seed, cache_dir=args.cache_dir,
-                            batch_size=len(timesteps) * 4)
+                f"{fovs.float().mean().item():.1%} of their pixels inside the field of view; features of the "
+                f"{'crops' if args.feature_context == 'crop' else 'whole photographs'}")
+    if args.feature_context == "crop":
+        features = pipe.extract(images, blocks, timesteps, args.policy, seed=args.seed, cache_dir=args.cache_dir,
+                                batch_size=len(timesteps) * 4)
+    else:
+        features = whole_image_features(pipe, items, boxes, blocks, timesteps, args)
     size = tuple(images.shape[-2:])
     common = dict(blocks=blocks, timesteps=timesteps, block_channels=[channels[b] for b in blocks],
                   policy=args.policy, num_classes=2)
