@@ -72,7 +72,11 @@ def parse_args(argv=None):
     parser.add_argument("--unet-seconds", type=float, default=None,
                         help="Budget of the supervised U-Net (default: the slowest head's time at the same N).")
     parser.add_argument("--crop", type=int, default=0, help="Central test crop (0: full 999x960 photographs).")
-    parser.add_argument("--tile-size", type=int, default=256, help="Window of the heads' tiled segmentation.")
+    parser.add_argument("--tile-size", type=int, default=256,
+                        help="Window of the heads' tiled segmentation (0: whole photographs at once).")
+    parser.add_argument("--feature-context", choices=["crop", "image"], default="crop",
+                        help="Heads: features of each training crop alone, or of the whole photograph (then segment "
+                             "with --tile-size 0).")
     parser.add_argument("--pixels-per-step", type=int, default=64, help="PixelMLPEnsemble: pixels per step.")
     parser.add_argument("--edge-crop-fraction", type=float, default=0.25,
                         help="Heads: fraction of training crops centred on the field-of-view boundary.")
@@ -128,6 +132,7 @@ def train_head(script, args, folder: Path, head: str, policy: str, num_labelled:
                  "--crops_per_image", str(crops_per_image(args, num_labelled)),
                  "--max_train_steps", str(args.head_steps if head == "pixel_mlp" else args.freq_steps),
                  "--pixels_per_step", str(args.pixels_per_step), "--edge_crop_fraction", str(args.edge_crop_fraction),
+                 "--feature_context", args.feature_context,
                  "--cache_dir", str(Path(args.work) / "cache"), "--seed", str(args.seed),
                  "--output_dir", str(folder)] + data_arguments())
 
@@ -208,7 +213,7 @@ def head_predictor(pipe, args):
 
     def predict(image: torch.Tensor, fov: torch.Tensor) -> Dict[str, torch.Tensor]:
         out = pipe((image[None] + 1) / 2, output="segmentation", seed=args.seed, cache_dir=cache,
-                   tile_size=args.tile_size, field_of_view=fov)
+                   tile_size=args.tile_size or None, field_of_view=fov)
         return {"mask": out.masks[0] == 1, "probability": out.probabilities[0, 1]}
 
     return predict
@@ -268,8 +273,10 @@ def main(argv=None):
                f"{args.timesteps}, seed {args.seed}; heads trained on 128 crops of the labelled images "
                f"(min({args.crops_per_image}, {args.max_crops} / N) per image, {args.edge_crop_fraction:.0%} of them "
                f"on the field-of-view boundary; PixelMLPEnsemble {args.head_steps} steps of {args.pixels_per_step} "
-               f"field-of-view pixels per member, FreqAggHead {args.freq_steps} steps), segmenting in "
-               f"{args.tile_size} windows; U-Net: same wall time as the slowest head at that N.")
+               f"field-of-view pixels per member, FreqAggHead {args.freq_steps} steps; features of the "
+               f"{'crops' if args.feature_context == 'crop' else 'whole photographs'}), segmenting "
+               f"{f'in {args.tile_size} windows' if args.tile_size else 'whole photographs'}; U-Net: same wall time "
+               "as the slowest head at that N.")
     result = {**_common.header(args, device), "ddpm": str(args.ddpm), "setting": setting, "shift": SHIFT,
               "rows": rows, "complete": False}
     for num_labelled in args.num_labelled:
