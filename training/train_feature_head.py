@@ -18,6 +18,9 @@ Whole photographs: the pipeline predicts background outside each photograph's fi
 so the heads learn from pixels inside it only, on images filled the same way (``--field_of_view``, default on), and
 ``--edge_crop_fraction`` of the crops are centred on the field-of-view boundary, so that the bright rim of the aperture
 and the dark periphery -- where heads trained on random crops marked false vessels -- are well represented.
+``--feature_context image`` computes the features of each labelled photograph whole and cuts the crops from its maps:
+the UNet's group normalisation pools over its whole input, so features of a crop differ from the features of the
+same pixels inside a photograph; such heads segment whole photographs (``tile_size=None``).
 
 The result is saved as a ``DiffusionFeaturePipeline`` (UNet + scheduler + head) with a ``training_info.json``.
 
