@@ -187,16 +187,17 @@ def train_supervised_unet(args, folder: Path, num_labelled: int, seconds: float)
                                                 "crop": crop, "learning_rate": 1e-3, "seed": args.seed})
 
 
-def evaluate(predict: Callable[[torch.Tensor], Dict[str, torch.Tensor]], items: Sequence[Dict[str, Any]]
-             ) -> Dict[str, Any]:
+def evaluate(predict: Callable[[torch.Tensor, torch.Tensor], Dict[str, torch.Tensor]], items: Sequence[Dict[str, Any]],
+             field_of_view: bool = True) -> Dict[str, Any]:
     """Score ``predict(image, fov) -> {"mask", "probability"}`` on the test items, inside each image's field of
-    view."""
+    view (every pixel with ``field_of_view=False``)."""
     from diffusers_retina.data.modality import field_of_view_masks
 
     accumulator = MetricAccumulator()
     seconds = []
     for item in items:
-        fov = field_of_view_masks(item["image"][None])[0]
+        fov = (field_of_view_masks(item["image"][None])[0] if field_of_view
+               else torch.ones(item["mask"].shape, dtype=torch.bool))
         started = time.perf_counter()
         prediction = predict(item["image"], fov)
         seconds.append(time.perf_counter() - started)
