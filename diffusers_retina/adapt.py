@@ -27,7 +27,6 @@ import diffusers_retina
 
 from .cli import (
     DTYPES,
-    RESULTS_FILE,
     add_device_argument,
     add_folder_run_arguments,
     add_image_input_arguments,
@@ -127,7 +126,5 @@ def run_adapt(args: argparse.Namespace) -> int:
         args, "adapt", settings, items, process, group_of=image_group(channels),
         describe=describe_image_row(args.output_dir), verb="Segmenting",
         intro=lambda mine, total, skipped: (f"Segmenting {mine} of {total} image(s) ({skipped} already done) with the "
-                                            f"segmenter of {source} on {device} -> {args.output_dir}"),
-        done=lambda outcome: (f"Done in {outcome.summary.get('total_seconds', 0.0):.1f} s; rows: "
-                              f"{args.output_dir / RESULTS_FILE}"))
+                                            f"segmenter of {source} on {device} -> {args.output_dir}"))
     return 0

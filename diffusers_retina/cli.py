@@ -852,7 +852,7 @@ def run_folder_command(
     group_of: Optional[Callable[[WorkItem], Any]],
     intro: Callable[[int, int, int], str],
     verb: str,
-    done: Callable[[RunOutcome], str],
+    done: Optional[Callable[[RunOutcome], str]] = None,
     describe: Optional[Callable[[Dict[str, Any]], str]] = None,
     before_start: Optional[Callable[[], None]] = None,
     **run_options: Any,
@@ -862,7 +862,8 @@ def run_folder_command(
     already complete skipped unless ``args.overwrite``), check every input of the share with ``group_of`` (which
     returns its batch group, or ``None`` to keep the item's own) before anything is written, agree across processes,
     run ``before_start`` on the main process, then ``process`` batches of ``args.image_batch_size`` inputs of one
-    group; prints ``intro(mine, total, skipped)`` first and ``done(outcome)`` at the end (main process), and raises
+    group; prints ``intro(mine, total, skipped)`` first and ``done(outcome)`` at the end (main process; default: the
+    total time and the results file), and raises
     the first failure as a :class:`CLIError` (``verb`` names the action)."""
     run = ShardedFolderRun(args.output_dir, command, settings, overwrite=args.overwrite, **run_options)
     mine = _sharded_errors(lambda: run.plan(items))
@@ -883,7 +884,8 @@ def run_folder_command(
                                                   describe or (lambda row: f"{row['seconds']:.1f} s")))
     finish_sharded_run(outcome, verb)
     if run.state.is_main_process:
-        print(done(outcome), flush=True)
+        total = f"Done in {outcome.summary.get('total_seconds', 0.0):.1f} s"
+        print(done(outcome) if done else f"{total}; rows: {args.output_dir / RESULTS_FILE}", flush=True)
     return outcome
 
 

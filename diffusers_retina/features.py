@@ -34,7 +34,6 @@ import diffusers_retina
 
 from .cli import (
     DTYPES,
-    RESULTS_FILE,
     add_device_argument,
     add_folder_run_arguments,
     add_image_input_arguments,
@@ -224,7 +223,5 @@ def run_features(args: argparse.Namespace) -> int:
         intro=lambda mine, total, skipped: (
             f"{'Segmenting' if output == 'segmentation' else 'Extracting features of'} {mine} of {total} image(s) "
             f"({skipped} already done) with {source} (blocks {resolved['blocks']}, timesteps {resolved['timesteps']}, "
-            f"policy {resolved['policy']}) on {device} -> {args.output_dir}"),
-        done=lambda outcome: (f"Done in {outcome.summary.get('total_seconds', 0.0):.1f} s; rows: "
-                              f"{args.output_dir / RESULTS_FILE}"))
+            f"policy {resolved['policy']}) on {device} -> {args.output_dir}"))
     return 0

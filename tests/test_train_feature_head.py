@@ -77,18 +77,30 @@ def test_too_few_labelled_images(ddpm_and_data, tmp_path):
     assert result.returncode != 0 and "--num_labelled 9" in result.stderr
 
 
-def test_crops_learn_inside_the_field_of_view_and_cover_its_edge(ddpm_and_data):
-    """Edge crops straddle the aperture of a photograph with a black surround, and the pixels the heads learn from
-    are the field-of-view pixels of each crop (all of them with ``--field_of_view 0``)."""
+def load_script():
+    """training/train_feature_head.py as a module (its helpers are tested directly)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_feature_head", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    yy, xx = torch.meshgrid(torch.arange(96), torch.arange(96), indexing="ij")
-    disc = (yy - 48) ** 2 + (xx - 48) ** 2 < 40 ** 2
-    image = torch.where(disc, torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(0)) * 0.8, -1.0)
-    item = {"image": image, "mask": (torch.rand(96, 96) > 0.9).long() * disc}
+    return script
+
+
+def aperture_item(height, width, radius):
+    """A labelled photograph-like item: a random disc of retina on black ([-1, 1]) and a sparse mask inside it."""
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    disc = (yy - height // 2) ** 2 + (xx - width // 2) ** 2 < radius ** 2
+    image = torch.where(disc, torch.rand(3, height, width, generator=torch.Generator().manual_seed(0)) * 0.8, -1.0)
+    mask = (torch.rand(height, width, generator=torch.Generator().manual_seed(1)) > 0.85).long() * disc
+    return image, {"image": image, "mask": mask}
+
+
+def test_crops_learn_inside_the_field_of_view_and_cover_its_edge(ddpm_and_data):
+    """Edge crops straddle the aperture of a photograph with a black surround, and the pixels the heads learn from
+    are the field-of-view pixels of each crop (all of them with ``--field_of_view 0``)."""
+    script = load_script()
+    image, item = aperture_item(96, 96, 40)
 
     def crops(**overrides):
         args = script.parse_args(["--ddpm", str(ddpm_and_data[0]), "--train_data_dir", str(ddpm_and_data[1]),
@@ -115,13 +127,9 @@ def test_whole_photograph_context_cuts_crops_from_the_photograph_maps(ddpm_and_d
     from diffusers_retina.data.modality import field_of_view_masks, fill_outside_field_of_view
 
     ddpm, data = ddpm_and_data
-    spec = importlib.util.spec_from_file_location("train_feature_head", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    yy, xx = torch.meshgrid(torch.arange(40), torch.arange(48), indexing="ij")
-    disc = (yy - 20) ** 2 + (xx - 24) ** 2 < 18 ** 2
-    image = torch.where(disc, torch.rand(3, 40, 48, generator=torch.Generator().manual_seed(0)) * 0.8, -1.0)
-    items = [{"image": image, "mask": (torch.rand(40, 48) > 0.8).long() * disc}]
+    script = load_script()
+    image, item = aperture_item(40, 48, 18)
+    items = [item]
     args = script.parse_args(["--ddpm", str(ddpm), "--train_data_dir", str(data), "--output_dir", "unused",
                               "--crop", "16", "--crops_per_image", "5", "--feature_context", "image",
                               "--policy", "anchor"])
