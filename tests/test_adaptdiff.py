@@ -319,12 +319,9 @@ def test_workflow_killed_in_step_2_resumes_there_to_the_same_adapted_weights(dom
 
 def workflow():
     """training/adaptdiff_workflow.py as a module (its argument checks and the labelling step run in-process)."""
-    import importlib.util
+    from test_training_arguments import load_script
 
-    spec = importlib.util.spec_from_file_location("adaptdiff_workflow", WORKFLOW)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("adaptdiff_workflow")
 
 
 def test_workflow_corrupts_pseudo_labels_and_checks_its_arguments(domains, tmp_path, capsys):

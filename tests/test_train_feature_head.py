@@ -17,6 +17,7 @@ from diffusers_retina import DiffusionFeaturePipeline
 from diffusers_retina.models import FreqAggHead, PixelMLPEnsemble
 
 from test_training import write_folder_dataset
+from test_training_arguments import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "train_feature_head.py"
@@ -77,16 +78,6 @@ def test_too_few_labelled_images(ddpm_and_data, tmp_path):
     assert result.returncode != 0 and "--num_labelled 9" in result.stderr
 
 
-def load_script():
-    """training/train_feature_head.py as a module (its helpers are tested directly)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_feature_head", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def aperture_item(height, width, radius):
     """A labelled photograph-like item: a random disc of retina on black ([-1, 1]) and a sparse mask inside it."""
     yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
@@ -99,7 +90,7 @@ def aperture_item(height, width, radius):
 def test_crops_learn_inside_the_field_of_view_and_cover_its_edge(ddpm_and_data):
     """Edge crops straddle the aperture of a photograph with a black surround, and the pixels the heads learn from
     are the field-of-view pixels of each crop (all of them with ``--field_of_view 0``)."""
-    script = load_script()
+    script = load_script("train_feature_head")
     image, item = aperture_item(96, 96, 40)
 
     def crops(**overrides):
@@ -107,7 +98,7 @@ def test_crops_learn_inside_the_field_of_view_and_cover_its_edge(ddpm_and_data):
                                   "--output_dir", "unused",
                                   "--crop", "32", "--crops_per_image", "8", "--seed", "3"] +
                                  [f"--{k}={v}" for k, v in overrides.items()])
-        return script.random_crops([item], args, multiple=4)[:3]
+        return script.random_crops([item], script.prepare_photographs([item], args), args, multiple=4)[:3]
 
     images, masks, fovs = crops(edge_crop_fraction=1.0)
     assert images.shape == (8, 3, 32, 32) and masks.shape == fovs.shape == (8, 32, 32)
@@ -127,16 +118,17 @@ def test_whole_photograph_context_cuts_crops_from_the_photograph_maps(ddpm_and_d
     from diffusers_retina.data.modality import field_of_view_masks, fill_outside_field_of_view
 
     ddpm, data = ddpm_and_data
-    script = load_script()
+    script = load_script("train_feature_head")
     image, item = aperture_item(40, 48, 18)
     items = [item]
     args = script.parse_args(["--ddpm", str(ddpm), "--train_data_dir", str(data), "--output_dir", "unused",
                               "--crop", "16", "--crops_per_image", "5", "--feature_context", "image",
                               "--policy", "anchor"])
     pipe = DiffusionFeaturePipeline.from_pretrained(ddpm)
-    _, _, _, boxes = script.random_crops(items, args, multiple=pipe.size_multiple)
+    photographs = script.prepare_photographs(items, args)
+    _, _, _, boxes = script.random_crops(items, photographs, args, multiple=pipe.size_multiple)
     assert all(top % pipe.size_multiple == 0 and left % pipe.size_multiple == 0 for _, top, left, _ in boxes)
-    features = script.whole_image_features(pipe, items, boxes, ["up.0", "up.1"], [5, 20], args)
+    features = script.whole_image_features(pipe, photographs, boxes, ["up.0", "up.1"], [5, 20], args)
     filled = fill_outside_field_of_view(image[None], field_of_view_masks(image[None]))
     whole = pipe.extract(filled, ["up.0", "up.1"], [5, 20], "anchor")
     strides = {d["name"]: d["stride"] for d in pipe.describe()}

@@ -115,18 +115,28 @@ def labelled_dataset(args):
     return [train[i] for i in range(args.num_labelled)]
 
 
-def random_crops(items, args, multiple):
+def prepare_photographs(items, args):
+    """``(image, fov)`` of each labelled photograph, computed once: the image the UNet sees (its surround filled with
+    the field of view's mean colour with ``--field_of_view 1``, as the pipeline segments) and its field of view."""
+    photographs = []
+    for item in items:
+        fov = field_of_view_masks(item["image"][None])[0]
+        image = fill_outside_field_of_view(item["image"][None], fov[None])[0] if args.field_of_view else item["image"]
+        photographs.append((image, fov))
+    return photographs
+
+
+def random_crops(items, photographs, args, multiple):
     """``--crops_per_image`` random crops of each labelled image (sizes rounded down to the UNet's factor): a fraction
-    ``--edge_crop_fraction`` centred on the field-of-view boundary, the rest uniform. Returns images, masks and the
-    field of view of every crop (all ``True`` with ``--field_of_view 0``)."""
+    ``--edge_crop_fraction`` centred on the field-of-view boundary, the rest uniform. ``photographs``: from
+    :func:`prepare_photographs`. Returns images, masks, the field of view of every crop (all ``True`` with
+    ``--field_of_view 0``) and the crop boxes ``(image index, top, left, size)``."""
     generator = torch.Generator().manual_seed(args.seed)
     crop = max(multiple, args.crop - args.crop % multiple)
     num_edge = round(args.crops_per_image * args.edge_crop_fraction)
     images, masks, fovs, boxes = [], [], [], []
-    for item_index, item in enumerate(items):
+    for item_index, (item, (image, fov)) in enumerate(zip(items, photographs)):
         height, width = item["mask"].shape
-        fov = field_of_view_masks(item["image"][None])[0]
-        image = fill_outside_field_of_view(item["image"][None], fov[None])[0] if args.field_of_view else item["image"]
         inner = F.max_pool2d((~fov)[None, None].float(), 3, stride=1, padding=1)[0, 0].bool() & fov
         boundary = inner.nonzero()  # field-of-view pixels next to the outside
         for index in range(args.crops_per_image):
@@ -147,18 +157,16 @@ def random_crops(items, args, multiple):
     return torch.stack(images), torch.stack(masks), torch.stack(fovs), boxes
 
 
-def whole_image_features(pipe, items, boxes, blocks, timesteps, args):
-    """``--feature_context image``: each labelled photograph (surround filled) goes through the UNet whole, and the
-    crops' windows are cut from its native-resolution maps (one photograph's maps in memory at a time)."""
+def whole_image_features(pipe, photographs, boxes, blocks, timesteps, args):
+    """``--feature_context image``: each labelled photograph as the UNet sees it (:func:`prepare_photographs`) goes
+    through the UNet whole, and the crops' windows are cut from its native-resolution maps (one photograph's maps in
+    memory at a time)."""
     from diffusers_retina.image_processing import pad_to_multiple
 
     strides = {d["name"]: d["stride"] for d in pipe.describe()}
     features = {name: [None] * len(boxes) for name in blocks}
-    for item_index, item in enumerate(tqdm(items, desc="whole-photograph features", leave=False)):
-        image = item["image"][None]
-        if args.field_of_view:
-            image = fill_outside_field_of_view(image, field_of_view_masks(image))
-        padded, _ = pad_to_multiple(image, pipe.size_multiple)
+    for item_index, (image, _) in enumerate(tqdm(photographs, desc="whole-photograph features", leave=False)):
+        padded, _ = pad_to_multiple(image[None], pipe.size_multiple)
         maps = pipe.extract(padded, blocks, timesteps, args.policy, seed=args.seed, batch_size=len(timesteps))
         for position, (owner, top, left, crop) in enumerate(boxes):
             if owner == item_index:
@@ -185,7 +193,8 @@ def main(argv=None):
         raise SystemExit(f"--blocks {unknown} are not blocks of this UNet; choose from {list(channels)}.")
 
     items = labelled_dataset(args)
-    images, masks, fovs, boxes = random_crops(items, args, pipe.size_multiple)
+    photographs = prepare_photographs(items, args)
+    images, masks, fovs, boxes = random_crops(items, photographs, args, pipe.size_multiple)
     logger.info(f"{len(images)} crops of {images.shape[-1]} px from {args.num_labelled} labelled image(s); "
                 f"{fovs.float().mean().item():.1%} of their pixels inside the field of view; features of the "
                 f"{'crops' if args.feature_context == 'crop' else 'whole photographs'}")
@@ -193,7 +202,7 @@ def main(argv=None):
         features = pipe.extract(images, blocks, timesteps, args.policy, seed=args.seed, cache_dir=args.cache_dir,
                                 batch_size=len(timesteps) * 4)
     else:
-        features = whole_image_features(pipe, items, boxes, blocks, timesteps, args)
+        features = whole_image_features(pipe, photographs, boxes, blocks, timesteps, args)
     size = tuple(images.shape[-2:])
     common = dict(blocks=blocks, timesteps=timesteps, block_channels=[channels[b] for b in blocks],
                   policy=args.policy, num_classes=2)
