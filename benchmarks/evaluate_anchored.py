@@ -174,10 +174,19 @@ def merge(args):
     images, crop, shift = keys.pop()
     if args.write_card and (crop or shift or sorted(images) != sorted(CHASE_DB1_TEST)):
         sys.exit("--write-card is only for the full evaluation (all 8 test images, --crop 0, no --shift).")
-    rows = [r for p in parts for r in p["rows"] if r.get("kind") != "observer"]
+    # a label measured by several parts (e.g. row 1 re-timed beside a later row) keeps its first part's figures
+    rows, seen = [], set()
+    for r in (r for p in parts for r in p["rows"] if r.get("kind") != "observer"):
+        if r["label"] not in seen:
+            seen.add(r["label"])
+            rows.append(r)
     rows.append(next(r for r in parts[0]["rows"] if r.get("kind") == "observer"))
-    result = {**parts[0], "rows": rows, "merged_from": [p["command"] for p in parts],
-              "per_image": [{k: v for p in parts for k, v in p["per_image"][i].items()} for i in range(len(images))]}
+    per_image = [{} for _ in images]
+    for part in parts:
+        for record, merged in zip(part["per_image"], per_image):
+            for key, value in record.items():
+                merged.setdefault(key, value)
+    result = {**parts[0], "rows": rows, "merged_from": [p["command"] for p in parts], "per_image": per_image}
     # the parts ran side by side (one thread each), then this merge
     result["command"] = "\n".join([f"{command} &" for command in result["merged_from"]] + ["wait", _common.command()])
     path = _common.save_json(args.output, result)

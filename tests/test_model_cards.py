@@ -115,3 +115,34 @@ def test_anchored_evaluation_refuses_to_write_cards_from_a_partial_run(tmp_path,
         with pytest.raises(SystemExit) as raised:
             parse_args([*partial, "--segmenter", f"a={tmp_path}", "--write-card", f"a={tmp_path}"])
         assert raised.value.code == 2 and "only for the full evaluation" in capsys.readouterr().err
+
+
+def test_anchored_merge_keeps_the_first_part_of_a_repeated_row(tmp_path):
+    """A row measured again in a later part (row 1 re-timed beside a new row) is listed once, with the first part's
+    figures; the new rows and every part's per-image records are kept; parts of different runs are refused."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from evaluate_anchored import merge, parse_args
+
+    first, second = fake_anchored_table(), fake_anchored_table()
+    for table in (first, second):
+        table[-1]["kind"] = "observer"
+    second[0] = {**second[0], "dice_mean": 0.5}
+    second[1] = {**second[1], "label": "5b. MedSegDiff (reference), 2 steps", "dice_mean": 0.79}
+    header = {"images": ["Image_11L"], "crop": 0, "shift": False}
+    paths = []
+    for index, (table, seconds) in enumerate([(first, 1.0), (second, 9.0)]):
+        per_image = [{"image": "Image_11L", table[0]["label"]: {"seconds": seconds},
+                      table[1]["label"]: {"seconds": seconds}}]
+        paths.append(tmp_path / f"part{index}.json")
+        paths[-1].write_text(json.dumps({**header, "rows": table, "per_image": per_image, "command": f"part {index}"}))
+    merged = merge(parse_args(["--merge", *map(str, paths), "--output", str(tmp_path / "merged.json")]))
+    labels = [r["label"] for r in merged["rows"]]
+    assert labels == ["1. U-Net alone (the prior)", "4a. Residual-anchored diffusion, 2 steps",
+                      "5b. MedSegDiff (reference), 2 steps", "Second observer (2ndHO)"]
+    assert merged["rows"][0]["dice_mean"] == 0.8123
+    record = merged["per_image"][0]
+    assert record["1. U-Net alone (the prior)"]["seconds"] == 1.0
+    assert record["5b. MedSegDiff (reference), 2 steps"]["seconds"] == 9.0
+    paths[1].write_text(json.dumps({**header, "shift": True, "rows": second, "per_image": [{}], "command": "x"}))
+    with pytest.raises(SystemExit):
+        merge(parse_args(["--merge", *map(str, paths), "--output", str(tmp_path / "merged.json")]))
