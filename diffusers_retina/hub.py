@@ -619,6 +619,8 @@ def feature_head_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
         labelled_stems=args["train_stems"],
         crop=args["crop"],
         crops_per_image=args["crops_per_image"],
+        feature_context=args.get("feature_context", "crop"),
+        field_of_view=bool(args.get("field_of_view", 0)),
         save_dtype=args.get("save_dtype", unet_config.get("torch_dtype", "float32")),
         data_description=data_description(record, args),
         data_scope=data_scope(record),
