@@ -243,6 +243,20 @@ def test_cache_hits_only_on_an_identical_key(tmp_path):
     finally:
         hook.remove()
     assert not list(tmp_path.glob(".*.tmp"))
+    # the same weights saved and loaded from two folders (two heads on one DDPM): their features are shared
+    shared = tmp_path / "shared"
+    for name in ("first", "second"):
+        tiny_pipe().save_pretrained(tmp_path / name)
+    first_pipe, second_pipe = (DiffusionFeaturePipeline.from_pretrained(tmp_path / name) for name in ("first", "second"))
+    assert first_pipe.unet.config._name_or_path != second_pipe.unet.config._name_or_path
+    first_pipe(unit_range(x), **{**base, "cache_dir": shared})
+    calls.clear()
+    hook = second_pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        second_pipe(unit_range(x), **{**base, "cache_dir": shared})
+    finally:
+        hook.remove()
+    assert calls == [], "the same weights from another folder missed the cache"
     with pytest.raises(ValueError, match="needs `seed`"):
         pipe(unit_range(x), blocks=["up.0"], timesteps=[10], cache_dir=tmp_path)
 

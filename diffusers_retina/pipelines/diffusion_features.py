@@ -99,6 +99,11 @@ def _is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
+def _public_config(config) -> List[tuple]:
+    """A config's entries without the private ones (``_name_or_path`` and the like), sorted: what a cache key hashes."""
+    return sorted((key, value) for key, value in config.items() if not key.startswith("_"))
+
+
 def _first_tensor(output) -> torch.Tensor:
     """Block outputs come as tensors, tuples (down blocks: ``(hidden, residuals)``) or output dataclasses."""
     if isinstance(output, torch.Tensor):
@@ -256,8 +261,10 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
     # ------------------------------------------------------------------ cache
     def weights_digest(self) -> str:
         """SHA-256 of the UNet's config and weights. Computed afresh for every cached extraction (a few ms per MB of
-        weights), so weights changed in place can never reuse features of the old ones."""
-        digest = hashlib.sha256(repr(sorted(self.unet.config.items())).encode())
+        weights), so weights changed in place can never reuse features of the old ones. Private config entries
+        (``_name_or_path``, ``_diffusers_version``, ...) are left out: the same weights loaded from another folder
+        (e.g. each head trained on one DDPM) share their features."""
+        digest = hashlib.sha256(repr(_public_config(self.unet.config)).encode())
         for name, tensor in sorted(self.unet.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -272,7 +279,7 @@ class DiffusionFeaturePipeline(RetinaPipelineMixin, DiffusionPipeline):
         digest.update((weights_digest or self.weights_digest()).encode())
         digest.update(repr((list(blocks), [int(t) for t in timesteps], policy, seed, str(dtype), num_noise_draws,
                             shared_noise, type(self.scheduler).__name__,
-                            sorted(self.scheduler.config.items()))).encode())
+                            _public_config(self.scheduler.config))).encode())
         return digest.hexdigest()
 
     @staticmethod
