@@ -21,7 +21,8 @@ For every N in ``--num-labelled`` (the first N training images, sorted: Image_01
 
 Test-image features are cached per policy in ``<work>/cache`` (keyed by image, weights, blocks, timesteps, policy and
 seed), so every head of a policy reuses them. Writes ``--output`` (JSON) and prints the tables; ``--write-card``
-also writes ``evaluation.json`` + the model card into every head folder and into the DDPM folder.
+also writes ``evaluation.json`` + the model card into every head folder and into the DDPM folder. On 2 cores, run N=20
+and N=1,2,5 as two processes (``--shift-num-labelled 0`` for the second) and join them with ``--merge A.json B.json``.
 
     python benchmarks/label_efficiency.py --ddpm checkpoints/fundus-ddpm-chase --threads 2
 """
@@ -85,6 +86,9 @@ def parse_args(argv=None):
     parser.add_argument("--work", default="runs/label-efficiency", help="Head / U-Net folders and the cache.")
     parser.add_argument("--write-card", action="store_true",
                         help="Write evaluation.json and the model card into every head folder and the DDPM folder.")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="Join complete runs of the same setting made side by side (e.g. one process for N=20, one "
+                             "for N=1,2,5) into --output, rows ordered by N; with --write-card, their cards.")
     args = parser.parse_args(argv)
     if args.shift_num_labelled and args.shift_num_labelled not in args.num_labelled:
         parser.error(f"--shift-num-labelled {args.shift_num_labelled} is not one of --num-labelled.")
@@ -253,6 +257,8 @@ def method_name(head: str, policy: str) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        return merge(args)
     device = _common.setup(args)
     if device.type != "cpu":
         print("Note: heads and the U-Net run on the CPU here (the budget comparison is a CPU one).")
@@ -278,8 +284,8 @@ def main(argv=None):
                f"{'crops' if args.feature_context == 'crop' else 'whole photographs'}), segmenting "
                f"{f'in {args.tile_size} windows' if args.tile_size else 'whole photographs'}; U-Net: same wall time "
                "as the slowest head at that N.")
-    result = {**_common.header(args, device), "ddpm": str(args.ddpm), "setting": setting, "shift": SHIFT,
-              "rows": rows, "complete": False}
+    result = {**_common.header(args, device), "ddpm": str(args.ddpm), "setting": setting, "region": region,
+              "shift": SHIFT, "rows": rows, "complete": False}
     for num_labelled in args.num_labelled:
         conditions = [("clean", test)] + ([("shifted", shifted)] if num_labelled == args.shift_num_labelled else [])
         head_seconds = []
@@ -320,7 +326,32 @@ def main(argv=None):
 
     result["complete"] = True
     path = _common.save_json(args.output, result)
+    report(args, result, path)
 
+
+def merge(args) -> Dict[str, Any]:
+    """``--merge``: complete runs of one setting (same DDPM, heads, images, crops and head budget) as one result."""
+    parts = [read_json(_common.resolve_path(path)) for path in args.merge]
+    for path, part in zip(args.merge, parts):
+        if not part or not part.get("complete"):
+            sys.exit(f"--merge: {path} is missing or not a complete run.")
+    settings = {(part["ddpm"], part["setting"]) for part in parts}
+    if len(settings) != 1:
+        sys.exit(f"--merge: the runs differ in their DDPM or setting: {sorted(settings)}")
+    rows = sorted((row for part in parts for row in part["rows"]), key=lambda row: row["num_labelled"])
+    seen = [(row["num_labelled"], row["method"], row["condition"]) for row in rows]
+    if len(seen) != len(set(seen)):
+        sys.exit("--merge: a row (N, model, condition) appears in more than one run.")
+    result = {**parts[0], "rows": rows, "merged_from": [part["command"] for part in parts],
+              "command": "\n".join([f"{part['command']} &" for part in parts] + ["wait", _common.command()])}
+    path = _common.save_json(args.output, result)
+    report(args, result, path)
+    return result
+
+
+def report(args, result: Dict[str, Any], path: Path) -> None:
+    """The tables on stdout and, with ``--write-card``, ``evaluation.json`` + the cards of the heads and the DDPM."""
+    rows, setting, region = result["rows"], result["setting"], result.get("region", "test images")
     for condition in ("clean", "shifted"):
         selected = [r for r in rows if r["condition"] == condition]
         if not selected:
@@ -343,8 +374,9 @@ def main(argv=None):
         for folder in sorted({Path(r["folder"]) for r in rows if r["head"]}):
             write_json(folder / "evaluation.json", evaluation)
             write_feature_head_card(folder)
-        write_json(_common.resolve_path(args.ddpm) / "evaluation.json", evaluation)
-        write_mask2image_card(_common.resolve_path(args.ddpm))
+        ddpm = _common.resolve_path(result["ddpm"])
+        write_json(ddpm / "evaluation.json", evaluation)
+        write_mask2image_card(ddpm)
         print("Wrote evaluation.json and the model cards of the heads and the DDPM")
 
 

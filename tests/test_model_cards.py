@@ -146,3 +146,32 @@ def test_anchored_merge_keeps_the_first_part_of_a_repeated_row(tmp_path):
     paths[1].write_text(json.dumps({**header, "shift": True, "rows": second, "per_image": [{}], "command": "x"}))
     with pytest.raises(SystemExit):
         merge(parse_args(["--merge", *map(str, paths), "--output", str(tmp_path / "merged.json")]))
+
+
+def test_label_efficiency_merge_orders_rows_and_refuses_mismatched_runs(tmp_path):
+    """Runs of one setting made side by side (N=20 | N=1,2,5) become one table ordered by N; a run of another
+    setting, an unfinished run or a row present twice is refused."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from label_efficiency import merge, parse_args
+
+    def row(n, method="PixelMLPEnsemble (anchor)", condition="clean"):
+        return {"num_labelled": n, "method": method, "condition": condition, "head": "pixel_mlp", "folder": f"h{n}",
+                "metrics": {"dice": 0.1 * n / 20, "cldice": 0.1, "auc_roc": 0.8}, "training_seconds": 1.0,
+                "seconds_per_image": 2.0}
+
+    def part(name, rows, **changes):
+        data = {"ddpm": "ddpm", "setting": "8 test images", "rows": rows, "complete": True, "command": name, **changes}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(data))
+        return str(path)
+
+    a = part("a", [row(20), row(20, condition="shifted")])
+    b = part("b", [row(1), row(5), row(2)])
+    merged = merge(parse_args(["--merge", a, b, "--output", str(tmp_path / "m.json")]))
+    assert [r["num_labelled"] for r in merged["rows"] if r["condition"] == "clean"] == [1, 2, 5, 20]
+    assert len(merged["rows"]) == 5 and merged["merged_from"] == ["a", "b"] and "wait" in merged["command"]
+    assert json.loads((tmp_path / "m.json").read_text())["rows"] == merged["rows"]
+    for bad in (part("c", [row(2)], setting="other crops"), part("d", [row(3)], complete=False),
+                part("e", [row(20)])):
+        with pytest.raises(SystemExit):
+            merge(parse_args(["--merge", a, bad, "--output", str(tmp_path / "x.json")]))
