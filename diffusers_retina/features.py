@@ -15,7 +15,7 @@ on the batch or process it runs in.
 
 Examples::
 
-    diffusers-retina features photos/ --output-dir vessels --pipeline checkpoints/feature-head-chase --tile-size 256
+    diffusers-retina features photos/ --output-dir vessels --pipeline checkpoints/feature-head-chase
     diffusers-retina features photos/ --output-dir feats --output features --blocks up.1,up.2 --timesteps 50,150
 """
 
@@ -107,7 +107,8 @@ def build_features_parser(subparsers: "argparse._SubParsersAction") -> argparse.
                         help="dtype of the features (default: float16)")
     parser.add_argument("--tile-size", type=non_negative_int, default=0, metavar="PIXELS",
                         help="segmentation: images larger than this are segmented in overlapping windows; 0 = whole "
-                        "image (default)")
+                        "image (default; heads trained on whole-photograph features, such as the reference head, "
+                        "need it)")
     parser.add_argument("--no-field-of-view", dest="field_of_view", action="store_false",
                         help="segmentation: also segment outside each photograph's field of view (default: the "
                         "aperture is found from the dark surround and everything outside it is background)")
