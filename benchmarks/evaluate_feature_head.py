@@ -6,8 +6,8 @@ photograph (``field_of_view_mask``), its surround filled with the field of view'
 background -- and scored by the package's metrics (Dice, clDice, AUC-ROC; mean over images) inside that field of view.
 ``--no-field-of-view`` segments and scores every pixel instead (the pipeline's behaviour before the field of view).
 
-    python benchmarks/evaluate_feature_head.py --pipeline checkpoints/feature-head-chase --tile-size 256 --threads 2
-    python benchmarks/evaluate_feature_head.py --pipeline runs/head-whole --tile-size 0   # whole-photograph heads
+    python benchmarks/evaluate_feature_head.py --pipeline checkpoints/feature-head-chase --threads 2
+    python benchmarks/evaluate_feature_head.py --pipeline runs/head-crops --tile-size 256   # heads on crop features
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from diffusers_retina.data import CHASE_DB1_TEST  # noqa: E402
 def parse_args(argv=None):
     parser = _common.base_parser(__doc__.split("\n\n")[0], "evaluate_feature_head")
     parser.set_defaults(pipeline="checkpoints/feature-head-chase")
-    parser.add_argument("--tile-size", type=int, default=256, help="Segmentation windows (0: whole photographs).")
+    parser.add_argument("--tile-size", type=int, default=0, help="Segmentation windows (0: whole photographs).")
     parser.add_argument("--no-field-of-view", dest="field_of_view", action="store_false",
                         help="Segment and score every pixel (no field of view, no fill).")
     parser.add_argument("--images", nargs="+", default=list(CHASE_DB1_TEST))
