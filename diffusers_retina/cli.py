@@ -882,6 +882,10 @@ def run_folder_command(
     print(prefix + intro(len(mine), len(items), len(run.skipped)), flush=True)
     outcome = _sharded_errors(lambda: run.execute(make_batches(mine, args.image_batch_size), process,
                                                   describe or (lambda row: f"{row['seconds']:.1f} s")))
+    if run.state.num_processes > 1:
+        # every collective is done (execute ends on a barrier): close the process group before the interpreter exits;
+        # a rank leaving with gloo's threads still alive was aborted ("terminate called without an active exception")
+        run.state.destroy_process_group()
     finish_sharded_run(outcome, verb)
     if run.state.is_main_process:
         total = f"Done in {outcome.summary.get('total_seconds', 0.0):.1f} s"
