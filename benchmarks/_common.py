@@ -262,6 +262,11 @@ def command(argv: Optional[List[str]] = None) -> str:
     return command_line(["python"] + argv)
 
 
+def merged_command(part_commands: Sequence[str]) -> str:
+    """How a ``--merge`` result was made: its parts' commands run side by side, then this merge command."""
+    return "\n".join([f"{part} &" for part in part_commands] + ["wait", command()])
+
+
 def header(args: argparse.Namespace, device: torch.device) -> Dict[str, Any]:
     """The common part of every result JSON."""
     return {

@@ -188,7 +188,7 @@ def merge(args):
                 merged.setdefault(key, value)
     result = {**parts[0], "rows": rows, "merged_from": [p["command"] for p in parts], "per_image": per_image}
     # the parts ran side by side (one thread each), then this merge
-    result["command"] = "\n".join([f"{command} &" for command in result["merged_from"]] + ["wait", _common.command()])
+    result["command"] = _common.merged_command(result["merged_from"])
     path = _common.save_json(args.output, result)
     print(table_markdown(rows))
     print(f"wrote {path}")

@@ -342,8 +342,8 @@ def merge(args) -> Dict[str, Any]:
     seen = [(row["num_labelled"], row["method"], row["condition"]) for row in rows]
     if len(seen) != len(set(seen)):
         sys.exit("--merge: a row (N, model, condition) appears in more than one run.")
-    result = {**parts[0], "rows": rows, "merged_from": [part["command"] for part in parts],
-              "command": "\n".join([f"{part['command']} &" for part in parts] + ["wait", _common.command()])}
+    merged_from = [part["command"] for part in parts]
+    result = {**parts[0], "rows": rows, "merged_from": merged_from, "command": _common.merged_command(merged_from)}
     path = _common.save_json(args.output, result)
     report(args, result, path)
     return result

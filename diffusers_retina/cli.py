@@ -888,8 +888,8 @@ def run_folder_command(
         run.state.destroy_process_group()
     finish_sharded_run(outcome, verb)
     if run.state.is_main_process:
-        total = f"Done in {outcome.summary.get('total_seconds', 0.0):.1f} s"
-        print(done(outcome) if done else f"{total}; rows: {args.output_dir / RESULTS_FILE}", flush=True)
+        print(done(outcome) if done else (f"Done in {outcome.summary.get('total_seconds', 0.0):.1f} s; rows: "
+                                          f"{args.output_dir / RESULTS_FILE}"), flush=True)
     return outcome
 
 
