@@ -16,7 +16,8 @@ Tabs (and their API names, for ``gradio_client``):
 Masks come back as lossless PNGs (0/255) through the UI and the API (gradio's default image format, WebP, is lossy).
 Each checkpoint can be replaced by a folder or Hub repo with ``DIFFUSERS_RETINA_PIPELINE``,
 ``DIFFUSERS_RETINA_MASK2IMAGE``, ``DIFFUSERS_RETINA_FEATURES`` and ``DIFFUSERS_RETINA_ADAPTDIFF``. Runs on CPU: inputs are downscaled (longer side at
-most ``MAX_SIDE`` / ``SMALL_SIDE`` pixels) and the default step counts are small. No network at run time unless
+most ``MAX_SIDE`` / ``SMALL_SIDE`` pixels; the features tab instead brings the field of view to the head's training
+scale, ``FEATURE_FOV_DIAMETER`` pixels across) and the default step counts are small. No network at run time unless
 ``HF_HUB_OFFLINE=0`` is set.
 """
 
@@ -40,6 +41,7 @@ from diffusers_retina import (  # noqa: E402
     Mask2ImagePipeline,
     SegmentationEnsemblePipeline,
 )
+from diffusers_retina.data.modality import field_of_view_diameter  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_PIPELINE = str(ROOT / "checkpoints" / "segmentation-ensemble-chase")
@@ -50,8 +52,13 @@ EXAMPLES = ROOT / "space" / "examples"
 EXAMPLE_FUNDUS = EXAMPLES / "retina_256.png"  # skimage.data.retina() (public domain), downscaled to 256 px
 EXAMPLE_VESSELS = EXAMPLES / "retina_256_vessels.png"  # the segmentation tab's mask of it (seed 0, 5 members)
 EXAMPLE_ANGIOGRAM = EXAMPLES / "retina_256_fa.png"  # fluorescein_like(retina_256.png, seed=0)
+# skimage.data.retina() resized so its field of view spans FEATURE_FOV_DIAMETER px (the features tab's example)
+EXAMPLE_FUNDUS_FULL = EXAMPLES / "retina_920.jpg"
 MAX_SIDE = 512  # segmentation inputs (tiled in 256-pixel windows)
-SMALL_SIDE = 256  # mask -> image and features -> segmentation inputs
+SMALL_SIDE = 256  # mask -> image and adaptation inputs
+# The feature head learnt from whole CHASE_DB1 photographs, whose field of view is about 920 px across (median of the
+# 20 training photographs, `field_of_view_diameter`): the features tab brings every photograph to that scale.
+FEATURE_FOV_DIAMETER = 920
 FUSIONS = ["mean", "majority", "staple"]
 
 
@@ -74,6 +81,20 @@ def downscale(image: PIL.Image.Image, max_side: int = MAX_SIDE,
     if scale >= 1:
         return image
     return image.resize((round(image.width * scale), round(image.height * scale)), resample)
+
+
+def match_field_of_view(image: PIL.Image.Image, diameter: int = FEATURE_FOV_DIAMETER
+                        ) -> Tuple[PIL.Image.Image, float]:
+    """``image`` resized (bicubic) so that its field of view spans ``diameter`` pixels, and the scale applied. An image
+    without a dark surround (a crop inside the retina) has no field of view to measure: it is only downscaled, to a
+    longer side of at most ``diameter``. The result's longer side is capped at twice ``diameter``."""
+    found = field_of_view_diameter(np.asarray(image.convert("RGB")))
+    scale = diameter / found if found else min(1.0, diameter / max(image.size))
+    scale = min(scale, 2 * diameter / max(image.size))
+    if abs(scale - 1) < 1e-3:
+        return image, 1.0
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, PIL.Image.BICUBIC), scale
 
 
 def binary_png(mask) -> PIL.Image.Image:
@@ -119,16 +140,21 @@ def synthesize(mask: PIL.Image.Image, steps: int = 10, guidance_scale: float = 1
 
 def segment_features(image: PIL.Image.Image, seed: int = 0,
                      pipeline: Optional[str] = None) -> Tuple[PIL.Image.Image, PIL.Image.Image, str]:
-    """Vessels from a frozen DDPM's features and a pixel-MLP head; returns (mask 0/255, uncertainty map, summary)."""
+    """Vessels from a frozen DDPM's features and a pixel-MLP head; returns (mask 0/255, uncertainty map, summary).
+
+    The photograph is first brought to the scale the head learnt at (:func:`match_field_of_view`) and segmented whole,
+    as the head was trained; the mask and map come back at that scale."""
     if image is None:
         raise ValueError("Upload a fundus photograph first.")
     pipe = load(DiffusionFeaturePipeline, pipeline or os.environ.get("DIFFUSERS_RETINA_FEATURES", DEFAULT_FEATURES))
-    image = downscale(image.convert("RGB"), SMALL_SIDE)
+    original = image.size
+    image, scale = match_field_of_view(image.convert("RGB"))
     out = pipe(image, output="segmentation", seed=int(seed))
     mask = out.masks[0]
     # the head's uncertainty is an entropy in nats: at most log 2 for two classes, shown as 0..255
     uncertainty = (out.uncertainty[0].float() / np.log(2.0)).clamp(0, 1).mul(255).round().byte().numpy()
-    summary = (f"{image.width}x{image.height} px: vessel fraction {(mask > 0).float().mean():.3f}, mean uncertainty "
+    summary = (f"{original[0]}x{original[1]} px photograph segmented at {image.width}x{image.height} px (x{scale:.2f}, "
+               f"the head's scale): vessel fraction {(mask > 0).float().mean():.3f}, mean uncertainty "
                f"{out.uncertainty[0].float().mean():.4f} nats")
     return binary_png(mask), PIL.Image.fromarray(uncertainty, mode="L"), summary
 
@@ -210,9 +236,12 @@ def build_demo():
 
         with gr.Tab("Features → segmentation"):
             gr.Markdown("A frozen fundus DDPM as a feature extractor (ddpm-segmentation / DiffDGSSv2 anchoring) and "
-                        "a small pixel-MLP ensemble head trained on 20 labelled images.")
+                        "a small pixel-MLP ensemble head trained on 20 labelled whole photographs. The photograph is "
+                        f"resized so that its field of view spans {FEATURE_FOV_DIAMETER} px, the scale the head learnt "
+                        "at, and segmented whole: about a minute on a CPU.")
             with gr.Row():
-                feature_image = gr.Image(type="pil", label="Fundus photograph", value=fundus, format="png")
+                feature_image = gr.Image(type="pil", label="Fundus photograph", format="png",
+                                         value=_example(EXAMPLE_FUNDUS_FULL) or fundus)
                 with gr.Column():
                     feature_seed = gr.Number(value=0, precision=0, label="Seed")
                     feature_run = gr.Button("Segment from features", variant="primary")

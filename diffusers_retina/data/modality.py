@@ -68,6 +68,27 @@ def field_of_view_mask(image: np.ndarray, threshold: float = 0.1, erosion: int =
     return fov
 
 
+def field_of_view_diameter(image: np.ndarray, threshold: float = 0.1) -> Optional[int]:
+    """The diameter in pixels of a photograph's field of view (the larger side of its bounding box, before the rim
+    erosion), or ``None`` when the image has no dark surround (a crop inside the retina): the scale a model learnt
+    at. CHASE_DB1's photographs (999 x 960) have a field of view about 920 px across.
+
+    Example:
+        >>> import numpy as np
+        >>> photo = np.zeros((64, 80, 3)); yy, xx = np.mgrid[:64, :80]
+        >>> photo[(yy - 32) ** 2 + (xx - 40) ** 2 < 25 ** 2] = 0.6
+        >>> field_of_view_diameter(photo), field_of_view_diameter(np.full((8, 8), 0.5))
+        (49, None)
+    """
+    fov = field_of_view_mask(image, threshold=threshold, erosion=0)
+    if fov.all():
+        return None
+    rows, cols = np.nonzero(fov.any(axis=1))[0], np.nonzero(fov.any(axis=0))[0]
+    if rows.size == 0:
+        return None
+    return int(max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1)
+
+
 def field_of_view_masks(images: "torch.Tensor", threshold: float = 0.1, erosion: int = 2) -> "torch.Tensor":
     """:func:`field_of_view_mask` of every image of a batch as the pipelines hold it (``(N, C, H, W)`` float in
     ``[-1, 1]``); returns a bool ``(N, H, W)`` tensor on the images' device.
