@@ -137,8 +137,14 @@ def train_head(script, args, folder: Path, head: str, policy: str, num_labelled:
                  "--max_train_steps", str(args.head_steps if head == "pixel_mlp" else args.freq_steps),
                  "--pixels_per_step", str(args.pixels_per_step), "--edge_crop_fraction", str(args.edge_crop_fraction),
                  "--feature_context", args.feature_context,
-                 "--cache_dir", str(Path(args.work) / "cache"), "--seed", str(args.seed),
-                 "--output_dir", str(folder)] + data_arguments())
+                 "--seed", str(args.seed), "--output_dir", str(folder)] + data_arguments()
+                + cache_arguments(args))
+
+
+def cache_arguments(args) -> List[str]:
+    """The heads' feature cache: crop features are cached (each N cuts its own crops); whole-photograph features are
+    not, so that every head's wall time -- the U-Net's budget -- includes extracting its labelled photographs."""
+    return ["--cache_dir", str(Path(args.work) / "cache")] if args.feature_context == "crop" else []
 
 
 def train_supervised_unet(args, folder: Path, num_labelled: int, seconds: float) -> None:

@@ -148,6 +148,18 @@ def test_anchored_merge_keeps_the_first_part_of_a_repeated_row(tmp_path):
         merge(parse_args(["--merge", *map(str, paths), "--output", str(tmp_path / "merged.json")]))
 
 
+def test_label_efficiency_heads_pay_for_their_whole_photograph_features():
+    """The U-Net's budget is each head's wall time: heads on whole-photograph features get no shared feature cache
+    (a head trained after another on the same photographs would otherwise skip their extraction and shrink the
+    budget); crop-feature heads keep it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from label_efficiency import cache_arguments, parse_args
+
+    assert cache_arguments(parse_args(["--feature-context", "image", "--work", "w"])) == []
+    assert cache_arguments(parse_args(["--feature-context", "crop", "--work", "w"])) == ["--cache_dir",
+                                                                                        str(Path("w") / "cache")]
+
+
 def test_label_efficiency_merge_orders_rows_and_refuses_mismatched_runs(tmp_path):
     """Runs of one setting made side by side (N=20 | N=1,2,5) become one table ordered by N; a run of another
     setting, an unfinished run or a row present twice is refused."""

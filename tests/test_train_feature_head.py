@@ -138,6 +138,24 @@ def test_whole_photograph_context_cuts_crops_from_the_photograph_maps(ddpm_and_d
             assert features[name].shape[-1] == crop // s
             assert torch.equal(features[name][position], whole[name][0, :, :, top // s: (top + crop) // s,
                                                                      left // s: (left + crop) // s])
+    # --cache_dir keeps the whole maps: one file per photograph, read back without running the UNet
+    args.cache_dir = str(tmp_path / "cache")
+    cached = script.whole_image_features(pipe, photographs, boxes, ["up.0", "up.1"], [5, 20], args)
+    assert len(list(Path(args.cache_dir).glob("*.safetensors"))) == len(photographs)
+
+    sizes, forward = [], pipe.unet.forward
+
+    def spy(sample, *rest, **kwargs):
+        sizes.append(tuple(sample.shape[-2:]))
+        return forward(sample, *rest, **kwargs)
+
+    pipe.unet.forward = spy
+    again = script.whole_image_features(pipe, photographs, boxes, ["up.0", "up.1"], [5, 20], args)
+    dry_run = (pipe.size_multiple * 4,) * 2  # describe()'s zero image, for the strides
+    assert sizes and set(sizes) == {dry_run}, f"the UNet ran on {sizes} although the features were cached"
+    for name in ("up.0", "up.1"):
+        assert torch.equal(cached[name], features[name].to(cached[name].dtype))
+        assert torch.equal(again[name], cached[name])
     out = tmp_path / "head"
     run(["--ddpm", str(ddpm), "--head", "pixel_mlp", "--train_data_dir", str(data), "--num_labelled", "2",
          "--crop", "16", "--crops_per_image", "4", "--blocks", "up.0,up.1", "--timesteps", "5,20", "--policy",

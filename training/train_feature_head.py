@@ -160,14 +160,16 @@ def random_crops(items, photographs, args, multiple):
 def whole_image_features(pipe, photographs, boxes, blocks, timesteps, args):
     """``--feature_context image``: each labelled photograph as the UNet sees it (:func:`prepare_photographs`) goes
     through the UNet whole, and the crops' windows are cut from its native-resolution maps (one photograph's maps in
-    memory at a time)."""
+    memory at a time). With ``--cache_dir`` the whole maps are cached too, so
+    another head on the same photographs skips the UNet."""
     from diffusers_retina.image_processing import pad_to_multiple
 
     strides = {d["name"]: d["stride"] for d in pipe.describe()}
     features = {name: [None] * len(boxes) for name in blocks}
     for item_index, (image, _) in enumerate(tqdm(photographs, desc="whole-photograph features", leave=False)):
         padded, _ = pad_to_multiple(image[None], pipe.size_multiple)
-        maps = pipe.extract(padded, blocks, timesteps, args.policy, seed=args.seed, batch_size=len(timesteps))
+        maps = pipe.extract(padded, blocks, timesteps, args.policy, seed=args.seed, batch_size=len(timesteps),
+                            cache_dir=getattr(args, "cache_dir", None))
         for position, (owner, top, left, crop) in enumerate(boxes):
             if owner == item_index:
                 for name in blocks:
