@@ -160,8 +160,8 @@ def random_crops(items, photographs, args, multiple):
 def whole_image_features(pipe, photographs, boxes, blocks, timesteps, args):
     """``--feature_context image``: each labelled photograph as the UNet sees it (:func:`prepare_photographs`) goes
     through the UNet whole, and the crops' windows are cut from its native-resolution maps (one photograph's maps in
-    memory at a time). With ``--cache_dir`` the whole maps are cached too, so
-    another head on the same photographs skips the UNet."""
+    memory at a time). With ``--cache_dir`` the whole maps are cached too, so another head on the same photographs
+    skips the UNet."""
     from diffusers_retina.image_processing import pad_to_multiple
 
     strides = {d["name"]: d["stride"] for d in pipe.describe()}
