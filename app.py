@@ -89,8 +89,10 @@ def match_field_of_view(image: PIL.Image.Image, diameter: int = FEATURE_FOV_DIAM
     without a dark surround (a crop inside the retina) has no field of view to measure: it is only downscaled, to a
     longer side of at most ``diameter``. The result's longer side is capped at twice ``diameter``."""
     found = field_of_view_diameter(np.asarray(image.convert("RGB")))
-    scale = diameter / found if found else min(1.0, diameter / max(image.size))
-    scale = min(scale, 2 * diameter / max(image.size))
+    if found is None:
+        resized = downscale(image, diameter)
+        return resized, resized.width / image.width
+    scale = min(diameter / found, 2 * diameter / max(image.size))
     if abs(scale - 1) < 1e-3:
         return image, 1.0
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))

@@ -85,9 +85,9 @@ def test_features_tab_brings_the_field_of_view_to_the_heads_scale(app_module):
     from diffusers_retina.data.modality import field_of_view_diameter
 
     for width, height, diameter in ((300, 260, 240), (2400, 2000, 1800)):
-        resized, scale = app_module.match_field_of_view(disc_photograph(width, height, diameter))
-        assert scale == pytest.approx(target / field_of_view_diameter(np.asarray(disc_photograph(width, height,
-                                                                                                 diameter))))
+        photo = disc_photograph(width, height, diameter)
+        resized, scale = app_module.match_field_of_view(photo)
+        assert scale == pytest.approx(target / field_of_view_diameter(np.asarray(photo)))
         assert resized.size == (round(width * scale), round(height * scale))
         assert abs(field_of_view_diameter(np.asarray(resized)) - target) <= 3
     crop = PIL.Image.new("RGB", (300, 200), (150, 60, 30))

@@ -169,7 +169,7 @@ def whole_image_features(pipe, photographs, boxes, blocks, timesteps, args):
     for item_index, (image, _) in enumerate(tqdm(photographs, desc="whole-photograph features", leave=False)):
         padded, _ = pad_to_multiple(image[None], pipe.size_multiple)
         maps = pipe.extract(padded, blocks, timesteps, args.policy, seed=args.seed, batch_size=len(timesteps),
-                            cache_dir=getattr(args, "cache_dir", None))
+                            cache_dir=args.cache_dir)
         for position, (owner, top, left, crop) in enumerate(boxes):
             if owner == item_index:
                 for name in blocks:

@@ -83,9 +83,7 @@ def field_of_view_diameter(image: np.ndarray, threshold: float = 0.1) -> Optiona
     fov = field_of_view_mask(image, threshold=threshold, erosion=0)
     if fov.all():
         return None
-    rows, cols = np.nonzero(fov.any(axis=1))[0], np.nonzero(fov.any(axis=0))[0]
-    if rows.size == 0:
-        return None
+    rows, cols = np.nonzero(fov.any(axis=1))[0], np.nonzero(fov.any(axis=0))[0]  # never empty: see the mask
     return int(max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1)
 
 
