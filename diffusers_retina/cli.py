@@ -970,7 +970,7 @@ def _segment_nifti_case(pipe: SegmentationEnsemblePipeline, case: NiftiCase, arg
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``diffusers-retina`` argument parser with all sub-commands."""
-    from . import adapt, demo, features, push, synthesize
+    from . import adapt, demo, features, measure_command, push, synthesize
 
     parser = argparse.ArgumentParser(
         prog="diffusers-retina",
@@ -980,6 +980,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     build_segment_parser(subparsers)
+    measure_command.build_measure_parser(subparsers)
     synthesize.build_synthesize_parser(subparsers)
     features.build_features_parser(subparsers)
     adapt.build_adapt_parser(subparsers)

@@ -216,3 +216,11 @@ def test_member_intervals_quantiles_and_conformal_scale():
 
 def test_core_measures_are_measures():
     assert set(CORE_MEASURES) <= set(MEASURE_NAMES) and len(CORE_MEASURES) == 6
+
+
+def test_module_examples_run():
+    import doctest
+
+    import diffusers_retina.measures
+
+    assert doctest.testmod(diffusers_retina.measures).failed == 0
