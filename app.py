@@ -4,8 +4,9 @@
 
 Tabs (and their API names, for ``gradio_client``):
 
-* **Segment with uncertainty** (``/segment``) -- ``SegmentationEnsemblePipeline``, ``checkpoints/segmentation-ensemble-chase``:
-  fused vessel mask, predictive-entropy map and the ensemble members.
+* **Segment with uncertainty** (``/segment``) -- ``SegmentationEnsemblePipeline``, ``checkpoints/segmentation-anchored-chase``
+  (residual-anchored diffusion on a U-Net prior): fused vessel mask, predictive-entropy map, the ensemble members and
+  the vessel measures with their 90 % intervals over the members (in pixels of the downscaled photograph).
 * **Mask -> image** (``/synthesize``) -- ``Mask2ImagePipeline``, ``checkpoints/mask2image-chase``: a fundus image
   painted from a vessel mask.
 * **Features -> segmentation** (``/features``) -- ``DiffusionFeaturePipeline``, ``checkpoints/feature-head-chase``: a
@@ -42,15 +43,25 @@ from diffusers_retina import (  # noqa: E402
     SegmentationEnsemblePipeline,
 )
 from diffusers_retina.data.modality import field_of_view_diameter  # noqa: E402
+from diffusers_retina.measures import (  # noqa: E402
+    MEASURE_NAMES,
+    MeasureError,
+    format_measure,
+    load_interval_factors,
+    measure_with_intervals,
+    measures_record,
+    photograph_field_of_view,
+)
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_PIPELINE = str(ROOT / "checkpoints" / "segmentation-ensemble-chase")
+DEFAULT_PIPELINE = str(ROOT / "checkpoints" / "segmentation-anchored-chase")
 DEFAULT_MASK2IMAGE = str(ROOT / "checkpoints" / "mask2image-chase")
 DEFAULT_FEATURES = str(ROOT / "checkpoints" / "feature-head-chase")
 DEFAULT_ADAPTDIFF = str(ROOT / "checkpoints" / "adaptdiff-chase-fa")
 EXAMPLES = ROOT / "space" / "examples"
 EXAMPLE_FUNDUS = EXAMPLES / "retina_256.png"  # skimage.data.retina() (public domain), downscaled to 256 px
-EXAMPLE_VESSELS = EXAMPLES / "retina_256_vessels.png"  # the segmentation tab's mask of it (seed 0, 5 members)
+# a mask of it from the plain diffusion reference (checkpoints/segmentation-ensemble-chase, seed 0, 5 members)
+EXAMPLE_VESSELS = EXAMPLES / "retina_256_vessels.png"
 EXAMPLE_ANGIOGRAM = EXAMPLES / "retina_256_fa.png"  # fluorescein_like(retina_256.png, seed=0)
 # skimage.data.retina() resized so its field of view spans FEATURE_FOV_DIAMETER px (the features tab's example)
 EXAMPLE_FUNDUS_FULL = EXAMPLES / "retina_920.jpg"
@@ -109,11 +120,13 @@ def binary_png(mask) -> PIL.Image.Image:
 
 
 def segment(image: PIL.Image.Image, ensemble_size: int = 5, steps: int = 2, fusion: str = "mean", seed: int = 0,
-            pipeline: str = None) -> Tuple[PIL.Image.Image, PIL.Image.Image, List[PIL.Image.Image], str]:
-    """Segment one photograph; returns (fused mask 0/255, entropy map, member probability maps, summary text)."""
+            pipeline: str = None) -> Tuple[PIL.Image.Image, PIL.Image.Image, List[PIL.Image.Image], str, str]:
+    """Segment one photograph; returns (fused mask 0/255, entropy map, member probability maps, summary text, vessel
+    measures with their 90 % intervals over the members, one per line)."""
     if image is None:
         raise ValueError("Upload a fundus photograph first.")
-    pipe = load_pipeline(pipeline or os.environ.get("DIFFUSERS_RETINA_PIPELINE", DEFAULT_PIPELINE))
+    location = pipeline or os.environ.get("DIFFUSERS_RETINA_PIPELINE", DEFAULT_PIPELINE)
+    pipe = load_pipeline(location)
     image = downscale(image.convert("RGB"))
     out = pipe(image, num_inference_steps=int(steps), ensemble_size=int(ensemble_size), fusion=fusion,
                tile_size=256, generator=torch.Generator().manual_seed(int(seed)), return_members=True)
@@ -121,7 +134,23 @@ def segment(image: PIL.Image.Image, ensemble_size: int = 5, steps: int = 2, fusi
     entropy = np.asarray(out.entropy[0], dtype=np.float32) / 255.0 * np.log(2.0)
     summary = (f"{image.width}x{image.height} px, {int(ensemble_size)} members, {int(steps)} steps, fusion={fusion}: "
                f"vessel fraction {vessel_fraction:.3f}, mean predictive entropy {entropy.mean():.4f} nats")
-    return binary_png(out.masks[0]), out.entropy[0], out.members[0], summary
+    return binary_png(out.masks[0]), out.entropy[0], out.members[0], summary, measures_text(image, out, location)
+
+
+def measures_text(image: PIL.Image.Image, out, location: str) -> str:
+    """The fused mask's vessel measures with their 90 % intervals over the members (in pixels), one per line."""
+    fov, note = photograph_field_of_view(np.asarray(image))
+    factors, label = load_interval_factors(location) if Path(location).is_dir() else (None, "raw member quantiles")
+    members = [np.asarray(member) > 127 for member in out.members[0]]
+    try:
+        fused, intervals = measure_with_intervals(np.asarray(out.masks[0]) > 0, members, fov,
+                                                  interval_factors=factors, name="photograph")
+    except MeasureError as error:
+        return f"No measures: {error}"
+    record = measures_record(fused, intervals, note)
+    header = (f"Field of view: {record['field_of_view']}; values in pixels of the {image.width}x{image.height} image; "
+              f"interval: {label if intervals else 'none (fewer than two members with vessels)'}")
+    return "\n".join([header] + [format_measure(name, record["measures"][name]) for name in MEASURE_NAMES])
 
 
 def synthesize(mask: PIL.Image.Image, steps: int = 10, guidance_scale: float = 1.5, seed: int = 0,
@@ -196,8 +225,9 @@ def build_demo():
                     "`skimage.data.retina()` (public domain). Runs on a CPU: keep images small and steps few.")
 
         with gr.Tab("Segment with uncertainty"):
-            gr.Markdown("Each ensemble member is one diffusion sample of the vessel mask; their disagreement is the "
-                        "uncertainty (predictive entropy).")
+            gr.Markdown("Each ensemble member is one diffusion sample of the vessel mask, anchored on a U-Net's "
+                        "prediction; their disagreement is the uncertainty (predictive entropy), and measuring each "
+                        "member gives each vessel measure an interval.")
             with gr.Row():
                 image = gr.Image(type="pil", label="Fundus photograph", value=fundus, format="png")
                 with gr.Column():
@@ -211,8 +241,9 @@ def build_demo():
                 entropy = gr.Image(label="Predictive entropy", format="png", type="pil")
             members = gr.Gallery(label="Members (vessel probability)", columns=5, format="png")
             summary = gr.Textbox(label="Summary")
-            run.click(segment, [image, ensemble_size, steps, fusion, seed], [mask, entropy, members, summary],
-                      api_name="segment")
+            measures = gr.Textbox(label="Vessel measures [90 % interval over the members]", lines=11)
+            run.click(segment, [image, ensemble_size, steps, fusion, seed],
+                      [mask, entropy, members, summary, measures], api_name="segment")
             if fundus:
                 gr.Examples([[fundus]], inputs=[image], cache_examples=False)
 

@@ -94,7 +94,7 @@ def _apply_offline_mode() -> None:
 ONLINE_COMMANDS = ("push",)
 
 #: The embedded reference checkpoint, trained by ``training/train_segmentation_ensemble.py``.
-DEFAULT_PIPELINE: Path = Path(diffusers_retina.__file__).resolve().parents[1] / "checkpoints" / "segmentation-ensemble-chase"
+DEFAULT_PIPELINE: Path = Path(diffusers_retina.__file__).resolve().parents[1] / "checkpoints" / "segmentation-anchored-chase"
 
 #: Image files a folder INPUT is scanned for (lower-case suffixes).
 IMAGE_EXTENSIONS: Tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")

@@ -10,7 +10,7 @@ It segments
    entropy on wrongly vs correctly classified pixels).
 
 It prints the figures, writes a PNG panel (one row per image: input | member 1..E | fused mask | uncertainty |
-reference) and the figures as JSON next to the panel. CHASE_DB1: Fraz et al., IEEE TBME 59(9):2538-2548, 2012
+reference | vessel measures with their 90 % intervals over the members) and the figures as JSON next to the panel. CHASE_DB1: Fraz et al., IEEE TBME 59(9):2538-2548, 2012
 (CC BY 4.0).
 
 Example::
@@ -48,6 +48,15 @@ from .cli import (
     write_files_atomically,
 )
 from .data import DataError, chase_db1, default_chase_db1_root
+from .measures import (
+    CORE_MEASURES,
+    MeasureError,
+    format_measure,
+    load_interval_factors,
+    measure_with_intervals,
+    measures_record,
+    photograph_field_of_view,
+)
 from .metrics import segmentation_metrics
 
 #: The CHASE_DB1 test image of the demo and its reference annotation.
@@ -170,8 +179,10 @@ def load_chase(crop: Optional[int]) -> Optional[Tuple[np.ndarray, np.ndarray, st
 # ------------------------------------------------------------------------------------------------ segmentation
 
 
-def segment_case(case: DemoCase, pipe, args: argparse.Namespace) -> None:
-    """Run the pipeline on ``case.image``; fill the case's maps and figures (metrics when it has a reference)."""
+def segment_case(case: DemoCase, pipe, args: argparse.Namespace,
+                 interval_factors: Optional[Dict[str, float]] = None) -> None:
+    """Run the pipeline on ``case.image``; fill the case's maps and figures (metrics when it has a reference, and
+    the vessel measures of the fused mask with their 90 % intervals from the members)."""
     started = time.perf_counter()
     result = pipe(
         case.image,
@@ -214,6 +225,14 @@ def segment_case(case: DemoCase, pipe, args: argparse.Namespace) -> None:
         figures["mean_entropy_error_pixels"] = float(case.entropy[errors].mean()) if errors.any() else math.nan
         figures["mean_entropy_correct_pixels"] = float(case.entropy[~errors].mean()) if (~errors).any() else math.nan
         figures["metrics_note"] = "computed over the whole image (CHASE_DB1 ships no field-of-view masks)"
+    if binary:
+        fov, note = photograph_field_of_view(case.image)
+        try:
+            fused, intervals = measure_with_intervals(case.mask > 0, [m > args.threshold for m in case.members], fov,
+                                                      interval_factors=interval_factors, name=case.name)
+            figures.update(measures_record(fused, intervals, note))
+        except MeasureError as error:  # e.g. nothing segmented: the demo still shows its pictures
+            figures["measures_error"] = str(error)
     case.figures = figures
 
 
@@ -235,6 +254,9 @@ def describe(case: DemoCase) -> str:
             f"  mean entropy on error pixels {figures['mean_entropy_error_pixels']:.4f} nats vs on correct pixels "
             f"{figures['mean_entropy_correct_pixels']:.4f} nats ({figures['error_fraction']:.2%} of pixels wrong)"
         )
+    if "measures" in figures:
+        lines.append("  measures (90 % interval over members): " + "; ".join(
+            format_measure(key, figures["measures"][key]) for key in CORE_MEASURES))
     return "\n".join(lines)
 
 
@@ -280,7 +302,20 @@ def case_tiles(case: DemoCase, max_entropy: float, fusion: str) -> List[Tuple[st
     tiles.append((f"entropy (0..{max_entropy:.2f} nats)", PIL.Image.fromarray(colormap(case.entropy / max_entropy))))
     reference = None if case.reference is None else _grey(case.reference.astype(np.float64))
     tiles.append((f"reference {CHASE_REFERENCE}" if reference is not None else "reference", reference))
+    if "measures" in case.figures:
+        lines = [format_measure(key, case.figures["measures"][key]) for key in CORE_MEASURES + ("end_points",)]
+        tiles.append(("measures [90 % interval]", _text_tile(lines)))
     return tiles
+
+
+def _text_tile(lines: List[str], width: int = 300) -> PIL.Image.Image:
+    """Lines of text on a white TILE_HEIGHT tile."""
+    tile = PIL.Image.new("RGB", (width, TILE_HEIGHT), BACKGROUND)
+    draw = PIL.ImageDraw.Draw(tile)
+    font = PIL.ImageFont.load_default()
+    for index, line in enumerate(lines):
+        draw.text((4, 6 + index * 16), line, fill=TEXT, font=font)
+    return tile
 
 
 def _caption(case: DemoCase) -> str:
@@ -366,9 +401,10 @@ def run_demo(args: argparse.Namespace) -> int:
         print("CHASE_DB1 not found (set DIFFUSERS_RETINA_DATA or place it in <repository>/../shared/data/chase_db1): "
               "only skimage.data.retina() is segmented.", flush=True)
 
+    interval_factors, interval_label = load_interval_factors(source)
     for case in cases:
         pipe.set_progress_bar_config(desc=case.name, leave=False)
-        segment_case(case, pipe, args)
+        segment_case(case, pipe, args, interval_factors)
         print(describe(case), flush=True)
 
     max_entropy = math.log(pipe.num_classes)
@@ -389,6 +425,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "device": str(device),
             "dtype": args.dtype,
             "threads": torch.get_num_threads(),
+            "measure_intervals": interval_label,
         },
         "images": [case.figures for case in cases],
         "chase_db1": "present" if chase is not None else "absent",

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import time
 from pathlib import Path
@@ -58,18 +57,19 @@ from .cli import (
     segment_images,
     write_files_atomically,
 )
-from .data.modality import field_of_view_mask
 from .measures import (
     DEFAULT_CONFIDENCE,
     MEASURE_NAMES,
     MeasureError,
     as_binary_mask,
+    load_interval_factors,
     measure_with_intervals,
+    measures_record,
+    photograph_field_of_view,
 )
 from .sharded_inference import RESULTS_FILE, WorkItem, process_state, read_rows
 
 MEASURES_FILE = "measures.csv"
-CALIBRATION_FILE = "measure_intervals.json"
 positive_float = bounded(float, 0.0, low_inclusive=False)
 PIXEL_NOTE = ("# values in pixels: no physical scale was given (--pixel-size-um, --fov-diameter-um or "
               "--fov-degrees)")
@@ -144,40 +144,7 @@ def read_mask(path: Path) -> np.ndarray:
     return mask
 
 
-def photograph_field_of_view(image: np.ndarray) -> Tuple[np.ndarray, str]:
-    """The photograph's field of view and how it was found (the whole image when no dark surround is found)."""
-    array = image.astype(np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)
-    fov = field_of_view_mask(array if array.ndim == 3 else array[..., None])
-    if fov.all():
-        return fov, "whole image (no field of view detected)"
-    return fov, "detected"
-
-
-def load_interval_factors(source: str, confidence: float) -> Tuple[Optional[Dict[str, float]], str]:
-    """The pipeline folder's calibrated interval factors (if any, and for this confidence) and the row's label."""
-    path = Path(source) / CALIBRATION_FILE
-    if path.is_file():
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if math.isclose(record.get("confidence", -1.0), confidence):
-            return record["factors"], f"calibrated (split-conformal, {record.get('calibrated_on', 'training data')})"
-        return None, (f"raw member quantiles (the calibration in {CALIBRATION_FILE} is for confidence "
-                      f"{record.get('confidence')})")
-    return None, "raw member quantiles"
-
-
 # ------------------------------------------------------------------------------------------------ rows and CSV
-
-
-def measure_row(fused, intervals, fov_note: str) -> Dict[str, Any]:
-    row: Dict[str, Any] = {"field_of_view": fov_note + ("; " + "; ".join(fused.notes) if fused.notes else ""),
-                           "pixel_size_um": fused.pixel_size_um, "measures": {}}
-    for name in MEASURE_NAMES:
-        entry = {"value": fused.values[name], "unit": fused.units[name]}
-        if intervals is not None:
-            interval = intervals[name]
-            entry.update(mean=interval.mean, std=interval.std, low=interval.low, high=interval.high)
-        row["measures"][name] = entry
-    return row
 
 
 def csv_text(rows: Sequence[Dict[str, Any]], confidence: float) -> str:
@@ -277,7 +244,7 @@ def _mask_process(args: argparse.Namespace, scale: Dict[str, Optional[float]]):
             except MeasureError as error:
                 raise CLIError(str(error)) from error
             rows.append({"outputs": [], "input": str(mask_path), "members": 0, "interval": "none (a given mask)",
-                         "measure_seconds": time.perf_counter() - start, **measure_row(fused, None, note)})
+                         "measure_seconds": time.perf_counter() - start, **measures_record(fused, None, note)})
         return rows
 
     return process
@@ -318,7 +285,7 @@ def _segment_process(args: argparse.Namespace, scale: Dict[str, Optional[float]]
             rows.append({"outputs": [path.name for path in written], "input": str(item.payload),
                          "members": len(members), "interval": interval_label if intervals else "none (too few "
                          "members with vessels)", "segment_seconds": segment_seconds,
-                         "measure_seconds": time.perf_counter() - start, **measure_row(fused, intervals, note)})
+                         "measure_seconds": time.perf_counter() - start, **measures_record(fused, intervals, note)})
         return rows
 
     return process, source

@@ -55,6 +55,8 @@ import numpy as np
 
 UM_PER_DEGREE = 288.0
 DEFAULT_CONFIDENCE = 0.9
+#: Calibrated interval factors saved next to a pipeline (``benchmarks/evaluate_measures.py --calibration-output``).
+CALIBRATION_FILE = "measure_intervals.json"
 
 # name -> (unit without a scale, unit with a scale, power of the pixel size that converts: value * (um/px)^power,
 # then the factor to the scaled unit)
@@ -514,3 +516,57 @@ def measure_with_intervals(
     if len(member_values) < 2:
         return fused, None
     return fused, member_intervals(member_values, confidence, interval_factors)
+
+
+# ------------------------------------------------------------------------------------------------ for callers
+
+
+def photograph_field_of_view(image: np.ndarray) -> Tuple[np.ndarray, str]:
+    """A photograph's field of view (``(H, W[, C])`` uint8 or float in [0, 1]) and how it was found: ``"detected"``,
+    or the whole image when it has no dark surround."""
+    from .data.modality import field_of_view_mask
+
+    array = np.asarray(image).astype(np.float32) / (255.0 if np.asarray(image).dtype == np.uint8 else 1.0)
+    fov = field_of_view_mask(array if array.ndim == 3 else array[..., None])
+    if fov.all():
+        return fov, "whole image (no field of view detected)"
+    return fov, "detected"
+
+
+def load_interval_factors(folder, confidence: float = DEFAULT_CONFIDENCE) -> Tuple[Optional[Dict[str, float]], str]:
+    """The calibrated interval factors saved in a pipeline ``folder`` (:data:`CALIBRATION_FILE`), if any and made for
+    this ``confidence``, and a label saying which interval is used."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / CALIBRATION_FILE
+    if not path.is_file():
+        return None, "raw member quantiles"
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if math.isclose(record.get("confidence", -1.0), confidence):
+        return record["factors"], f"calibrated (split-conformal, {record.get('calibrated_on', 'training data')})"
+    return None, f"raw member quantiles ({CALIBRATION_FILE} is for confidence {record.get('confidence')})"
+
+
+def measures_record(fused: VesselMeasures, intervals: Optional[Mapping[str, MeasureInterval]],
+                    fov_note: str = "given") -> Dict:
+    """A JSON-ready record: the field of view's note, the pixel size and per measure ``value`` and ``unit`` (plus
+    ``mean``, ``std``, ``low``, ``high`` with intervals)."""
+    record: Dict = {"field_of_view": "; ".join([fov_note] + fused.notes), "pixel_size_um": fused.pixel_size_um,
+                    "measures": {}}
+    for key in MEASURE_NAMES:
+        entry = {"value": fused.values[key], "unit": fused.units[key]}
+        if intervals is not None:
+            interval = intervals[key]
+            entry.update(mean=interval.mean, std=interval.std, low=interval.low, high=interval.high)
+        record["measures"][key] = entry
+    return record
+
+
+def format_measure(key: str, entry: Mapping) -> str:
+    """One line: ``name value [low, high] unit`` (no interval without members)."""
+    unit = "" if entry["unit"] in ("-", "count", "fraction") else f" {entry['unit']}"
+    text = f"{key.replace('_', ' ')} {entry['value']:.4g}"
+    if entry.get("low") is not None and math.isfinite(entry["low"]):
+        text += f" [{entry['low']:.4g}, {entry['high']:.4g}]"
+    return text + unit

@@ -56,14 +56,36 @@ def crop(path: Path, size: int, mode: str) -> PIL.Image.Image:
 def test_segment_returns_mask_uncertainty_and_members(app_module, saved_pipeline):
     rng = np.random.default_rng(0)
     photo = PIL.Image.fromarray(rng.integers(0, 255, size=(30, 41, 3), dtype=np.uint8))
-    mask, entropy, members, summary = app_module.segment(photo, ensemble_size=3, steps=2, fusion="staple", seed=1,
-                                                         pipeline=saved_pipeline)
+    mask, entropy, members, summary, measures = app_module.segment(photo, ensemble_size=3, steps=2, fusion="staple",
+                                                                   seed=1, pipeline=saved_pipeline)
     assert mask.size == entropy.size == (41, 30)
     assert is_binary_png(mask)
     assert len(members) == 3 and all(m.size == (41, 30) for m in members)
     assert "3 members" in summary and "fusion=staple" in summary
     again = app_module.segment(photo, ensemble_size=3, steps=2, fusion="staple", seed=1, pipeline=saved_pipeline)
     assert np.array_equal(np.asarray(again[0]), np.asarray(mask))
+    assert again[4] == measures and measures  # a random tiny model: measures, or a clear reason there are none
+
+
+def test_segment_tab_measures_with_intervals(app_module, tmp_path):
+    """The measures text of the segmentation tab: every measure, the fused value and the members' interval."""
+    from types import SimpleNamespace
+
+    tube = np.zeros((64, 96), np.uint8)
+    tube[30:35, 8:88] = 255
+    wider = tube.copy()
+    wider[29] = tube[30]  # 6 px wide
+    out = SimpleNamespace(masks=[PIL.Image.fromarray(tube)],
+                          members=[[PIL.Image.fromarray(m) for m in (tube, wider, tube, wider)]])
+    photo = PIL.Image.new("RGB", (96, 64), (180, 90, 40))  # no dark surround: the whole image
+    text = app_module.measures_text(photo, out, str(tmp_path))
+    lines = text.splitlines()
+    assert lines[0].startswith("Field of view: whole image") and "raw member quantiles" in lines[0]
+    assert len(lines) == 1 + len(app_module.MEASURE_NAMES)
+    calibre = next(line for line in lines if line.startswith("calibre median"))
+    low, high = (float(v) for v in calibre.split("[")[1].split("]")[0].split(","))
+    value = float(calibre.split()[2])
+    assert value == pytest.approx(5.0, abs=0.2) and low == pytest.approx(5.0, abs=0.2) and high > 5.5
 
 
 def test_large_photographs_are_downscaled(app_module):
@@ -177,13 +199,14 @@ def test_api_returns_lossless_png_masks(running_app, app_module, tmp_path):
     client = Client(running_app.local_url, verbose=False, httpx_kwargs={"timeout": 600}, analytics_enabled=False)
     fundus = tmp_path / "fundus.png"
     crop(app_module.EXAMPLE_FUNDUS, 96, "RGB").save(fundus)
-    mask_path, entropy_path, members, summary = client.predict(handle_file(str(fundus)), 2, 1, "mean", 0,
-                                                               api_name="/segment")
+    mask_path, entropy_path, members, summary, measures = client.predict(handle_file(str(fundus)), 2, 1, "mean", 0,
+                                                                         api_name="/segment")
     assert PIL.Image.open(mask_path).format == "PNG" and PIL.Image.open(entropy_path).format == "PNG"
     assert is_binary_png(mask_path)  # lossy WebP would add grey levels
     direct = app_module.segment(PIL.Image.open(fundus), ensemble_size=2, steps=1, fusion="mean", seed=0)
     assert np.array_equal(np.asarray(PIL.Image.open(mask_path).convert("L")), np.asarray(direct[0]))
     assert len(members) == 2 and "2 members" in summary
+    assert measures == direct[4] and "vessel density" in measures
 
     vessels = tmp_path / "vessels.png"
     crop(app_module.EXAMPLE_VESSELS, 64, "L").save(vessels)
