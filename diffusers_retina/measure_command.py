@@ -62,10 +62,13 @@ from .measures import (
     MEASURE_NAMES,
     MeasureError,
     as_binary_mask,
+    fov_diameter,
     load_interval_factors,
     measure_with_intervals,
+    measure_units,
     measures_record,
     photograph_field_of_view,
+    resolve_pixel_size,
 )
 from .sharded_inference import RESULTS_FILE, WorkItem, process_state, read_rows
 
@@ -276,16 +279,26 @@ def _segment_process(args: argparse.Namespace, scale: Dict[str, Optional[float]]
             mask = np.asarray(outputs["mask"]) > 0
             threshold = round(args.threshold * 255)
             members = [np.asarray(outputs[key]) > threshold for key in outputs if key.startswith("member")]
-            try:
+            if (mask & fov).any():
                 fused, intervals = measure_with_intervals(mask, members, fov, confidence=args.confidence,
                                                           interval_factors=factors, name=str(item.payload), **scale)
-            except MeasureError as error:
-                raise CLIError(str(error)) from error
+                record = measures_record(fused, intervals, note)
+            else:  # nothing segmented: a row that says so (a study's other photographs go on)
+                intervals = None
+                record = empty_record(note + "; no vessel segmented", fov, scale)
             written = write_files_atomically(output_dir, {f"{item.name}_mask.png": png_writer(outputs["mask"])})
             rows.append({"outputs": [path.name for path in written], "input": str(item.payload),
                          "members": len(members), "interval": interval_label if intervals else "none (too few "
                          "members with vessels)", "segment_seconds": segment_seconds,
-                         "measure_seconds": time.perf_counter() - start, **measures_record(fused, intervals, note)})
+                         "measure_seconds": time.perf_counter() - start, **record})
         return rows
 
     return process, source
+
+
+def empty_record(note: str, fov: np.ndarray, scale: Dict[str, Optional[float]]) -> Dict[str, Any]:
+    """The record of a photograph in which nothing was segmented: no values, in the units its scale gives."""
+    pixel_size = resolve_pixel_size(fov_diameter(fov), **scale)
+    units = measure_units(scaled=pixel_size is not None)
+    return {"field_of_view": note, "pixel_size_um": pixel_size,
+            "measures": {name: {"value": float("nan"), "unit": units[name]} for name in MEASURE_NAMES}}

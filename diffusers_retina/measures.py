@@ -114,6 +114,11 @@ class MeasureInterval:
         return self.high - self.low
 
 
+def measure_units(scaled: bool) -> Dict[str, str]:
+    """Each measure's unit, in pixels or (``scaled``) with a physical scale."""
+    return {key: units[1] if scaled else units[0] for key, units in _UNITS.items()}
+
+
 # ------------------------------------------------------------------------------------------------ inputs
 
 
@@ -417,13 +422,10 @@ def vessel_measures(
         "branch_points": float(branch_points),
         "end_points": float(ends.sum()),
     }
-    units = {}
-    for key, (pixel_unit, scaled_unit, power, factor) in _UNITS.items():
-        if pixel_size is None:
-            units[key] = pixel_unit
-        else:
+    if pixel_size is not None:
+        for key, (_, _, power, factor) in _UNITS.items():
             values[key] = values[key] * pixel_size ** power * (factor if power else 1.0)
-            units[key] = scaled_unit
+    units = measure_units(scaled=pixel_size is not None)
     return VesselMeasures(values=values, units=units, pixel_size_um=pixel_size, fov_diameter_px=diameter,
                           notes=notes)
 
