@@ -58,7 +58,7 @@ def parse_args(argv=None):
     parser.add_argument("--anchored", default="checkpoints/segmentation-anchored-chase")
     parser.add_argument("--prior", default="checkpoints/vessel-segmenter-chase")
     parser.add_argument("--folds", default="runs/prior-maps-oof",
-                        help="make_prior_maps.py --folds output (fold-<k>/unet and summary.json).")
+                        help="make_prior_maps.py --folds 4 output (fold-<k>/unet).")
     parser.add_argument("--ensemble-size", type=int, default=5)
     parser.add_argument("--tile-size", type=int, default=256)
     parser.add_argument("--tile-overlap", type=float, default=0.25)
@@ -76,13 +76,18 @@ def load_unet(path) -> torch.nn.Module:
 
 
 def fold_segmenters(folds_dir: Path) -> Dict[str, torch.nn.Module]:
-    """``stem -> the out-of-fold segmenter that never saw it`` from a ``make_prior_maps.py --folds`` run."""
-    summary = json.loads((folds_dir / "summary.json").read_text())
+    """``stem -> the out-of-fold segmenter that never saw it`` for every fold of a ``make_prior_maps.py --folds 4``
+    run whose segmenter is saved (the split is the script's own, so a run still training its last folds can be used
+    for the folds it has finished)."""
+    sys.path.insert(0, str(_common.REPO / "training"))
+    from make_prior_maps import paired_folds
+
     by_stem = {}
-    for k, held_out in enumerate(summary["source"]["folds"]):
-        model = load_unet(folds_dir / f"fold-{k}")
-        for stem in held_out:
-            by_stem[stem] = model
+    for k, held_out in enumerate(paired_folds(list(CHASE_DB1_TRAIN), 4)):
+        if (folds_dir / f"fold-{k}" / "unet" / "config.json").is_file():
+            model = load_unet(folds_dir / f"fold-{k}")
+            for stem in held_out:
+                by_stem[stem] = model
     return by_stem
 
 
@@ -154,6 +159,9 @@ def main(argv=None) -> int:
             for stem in SPLITS[split]:
                 path = folder / f"{stem}.npz"
                 if path.is_file():
+                    continue
+                if (split == "train" and stem not in folds) or (method == "deep" and len(set(folds.values())) < 4):
+                    print(f"{method} {split} {stem}: its out-of-fold segmenter(s) are not trained yet", flush=True)
                     continue
                 image = data[data.stems.index(stem)]["image"]
                 if split == "shift":

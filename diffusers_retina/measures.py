@@ -508,7 +508,7 @@ def measure_with_intervals(
     """
     fused = vessel_measures(mask, field_of_view, name=name, **scale)
     member_values = []
-    for index, member in enumerate(members or []):
+    for index, member in enumerate([] if members is None else members):
         try:
             member_values.append(vessel_measures(member, field_of_view, name=f"{name} member {index + 1}",
                                                  **scale).values)
