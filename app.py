@@ -47,7 +47,8 @@ from diffusers_retina.measures import (  # noqa: E402
     MEASURE_NAMES,
     MeasureError,
     format_measure,
-    load_interval_factors,
+    RAW_INTERVAL_LABEL,
+    load_interval_calibration,
     measure_with_intervals,
     measures_record,
     photograph_field_of_view,
@@ -140,11 +141,12 @@ def segment(image: PIL.Image.Image, ensemble_size: int = 5, steps: int = 2, fusi
 def measures_text(image: PIL.Image.Image, out, location: str) -> str:
     """The fused mask's vessel measures with their 90 % intervals over the members (in pixels), one per line."""
     fov, note = photograph_field_of_view(np.asarray(image))
-    factors, label = load_interval_factors(location) if Path(location).is_dir() else (None, "raw member quantiles")
+    calibration = load_interval_calibration(location) if Path(location).is_dir() else None
+    label = calibration.label if calibration else RAW_INTERVAL_LABEL
     members = [np.asarray(member) > 127 for member in out.members[0]]
     try:
         fused, intervals = measure_with_intervals(np.asarray(out.masks[0]) > 0, members, fov,
-                                                  interval_factors=factors, name="photograph")
+                                                  calibration=calibration, name="photograph")
     except MeasureError as error:
         return f"No measures: {error}"
     record = measures_record(fused, intervals, note)

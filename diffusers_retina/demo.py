@@ -50,9 +50,11 @@ from .cli import (
 from .data import DataError, chase_db1, default_chase_db1_root
 from .measures import (
     CORE_MEASURES,
+    IntervalCalibration,
     MeasureError,
     format_measure,
-    load_interval_factors,
+    RAW_INTERVAL_LABEL,
+    load_interval_calibration,
     measure_with_intervals,
     measures_record,
     photograph_field_of_view,
@@ -180,7 +182,7 @@ def load_chase(crop: Optional[int]) -> Optional[Tuple[np.ndarray, np.ndarray, st
 
 
 def segment_case(case: DemoCase, pipe, args: argparse.Namespace,
-                 interval_factors: Optional[Dict[str, float]] = None) -> None:
+                 calibration: Optional[IntervalCalibration] = None) -> None:
     """Run the pipeline on ``case.image``; fill the case's maps and figures (metrics when it has a reference, and
     the vessel measures of the fused mask with their 90 % intervals from the members)."""
     started = time.perf_counter()
@@ -229,7 +231,7 @@ def segment_case(case: DemoCase, pipe, args: argparse.Namespace,
         fov, note = photograph_field_of_view(case.image)
         try:
             fused, intervals = measure_with_intervals(case.mask > 0, [m > args.threshold for m in case.members], fov,
-                                                      interval_factors=interval_factors, name=case.name)
+                                                      calibration=calibration, name=case.name)
             figures.update(measures_record(fused, intervals, note))
         except MeasureError as error:  # e.g. nothing segmented: the demo still shows its pictures
             figures["measures_error"] = str(error)
@@ -401,10 +403,10 @@ def run_demo(args: argparse.Namespace) -> int:
         print("CHASE_DB1 not found (set DIFFUSERS_RETINA_DATA or place it in <repository>/../shared/data/chase_db1): "
               "only skimage.data.retina() is segmented.", flush=True)
 
-    interval_factors, interval_label = load_interval_factors(source)
+    calibration = load_interval_calibration(source)
     for case in cases:
         pipe.set_progress_bar_config(desc=case.name, leave=False)
-        segment_case(case, pipe, args, interval_factors)
+        segment_case(case, pipe, args, calibration)
         print(describe(case), flush=True)
 
     max_entropy = math.log(pipe.num_classes)
@@ -425,7 +427,7 @@ def run_demo(args: argparse.Namespace) -> int:
             "device": str(device),
             "dtype": args.dtype,
             "threads": torch.get_num_threads(),
-            "measure_intervals": interval_label,
+            "measure_intervals": calibration.label if calibration else RAW_INTERVAL_LABEL,
         },
         "images": [case.figures for case in cases],
         "chase_db1": "present" if chase is not None else "absent",

@@ -63,7 +63,8 @@ from .measures import (
     MeasureError,
     as_binary_mask,
     fov_diameter,
-    load_interval_factors,
+    RAW_INTERVAL_LABEL,
+    load_interval_calibration,
     measure_with_intervals,
     measure_units,
     measures_record,
@@ -263,7 +264,8 @@ def _segment_process(args: argparse.Namespace, scale: Dict[str, Optional[float]]
     if pipe.num_classes != 2:
         raise CLIError(f"--pipeline '{source}' segments {pipe.num_classes} classes; vessel measures need a binary "
                        "vessel segmentation.")
-    factors, interval_label = load_interval_factors(source, args.confidence)
+    calibration = load_interval_calibration(source, args.confidence)
+    interval_label = calibration.label if calibration else RAW_INTERVAL_LABEL
     output_dir: Path = args.output_dir
 
     def process(batch: List[WorkItem]) -> List[Dict[str, Any]]:
@@ -281,7 +283,7 @@ def _segment_process(args: argparse.Namespace, scale: Dict[str, Optional[float]]
             members = [np.asarray(outputs[key]) > threshold for key in outputs if key.startswith("member")]
             if (mask & fov).any():
                 fused, intervals = measure_with_intervals(mask, members, fov, confidence=args.confidence,
-                                                          interval_factors=factors, name=str(item.payload), **scale)
+                                                          calibration=calibration, name=str(item.payload), **scale)
                 record = measures_record(fused, intervals, note)
             else:  # nothing segmented: a row that says so (a study's other photographs go on)
                 intervals = None

@@ -434,12 +434,14 @@ def vessel_measures(
 
 
 def member_intervals(member_values: Sequence[Mapping[str, float]], confidence: float = DEFAULT_CONFIDENCE,
-                     scale: Optional[Mapping[str, float]] = None) -> Dict[str, MeasureInterval]:
+                     scale: Optional[Mapping[str, float]] = None,
+                     centre: Optional[Mapping[str, float]] = None) -> Dict[str, MeasureInterval]:
     """Per measure, the members' ``mean``, ``std`` (ddof 1) and a central ``confidence`` interval.
 
     Without ``scale`` the interval is the members' own ``(1 - c) / 2`` and ``(1 + c) / 2`` quantiles (linear
     interpolation; with 5 members a 90 % interval is nearly their range). With ``scale`` (a factor per measure, from
-    :func:`conformal_scales` on calibration data) it is ``mean ± scale * std``.
+    :func:`conformal_scales` on calibration data) it is ``centre ± scale * std``, ``centre`` the members' mean unless
+    given (e.g. the fused mask's values).
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"`confidence` must lie in (0, 1), got {confidence!r}.")
@@ -455,7 +457,8 @@ def member_intervals(member_values: Sequence[Mapping[str, float]], confidence: f
         mean = float(values.mean())
         std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         if scale is not None and key in scale:
-            low, high = mean - scale[key] * std, mean + scale[key] * std
+            middle = mean if centre is None else float(centre[key])
+            low, high = middle - scale[key] * std, middle + scale[key] * std
         else:
             low, high = (float(q) for q in np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2]))
         result[key] = MeasureInterval(mean=mean, std=std, low=low, high=high)
@@ -463,18 +466,21 @@ def member_intervals(member_values: Sequence[Mapping[str, float]], confidence: f
 
 
 def conformal_scales(intervals: Sequence[Mapping[str, MeasureInterval]], references: Sequence[Mapping[str, float]],
-                     confidence: float = DEFAULT_CONFIDENCE) -> Dict[str, float]:
-    """Split-conformal factors: per measure, the ``ceil((n + 1) c) / n`` quantile of ``|reference - mean| / std``
-    over ``n`` calibration units (their intervals and reference values), so that ``mean ± factor * std`` covers a
-    new unit's reference with probability at least ``c`` when units are exchangeable. Calibrate on training
-    photographs only, never on the images the intervals are judged on."""
+                     confidence: float = DEFAULT_CONFIDENCE,
+                     centres: Optional[Sequence[Mapping[str, float]]] = None) -> Dict[str, float]:
+    """Split-conformal factors: per measure, the ``ceil((n + 1) c) / n`` quantile of ``|reference - centre| / std``
+    over ``n`` calibration units (their member intervals, reference values and, if given, centres; default the
+    members' mean), so that ``centre ± factor * std`` covers a new unit's reference with probability at least ``c``
+    when units are exchangeable. Calibrate on training photographs only, never on the images the intervals are
+    judged on."""
     scales = {}
     for key in intervals[0]:
         scores = []
-        for interval, reference in zip(intervals, references):
+        for index, (interval, reference) in enumerate(zip(intervals, references)):
             spread = max(interval[key].std, 1e-12)
-            if math.isfinite(reference[key]) and math.isfinite(interval[key].mean):
-                scores.append(abs(reference[key] - interval[key].mean) / spread)
+            middle = interval[key].mean if centres is None else centres[index][key]
+            if math.isfinite(reference[key]) and math.isfinite(middle):
+                scores.append(abs(reference[key] - middle) / spread)
         if not scores:
             continue
         level = min(1.0, math.ceil((len(scores) + 1) * confidence) / len(scores))
@@ -488,15 +494,15 @@ def measure_with_intervals(
     field_of_view=None,
     *,
     confidence: float = DEFAULT_CONFIDENCE,
-    interval_factors: Optional[Mapping[str, float]] = None,
+    calibration: Optional["IntervalCalibration"] = None,
     name: str = "mask",
     **scale: Optional[float],
 ) -> Tuple[VesselMeasures, Optional[Dict[str, MeasureInterval]]]:
     """The measures of a fused ``mask`` and, from its ensemble ``members`` (binary masks, e.g. the member
-    probabilities of ``return_members=True`` thresholded), an interval per measure (:func:`member_intervals`;
-    ``interval_factors``: calibrated ``mean ± factor * std`` instead of the raw quantiles). ``scale``: one of
-    ``pixel_size_um``, ``fov_diameter_um``, ``fov_degrees``. A member with no vessel pixel is left out; with fewer
-    than two measurable members the intervals are ``None``.
+    probabilities of ``return_members=True`` thresholded), an interval per measure (:func:`member_intervals`; with a
+    ``calibration``, ``centre ± factor * std`` instead of the raw quantiles). ``scale``: one of ``pixel_size_um``,
+    ``fov_diameter_um``, ``fov_degrees``. A member with no vessel pixel is left out; with fewer than two measurable
+    members the intervals are ``None``.
 
     Example:
         >>> import numpy as np
@@ -517,7 +523,10 @@ def measure_with_intervals(
                 raise
     if len(member_values) < 2:
         return fused, None
-    return fused, member_intervals(member_values, confidence, interval_factors)
+    if calibration is None:
+        return fused, member_intervals(member_values, confidence)
+    centre = fused.values if calibration.centre == "fused" else None
+    return fused, member_intervals(member_values, confidence, calibration.factors, centre)
 
 
 # ------------------------------------------------------------------------------------------------ for callers
@@ -535,19 +544,36 @@ def photograph_field_of_view(image: np.ndarray) -> Tuple[np.ndarray, str]:
     return fov, "detected"
 
 
-def load_interval_factors(folder, confidence: float = DEFAULT_CONFIDENCE) -> Tuple[Optional[Dict[str, float]], str]:
-    """The calibrated interval factors saved in a pipeline ``folder`` (:data:`CALIBRATION_FILE`), if any and made for
-    this ``confidence``, and a label saying which interval is used."""
+@dataclass
+class IntervalCalibration:
+    """Calibrated intervals saved next to a pipeline (:data:`CALIBRATION_FILE`): ``centre ± factors[measure] * std``
+    of the member measures, ``centre`` the members' ``"mean"`` or the ``"fused"`` mask's value; ``label`` says where
+    the factors come from."""
+
+    factors: Dict[str, float]
+    centre: str
+    confidence: float
+    label: str
+
+
+RAW_INTERVAL_LABEL = "raw member quantiles"
+
+
+def load_interval_calibration(folder, confidence: float = DEFAULT_CONFIDENCE) -> Optional[IntervalCalibration]:
+    """The calibration saved in a pipeline ``folder`` if there is one for this ``confidence``, else ``None`` (raw
+    member quantiles)."""
     import json
     from pathlib import Path
 
     path = Path(folder) / CALIBRATION_FILE
     if not path.is_file():
-        return None, "raw member quantiles"
+        return None
     record = json.loads(path.read_text(encoding="utf-8"))
-    if math.isclose(record.get("confidence", -1.0), confidence):
-        return record["factors"], f"calibrated (split-conformal, {record.get('calibrated_on', 'training data')})"
-    return None, f"raw member quantiles ({CALIBRATION_FILE} is for confidence {record.get('confidence')})"
+    if not math.isclose(record.get("confidence", -1.0), confidence):
+        return None
+    return IntervalCalibration(factors=record["factors"], centre=record.get("centre", "mean"),
+                               confidence=record["confidence"],
+                               label=f"calibrated (split-conformal, {record.get('calibrated_on', 'training data')})")
 
 
 def measures_record(fused: VesselMeasures, intervals: Optional[Mapping[str, MeasureInterval]],
