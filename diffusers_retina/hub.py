@@ -495,7 +495,21 @@ def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
         augmentation=_augmentation_text(args),
         **_common_card_fields(folder, info, record),
         evaluation=_measured_markdown(evaluation) or _evaluation_markdown(evaluation),
+        measure_intervals=_measure_intervals_markdown(folder),
     )
+
+
+def _measure_intervals_markdown(folder: Path) -> Optional[str]:
+    """The card's paragraph on the calibrated vessel-measure intervals saved in ``folder``, if any."""
+    record = read_json(folder / "measure_intervals.json")
+    if not record:
+        return None
+    factors = ", ".join(f"{name} {value:.2f}" for name, value in record["factors"].items())
+    return (f"`diffusers-retina measure` gives each vessel measure a {record['confidence']:.0%} interval from the "
+            f"ensemble members: {record['centre']} ± factor × the members' standard deviation, the factors fitted "
+            f"by split-conformal calibration on {record['calibrated_on']} ({record['unit']} units). Factors: "
+            f"{factors}. How often these intervals cover a human's measure on the test photographs is in "
+            "`docs/results.md` of the diffusers-retina repository.")
 
 
 def _common_card_fields(folder: Path, info: Dict[str, Any], record: Optional[Dict[str, Any]] = None

@@ -566,6 +566,11 @@ def load_interval_calibration(folder, confidence: float = DEFAULT_CONFIDENCE) ->
     from pathlib import Path
 
     path = Path(folder) / CALIBRATION_FILE
+    if not Path(folder).is_dir():  # a Hub repo id: the file from the local cache, if it was downloaded
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(folder), CALIBRATION_FILE)
+        path = Path(cached) if isinstance(cached, str) else path
     if not path.is_file():
         return None
     record = json.loads(path.read_text(encoding="utf-8"))

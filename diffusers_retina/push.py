@@ -11,7 +11,7 @@ explicit allow-list are uploaded in one commit:
   ``DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)`` without the package
   (:mod:`diffusers_retina.bundle`; the folder on disk is not changed);
 * ``README.md`` (the model card, uploaded naming the repo it lands in: :func:`card_for_repo`), ``training_info.json``,
-  ``evaluation.json``;
+  ``evaluation.json``, ``measure_intervals.json`` (calibrated vessel-measure intervals);
 * small PNGs (validation grids, at most :data:`MAX_PNG_BYTES` each) at the top level or in ``validation/``.
 
 Never uploaded, whatever their name: anything in ``checkpoint-*`` folders (accelerate states: optimizer,
@@ -56,6 +56,7 @@ ALLOWED_FILES = (
     ("README.md", 0),
     ("training_info.json", 0),
     ("evaluation.json", 0),
+    ("measure_intervals.json", 0),
     ("*.png", 0),
     ("validation/*.png", 1),
 )
