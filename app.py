@@ -4,9 +4,10 @@
 
 Tabs (and their API names, for ``gradio_client``):
 
-* **Segment with uncertainty** (``/segment``) -- ``SegmentationEnsemblePipeline``, ``checkpoints/segmentation-anchored-chase``
-  (residual-anchored diffusion on a U-Net prior): fused vessel mask, predictive-entropy map, the ensemble members and
-  the vessel measures with their 90 % intervals over the members (in pixels of the downscaled photograph).
+* **Segment with uncertainty** (``/segment``) -- ``SegmentationEnsemblePipeline``,
+  ``checkpoints/segmentation-anchored-chase`` (residual-anchored diffusion on a U-Net prior): fused vessel mask,
+  predictive-entropy map, the ensemble members and the vessel measures with their 90 % intervals over the members
+  (in pixels of the downscaled photograph).
 * **Mask -> image** (``/synthesize``) -- ``Mask2ImagePipeline``, ``checkpoints/mask2image-chase``: a fundus image
   painted from a vessel mask.
 * **Features -> segmentation** (``/features``) -- ``DiffusionFeaturePipeline``, ``checkpoints/feature-head-chase``: a

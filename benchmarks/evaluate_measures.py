@@ -246,7 +246,8 @@ def main(argv=None) -> int:
                                     for method in args.methods}
     for split in args.splits:
         for kind in UNIT_KINDS:
-            print(f"\n{split}, {kind} units (1stHO reference; 90 % intervals: raw | calibrated on training photographs)")
+            print(f"\n{split}, {kind} units (1stHO reference; 90 % intervals: raw | calibrated on training "
+                  "photographs)")
             rows = []
             for name in CORE_MEASURES + ("curvature", "end_points"):
                 for method in args.methods:

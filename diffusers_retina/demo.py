@@ -10,8 +10,8 @@ It segments
    entropy on wrongly vs correctly classified pixels).
 
 It prints the figures, writes a PNG panel (one row per image: input | member 1..E | fused mask | uncertainty |
-reference | vessel measures with their 90 % intervals over the members) and the figures as JSON next to the panel. CHASE_DB1: Fraz et al., IEEE TBME 59(9):2538-2548, 2012
-(CC BY 4.0).
+reference | vessel measures with their 90 % intervals over the members) and the figures as JSON next to the panel.
+CHASE_DB1: Fraz et al., IEEE TBME 59(9):2538-2548, 2012 (CC BY 4.0).
 
 Example::
 

@@ -52,6 +52,10 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy import ndimage
+
+# skan (and numba, which it compiles with) and skimage.morphology are imported where a mask is measured, so that the
+# command line, which imports this module for every sub-command, does not pay for them.
 
 UM_PER_DEGREE = 288.0
 DEFAULT_CONFIDENCE = 0.9
@@ -193,8 +197,6 @@ def default_box_sizes(diameter: int) -> List[int]:
 
 
 def _neighbour_counts(skeleton: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
     kernel = np.ones((3, 3), dtype=np.int32)
     kernel[1, 1] = 0
     return ndimage.convolve(skeleton.astype(np.int32), kernel, mode="constant") * skeleton
@@ -203,8 +205,6 @@ def _neighbour_counts(skeleton: np.ndarray) -> np.ndarray:
 def _smoothed(path: np.ndarray, sigma: float) -> np.ndarray:
     """A pixel path smoothed along its length with a Gaussian, float ``(n, 2)``. The path is extended past each end
     by point reflection (``2 p_0 - p_k``), so its ends stay where they are and a straight path stays straight."""
-    from scipy import ndimage
-
     path = path.astype(np.float64)
     if len(path) < 3:
         return path
@@ -271,11 +271,9 @@ def segment_calibres(vessels: np.ndarray, skeleton: np.ndarray, graph, table, ar
                      distance: np.ndarray, ends: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Each skeleton segment's mean width and its length (the weight): every vessel pixel is given to its nearest
     skeleton pixel (the distance transform of the skeleton's complement, with indices), and a segment's width is
-    the area it owns over its (smoothed) length ``arcs``; a free end adds the distance transform there (the thinning retracts a
-    vessel's end by about half its width). Unlike ``2 * EDT`` at the centre line, which reads a 9 px vessel at 10
-    degrees as 7.9 px, this holds for every orientation. A single skeleton pixel (a dot) is its own width."""
-    from scipy import ndimage
-
+    the area it owns over its (smoothed) length ``arcs``; a free end adds the distance transform there (the thinning
+    retracts a vessel's end by about half its width). Unlike ``2 * EDT`` at the centre line, which reads a 9 px
+    vessel at 10 degrees as 7.9 px, this holds for every orientation. A single skeleton pixel is its own width."""
     if graph is None:
         return np.array([2.0 * distance[skeleton].max() - 1.0]), np.ones(1)
     labels = graph.path_label_image()
@@ -294,8 +292,6 @@ def segment_calibres(vessels: np.ndarray, skeleton: np.ndarray, graph, table, ar
 def count_branch_points(junctions: np.ndarray, table, distance: np.ndarray, factor: float = 1.5) -> int:
     """Branch points: clusters of junction pixels (8-connected), merged when a segment shorter than ``factor`` times
     the vessel's width (``2 * EDT``) joins them (thinning splits a wide fork into two junctions a width apart)."""
-    from scipy import ndimage
-
     labels, count = ndimage.label(junctions, structure=np.ones((3, 3)))
     if table is None or count < 2:
         return int(count)
@@ -353,7 +349,6 @@ def vessel_measures(
         >>> round(m["calibre_median"], -1), m.units["calibre_median"], m["branch_points"], m["end_points"]
         (50.0, 'um', 0.0, 2.0)
     """
-    from scipy import ndimage
     from skan import Skeleton, summarize
     from skimage.morphology import skeletonize
 
