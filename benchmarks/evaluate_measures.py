@@ -73,6 +73,8 @@ def parse_args(argv=None):
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--output", default="benchmarks/results/evaluate_measures.json")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="Only measure the member files there are (filling the cache), no table.")
     parser.add_argument("--calibration-output", default=None,
                         help="Also write the anchored method's whole-photograph conformal factors here (e.g. "
                              "checkpoints/segmentation-anchored-chase/measure_intervals.json).")
@@ -130,10 +132,13 @@ def collect(args, splits: List[str]) -> Dict[Tuple[str, str, str], Dict]:
         for source in sources:
             for stem in SPLITS[split]:
                 path = cache_dir / f"{source}_{split}_{stem}.json"
+                stored = Path(args.work) / ("unet" if source == "jitter" else source) / split / f"{stem}.npz"
                 if path.is_file():
                     found[(source, split, stem)] = json.loads(path.read_text())
-                else:
+                elif source == "refs" or stored.is_file():
                     tasks.append((args.work, source, split, stem))
+                else:
+                    print(f"missing {stored} (run measure_predictions.py)", flush=True)
     if tasks:
         print(f"measuring {len(tasks)} (source, photograph) pairs with {args.processes} process(es)", flush=True)
         with ProcessPoolExecutor(max_workers=args.processes) as pool:
@@ -232,6 +237,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     _common.chase_root_or_exit()
     found = collect(args, list(args.splits) + ["train"])
+    if args.collect_only:
+        return 0
     results: Dict = {split: {} for split in args.splits}
     calibration: Dict = {}
     for kind in UNIT_KINDS:
