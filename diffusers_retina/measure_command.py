@@ -70,6 +70,7 @@ from .measures import (
     measures_record,
     photograph_field_of_view,
     resolve_pixel_size,
+    vessel_measures,
 )
 from .sharded_inference import RESULTS_FILE, WorkItem, process_state, read_rows
 
@@ -244,11 +245,11 @@ def _mask_process(args: argparse.Namespace, scale: Dict[str, Optional[float]]):
             else:
                 fov, note = photograph_field_of_view(read_input_image(photograph, 3))
             try:
-                fused, _ = measure_with_intervals(mask, None, fov, name=str(mask_path), **scale)
+                measured = vessel_measures(mask, fov, name=str(mask_path), **scale)
             except MeasureError as error:
                 raise CLIError(str(error)) from error
             rows.append({"outputs": [], "input": str(mask_path), "members": 0, "interval": "none (a given mask)",
-                         "measure_seconds": time.perf_counter() - start, **measures_record(fused, None, note)})
+                         "measure_seconds": time.perf_counter() - start, **measures_record(measured, None, note)})
         return rows
 
     return process
