@@ -233,6 +233,28 @@ def best_methods(results: Dict, split: str, kind: str) -> Dict[str, Optional[str
     return best
 
 
+def _f(value, digits=3) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "–"
+    return f"{value:.{digits}g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def table_markdown(results: Dict, split: str, kind: str, names=CORE_MEASURES + ("curvature", "end_points")) -> str:
+    """One markdown table: per measure and method, the fused error against the observers' difference, and the raw
+    and calibrated intervals' 1stHO coverage, width and width-error rank correlation."""
+    lines = ["| Measure | Method | Error | Observers | Cover 1stHO (raw / cal.) | Cover 2ndHO (raw / cal.) | "
+             "Width (raw / cal.) | ρ(width, error) (raw / cal.) |", "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        for method, tables in results[split][kind].items():
+            e = tables[name]
+            raw, cal = e["raw"], e.get("calibrated") or {}
+            lines.append(f"| {name} | {method} | {_f(e['error'])} | {_f(e['human'])} | "
+                         f"{raw['cover1']:.2f} / {_f(cal.get('cover1'), 2)} | "
+                         f"{raw['cover2']:.2f} / {_f(cal.get('cover2'), 2)} | "
+                         f"{_f(raw['width'])} / {_f(cal.get('width'))} | {_f(raw['rho'], 2)} / {_f(cal.get('rho'), 2)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     _common.chase_root_or_exit()
@@ -277,6 +299,8 @@ def main(argv=None) -> int:
                                                    split / f"{stem}.npz")["seconds"]) for stem in SPLITS[split]]
                              for split in args.splits} for method in args.methods},
     }
+    output["markdown"] = {f"{split}/{kind}": table_markdown(results, split, kind)
+                          for split in args.splits for kind in UNIT_KINDS}
     _common.save_json(args.output, _common.finite_or_none(output))
     print(f"\nwrote {args.output}")
     if args.calibration_output:
