@@ -25,7 +25,9 @@ Definitions (``D`` = the field of view's diameter in pixels, the larger side of 
   measured on its smoothed path (below), not its pixel staircase.
 * ``fractal_dimension``: box-counting dimension of the vessel mask in the field of view: the slope of
   ``log N(s)`` against ``log(1/s)`` over box sides ``s = D/256, D/128, ..., D/8`` (at least 2 px), boxes aligned to
-  the field of view's top-left corner.
+  the field of view's top-left corner. Not PVBM's ``D0`` (20 box sizes from 5 px to 0.6 of the image, best of 25
+  rotations): it reads about 0.12 lower and ranks eyes differently (``benchmarks/pvbm_agreement.py``); pass
+  ``box_sizes`` to count at other sizes.
 * ``tortuosity``: arc / chord of each skeleton segment (between junctions and ends) whose chord is at least ``D/100``,
   averaged with the arc lengths as weights; arcs are measured on the path smoothed with a Gaussian of ``D/150`` px
   (at least 3 px) and resampled every ``D/115`` px (at least 4 px), which removes the pixel staircase (a straight
@@ -38,7 +40,8 @@ Definitions (``D`` = the field of view's diameter in pixels, the larger side of 
   median and quartiles are taken over the skeleton's length (px; µm with a scale). See :func:`segment_calibres`.
 * ``branch_points``, ``end_points``: junctions (clusters of skeleton pixels with three or more neighbours, merged when
   a segment shorter than 1.5 vessel widths joins them) and ends of the skeleton, after removing spurs: end branches
-  shorter than 1.5 times the vessel's width where they join.
+  shorter than 1.5 times the vessel's width where they join. Every piece of the mask counts, so a fragmented
+  segmentation has many ends (both ends of each small piece) and ends where the field of view cuts a vessel count too.
 
 Physical scale: ``pixel_size_um``, or the field of view's diameter in micrometres (``fov_diameter_um``) or in degrees
 (``fov_degrees``, at 288 µm per degree of visual angle on the retina, the usual emmetropic-eye conversion). Without
