@@ -80,6 +80,8 @@ _UNITS: Dict[str, Tuple[str, str, int, float]] = {
     "end_points": ("count", "count", 0, 1.0),
 }
 MEASURE_NAMES: Tuple[str, ...] = tuple(_UNITS)
+#: The smallest value each measure can take: calibrated intervals are clipped there (every other measure: 0).
+LOWER_BOUNDS: Dict[str, float] = {"tortuosity": 1.0}
 # the six measures a study reports first (one per property)
 CORE_MEASURES: Tuple[str, ...] = ("vessel_density", "length_density", "fractal_dimension", "tortuosity",
                                   "calibre_median", "branch_points")
@@ -439,7 +441,7 @@ def member_intervals(member_values: Sequence[Mapping[str, float]], confidence: f
     Without ``scale`` the interval is the members' own ``(1 - c) / 2`` and ``(1 + c) / 2`` quantiles (linear
     interpolation; with 5 members a 90 % interval is nearly their range). With ``scale`` (a factor per measure, from
     :func:`conformal_scales` on calibration data) it is ``centre ± scale * std``, ``centre`` the members' mean unless
-    given (e.g. the fused mask's values).
+    given (e.g. the fused mask's values), its lower end clipped at the smallest value the measure can take.
     """
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"`confidence` must lie in (0, 1), got {confidence!r}.")
@@ -456,7 +458,7 @@ def member_intervals(member_values: Sequence[Mapping[str, float]], confidence: f
         std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         if scale is not None and key in scale:
             middle = mean if centre is None else float(centre[key])
-            low, high = middle - scale[key] * std, middle + scale[key] * std
+            low, high = max(middle - scale[key] * std, LOWER_BOUNDS.get(key, 0.0)), middle + scale[key] * std
         else:
             low, high = (float(q) for q in np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2]))
         result[key] = MeasureInterval(mean=mean, std=std, low=low, high=high)

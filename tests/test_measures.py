@@ -190,8 +190,13 @@ def test_member_intervals_quantiles_and_conformal_scale():
     interval = member_intervals(members, confidence=0.5)["a"]
     assert (interval.mean, interval.low, interval.high) == (3.0, 2.0, 4.0)
     assert interval.std == pytest.approx(np.std([1, 2, 3, 4, 5], ddof=1))
-    scaled = member_intervals(members, scale={"a": 2.0})["a"]
-    assert (scaled.low, scaled.high) == pytest.approx((3.0 - 2 * interval.std, 3.0 + 2 * interval.std))
+    scaled = member_intervals(members, scale={"a": 1.5})["a"]
+    assert (scaled.low, scaled.high) == pytest.approx((3.0 - 1.5 * interval.std, 3.0 + 1.5 * interval.std))
+    clipped = member_intervals(members, scale={"a": 2.0, "tortuosity": 5.0},
+                               centre=None)["a"]  # 3 - 2 * 1.58 < 0: no measure is negative
+    assert clipped.low == 0.0 and clipped.high == pytest.approx(3.0 + 2 * interval.std)
+    tortuous = member_intervals([{"tortuosity": v} for v in (1.0, 1.1, 1.2)], scale={"tortuosity": 5.0})
+    assert tortuous["tortuosity"].low == 1.0
     with pytest.raises(ValueError, match="two members"):
         member_intervals(members[:1])
 
