@@ -7,7 +7,10 @@ Why out of fold: a segmenter's predictions on its own training images are cleane
 images, so a refiner trained on them learns to correct too little. ``--folds K`` splits the training stems into K
 folds, trains one segmenter per fold on the other K-1 folds (``train_segmentation_ensemble.py --objective
 supervised`` with the flags after ``--``) and predicts the held-out fold, so every training image gets a prior from
-a model that never saw it -- as the test images will. ``--segmenter DIR`` instead predicts with one given segmenter
+a model that never saw it -- as the test images will. With ``--distill_from PRIOR`` the fold segmenters are
+*students* of a trained prior (no labels: they learn its decoder features and probabilities on the other folds), so
+the folder also serves ``train_segmentation_ensemble.py --refiner features --prior_folds`` (features in the prior's
+own feature space, out of fold). ``--segmenter DIR`` instead predicts with one given segmenter
 (for the in-sample comparison). ``summary.json`` records the split and each map's Dice against its reference.
 
 Resumable: a fold whose segmenter is saved is not trained again (its ``--resume_from_checkpoint latest`` picks up an
@@ -46,6 +49,9 @@ def parse_args(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--folds", type=int, help="K: train K segmenters, each predicts the fold it did not see.")
     source.add_argument("--segmenter", help="Predict every stem with this saved segmenter (a UNet2DModel folder).")
+    parser.add_argument("--distill_from", default=None,
+                        help="With --folds: train each fold's segmenter as a student of this saved prior (a "
+                             "UNet2DModel folder) instead of on the labels.")
     parser.add_argument("--tile_size", type=int, default=256)
     parser.add_argument("--tile_overlap", type=float, default=0.25)
     parser.add_argument("--overwrite", action="store_true")
@@ -57,6 +63,11 @@ def parse_args(argv=None):
     args.training_args = argv[split + 1:]
     if args.folds is not None and args.folds < 2:
         parser.error(f"--folds must be at least 2, got {args.folds}.")
+    if args.distill_from is not None:
+        if args.folds is None:
+            parser.error("--distill_from trains the fold segmenters: it needs --folds.")
+        if not os.path.isfile(os.path.join(args.distill_from, "config.json")):
+            parser.error(f"--distill_from {args.distill_from!r} has no config.json (a saved UNet2DModel folder).")
     if args.segmenter is not None and args.training_args:
         parser.error("Training flags after `--` are only used with --folds.")
     if not 0 <= args.tile_overlap < 1 or args.tile_size < 1:
@@ -119,6 +130,10 @@ def main(argv=None):
 
         folds = paired_folds(stems, args.folds)
         summary["source"] = {"folds": folds, "training_args": args.training_args}
+        distill = []
+        if args.distill_from is not None:
+            summary["source"]["distill_from"] = os.path.abspath(args.distill_from)
+            distill = ["--distill_from", args.distill_from]
         for k, held_out in enumerate(folds):
             fold_dir = output_dir / f"fold-{k}"
             if not (fold_dir / "unet" / "config.json").is_file():
@@ -128,7 +143,7 @@ def main(argv=None):
                     "--objective", "supervised", "--train_data_dir", args.train_data_dir,
                     "--image_dir", args.image_dir, "--mask_dir", args.mask_dir, "--image_suffix", args.image_suffix,
                     "--mask_suffix", args.mask_suffix, "--train_stems", train_stems, "--output_dir", str(fold_dir),
-                    "--resume_from_checkpoint", "latest", *args.training_args,
+                    "--resume_from_checkpoint", "latest", *distill, *args.training_args,
                 ])
                 torch.set_grad_enabled(False)
             segmenter = UNet2DModel.from_pretrained(str(fold_dir / "unet")).float().eval()

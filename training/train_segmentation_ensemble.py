@@ -21,6 +21,13 @@ starts from the noised prior). ``--prior_segmenter DIR`` is the segmenter saved 
 (the one that made the test-time priors). With ``--objective supervised`` the prior maps make a deterministic cascade
 (``[image | prior]`` in, logits out: the control with no noise).
 
+Feature-reusing refiner: ``--refiner features --prior_folds DIR`` trains a ``PriorFeatureRefinerModel`` (a light head
+over the prior's last decoder features, computed once per image at inference) instead of a second U-Net. Its training
+priors *and features* come, on every augmented patch, from the out-of-fold student that did not see the photograph
+(``make_prior_maps.py --folds K --distill_from PRIOR``: students distilled from the shipped prior, so their features are
+the prior's). ``--objective supervised --distill_from PRIOR`` is how those students are trained: no labels, the loss is
+the distance to the prior's decoder features plus the BCE to its probabilities.
+
 In the shape of diffusers' ``examples/unconditional_image_generation/train_unconditional.py``: one file, argparse at
 the top, ``main()`` with the accelerate loop. Runs unchanged on CPU, one GPU or many
 (``accelerate launch --multi_gpu training/train_segmentation_ensemble.py ...``).
@@ -47,7 +54,8 @@ from tqdm.auto import tqdm
 from diffusers_retina import SegmentationEnsemblePipeline
 from diffusers_retina.image_processing import mask_to_diffusion
 from diffusers_retina.metrics import dice as dice_score
-from diffusers_retina.models import MedSegDiffUNet2DModel
+from diffusers_retina.fold_priors import FoldPriors
+from diffusers_retina.models import MedSegDiffUNet2DModel, PriorFeatureRefinerModel, segmenter_features
 from diffusers_retina.pipelines.sampling import segmenter_probabilities
 from diffusers_retina.training_utils import (
     add_data_arguments,
@@ -110,6 +118,18 @@ def parse_args(argv=None):
                         help="--anchor strength: fraction of the noise schedule trained and sampled from.")
     parser.add_argument("--prior_segmenter", type=str, default=None,
                         help="The deterministic segmenter (a UNet2DModel folder) saved as the pipeline's prior.")
+    parser.add_argument("--refiner", type=str, default="unet", choices=["unet", "features"],
+                        help="The anchored denoiser: a second UNet2DModel over [state | image | prior] (unet), or a "
+                             "PriorFeatureRefinerModel over the prior's decoder features (features; needs "
+                             "--prior_folds and --anchor residual).")
+    parser.add_argument("--refiner_channels", type=int, default=16,
+                        help="--refiner features: width of the head (hidden_channels).")
+    parser.add_argument("--prior_folds", type=str, default=None,
+                        help="--refiner features: the output folder of make_prior_maps.py --folds K --distill_from "
+                             "PRIOR (out-of-fold students whose features are the prior's).")
+    parser.add_argument("--distill_from", type=str, default=None,
+                        help="--objective supervised: train without labels to reproduce this segmenter's decoder "
+                             "features and probabilities (an out-of-fold student for --prior_folds).")
     parser.add_argument("--default_denoising_steps", type=int, default=None,
                         help="Steps stored with the saved pipeline as its default (Marigold's convention).")
     parser.add_argument("--beta_schedule", type=str, default="linear")
@@ -135,9 +155,11 @@ def parse_args(argv=None):
     resolve_data_format(parser, args)  # --data_format brats: image channels = modalities
     if args.objective == "diffusion" and args.prior_maps and args.anchor is None:
         parser.error("--prior_maps with the diffusion objective needs --anchor residual|strength.")
+    check_refiner_arguments(parser, args)
     if args.anchor is not None:
-        if not args.prior_maps or not args.prior_segmenter:
-            parser.error("--anchor needs --prior_maps (training priors) and --prior_segmenter (the saved prior).")
+        if not (args.prior_maps or args.prior_folds) or not args.prior_segmenter:
+            parser.error("--anchor needs --prior_maps (training priors; --prior_folds with --refiner features) and "
+                         "--prior_segmenter (the saved prior).")
         if args.objective != "diffusion" or args.model != "unet" or args.num_classes != 2:
             parser.error("--anchor is implemented for the diffusion objective, --model unet and binary masks.")
         if not 0.0 < args.anchor_strength <= 1.0:
@@ -153,7 +175,32 @@ def parse_args(argv=None):
     return args
 
 
+def check_refiner_arguments(parser, args) -> None:
+    """The flags of the feature-reusing refiner and of its distilled students."""
+    if args.refiner == "features":
+        if args.objective != "diffusion" or args.anchor != "residual" or not args.prior_folds:
+            parser.error("--refiner features trains the diffusion objective with --anchor residual and --prior_folds.")
+        if args.prior_maps:
+            parser.error("--refiner features takes its training priors from --prior_folds, not --prior_maps.")
+        if args.num_classes != 2 or args.model != "unet":
+            parser.error("--refiner features is implemented for binary masks (--num_classes 2, --model unet).")
+        if args.refiner_channels < 1:
+            parser.error(f"--refiner_channels must be a positive integer, got {args.refiner_channels}.")
+    elif args.prior_folds:
+        parser.error("--prior_folds is the training prior of --refiner features.")
+    if args.distill_from is not None:
+        if args.objective != "supervised" or args.prior_maps or args.init_unet:
+            parser.error("--distill_from trains a deterministic student: --objective supervised, without "
+                         "--prior_maps or --init_unet.")
+        if not os.path.isfile(os.path.join(args.distill_from, "config.json")):
+            parser.error(f"--distill_from {args.distill_from!r} has no config.json (a saved UNet2DModel folder).")
+
+
 def build_unet(args):
+    if args.refiner == "features":
+        prior = UNet2DModel.load_config(args.prior_segmenter)
+        return PriorFeatureRefinerModel(feature_channels=int(prior["block_out_channels"][0]),
+                                        hidden_channels=args.refiner_channels)
     if args.init_unet is not None:  # fine-tuning: the saved segmenter, in float32 for training
         unet = UNet2DModel.from_pretrained(args.init_unet, torch_dtype=torch.float32)
         if unet.config.in_channels != args.image_channels or unet.config.out_channels != (
@@ -191,11 +238,12 @@ def auxiliary_loss(condition_logits, masks, num_classes):
     return F.cross_entropy(condition_logits.float(), masks.long())
 
 
-def diffusion_loss(unet, noise_scheduler, images, masks, args, generator, prior=None):
+def diffusion_loss(unet, noise_scheduler, images, masks, args, generator, prior=None, features=None):
     """Wolleb et al.: noise the mask to a random timestep and regress the target from ``[noisy mask | image]``.
     With a ``prior`` (probabilities, ``(N, 1, H, W)``) the denoiser also sees ``q = 2p - 1``; ``--anchor residual``
     diffuses the residual ``y - p`` instead of the mask, ``--anchor strength`` only trains the timesteps below
-    ``anchor_strength * T`` (sampling starts there). Returns ``(model output, MSE loss)``."""
+    ``anchor_strength * T`` (sampling starts there). With ``features`` (``--refiner features``) the denoiser is a
+    ``PriorFeatureRefinerModel`` reading them and ``q`` instead of the image. Returns ``(model output, MSE loss)``."""
     clean_masks = mask_to_diffusion(masks, args.num_classes).to(images.dtype)
     condition = images
     max_timestep = noise_scheduler.config.num_train_timesteps
@@ -215,7 +263,10 @@ def diffusion_loss(unet, noise_scheduler, images, masks, args, generator, prior=
         target = clean_masks
     else:
         target = noise_scheduler.get_velocity(clean_masks, noise, timesteps)
-    output = unet(torch.cat([noisy_masks, condition], dim=1), timesteps)
+    if features is not None:
+        output = unet(noisy_masks, timesteps, features=features.to(images.dtype), prior_masks=condition[:, -1:])
+    else:
+        output = unet(torch.cat([noisy_masks, condition], dim=1), timesteps)
     return output, F.mse_loss(output.sample[:, : clean_masks.shape[1]].float(), target.float())
 
 
@@ -233,6 +284,16 @@ def supervised_loss(logits, masks, num_classes):
     dims = (0, *range(2, probability.dim()))
     dice = (2 * (probability * target).sum(dims) + 1) / (probability.sum(dims) + target.sum(dims) + 1)
     return overlap_loss + (1 - dice).mean()
+
+
+def distillation_loss(student, teacher, images):
+    """An out-of-fold student's loss (``--distill_from``): mean squared distance to the teacher's last decoder
+    features plus the BCE of its logits to the teacher's probabilities (no labels)."""
+    logits, features = segmenter_features(student, images)
+    with torch.no_grad():
+        teacher_logits, teacher_features = segmenter_features(teacher, images)
+    return (F.mse_loss(features.float(), teacher_features.float())
+            + F.binary_cross_entropy_with_logits(logits[:, :1].float(), teacher_logits[:, :1].float().sigmoid()))
 
 
 def supervised_masks(logits, num_classes):
@@ -290,6 +351,13 @@ def main(argv=None):
     state = prepare_training(accelerator, args, build_unet(args), logger, "train_segmentation_ensemble")
     unet, ema_unet, optimizer, lr_scheduler = state.model, state.ema_model, state.optimizer, state.lr_scheduler
     global_step = state.global_step
+    teacher = fold_priors = None
+    if args.distill_from:
+        teacher = UNet2DModel.from_pretrained(args.distill_from, torch_dtype=torch.float32)
+        teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+    if args.prior_folds:
+        fold_priors = FoldPriors(args.prior_folds, args.prior_segmenter,
+                                 [sample.name for sample in state.train_dataloader.dataset.samples]).to(accelerator.device)
 
     progress_bar = tqdm(range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process,
                         desc="Steps")
@@ -300,15 +368,21 @@ def main(argv=None):
                                       state.resume_step):
             images = batch["image"]
             prior = batch.get("prior")  # (N, 1, H, W) probabilities with --prior_maps
+            features = None
+            if fold_priors is not None:  # the out-of-fold student's prior and features on this augmented patch
+                prior_masks, features = fold_priors(batch["name"], images)
+                prior = (prior_masks + 1.0) / 2.0
             with accelerator.accumulate(unet):
-                if args.objective == "supervised":
+                if teacher is not None:
+                    loss = distillation_loss(unet, teacher, images)
+                elif args.objective == "supervised":
                     inputs = images if prior is None else torch.cat([images, 2.0 * prior - 1.0], dim=1)
                     output = unet(inputs, torch.zeros(images.shape[0], dtype=torch.long, device=images.device))
                     loss = supervised_loss(output.sample, batch["mask"], args.num_classes)
                 else:
                     generator = step_generator(args.seed, global_step, accelerator.process_index)
                     output, loss = diffusion_loss(unet, noise_scheduler, images, batch["mask"], args, generator,
-                                                  prior=prior)
+                                                  prior=prior, features=features)
                 if args.aux_loss_weight:
                     loss = loss + args.aux_loss_weight * auxiliary_loss(output.condition_logits, batch["mask"],
                                                                         args.num_classes)

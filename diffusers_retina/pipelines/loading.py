@@ -154,6 +154,7 @@ class RetinaPipelineMixin:
             kwargs["use_safetensors"] = True
         _check_interrupted_save(Path(path))
         check_weight_files(path, kwargs["use_safetensors"])
+        check_component_folders(path, passed=kwargs)
         pipeline = super().from_pretrained(path, **kwargs)
         check_loaded_weights(pipeline, path, skip=[name for name in kwargs if name in pipeline.components],
                              variant=kwargs.get("variant"))
@@ -349,6 +350,27 @@ def _check_interrupted_save(path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ safe loading
+
+
+def check_component_folders(path: Union[str, os.PathLike], passed: Dict[str, Any]) -> None:
+    """Before loading: every component ``model_index.json`` lists (and the caller does not pass) has its folder. A
+    missing one is an error naming the component and the folder -- diffusers would only report a ``config.json``
+    missing from an unnamed directory, and a pipeline whose parts depend on each other (a feature-reusing refiner
+    without its prior) must not get as far as its sampling loop."""
+    path = Path(path)
+    try:
+        index = json.loads((path / MODEL_INDEX).read_text())
+    except (OSError, ValueError):
+        return  # diffusers reports an unreadable index itself
+    for name, value in sorted(index.items()):
+        if name.startswith("_") or name in passed or not isinstance(value, (list, tuple)) or len(value) != 2:
+            continue
+        if value[0] is None or value[1] is None:
+            continue
+        if not (path / name).is_dir():
+            raise FileNotFoundError(
+                f"{path} lists the component `{name}` ({value[1]}) in {MODEL_INDEX} but has no {name}/ folder: the "
+                f"saved pipeline is incomplete. Restore the folder, or pass `{name}=...` to from_pretrained.")
 
 
 def check_weight_files(path: Union[str, os.PathLike], use_safetensors: bool = True) -> None:

@@ -14,6 +14,10 @@ diffusion space), and the denoiser sees ``[state | image | q]``:
 * ``anchor="strength"``: diffusers' img2img convention: the prior ``q`` is noised to the timestep that
   ``anchor_strength`` picks and only the last ``num_inference_steps`` of a ``ceil(steps / strength)``-step schedule
   are run (SDEdit-style).
+
+With a ``PriorFeatureRefinerModel`` as the ``unet`` (the *feature-reusing refiner*), the prior's pass also returns its
+last decoder features; the refiner turns them and ``q`` into context maps once per image, and every member and step
+runs only its light per-pixel head on ``[state | context]`` (residual anchoring only).
 """
 
 from __future__ import annotations
@@ -32,7 +36,12 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..fusion import fuse_members, uncertainty_maps
-from ..models import MedSegDiffUNet2DModel
+from ..models import (
+    MedSegDiffUNet2DModel,
+    PriorFeatureRefinerModel,
+    segmenter_feature_channels,
+    segmenter_features,
+)
 from ..image_processing import (
     ImageInput,
     diffusion_to_probabilities,
@@ -58,6 +67,29 @@ FUSION_METHODS = ("mean", "majority", "staple")
 ANCHORS = ("residual", "strength")
 # schedulers whose `step` takes ``2 * C`` output channels and uses the learned variance
 VARIANCE_SCHEDULERS = (DDPMScheduler, DDPMParallelScheduler, UnCLIPScheduler)
+
+def check_feature_refiner(unet: PriorFeatureRefinerModel, prior, anchor: Optional[str]) -> None:
+    """A feature-reusing refiner needs the prior it was trained on (its features are its input), residual anchoring,
+    and a prior whose last decoder features have the refiner's ``feature_channels``."""
+    if prior is None:
+        raise ValueError(
+            "The unet is a PriorFeatureRefinerModel: it refines the decoder features of a `prior` segmenter and cannot "
+            "run without one, but this pipeline has prior=None. Load the pipeline folder with its prior/ component "
+            "(or pass prior=UNet2DModel.from_pretrained(...), the segmenter the refiner was trained on).")
+    if anchor != "residual":
+        raise ValueError(f"A PriorFeatureRefinerModel denoises the residual to its prior: it needs anchor='residual', "
+                         f"got {anchor!r}.")
+    if prior.config.out_channels != 1 or unet.config.mask_channels != 1:
+        raise ValueError("Prior anchoring is implemented for binary masks: the prior must return one logit channel (has "
+                         f"{prior.config.out_channels}) and the refiner one mask channel "
+                         f"(has {unet.config.mask_channels}).")
+    channels = segmenter_feature_channels(prior)
+    if channels != unet.config.feature_channels:
+        raise ValueError(
+            f"The unet (PriorFeatureRefinerModel) takes feature_channels={unet.config.feature_channels} but the prior "
+            f"({type(prior).__name__}) gives {channels} decoder feature channels (the input of its conv_out, "
+            "block_out_channels[0]): the refiner was trained on another prior.")
+
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -110,6 +142,8 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
             so ``in_channels = image_channels + mask_channels``; output: ``mask_channels`` (or twice that for a
             learned variance). A stock ``UNet2DModel`` works, so does ``MedSegDiffUNet2DModel`` (MedSegDiff's
             condition encoder, dynamic conditional encoding and FF-Parser), and any model with the same call contract.
+            With a prior, a ``PriorFeatureRefinerModel`` (the feature-reusing refiner) instead reads the prior's last
+            decoder features, computed once per image, so members and steps cost only its light head.
         scheduler: any diffusers scheduler (DDPM, DDIM, DPM-Solver, Euler, ...).
         prior: optional deterministic segmenter (a ``UNet2DModel`` taking the image at timestep 0 and returning one
             logit channel, e.g. ``train_segmentation_ensemble.py --objective supervised``). With a prior, the
@@ -127,10 +161,12 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
     _optional_components = ["prior"]
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet: Union[UNet2DModel, MedSegDiffUNet2DModel], scheduler: SchedulerMixin,
+    def __init__(self, unet: Union[UNet2DModel, MedSegDiffUNet2DModel, PriorFeatureRefinerModel], scheduler: SchedulerMixin,
                  prior: Optional[UNet2DModel] = None, anchor: Optional[str] = None, anchor_strength: float = 1.0,
                  default_denoising_steps: Optional[int] = None, default_threshold: Optional[float] = None):
         super().__init__()
+        if isinstance(unet, PriorFeatureRefinerModel):
+            check_feature_refiner(unet, prior, anchor)
         if anchor is not None and anchor not in ANCHORS:
             raise ValueError(f"`anchor` must be one of {ANCHORS} or None, got {anchor!r}.")
         if (prior is None) != (anchor is None):
@@ -146,7 +182,7 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler, prior=prior)
         self.register_to_config(anchor=anchor, anchor_strength=float(anchor_strength),
                                 default_denoising_steps=default_denoising_steps, default_threshold=default_threshold)
-        if prior is not None:
+        if prior is not None and not self.uses_prior_features:
             if prior.config.out_channels != 1 or self.mask_channels != 1:
                 raise ValueError("Prior anchoring is implemented for binary masks: the prior must return one logit "
                                  f"channel (has {prior.config.out_channels}) and the unet one mask channel.")
@@ -157,7 +193,14 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
 
     # ------------------------------------------------------------------ model facts
     @property
+    def uses_prior_features(self) -> bool:
+        """Whether the denoiser is a feature-reusing refiner (it reads the prior's decoder features)."""
+        return isinstance(self.unet, PriorFeatureRefinerModel)
+
+    @property
     def mask_channels(self) -> int:
+        if self.uses_prior_features:
+            return self.unet.config.mask_channels
         out_channels = self.unet.config.out_channels
         if self.scheduler.config.get("variance_type") in ("learned", "learned_range"):
             return out_channels // 2
@@ -175,12 +218,15 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
 
     @property
     def image_channels(self) -> int:
+        if self.uses_prior_features:
+            return self.prior.config.in_channels
         return self.unet.config.in_channels - self.mask_channels - self.prior_channels
 
     @property
     def size_multiple(self) -> int:
-        """Inputs are padded to a multiple of the UNet's total down-sampling factor."""
-        return 2 ** (len(self.unet.config.block_out_channels) - 1)
+        """Inputs are padded to a multiple of the UNets' total down-sampling factor."""
+        networks = [self.prior if self.uses_prior_features else self.unet]
+        return max(2 ** (len(network.config.block_out_channels) - 1) for network in networks)
 
     # ------------------------------------------------------------------ helpers
     def check_inputs(self, ensemble_size, fusion, threshold, batch_size, tile_size, tile_overlap, output_type,
@@ -207,9 +253,34 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
             self.scheduler.set_begin_index(start)
         return self.scheduler.timesteps[start:]
 
+    def prior_condition(self, images: torch.Tensor, tile_size: Optional[int], tile_overlap: float) -> torch.Tensor:
+        """The prior's pass, once per image: ``q = 2p - 1`` (one channel) or, for a feature-reusing refiner,
+        ``[context | q]`` (its context maps from the prior's decoder features, then ``q``), on the same Gaussian-blended
+        windows as every other call (logits and context are blended, then ``p = sigmoid(logit)``)."""
+        if not self.uses_prior_features:
+            return 2.0 * segmenter_probabilities(self.prior, images, tile_size, tile_overlap) - 1.0
+        prior = self.prior
+        model_input = images.to(prior.device, prior.dtype)
+        outputs = tiled_predict(self._prior_context, model_input, tile_size, tile_overlap).float()
+        prior_masks = 2.0 * outputs[:, :1].sigmoid() - 1.0
+        return torch.cat([outputs[:, 1:], prior_masks], dim=1)
+
+    def _prior_context(self, window: torch.Tensor) -> torch.Tensor:
+        """``[prior logit | refiner context]`` of one batch of windows (the feature-reusing refiner's prior pass)."""
+        logits, features = segmenter_features(self.prior, window)
+        prior_masks = 2.0 * logits[:, :1].float().sigmoid() - 1.0
+        context = self.unet.encode_context(features.to(self.unet.dtype), prior_masks.to(self.unet.dtype))
+        return torch.cat([logits[:, :1].to(context.dtype), context], dim=1)
+
     def predict(self, model_input: torch.Tensor, timestep: torch.Tensor, tile_size: Optional[int],
                 tile_overlap: float) -> torch.Tensor:
-        """One denoiser evaluation; with ``tile_size``, overlapping windows blended with a Gaussian (MONAI)."""
+        """One denoiser evaluation; with ``tile_size``, overlapping windows blended with a Gaussian (MONAI). A
+        feature-reusing refiner's head runs on the whole image: its receptive field over the state is 3 pixels and its
+        context is already computed, so tiles would only add the blending."""
+        if self.uses_prior_features:
+            channels = self.mask_channels
+            return self.unet(model_input[:, :channels], timestep, model_input[:, channels:-channels],
+                             return_dict=False)[0]
 
         def forward(window: torch.Tensor) -> torch.Tensor:
             return self.unet(window, timestep, return_dict=False)[0]
@@ -299,9 +370,10 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         anchor = self.config.get("anchor") if self.prior is not None else None
         condition = images
         if anchor is not None:
-            # the prior's prediction, once per image, in diffusion space: the anchor and one more denoiser input
-            prior_masks = 2.0 * segmenter_probabilities(self.prior, images, tile_size, tile_overlap) - 1.0
-            condition = torch.cat([images, prior_masks.to(dtype)], dim=1)
+            # the prior's prediction, once per image, in diffusion space: the anchor and one more denoiser input (a
+            # feature-reusing refiner takes its context maps from the same pass instead of the image)
+            prior_condition = self.prior_condition(images, tile_size, tile_overlap).to(dtype)
+            condition = prior_condition if self.uses_prior_features else torch.cat([images, prior_condition], dim=1)
 
         # 3. Denoise the samples (image-major order), chunk by chunk
         chunk = samples_per_call(batch_size, num_samples, window_pixels(*images.shape[-2:], tile_size), device, dtype)
