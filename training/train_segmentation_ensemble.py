@@ -313,7 +313,7 @@ def run_validation(unet, noise_scheduler, validation, args, seed):
     """Sample the validation images with a few DDIM steps (the supervised baseline: one forward) and return their mean
     Dice (monitoring only)."""
     prior = None
-    if args.prior_maps:  # validation images get their prior from the segmenter the pipeline will ship
+    if args.prior_maps or args.prior_folds:  # validation priors come from the segmenter the pipeline will ship
         prior = UNet2DModel.from_pretrained(args.prior_segmenter).to(unet.device, unet.dtype).eval()
     if args.objective == "diffusion":
         anchoring = {} if prior is None else dict(prior=prior, anchor=args.anchor, anchor_strength=args.anchor_strength)

@@ -1,0 +1,312 @@
+"""The feature-reusing refiner: ``PriorFeatureRefinerModel`` in ``SegmentationEnsemblePipeline`` (the prior runs once
+per image, members and steps run the head only), its saving and loading, its bad inputs, and its training path
+(students distilled from the prior, out of fold; ``--refiner features``)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel
+
+from diffusers_retina import SegmentationEnsemblePipeline
+from diffusers_retina.fold_priors import FoldPriors
+from diffusers_retina.models import PriorFeatureRefinerModel, segmenter_features
+from diffusers_retina.pipelines.sampling import segmenter_probabilities
+
+from conftest import IMAGE_SIZE, seeded, tiny_unet, unit_range
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "training" / "train_segmentation_ensemble.py"
+PRIOR_MAPS = REPO / "training" / "make_prior_maps.py"
+TINY = ["--resolution", "32", "--block_out_channels", "8,16", "--norm_num_groups", "4", "--train_batch_size", "2",
+        "--patches_per_image", "4", "--report_to", "none", "--seed", "3"]
+
+
+def tiny_prior(seed=1):
+    return tiny_unet(image_channels=3, mask_channels=0, out_channels=1, seed=seed)
+
+
+def tiny_head(feature_channels=8, seed=2, trained=True):
+    torch.manual_seed(seed)
+    head = PriorFeatureRefinerModel(feature_channels=feature_channels, hidden_channels=8).eval()
+    if trained:  # the output layer starts at zero; give it weights so that the head does something
+        torch.nn.init.normal_(head.conv_out.weight, std=0.2)
+    return head
+
+
+def feature_pipeline(scheduler=None, head=None):
+    pipe = SegmentationEnsemblePipeline(
+        unet=head or tiny_head(), prior=tiny_prior(), anchor="residual",
+        scheduler=scheduler or DDIMScheduler(num_train_timesteps=100, prediction_type="sample",
+                                             timestep_spacing="trailing"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def image():
+    return torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(7)) * 2 - 1
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def test_segmenter_features_are_the_input_of_conv_out():
+    prior = tiny_prior()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        logits, features = segmenter_features(prior, images)
+        torch.testing.assert_close(prior.conv_out(features), logits)
+        torch.testing.assert_close(logits, prior(images, 0).sample)
+    assert features.shape == (2, 8, 16, 16)
+    assert not prior.conv_out._forward_pre_hooks  # the hook is removed again
+
+
+def test_context_once_equals_the_one_forward_of_training():
+    head = tiny_head()
+    features, prior_masks = torch.randn(3, 8, 12, 12), torch.rand(3, 1, 12, 12) * 2 - 1
+    sample = torch.randn(3, 1, 12, 12)
+    with torch.no_grad():
+        context = head.encode_context(features, prior_masks)
+        via_context = head(sample, torch.tensor([999, 500, 1]), context).sample
+        one_forward = head(sample, torch.tensor([999, 500, 1]), features=features, prior_masks=prior_masks).sample
+        assert context.shape == (3, head.context_channels, 12, 12)
+        torch.testing.assert_close(via_context, one_forward)
+        # the timestep matters (FiLM), and a scalar timestep is one per sample
+        other_time = head(sample, torch.tensor([1, 1, 1]), context).sample
+        assert not torch.allclose(via_context, other_time)
+        torch.testing.assert_close(head(sample, 1, context).sample, other_time)
+
+
+def test_untrained_head_returns_the_prior(image):
+    """The output layer starts at zero: a fresh head predicts a zero residual, so every member is the prior."""
+    pipe = feature_pipeline(head=tiny_head(trained=False))
+    out = pipe(unit_range(image), num_inference_steps=2, ensemble_size=2, generator=seeded(0), output_type="pt",
+               return_members=True)
+    with torch.no_grad():
+        prior = segmenter_probabilities(pipe.prior, image)
+    torch.testing.assert_close(out.members[0, 0], prior[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.members[0, 1], prior[0], atol=1e-5, rtol=0)
+
+
+def test_bad_model_arguments_are_named():
+    with pytest.raises(ValueError, match="hidden_channels"):
+        PriorFeatureRefinerModel(hidden_channels=0)
+    with pytest.raises(ValueError, match="time_embedding_dim"):
+        PriorFeatureRefinerModel(time_embedding_dim=7)
+    head = tiny_head()
+    with pytest.raises(ValueError, match="8 feature channels"):
+        head.encode_context(torch.zeros(1, 5, 8, 8), torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="context"):
+        head(torch.zeros(2, 1, 8, 8), 1, torch.zeros(1, 8, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+
+def test_prior_runs_once_per_image_and_steps_run_the_head_only(image):
+    pipe = feature_pipeline()
+    calls = {"prior": 0, "head": 0, "context": 0}
+    pipe.prior.register_forward_hook(lambda *args: calls.__setitem__("prior", calls["prior"] + 1))
+    pipe.unet.register_forward_hook(lambda *args: calls.__setitem__("head", calls["head"] + 1))
+    encode = pipe.unet.encode_context
+
+    def counted(*args, **kwargs):
+        calls["context"] += 1
+        return encode(*args, **kwargs)
+
+    pipe.unet.encode_context = counted
+    pipe(unit_range(torch.cat([image, image.flip(-1)])), num_inference_steps=3, ensemble_size=4, generator=seeded(0),
+         output_type="pt")
+    # both images in one prior pass; one head call per step for the 8 samples (one chunk)
+    assert calls == {"prior": 1, "head": 3, "context": 1}
+
+
+def test_batched_ensemble_equals_members_one_by_one(image):
+    pipe = feature_pipeline()
+    batched = pipe(unit_range(image), num_inference_steps=2, ensemble_size=3, generator=seeded(1, 2, 3),
+                   output_type="pt", return_members=True)
+    singles = [pipe(unit_range(image), num_inference_steps=2, ensemble_size=1, generator=[seeded(s)], output_type="pt",
+                    return_members=True).members[0, 0] for s in (1, 2, 3)]
+    torch.testing.assert_close(batched.members[0], torch.stack(singles), atol=1e-5, rtol=0)
+    chunked = pipe(unit_range(image), num_inference_steps=2, ensemble_size=3, generator=seeded(1, 2, 3),
+                   output_type="pt", return_members=True, batch_size=1)
+    torch.testing.assert_close(batched.members, chunked.members, atol=1e-5, rtol=0)
+    assert float(batched.variance.max()) > 0  # the members differ
+
+
+@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler])
+def test_any_scheduler_and_tiles(scheduler_cls):
+    pipe = feature_pipeline(scheduler_cls(num_train_timesteps=100, prediction_type="sample"))
+    image = torch.rand(1, 3, 40, 36, generator=torch.Generator().manual_seed(0))
+    tiled = pipe(image, num_inference_steps=2, ensemble_size=2, generator=seeded(0), output_type="np", tile_size=16)
+    assert tiled.masks.shape == (1, 40, 36) and tiled.probabilities.shape == (1, 40, 36, 1)
+    assert torch.isfinite(torch.from_numpy(tiled.entropy)).all()
+
+
+def test_callbacks_see_the_residual_state(image):
+    pipe = feature_pipeline()
+    seen = []
+
+    def callback(pipeline, step, timestep, kwargs):
+        seen.append(kwargs["latents"].shape)
+        return {"latents": kwargs["latents"] * 0}  # a zero residual after every step: members are the prior
+
+    out = pipe(unit_range(image), num_inference_steps=2, ensemble_size=2, generator=seeded(0), output_type="pt",
+               callback_on_step_end=callback, return_members=True)
+    assert seen == [torch.Size([2, 1, IMAGE_SIZE, IMAGE_SIZE])] * 2
+    with torch.no_grad():
+        prior = segmenter_probabilities(pipe.prior, image)
+    torch.testing.assert_close(out.members[0, 1], prior[0], atol=1e-5, rtol=0)
+
+
+def test_save_load_round_trip_through_all_entry_points(tmp_path, image):
+    pipe = feature_pipeline()
+    pipe.save_pretrained(tmp_path)
+    assert (tmp_path / "unet" / "feature_refiner.py").is_file()
+    expected = pipe(unit_range(image), num_inference_steps=2, ensemble_size=2, generator=seeded(0), output_type="np")
+    for loaded in (SegmentationEnsemblePipeline.from_pretrained(tmp_path),
+                   DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)):
+        assert type(loaded.unet).__name__ == "PriorFeatureRefinerModel"
+        loaded.set_progress_bar_config(disable=True)
+        got = loaded(unit_range(image), num_inference_steps=2, ensemble_size=2, generator=seeded(0), output_type="np")
+        torch.testing.assert_close(torch.from_numpy(got.probabilities), torch.from_numpy(expected.probabilities))
+
+
+def test_refiner_without_its_prior_is_a_clear_error(tmp_path):
+    feature_pipeline().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="PriorFeatureRefinerModel.*prior=None"):
+        SegmentationEnsemblePipeline.from_pretrained(tmp_path, prior=None)
+    shutil.rmtree(tmp_path / "prior")
+    with pytest.raises(FileNotFoundError, match="`prior`.*no prior/ folder"):
+        SegmentationEnsemblePipeline.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="anchor='residual'"):
+        SegmentationEnsemblePipeline(unet=tiny_head(), scheduler=DDIMScheduler(), prior=tiny_prior(),
+                                     anchor="strength")
+
+
+def test_feature_channels_must_match_the_prior_at_load_time(tmp_path):
+    feature_pipeline().save_pretrained(tmp_path)
+    wider = UNet2DModel(sample_size=16, in_channels=3, out_channels=1, block_out_channels=(16, 16), layers_per_block=1,
+                        norm_num_groups=4, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    shutil.rmtree(tmp_path / "prior")
+    wider.save_pretrained(tmp_path / "prior")
+    with pytest.raises(ValueError, match=r"unet \(PriorFeatureRefinerModel\).*feature_channels=8.*prior "
+                                         r"\(UNet2DModel\) gives 16"):
+        SegmentationEnsemblePipeline.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def run(script, args, expect=0):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == expect, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def folder_dataset(tmp_path_factory):
+    from test_training import write_folder_dataset
+
+    return write_folder_dataset(tmp_path_factory.mktemp("feature-refiner") / "pairs", num_images=4)
+
+
+@pytest.fixture(scope="module")
+def students(folder_dataset, tmp_path_factory):
+    """A tiny prior, then two out-of-fold students distilled from it, through the real scripts."""
+    root = tmp_path_factory.mktemp("students")
+    run(TRAIN, ["--train_data_dir", str(folder_dataset), *TINY, "--objective", "supervised", "--max_train_steps", "2",
+                "--output_dir", str(root / "prior")])
+    run(PRIOR_MAPS, ["--train_data_dir", str(folder_dataset), "--stems", "case*", "--folds", "2", "--distill_from",
+                     str(root / "prior" / "unet"), "--output_dir", str(root / "folds"), "--tile_size", "32", "--",
+                     *TINY, "--max_train_steps", "2"])
+    return root
+
+
+def test_students_are_distilled_out_of_fold(students):
+    summary = json.loads((students / "folds" / "summary.json").read_text())
+    assert summary["source"]["distill_from"] == str((students / "prior" / "unet").resolve())
+    for k, held_out in enumerate(summary["source"]["folds"]):
+        record = json.loads((students / "folds" / f"fold-{k}" / "training_info.json").read_text())
+        assert not set(record["args"]["train_stems"].split(",")) & set(held_out)
+        assert record["args"]["distill_from"] == str(students / "prior" / "unet")
+    priors = FoldPriors(students / "folds", students / "prior" / "unet", ["case0", "case1", "case2", "case3"])
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    prior_masks, features = priors(["case0", "case1", "case2", "case3"], images)
+    assert prior_masks.shape == (4, 1, 16, 16) and features.shape == (4, 8, 16, 16)
+    # each patch gets the student that did not see its photograph
+    for row, name in enumerate(["case0", "case1", "case2", "case3"]):
+        student = priors.students[priors.fold_of[name]]
+        with torch.no_grad():
+            logits, expected = segmenter_features(student, images[row:row + 1])
+        torch.testing.assert_close(features[row:row + 1], expected)
+        torch.testing.assert_close(prior_masks[row:row + 1], 2 * logits.sigmoid() - 1)
+
+
+def test_distillation_loss_is_zero_for_the_teacher_itself():
+    sys.path.insert(0, str(REPO / "training"))
+    try:
+        from train_segmentation_ensemble import distillation_loss
+    finally:
+        sys.path.remove(str(REPO / "training"))
+    teacher = tiny_prior()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    same = distillation_loss(teacher, teacher, images)
+    other = distillation_loss(tiny_prior(seed=5), teacher, images)
+    probability = teacher(images, 0).sample.sigmoid()
+    entropy = -(probability * probability.log() + (1 - probability) * (1 - probability).log()).mean()
+    torch.testing.assert_close(same, entropy)  # BCE to itself = its own entropy; the feature distance is 0
+    assert other > same
+
+
+def test_feature_refiner_training_saves_a_pipeline_and_resumes(folder_dataset, students, tmp_path):
+    common = ["--train_data_dir", str(folder_dataset), *TINY, "--max_train_steps", "4", "--checkpointing_steps", "2",
+              "--anchor", "residual", "--refiner", "features", "--refiner_channels", "4",
+              "--prior_folds", str(students / "folds"), "--prior_segmenter", str(students / "prior" / "unet"),
+              "--save_dtype", "float32", "--default_denoising_steps", "1"]
+    run(TRAIN, common + ["--output_dir", str(tmp_path / "straight"), "--validation_stems", "case0",
+                         "--validation_crop", "32"])
+    pipe = SegmentationEnsemblePipeline.from_pretrained(tmp_path / "straight")
+    assert isinstance(pipe.unet, PriorFeatureRefinerModel) and pipe.unet.config.hidden_channels == 4
+    assert pipe.config.default_denoising_steps == 1
+    result = pipe(torch.full((1, 3, 40, 40), 0.5), ensemble_size=2, generator=seeded(0), output_type="np")
+    assert result.masks.shape == (1, 40, 40)
+    resumed = tmp_path / "resumed"
+    run(TRAIN, common + ["--output_dir", str(resumed), "--max_train_steps", "2"])
+    run(TRAIN, common + ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+    run(TRAIN, common + ["--output_dir", str(tmp_path / "again")])
+    a = SegmentationEnsemblePipeline.from_pretrained(tmp_path / "again").unet.state_dict()
+    b = SegmentationEnsemblePipeline.from_pretrained(resumed).unet.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+
+
+def test_feature_refiner_arguments_are_checked(folder_dataset, students, tmp_path):
+    base = ["--train_data_dir", str(folder_dataset), "--output_dir", str(tmp_path / "x")]
+    prior = str(students / "prior" / "unet")
+    for extra, needle in [(["--refiner", "features", "--anchor", "residual", "--prior_segmenter", prior],
+                           "--prior_folds"),
+                          (["--prior_folds", str(students / "folds")], "--refiner features"),
+                          (["--distill_from", prior], "--objective supervised"),
+                          (["--objective", "supervised", "--distill_from", str(tmp_path)], "config.json")]:
+        result = run(TRAIN, base + extra, expect=2)
+        assert needle in result.stderr, result.stderr[-500:]
+    assert not (tmp_path / "x").exists()
+    # students of another prior, or trained on labels, are refused before training
+    with pytest.raises(ValueError, match="distilled from"):
+        FoldPriors(students / "folds", students / "folds" / "fold-0" / "unet", ["case0"])
+    summary = json.loads((students / "folds" / "summary.json").read_text())
+    del summary["source"]["distill_from"]
+    labelled = tmp_path / "labelled"
+    labelled.mkdir()
+    (labelled / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="trained on labels"):
+        FoldPriors(labelled, prior, ["case0"])
