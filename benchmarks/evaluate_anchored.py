@@ -260,14 +260,19 @@ def main(argv=None):
                "entropy_auroc_errors": error_detectors[label].auroc(),
                "entropy_auroc_observer_disagreement": disagreement_detectors[label].auroc()}
         table.append(row)
+    # times as ratios to the first deterministic row (the prior), measured in this same run
+    base = next((r for r in table if r["kind"] == "segmenter"), None)
+    for r in table:
+        r["time_ratio"] = r["seconds_per_image"] / base["seconds_per_image"] if base else None
     observer_summary = accumulators["Second observer (2ndHO)"].summary()
     table.append({"label": "Second observer (2ndHO)", "kind": "observer",
                   **{f"{k}_mean": observer_summary[f"{k}_mean"] for k in ("dice", "cldice", "hd95")}})
 
-    headers = ["row", "Dice", "clDice", "AUC-ROC", "ECE", "NLL", "Brier", "HD95", "s/img", "H→err", "H→obs"]
+    headers = ["row", "Dice", "clDice", "AUC-ROC", "ECE", "NLL", "Brier", "HD95", "s/img", "x row 1", "H→err",
+               "H→obs"]
     _common.print_table(headers, [[r["label"], r.get("dice_mean"), r.get("cldice_mean"), r.get("auc_roc_mean"),
                                    r.get("ece_mean"), r.get("nll_mean"), r.get("brier_mean"), r.get("hd95_mean"),
-                                   r.get("seconds_per_image"), r.get("entropy_auroc_errors"),
+                                   r.get("seconds_per_image"), r.get("time_ratio"), r.get("entropy_auroc_errors"),
                                    r.get("entropy_auroc_observer_disagreement")] for r in table])
     result = {**_common.header(args, device), "images": args.images, "crop": args.crop, "shift": args.shift,
               "rows": table, "per_image": per_image}
@@ -280,12 +285,16 @@ def main(argv=None):
 
 def table_markdown(table) -> str:
     """The table as markdown (what the README and the cards show)."""
-    lines = ["| Row | Dice | clDice | AUC-ROC | ECE | NLL | Brier | HD95 (px) | s / image | entropy AUROC: errors | "
-             "entropy AUROC: observers disagree |", "|---|" + "---|" * 10]
+    with_ratio = any(r.get("time_ratio") is not None for r in table)
+    lines = ["| Row | Dice | clDice | AUC-ROC | ECE | NLL | Brier | HD95 (px) | s / image | "
+             + ("x row 1 (time) | " if with_ratio else "")
+             + "entropy AUROC: errors | entropy AUROC: observers disagree |", "|---|" + "---|" * (11 if with_ratio else 10)]
     for r in table:
         cells = [_common.fmt(r.get(k)) for k in ("dice_mean", "cldice_mean", "auc_roc_mean", "ece_mean", "nll_mean",
                                                  "brier_mean", "hd95_mean")]
         cells.append(_common.fmt(r.get("seconds_per_image"), 1))
+        if with_ratio:
+            cells.append(_common.fmt(r.get("time_ratio"), 2))
         cells += [_common.fmt(r.get(k)) for k in ("entropy_auroc_errors", "entropy_auroc_observer_disagreement")]
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -310,3 +310,18 @@ def test_feature_refiner_arguments_are_checked(folder_dataset, students, tmp_pat
     (labelled / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(ValueError, match="trained on labels"):
         FoldPriors(labelled, prior, ["case0"])
+
+
+def test_banded_inference_equals_one_pass(monkeypatch):
+    """Without gradients a large image runs in bands of rows (cache-friendly); the result is the one-pass result."""
+    import diffusers_retina.models.feature_refiner as module
+
+    head = tiny_head()
+    sample, context = torch.randn(3, 1, 37, 23), torch.randn(3, 8, 37, 23)
+    with torch.enable_grad():
+        whole = head(sample, torch.tensor([5, 50, 90]), context).sample.detach()
+    for elements in (1, 3 * 8 * 23 * 4, 3 * 8 * 23 * 36):  # bands of 1, 4 and 36 rows
+        monkeypatch.setattr(module, "BAND_ELEMENTS", elements)
+        with torch.no_grad():
+            banded = head(sample, torch.tensor([5, 50, 90]), context).sample
+        torch.testing.assert_close(banded, whole, atol=1e-6, rtol=0)

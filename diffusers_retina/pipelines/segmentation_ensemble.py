@@ -91,6 +91,14 @@ def check_feature_refiner(unet: PriorFeatureRefinerModel, prior, anchor: Optiona
             "block_out_channels[0]): the refiner was trained on another prior.")
 
 
+def rows_of(tensor: torch.Tensor, rows: List[int]) -> torch.Tensor:
+    """``tensor[rows]``, as a view when every row is the same one (the members of one image: no copy of its
+    condition per member)."""
+    if len(set(rows)) == 1:
+        return tensor[rows[0]: rows[0] + 1].expand(len(rows), *tensor.shape[1:])
+    return tensor[rows]
+
+
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
@@ -272,15 +280,15 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         context = self.unet.encode_context(features.to(self.unet.dtype), prior_masks.to(self.unet.dtype))
         return torch.cat([logits[:, :1].to(context.dtype), context], dim=1)
 
-    def predict(self, model_input: torch.Tensor, timestep: torch.Tensor, tile_size: Optional[int],
+    def predict(self, state: torch.Tensor, condition: torch.Tensor, timestep: torch.Tensor, tile_size: Optional[int],
                 tile_overlap: float) -> torch.Tensor:
-        """One denoiser evaluation; with ``tile_size``, overlapping windows blended with a Gaussian (MONAI). A
-        feature-reusing refiner's head runs on the whole image: its receptive field over the state is 3 pixels and its
-        context is already computed, so tiles would only add the blending."""
+        """One denoiser evaluation of the (scaled) noisy ``state`` with its ``condition`` rows; with ``tile_size``,
+        overlapping windows of ``[state | condition]`` blended with a Gaussian (MONAI). A feature-reusing refiner's
+        head runs on the whole image: its receptive field over the state is 3 pixels and its context is already
+        computed, so tiles would only add the blending (and the concatenation a copy of the context)."""
         if self.uses_prior_features:
-            channels = self.mask_channels
-            return self.unet(model_input[:, :channels], timestep, model_input[:, channels:-channels],
-                             return_dict=False)[0]
+            return self.unet(state, timestep, condition[:, :-self.mask_channels], return_dict=False)[0]
+        model_input = torch.cat([state, condition], dim=1)
 
         def forward(window: torch.Tensor) -> torch.Tensor:
             return self.unet(window, timestep, return_dict=False)[0]
@@ -394,7 +402,7 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
                 # multistep schedulers keep per-run state: start each chunk afresh
                 timesteps = self.anchored_timesteps(num_inference_steps, device)
                 chunk_generators = [generators[i] for i in chunk]
-                chunk_condition = condition[[i // ensemble_size for i in chunk]]
+                chunk_condition = rows_of(condition, [i // ensemble_size for i in chunk])
                 latents = randn_tensor((len(chunk),) + sample_shape, generator=chunk_generators, device=device,
                                        dtype=dtype)
                 if anchor == "strength":  # img2img: start from the prior, noised to the first timestep
@@ -406,8 +414,8 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
                     if self.interrupt:
                         progress_bar.update()
                         continue
-                    model_input = torch.cat([self.scheduler.scale_model_input(latents, t), chunk_condition], dim=1)
-                    model_output = self.predict(model_input, t, tile_size, tile_overlap)
+                    model_output = self.predict(self.scheduler.scale_model_input(latents, t), chunk_condition, t,
+                                                tile_size, tile_overlap)
                     if model_output.shape[1] != self.mask_channels and not uses_variance:
                         # a learned-variance model used with a scheduler that does not take the variance
                         model_output = model_output[:, : self.mask_channels]
