@@ -122,6 +122,10 @@ def _comparison_lines(evaluation: Dict[str, Any]) -> List[str]:
 
 def _model_description(config: Dict[str, Any]) -> str:
     """One sentence on the denoiser, from its saved ``unet/config.json``."""
+    if config.get("_class_name") == "PriorFeatureRefinerModel":
+        return ("A DDPM over the residual between the vessel mask and a deterministic prior's probability, denoised by "
+                f"a light head (`diffusers_retina.models.PriorFeatureRefinerModel`, {config.get('hidden_channels')} "
+                "channels) that reads the prior's own decoder features")
     if config.get("_class_name") != "MedSegDiffUNet2DModel":
         return ("A DDPM over the vessel mask; the fundus photograph is concatenated to the noisy mask at every step, "
                 "so the denoiser is a stock `diffusers.UNet2DModel`")
@@ -485,6 +489,7 @@ def segmentation_model_card(folder: Union[str, os.PathLike], repo_id: Optional[s
         repo_id=repo_id,
         model_description=_model_description(unet_config),
         medsegdiff=unet_config.get("_class_name") == "MedSegDiffUNet2DModel",
+        feature_refiner=unet_config.get("_class_name") == "PriorFeatureRefinerModel",
         inference_steps=index.get("default_denoising_steps") or (evaluation or {}).get(
             "inference_steps", args.get("validation_inference_steps", 2)),
         ensemble_size=(evaluation or {}).get("ensemble_size", 5),

@@ -277,6 +277,9 @@ def test_feature_refiner_training_saves_a_pipeline_and_resumes(folder_dataset, s
     pipe = SegmentationEnsemblePipeline.from_pretrained(tmp_path / "straight")
     assert isinstance(pipe.unet, PriorFeatureRefinerModel) and pipe.unet.config.hidden_channels == 4
     assert pipe.config.default_denoising_steps == 1
+    card = (tmp_path / "straight" / "README.md").read_text()
+    assert "feature-reusing refiner" in card and "PriorFeatureRefinerModel" in card and "--distill_from" in card
+    assert "[state | image | 2p - 1]" not in card
     result = pipe(torch.full((1, 3, 40, 40), 0.5), ensemble_size=2, generator=seeded(0), output_type="np")
     assert result.masks.shape == (1, 40, 40)
     resumed = tmp_path / "resumed"
