@@ -328,3 +328,22 @@ def test_banded_inference_equals_one_pass(monkeypatch):
         with torch.no_grad():
             banded = head(sample, torch.tensor([5, 50, 90]), context).sample
         torch.testing.assert_close(banded, whole, atol=1e-6, rtol=0)
+
+
+def test_step_count_is_chosen_out_of_fold_on_training_images(folder_dataset, students, tmp_path):
+    out = tmp_path / "refiner"
+    run(TRAIN, ["--train_data_dir", str(folder_dataset), *TINY, "--max_train_steps", "2", "--anchor", "residual",
+                "--refiner", "features", "--prior_folds", str(students / "folds"),
+                "--prior_segmenter", str(students / "prior" / "unet"), "--default_denoising_steps", "4",
+                "--output_dir", str(out)])
+    run(REPO / "training" / "select_denoising_steps.py",
+        ["--pipeline", str(out), "--prior_folds", str(students / "folds"), "--train_data_dir", str(folder_dataset),
+         "--stems", "case*", "--steps", "1", "2", "--crop", "0", "--tile_size", "32", "--ensemble_size", "2",
+         "--apply"])
+    record = json.loads((out / "step_selection.json").read_text())
+    assert set(record["table"]) == {"student alone", "1 step", "2 steps"}
+    assert record["chosen_steps"] in (1, 2)
+    nll = {label: row["nll"] for label, row in record["table"].items() if label != "student alone"}
+    best = min(nll.values())
+    assert nll[f"{record['chosen_steps']} step{'s' if record['chosen_steps'] > 1 else ''}"] <= best * 1.005
+    assert SegmentationEnsemblePipeline.from_pretrained(out).config.default_denoising_steps == record["chosen_steps"]
