@@ -13,6 +13,13 @@
 #   budget    a U-Net trained for the prior's + the refiner's budget (row 2)
 #   ship      copy the prior and the residual pipeline into checkpoints/ (the embedded reference)
 #   evaluate  the table on the 8 test images at full resolution (and under a camera shift)
+# The feature-reusing refiner (a light head over the prior's decoder features; not in the default STAGES):
+#   students  4 out-of-fold students distilled from the prior (no labels; 500 steps each)
+#   features  the PriorFeatureRefinerModel on the students' priors and features (2000 steps), then its default step
+#             count chosen by out-of-fold NLL on the training photographs (training/select_denoising_steps.py)
+#   evaluate_features  prior, residual refiner and feature refiner at 1 and 2 steps timed in one process (ratios to
+#             the prior), on the 8 test images, plain and under the camera-like shift
+# PRIOR_UNET (default $PRIOR_DIR/unet, PRIOR_DIR default runs/vessel-segmenter-chase) names the prior they build on.
 # CHASE_DB1 (CC BY 4.0) is read from DATA (default ../shared/data/chase_db1); all settings were chosen on the 20
 # training images only.
 set -euo pipefail
@@ -31,8 +38,11 @@ COMMON=(--resolution 128 --train_batch_size 8 --learning_rate 1e-3 --lr_schedule
 UNET=(--block_out_channels 16,32,64,128 --layers_per_block 1 --norm_num_groups 8)
 # the refiner: a quarter of the prior's channels, three levels (5 members cost about one prior pass)
 REFINER=(--block_out_channels 8,16,32 --layers_per_block 1 --norm_num_groups 4)
-PRIOR_DIR=$RUNS/vessel-segmenter-chase
+PRIOR_DIR=${PRIOR_DIR:-$RUNS/vessel-segmenter-chase}
 MAPS=$RUNS/prior-maps-oof
+PRIOR_UNET=${PRIOR_UNET:-$PRIOR_DIR/unet}  # e.g. checkpoints/vessel-segmenter-chase, the shipped prior
+STUDENTS=${STUDENTS:-$RUNS/prior-students}
+FEATURES=${FEATURES:-$RUNS/anchored-features}
 REFINER_STEPS=${REFINER_STEPS:-1200}
 
 stage() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -95,4 +105,28 @@ if stage evaluate; then
     $PYTHON benchmarks/evaluate_anchored.py --merge "$R/evaluate_anchored${suffix}_part1.json" \
       "$R/evaluate_anchored${suffix}_part2.json" --output "$R/evaluate_anchored${suffix}.json" "${cards[@]}"
   done
+fi
+if stage students; then
+  $PYTHON training/make_prior_maps.py "${DATA_FLAGS[@]}" --stems 'Image_0*,Image_10*' --folds 4 \
+    --distill_from "$PRIOR_UNET" --output_dir "$STUDENTS" -- "${UNET[@]}" "${AUGMENT[@]}" "${COMMON[@]}" \
+    --lr_warmup_steps 50 --max_train_steps 500 --checkpointing_steps 250
+fi
+if stage features; then
+  $PYTHON training/train_segmentation_ensemble.py "${DATA_FLAGS[@]}" --train_stems 'Image_0*,Image_10*' \
+    "${AUGMENT[@]}" "${COMMON[@]}" --lr_warmup_steps 100 --max_train_steps "${FEATURE_STEPS:-2000}" \
+    --checkpointing_steps 250 --prediction_type sample --anchor residual --refiner features --refiner_channels 16 \
+    --prior_folds "$STUDENTS" --prior_segmenter "$PRIOR_UNET" --default_denoising_steps 2 --output_dir "$FEATURES"
+  $PYTHON training/select_denoising_steps.py --pipeline "$FEATURES" --prior_folds "$STUDENTS" "${DATA_FLAGS[@]}" \
+    --stems 'Image_0*,Image_10*' --steps 1 2 4 --apply
+fi
+if stage evaluate_features; then
+  R=benchmarks/results
+  for shift in "" "--shift"; do
+    suffix=${shift:+_shift}
+    $PYTHON benchmarks/evaluate_anchored.py --threads 1 $shift --output "$R/evaluate_feature_refiner${suffix}.json" \
+      --segmenter "1. U-Net alone (the prior)=$PRIOR_DIR/unet" \
+      --diffusion "4a. Residual-anchored diffusion=checkpoints/segmentation-anchored-chase@1,2" \
+      --diffusion "6. Feature-reusing refiner=$FEATURES@1,2" &
+  done
+  wait
 fi
