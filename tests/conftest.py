@@ -18,15 +18,55 @@ if "HF_MODULES_CACHE" not in os.environ:
     os.environ["HF_MODULES_CACHE"] = _modules_cache
     atexit.register(shutil.rmtree, _modules_cache, ignore_errors=True)
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Callable, Optional, Tuple  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from diffusers import ConfigMixin, DDIMScheduler, ModelMixin, UNet2DModel  # noqa: E402
 from diffusers.configuration_utils import register_to_config  # noqa: E402
 from diffusers.models.unets.unet_2d import UNet2DOutput  # noqa: E402
 
 from diffusers_retina import SegmentationEnsemblePipeline  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+#: Flags of a tiny segmentation training run (32x32 patches, a (8, 16) UNet, batch 2).
+TINY_SEGMENTATION = ["--resolution", "32", "--block_out_channels", "8,16", "--norm_num_groups", "4",
+                     "--train_batch_size", "2", "--patches_per_image", "4", "--report_to", "none", "--seed", "3"]
+
+
+def run_script(script, args, expect: int = 0, cwd=REPO) -> subprocess.CompletedProcess:
+    """Run a repository script offline on one thread; assert its exit status (0, or 2 for refused arguments)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == expect, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def four_pairs(tmp_path_factory) -> Path:
+    """A folder dataset of 4 tiny image/mask pairs (``case0``..``case3``), one per test module."""
+    return write_folder_dataset(tmp_path_factory.mktemp("pairs") / "pairs", num_images=4)
+
+
+def write_folder_dataset(root: Path, num_images: int = 3, num_classes: int = 2, size: int = 40) -> Path:
+    """Tiny images whose bright pixels are the mask, so the task is learnable and checks are meaningful."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for index in range(num_images):
+        mask = rng.integers(0, num_classes, size=(size, size)).astype(np.uint8)
+        image = np.stack([mask * (200 // (num_classes - 1))] * 3, axis=-1).astype(np.uint8)
+        Image.fromarray(image).save(root / "images" / f"case{index}.png")
+        stored = mask * 255 if num_classes == 2 else mask
+        Image.fromarray(stored.astype(np.uint8)).save(root / "masks" / f"case{index}.png")
+    return root
 
 IMAGE_SIZE = 16
 

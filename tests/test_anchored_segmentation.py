@@ -15,16 +15,16 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolver
 from PIL import Image
 
 from diffusers_retina import SegmentationEnsemblePipeline
-from diffusers_retina.data import FolderPairDataset, RandomPatchDataset
+from diffusers_retina.data import RandomPatchDataset
 from diffusers_retina.pipelines.sampling import segmenter_probabilities
 
+from conftest import TINY_SEGMENTATION as TINY
 from conftest import IMAGE_SIZE, seeded, tiny_unet, unit_range
+from conftest import run_script as run
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "training" / "train_segmentation_ensemble.py"
 PRIOR_MAPS = REPO / "training" / "make_prior_maps.py"
-TINY = ["--resolution", "32", "--block_out_channels", "8,16", "--norm_num_groups", "4", "--train_batch_size", "2",
-        "--patches_per_image", "4", "--report_to", "none", "--seed", "3"]
 
 
 def tiny_segmenter(seed=1):
@@ -192,26 +192,11 @@ def test_patches_carry_the_prior_through_scale_and_flips():
 # ------------------------------------------------------------------------------------------------ training
 
 
-def run(script, args, cwd=REPO):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @pytest.fixture(scope="module")
-def folder_dataset(tmp_path_factory):
-    from test_training import write_folder_dataset
-
-    return write_folder_dataset(tmp_path_factory.mktemp("anchored") / "pairs", num_images=4)
-
-
-@pytest.fixture(scope="module")
-def prior_maps(folder_dataset, tmp_path_factory):
+def prior_maps(four_pairs, tmp_path_factory):
     """Out-of-fold prior maps from two tiny folds (2 steps each), through the real script."""
     out = tmp_path_factory.mktemp("priors")
-    run(PRIOR_MAPS, ["--train_data_dir", str(folder_dataset), "--stems", "case*", "--folds", "2",
+    run(PRIOR_MAPS, ["--train_data_dir", str(four_pairs), "--stems", "case*", "--folds", "2",
                      "--output_dir", str(out), "--tile_size", "32", "--", *TINY, "--max_train_steps", "2"])
     return out
 
@@ -230,9 +215,9 @@ def test_out_of_fold_maps_never_come_from_a_model_that_saw_the_image(prior_maps)
 
 
 @pytest.mark.parametrize("anchor", ["residual", "strength"])
-def test_anchored_training_saves_a_pipeline_with_its_prior(anchor, folder_dataset, prior_maps, tmp_path):
+def test_anchored_training_saves_a_pipeline_with_its_prior(anchor, four_pairs, prior_maps, tmp_path):
     out = tmp_path / anchor
-    run(TRAIN, ["--train_data_dir", str(folder_dataset), *TINY, "--max_train_steps", "3",
+    run(TRAIN, ["--train_data_dir", str(four_pairs), *TINY, "--max_train_steps", "3",
                 "--prior_maps", str(prior_maps / "maps"), "--anchor", anchor, "--anchor_strength", "0.5",
                 "--prior_segmenter", str(prior_maps / "fold-0" / "unet"), "--default_denoising_steps", "2",
                 "--validation_stems", "case0", "--validation_crop", "32", "--output_dir", str(out)])
@@ -245,13 +230,13 @@ def test_anchored_training_saves_a_pipeline_with_its_prior(anchor, folder_datase
     assert result.masks.shape == (1, 40, 40)
 
 
-def test_cascade_and_anchored_resume(folder_dataset, prior_maps, tmp_path):
+def test_cascade_and_anchored_resume(four_pairs, prior_maps, tmp_path):
     cascade = tmp_path / "cascade"
-    run(TRAIN, ["--train_data_dir", str(folder_dataset), *TINY, "--max_train_steps", "2", "--objective",
+    run(TRAIN, ["--train_data_dir", str(four_pairs), *TINY, "--max_train_steps", "2", "--objective",
                 "supervised", "--prior_maps", str(prior_maps / "maps"), "--output_dir", str(cascade)])
     assert UNet2DModel.from_pretrained(cascade / "unet").config.in_channels == 4  # image + prior
 
-    common = ["--train_data_dir", str(folder_dataset), *TINY, "--max_train_steps", "6", "--checkpointing_steps", "3",
+    common = ["--train_data_dir", str(four_pairs), *TINY, "--max_train_steps", "6", "--checkpointing_steps", "3",
               "--prior_maps", str(prior_maps / "maps"), "--anchor", "residual",
               "--prior_segmenter", str(prior_maps / "fold-0" / "unet"), "--save_dtype", "float32"]
     run(TRAIN, common + ["--output_dir", str(tmp_path / "straight")])
@@ -268,9 +253,9 @@ def test_cascade_and_anchored_resume(folder_dataset, prior_maps, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
 
 
-def test_anchored_arguments_are_checked(folder_dataset, tmp_path):
+def test_anchored_arguments_are_checked(four_pairs, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    base = [sys.executable, str(TRAIN), "--train_data_dir", str(folder_dataset), "--output_dir", str(tmp_path / "x")]
+    base = [sys.executable, str(TRAIN), "--train_data_dir", str(four_pairs), "--output_dir", str(tmp_path / "x")]
     for extra, needle in [(["--anchor", "residual"], "--prior_maps"),
                           (["--prior_maps", str(tmp_path)], "--anchor"),
                           (["--prior_maps", str(tmp_path / "missing"), "--objective", "supervised"], "not a folder")]:

@@ -3,9 +3,7 @@ per image, members and steps run the head only), its saving and loading, its bad
 (students distilled from the prior, out of fold; ``--refiner features``)."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,13 +16,13 @@ from diffusers_retina.fold_priors import FoldPriors
 from diffusers_retina.models import PriorFeatureRefinerModel, segmenter_features
 from diffusers_retina.pipelines.sampling import segmenter_probabilities
 
+from conftest import TINY_SEGMENTATION as TINY
 from conftest import IMAGE_SIZE, seeded, tiny_unet, unit_range
+from conftest import run_script as run
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "training" / "train_segmentation_ensemble.py"
 PRIOR_MAPS = REPO / "training" / "make_prior_maps.py"
-TINY = ["--resolution", "32", "--block_out_channels", "8,16", "--norm_num_groups", "4", "--train_batch_size", "2",
-        "--patches_per_image", "4", "--report_to", "none", "--seed", "3"]
 
 
 def tiny_prior(seed=1):
@@ -204,28 +202,13 @@ def test_feature_channels_must_match_the_prior_at_load_time(tmp_path):
 # ------------------------------------------------------------------------------------------------ training
 
 
-def run(script, args, expect=0):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == expect, result.stderr[-3000:]
-    return result
-
-
 @pytest.fixture(scope="module")
-def folder_dataset(tmp_path_factory):
-    from test_training import write_folder_dataset
-
-    return write_folder_dataset(tmp_path_factory.mktemp("feature-refiner") / "pairs", num_images=4)
-
-
-@pytest.fixture(scope="module")
-def students(folder_dataset, tmp_path_factory):
+def students(four_pairs, tmp_path_factory):
     """A tiny prior, then two out-of-fold students distilled from it, through the real scripts."""
     root = tmp_path_factory.mktemp("students")
-    run(TRAIN, ["--train_data_dir", str(folder_dataset), *TINY, "--objective", "supervised", "--max_train_steps", "2",
+    run(TRAIN, ["--train_data_dir", str(four_pairs), *TINY, "--objective", "supervised", "--max_train_steps", "2",
                 "--output_dir", str(root / "prior")])
-    run(PRIOR_MAPS, ["--train_data_dir", str(folder_dataset), "--stems", "case*", "--folds", "2", "--distill_from",
+    run(PRIOR_MAPS, ["--train_data_dir", str(four_pairs), "--stems", "case*", "--folds", "2", "--distill_from",
                      str(root / "prior" / "unet"), "--output_dir", str(root / "folds"), "--tile_size", "32", "--",
                      *TINY, "--max_train_steps", "2"])
     return root
@@ -267,8 +250,8 @@ def test_distillation_loss_is_zero_for_the_teacher_itself():
     assert other > same
 
 
-def test_feature_refiner_training_saves_a_pipeline_and_resumes(folder_dataset, students, tmp_path):
-    common = ["--train_data_dir", str(folder_dataset), *TINY, "--max_train_steps", "4", "--checkpointing_steps", "2",
+def test_feature_refiner_training_saves_a_pipeline_and_resumes(four_pairs, students, tmp_path):
+    common = ["--train_data_dir", str(four_pairs), *TINY, "--max_train_steps", "4", "--checkpointing_steps", "2",
               "--anchor", "residual", "--refiner", "features", "--refiner_channels", "4",
               "--prior_folds", str(students / "folds"), "--prior_segmenter", str(students / "prior" / "unet"),
               "--save_dtype", "float32", "--default_denoising_steps", "1"]
@@ -292,8 +275,8 @@ def test_feature_refiner_training_saves_a_pipeline_and_resumes(folder_dataset, s
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
 
 
-def test_feature_refiner_arguments_are_checked(folder_dataset, students, tmp_path):
-    base = ["--train_data_dir", str(folder_dataset), "--output_dir", str(tmp_path / "x")]
+def test_feature_refiner_arguments_are_checked(four_pairs, students, tmp_path):
+    base = ["--train_data_dir", str(four_pairs), "--output_dir", str(tmp_path / "x")]
     prior = str(students / "prior" / "unet")
     for extra, needle in [(["--refiner", "features", "--anchor", "residual", "--prior_segmenter", prior],
                            "--prior_folds"),
@@ -330,14 +313,14 @@ def test_banded_inference_equals_one_pass(monkeypatch):
         torch.testing.assert_close(banded, whole, atol=1e-6, rtol=0)
 
 
-def test_step_count_is_chosen_out_of_fold_on_training_images(folder_dataset, students, tmp_path):
+def test_step_count_is_chosen_out_of_fold_on_training_images(four_pairs, students, tmp_path):
     out = tmp_path / "refiner"
-    run(TRAIN, ["--train_data_dir", str(folder_dataset), *TINY, "--max_train_steps", "2", "--anchor", "residual",
+    run(TRAIN, ["--train_data_dir", str(four_pairs), *TINY, "--max_train_steps", "2", "--anchor", "residual",
                 "--refiner", "features", "--prior_folds", str(students / "folds"),
                 "--prior_segmenter", str(students / "prior" / "unet"), "--default_denoising_steps", "4",
                 "--output_dir", str(out)])
     run(REPO / "training" / "select_denoising_steps.py",
-        ["--pipeline", str(out), "--prior_folds", str(students / "folds"), "--train_data_dir", str(folder_dataset),
+        ["--pipeline", str(out), "--prior_folds", str(students / "folds"), "--train_data_dir", str(four_pairs),
          "--stems", "case*", "--steps", "1", "2", "--crop", "0", "--tile_size", "32", "--ensemble_size", "2",
          "--apply"])
     record = json.loads((out / "step_selection.json").read_text())

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from diffusers_retina import SegmentationEnsemblePipeline
 from diffusers_retina.data import default_chase_db1_root
 
+from conftest import write_folder_dataset  # noqa: F401  (re-exported: other test modules import it from here)
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "train_segmentation_ensemble.py"
 TINY = ["--resolution", "32", "--block_out_channels", "8,16", "--norm_num_groups", "4", "--train_batch_size", "2",
@@ -29,20 +31,6 @@ def run_training(args, cwd):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def write_folder_dataset(root: Path, num_images: int = 3, num_classes: int = 2, size: int = 40):
-    """Tiny images whose bright pixels are the mask, so the task is learnable and checks are meaningful."""
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for index in range(num_images):
-        mask = rng.integers(0, num_classes, size=(size, size)).astype(np.uint8)
-        image = np.stack([mask * (200 // (num_classes - 1))] * 3, axis=-1).astype(np.uint8)
-        Image.fromarray(image).save(root / "images" / f"case{index}.png")
-        stored = mask * 255 if num_classes == 2 else mask
-        Image.fromarray(stored.astype(np.uint8)).save(root / "masks" / f"case{index}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

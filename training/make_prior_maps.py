@@ -28,7 +28,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import PIL.Image
@@ -37,14 +37,19 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Out-of-fold (or given-segmenter) prior maps for training images.")
+def add_folder_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training photographs: a folder dataset and the glob patterns of its training stems."""
     parser.add_argument("--train_data_dir", required=True)
     parser.add_argument("--image_dir", default="images")
     parser.add_argument("--mask_dir", default="masks")
     parser.add_argument("--image_suffix", default="")
     parser.add_argument("--mask_suffix", default="")
     parser.add_argument("--stems", required=True, help="Comma-separated glob patterns of the training stems.")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Out-of-fold (or given-segmenter) prior maps for training images.")
+    add_folder_arguments(parser)
     parser.add_argument("--output_dir", required=True)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--folds", type=int, help="K: train K segmenters, each predicts the fold it did not see.")

@@ -29,17 +29,15 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_prior_maps import add_folder_arguments  # noqa: E402
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pipeline", required=True, help="A saved feature-refiner SegmentationEnsemblePipeline.")
     parser.add_argument("--prior_folds", required=True, help="The make_prior_maps.py --distill_from output folder.")
-    parser.add_argument("--train_data_dir", required=True)
-    parser.add_argument("--image_dir", default="images")
-    parser.add_argument("--mask_dir", default="masks")
-    parser.add_argument("--image_suffix", default="")
-    parser.add_argument("--mask_suffix", default="")
-    parser.add_argument("--stems", required=True, help="Comma-separated glob patterns of the training stems.")
+    add_folder_arguments(parser)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--ensemble_size", type=int, default=5)
     parser.add_argument("--crop", type=int, default=512, help="Central crop side (0: whole photographs).")
