@@ -356,8 +356,8 @@ def main(argv=None):
         teacher = UNet2DModel.from_pretrained(args.distill_from, torch_dtype=torch.float32)
         teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
     if args.prior_folds:
-        fold_priors = FoldPriors(args.prior_folds, args.prior_segmenter,
-                                 [sample.name for sample in state.train_dataloader.dataset.samples]).to(accelerator.device)
+        stems = [sample.name for sample in state.train_dataloader.dataset.samples]
+        fold_priors = FoldPriors(args.prior_folds, args.prior_segmenter, stems).to(accelerator.device)
 
     progress_bar = tqdm(range(global_step, args.max_train_steps), disable=not accelerator.is_local_main_process,
                         desc="Steps")

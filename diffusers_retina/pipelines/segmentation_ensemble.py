@@ -68,6 +68,7 @@ ANCHORS = ("residual", "strength")
 # schedulers whose `step` takes ``2 * C`` output channels and uses the learned variance
 VARIANCE_SCHEDULERS = (DDPMScheduler, DDPMParallelScheduler, UnCLIPScheduler)
 
+
 def check_feature_refiner(unet: PriorFeatureRefinerModel, prior, anchor: Optional[str]) -> None:
     """A feature-reusing refiner needs the prior it was trained on (its features are its input), residual anchoring,
     and a prior whose last decoder features have the refiner's ``feature_channels``."""
@@ -80,8 +81,8 @@ def check_feature_refiner(unet: PriorFeatureRefinerModel, prior, anchor: Optiona
         raise ValueError(f"A PriorFeatureRefinerModel denoises the residual to its prior: it needs anchor='residual', "
                          f"got {anchor!r}.")
     if prior.config.out_channels != 1 or unet.config.mask_channels != 1:
-        raise ValueError("Prior anchoring is implemented for binary masks: the prior must return one logit channel (has "
-                         f"{prior.config.out_channels}) and the refiner one mask channel "
+        raise ValueError("Prior anchoring is implemented for binary masks: the prior must return one logit channel "
+                         f"(has {prior.config.out_channels}) and the refiner one mask channel "
                          f"(has {unet.config.mask_channels}).")
     channels = segmenter_feature_channels(prior)
     if channels != unet.config.feature_channels:
@@ -169,8 +170,9 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
     _optional_components = ["prior"]
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet: Union[UNet2DModel, MedSegDiffUNet2DModel, PriorFeatureRefinerModel], scheduler: SchedulerMixin,
-                 prior: Optional[UNet2DModel] = None, anchor: Optional[str] = None, anchor_strength: float = 1.0,
+    def __init__(self, unet: Union[UNet2DModel, MedSegDiffUNet2DModel, PriorFeatureRefinerModel],
+                 scheduler: SchedulerMixin, prior: Optional[UNet2DModel] = None, anchor: Optional[str] = None,
+                 anchor_strength: float = 1.0,
                  default_denoising_steps: Optional[int] = None, default_threshold: Optional[float] = None):
         super().__init__()
         if isinstance(unet, PriorFeatureRefinerModel):
@@ -232,9 +234,10 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
 
     @property
     def size_multiple(self) -> int:
-        """Inputs are padded to a multiple of the UNets' total down-sampling factor."""
-        networks = [self.prior if self.uses_prior_features else self.unet]
-        return max(2 ** (len(network.config.block_out_channels) - 1) for network in networks)
+        """Inputs are padded to a multiple of the UNet's total down-sampling factor (the prior's, for a
+        feature-reusing refiner: the head itself works at any size)."""
+        network = self.prior if self.uses_prior_features else self.unet
+        return 2 ** (len(network.config.block_out_channels) - 1)
 
     # ------------------------------------------------------------------ helpers
     def check_inputs(self, ensemble_size, fusion, threshold, batch_size, tile_size, tile_overlap, output_type,
