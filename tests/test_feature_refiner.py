@@ -329,4 +329,9 @@ def test_step_count_is_chosen_out_of_fold_on_training_images(four_pairs, student
     nll = {label: row["nll"] for label, row in record["table"].items() if label != "student alone"}
     best = min(nll.values())
     assert nll[f"{record['chosen_steps']} step{'s' if record['chosen_steps'] > 1 else ''}"] <= best * 1.005
-    assert SegmentationEnsemblePipeline.from_pretrained(out).config.default_denoising_steps == record["chosen_steps"]
+    loaded = SegmentationEnsemblePipeline.from_pretrained(out)
+    assert loaded.config.default_denoising_steps == record["chosen_steps"]
+    dice_by_threshold = {float(t): d for t, d in record["threshold_dice"].items()}
+    assert record["chosen_threshold"] in dice_by_threshold
+    assert dice_by_threshold[record["chosen_threshold"]] == max(dice_by_threshold.values())
+    assert loaded.config.default_threshold == record["chosen_threshold"]

@@ -6,15 +6,16 @@ calibration, so its default ``num_inference_steps`` is chosen by the out-of-fold
 fused probability on the *training* photographs, never on test images: every training photograph is segmented by the
 trained refiner on top of the student of its fold (``make_prior_maps.py --distill_from``: a model of the prior that
 never saw the photograph), at each candidate step count, on its central ``--crop``. The rule: the fewest steps whose
-NLL is within ``--tolerance`` (relative) of the lowest. The students alone (one forward, no refiner) are scored
-beside them, so the table also says what the refiner buys out of fold.
+NLL is within ``--tolerance`` (relative) of the lowest. Then, at that step count, the foreground threshold with the
+highest mean out-of-fold Dice among ``--thresholds`` (``default_threshold``). The students alone (one forward, no
+refiner) are scored beside them, so the table also says what the refiner buys out of fold.
 
     python training/select_denoising_steps.py --pipeline runs/anchored-features --prior_folds runs/students-v1 \\
         --train_data_dir ../shared/data/chase_db1 --mask_dir 1stHO --mask_suffix _1stHO --stems 'Image_0*,Image_10*' \\
         --steps 1 2 4 --apply
 
-``--apply`` writes the chosen count into the pipeline's ``model_index.json`` (``default_denoising_steps``); the
-figures go to ``<pipeline>/step_selection.json``.
+``--apply`` writes the chosen count and threshold into the pipeline's ``model_index.json``
+(``default_denoising_steps``, ``default_threshold``); the figures go to ``<pipeline>/step_selection.json``.
 """
 
 from __future__ import annotations
@@ -43,14 +44,22 @@ def parse_args(argv=None):
     parser.add_argument("--crop", type=int, default=512, help="Central crop side (0: whole photographs).")
     parser.add_argument("--tile_size", type=int, default=256)
     parser.add_argument("--tolerance", type=float, default=0.005)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--apply", action="store_true")
     args = parser.parse_args(argv)
+    if any(not 0 < t < 1 for t in args.thresholds):
+        parser.error("--thresholds must lie in (0, 1).")
     if any(s < 1 for s in args.steps) or args.ensemble_size < 1 or args.crop < 0 or not 0 <= args.tolerance < 1:
         parser.error("--steps and --ensemble_size must be positive, --crop >= 0 and --tolerance in [0, 1).")
     if not (Path(args.pipeline) / "model_index.json").is_file():
         parser.error(f"--pipeline {args.pipeline!r} has no model_index.json (a saved pipeline folder).")
     return args
+
+
+def dice_score(mask: np.ndarray, target: np.ndarray) -> float:
+    overlap = np.logical_and(mask, target).sum()
+    return float(2 * overlap / max(1, mask.sum() + target.sum()))
 
 
 def negative_log_likelihood(probability: np.ndarray, target: np.ndarray) -> float:
@@ -90,6 +99,7 @@ def main(argv=None) -> Dict:
     accumulators = {label: MetricAccumulator() for label in labels}
     nll: Dict[str, List[float]] = {label: [] for label in labels}
     threshold = pipe.config.get("default_threshold") or 0.5
+    kept: Dict[str, List] = {label: [] for label in labels}  # (probability, target) per image, for the threshold
     for index in range(len(dataset)):
         item = dataset[index]
         image, target = central_crop(item["image"], args.crop), central_crop(item["mask"], args.crop).numpy() > 0
@@ -104,6 +114,7 @@ def main(argv=None) -> Dict:
                             output_type="pt")
             results[label] = out.probabilities[0, 0].numpy()
         for label, probability in results.items():
+            kept[label].append((probability, target))
             accumulators[label].update(probability > threshold, probability.astype(np.float64), target,
                                        name=item["name"])
             nll[label].append(negative_log_likelihood(probability, target))
@@ -119,17 +130,25 @@ def main(argv=None) -> Dict:
     print("\n| Out of fold (training photographs) | Dice | ECE | NLL |\n|---|---|---|---|")
     for label, row in table.items():
         print(f"| {label} | {row['dice']:.4f} | {row['ece']:.4f} | {row['nll']:.4f} |")
-    print(f"chosen: {chosen} step(s) (fewest within {args.tolerance:.1%} of the lowest NLL)")
+    chosen_label = labels[1:][args.steps.index(chosen)]
+    threshold_dice = {t: float(np.mean([dice_score(p > t, y) for p, y in kept[chosen_label]]))
+                      for t in args.thresholds}
+    chosen_threshold = max(threshold_dice, key=lambda t: (threshold_dice[t], -abs(t - 0.5)))
+    print(f"chosen: {chosen} step(s) (fewest within {args.tolerance:.1%} of the lowest NLL), threshold "
+          f"{chosen_threshold} (mean Dice {threshold_dice[chosen_threshold]:.4f}; 0.5: "
+          f"{float(np.mean([dice_score(p > 0.5, y) for p, y in kept[chosen_label]])):.4f})")
     result = {"command": "python training/select_denoising_steps.py " + " ".join(sys.argv[1:] if argv is None
                                                                                   else argv),
               "stems": stems, "crop": args.crop, "ensemble_size": args.ensemble_size, "table": table,
               "rule": f"fewest steps within {args.tolerance} (relative) of the lowest out-of-fold NLL",
-              "chosen_steps": chosen}
+              "chosen_steps": chosen, "threshold_dice": {str(t): d for t, d in threshold_dice.items()},
+              "chosen_threshold": chosen_threshold}
     (Path(args.pipeline) / "step_selection.json").write_text(json.dumps(result, indent=2) + "\n")
     if args.apply:
         index_path = Path(args.pipeline) / "model_index.json"
         model_index = json.loads(index_path.read_text())
         model_index["default_denoising_steps"] = chosen
+        model_index["default_threshold"] = chosen_threshold
         temporary = index_path.with_suffix(".json.tmp")
         temporary.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
         os.replace(temporary, index_path)
