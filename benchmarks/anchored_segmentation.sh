@@ -124,7 +124,7 @@ if stage evaluate_features; then
   for shift in "" "--shift"; do
     suffix=${shift:+_shift}
     $PYTHON benchmarks/evaluate_anchored.py --threads 1 $shift --output "$R/evaluate_feature_refiner${suffix}.json" \
-      --segmenter "1. U-Net alone (the prior)=$PRIOR_DIR/unet" \
+      --segmenter "1. U-Net alone (the prior)=$PRIOR_UNET" \
       --diffusion "4a. Residual-anchored diffusion=checkpoints/segmentation-anchored-chase@1,2" \
       --diffusion "6. Feature-reusing refiner=$FEATURES@1,2" &
   done
