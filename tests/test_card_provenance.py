@@ -179,6 +179,7 @@ def test_recorded_dataset_wins_over_the_data_path(tmp_path):
     ("segmentation-ensemble-chase", hub.segmentation_model_card),
     ("segmentation-medsegdiff-chase", hub.segmentation_model_card),
     ("segmentation-anchored-chase", hub.segmentation_model_card),
+    ("segmentation-anchored-features-chase", hub.segmentation_model_card),
     ("vessel-segmenter-chase", hub.segmenter_model_card),
     ("mask2image-chase", hub.mask2image_model_card),
     ("feature-head-chase", hub.feature_head_model_card),
