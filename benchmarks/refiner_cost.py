@@ -107,10 +107,10 @@ def main(argv=None) -> int:
     device = _common.setup(args)
     from diffusers import DDIMScheduler, UNet2DModel
 
-    prior = UNet2DModel.from_pretrained(str(_common.resolve_path(args.prior)), torch_dtype=torch.float32).eval()
+    prior = UNet2DModel.from_pretrained(str(_common.resolve_path(args.prior)), dtype=torch.float32).eval()
     if args.feature_pipeline:
         feature = SegmentationEnsemblePipeline.from_pretrained(str(_common.resolve_path(args.feature_pipeline)),
-                                                               torch_dtype=torch.float32)
+                                                               dtype=torch.float32)
     else:
         head = PriorFeatureRefinerModel(feature_channels=prior.config.block_out_channels[0]).eval()
         feature = SegmentationEnsemblePipeline(
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     residual = None
     if args.residual_pipeline:
         residual = SegmentationEnsemblePipeline.from_pretrained(str(_common.resolve_path(args.residual_pipeline)),
-                                                                torch_dtype=torch.float32)
+                                                                dtype=torch.float32)
     macs = flop_table(feature.prior, feature.unet, None if residual is None else residual.unet)
     ratios = {}
     for steps in args.steps:

@@ -72,7 +72,7 @@ class FoldPriors:
             path = self.folder / f"fold-{k}" / "unet"
             if not (path / "config.json").is_file():
                 raise ValueError(f"No student segmenter {path} (make_prior_maps.py did not finish fold {k}).")
-            student = UNet2DModel.from_pretrained(str(path), torch_dtype=torch.float32).eval().requires_grad_(False)
+            student = UNet2DModel.from_pretrained(str(path), dtype=torch.float32).eval().requires_grad_(False)
             self.students.append(student)
         self.feature_channels = segmenter_feature_channels(self.students[0])
 

@@ -77,7 +77,7 @@ def main(argv=None) -> Dict:
     from diffusers_retina.training_utils import central_crop, select_stems
 
     torch.set_grad_enabled(False)
-    pipe = SegmentationEnsemblePipeline.from_pretrained(args.pipeline, torch_dtype=torch.float32)
+    pipe = SegmentationEnsemblePipeline.from_pretrained(args.pipeline, dtype=torch.float32)
     if not pipe.uses_prior_features:
         sys.exit(f"{args.pipeline}: not a feature-refiner pipeline (its unet is a {type(pipe.unet).__name__}).")
     pipe.set_progress_bar_config(disable=True)
@@ -89,8 +89,8 @@ def main(argv=None) -> Dict:
     folds = FoldPriors(args.prior_folds, teacher, stems)
     from diffusers import UNet2DModel
 
-    shipped = UNet2DModel.from_pretrained(prior_folder, torch_dtype=torch.float32).state_dict()
-    distilled = UNet2DModel.from_pretrained(teacher, torch_dtype=torch.float32).state_dict()
+    shipped = UNet2DModel.from_pretrained(prior_folder, dtype=torch.float32).state_dict()
+    distilled = UNet2DModel.from_pretrained(teacher, dtype=torch.float32).state_dict()
     if any(not torch.allclose(shipped[k], distilled[k]) for k in shipped):
         sys.exit(f"The students of {args.prior_folds} were distilled from {teacher}, not from this pipeline's prior.")
     dataset = FolderPairDataset(args.train_data_dir, stems=stems, image_dir=args.image_dir, mask_dir=args.mask_dir,

@@ -353,7 +353,7 @@ def main(argv=None):
     global_step = state.global_step
     teacher = fold_priors = None
     if args.distill_from:
-        teacher = UNet2DModel.from_pretrained(args.distill_from, torch_dtype=torch.float32)
+        teacher = UNet2DModel.from_pretrained(args.distill_from, dtype=torch.float32)
         teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
     if args.prior_folds:
         stems = [sample.name for sample in state.train_dataloader.dataset.samples]
