@@ -128,6 +128,31 @@ def tiny_pipeline(unet=None, scheduler=None) -> SegmentationEnsemblePipeline:
     return pipe
 
 
+def tiny_prior(seed: int = 1) -> UNet2DModel:
+    """A tiny deterministic segmenter (image in, one logit out): the ``prior`` of anchored pipelines."""
+    return tiny_unet(image_channels=3, mask_channels=0, out_channels=1, seed=seed)
+
+
+def tiny_head(feature_channels: int = 8, seed: int = 2, trained: bool = True):
+    """A tiny ``PriorFeatureRefinerModel`` for :func:`tiny_prior`'s 8 decoder feature channels. Its output layer
+    starts at zero (the prior unchanged); ``trained`` gives it random weights so that the head does something."""
+    from diffusers_retina.models import PriorFeatureRefinerModel
+
+    torch.manual_seed(seed)
+    head = PriorFeatureRefinerModel(feature_channels=feature_channels, hidden_channels=8).eval()
+    if trained:
+        torch.nn.init.normal_(head.conv_out.weight, std=0.2)
+    return head
+
+
+def tiny_feature_pipeline(scheduler, head=None) -> SegmentationEnsemblePipeline:
+    """A residual-anchored pipeline with a feature-reusing refiner over :func:`tiny_prior`."""
+    pipe = SegmentationEnsemblePipeline(unet=head or tiny_head(), prior=tiny_prior(), anchor="residual",
+                                        scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def unit_range(image):
     """Image tensors (or a list of them) from the models' ``[-1, 1]``, in which these tests make them, to the ``[0, 1]``
     the pipelines take (diffusers' convention; ``prepare_images`` maps them back exactly). PIL images and numpy arrays

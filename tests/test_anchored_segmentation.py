@@ -19,7 +19,7 @@ from diffusers_retina.data import RandomPatchDataset
 from diffusers_retina.pipelines.sampling import segmenter_probabilities
 
 from conftest import TINY_SEGMENTATION as TINY
-from conftest import IMAGE_SIZE, seeded, tiny_unet, unit_range
+from conftest import IMAGE_SIZE, seeded, tiny_feature_pipeline, tiny_head, tiny_unet, unit_range
 from conftest import run_script as run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +32,9 @@ def tiny_segmenter(seed=1):
 
 
 def anchored_pipeline(anchor, scheduler=None, strength=0.5):
+    """``anchor``: "residual" or "strength" with a UNet denoiser, or "features" (residual, feature-reusing refiner)."""
+    if anchor == "features":
+        return tiny_feature_pipeline(scheduler or DDIMScheduler(num_train_timesteps=100))
     # denoiser input: state (1) + image (3) + prior (1)
     pipe = SegmentationEnsemblePipeline(
         unet=tiny_unet(image_channels=4, mask_channels=1), scheduler=scheduler or DDIMScheduler(num_train_timesteps=100),
@@ -48,7 +51,7 @@ def image():
 # ------------------------------------------------------------------------------------------------ pipeline
 
 
-@pytest.mark.parametrize("anchor", ["residual", "strength"])
+@pytest.mark.parametrize("anchor", ["residual", "strength", "features"])
 def test_batched_ensemble_equals_members_one_by_one(anchor, image):
     pipe = anchored_pipeline(anchor)
     batched = pipe(unit_range(image), num_inference_steps=3, ensemble_size=3, generator=seeded(1, 2, 3),
@@ -61,16 +64,22 @@ def test_batched_ensemble_equals_members_one_by_one(anchor, image):
     torch.testing.assert_close(batched.members, chunked.members, atol=1e-5, rtol=0)
 
 
-def test_residual_member_is_prior_plus_residual(image):
-    """With a denoiser that always predicts a zero residual (x0-prediction), every member equals the prior."""
-    pipe = anchored_pipeline("residual", DDIMScheduler(num_train_timesteps=100, prediction_type="sample"))
-    original = pipe.unet.forward
+@pytest.mark.parametrize("denoiser", ["unet", "features"])
+def test_residual_member_is_prior_plus_residual(denoiser, image):
+    """With a denoiser that always predicts a zero residual (x0-prediction), every member equals the prior. A fresh
+    feature-reusing refiner is one: its output layer starts at zero."""
+    scheduler = DDIMScheduler(num_train_timesteps=100, prediction_type="sample")
+    if denoiser == "features":
+        pipe = tiny_feature_pipeline(scheduler, head=tiny_head(trained=False))
+    else:
+        pipe = anchored_pipeline("residual", scheduler)
+        original = pipe.unet.forward
 
-    def zero_residual(sample, timestep, return_dict=True):
-        output = original(sample, timestep, return_dict=False)[0] * 0
-        return (output,)
+        def zero_residual(sample, timestep, return_dict=True):
+            output = original(sample, timestep, return_dict=False)[0] * 0
+            return (output,)
 
-    pipe.unet.forward = zero_residual
+        pipe.unet.forward = zero_residual
     out = pipe(unit_range(image), num_inference_steps=2, ensemble_size=2, generator=seeded(0), output_type="pt",
                return_members=True)
     with torch.no_grad():

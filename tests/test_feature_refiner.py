@@ -17,7 +17,7 @@ from diffusers_retina.models import PriorFeatureRefinerModel, segmenter_features
 from diffusers_retina.pipelines.sampling import segmenter_probabilities
 
 from conftest import TINY_SEGMENTATION as TINY
-from conftest import IMAGE_SIZE, seeded, tiny_unet, unit_range
+from conftest import IMAGE_SIZE, seeded, tiny_feature_pipeline, tiny_head, tiny_prior, unit_range
 from conftest import run_script as run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,25 +25,9 @@ TRAIN = REPO / "training" / "train_segmentation_ensemble.py"
 PRIOR_MAPS = REPO / "training" / "make_prior_maps.py"
 
 
-def tiny_prior(seed=1):
-    return tiny_unet(image_channels=3, mask_channels=0, out_channels=1, seed=seed)
-
-
-def tiny_head(feature_channels=8, seed=2, trained=True):
-    torch.manual_seed(seed)
-    head = PriorFeatureRefinerModel(feature_channels=feature_channels, hidden_channels=8).eval()
-    if trained:  # the output layer starts at zero; give it weights so that the head does something
-        torch.nn.init.normal_(head.conv_out.weight, std=0.2)
-    return head
-
-
 def feature_pipeline(scheduler=None, head=None):
-    pipe = SegmentationEnsemblePipeline(
-        unet=head or tiny_head(), prior=tiny_prior(), anchor="residual",
-        scheduler=scheduler or DDIMScheduler(num_train_timesteps=100, prediction_type="sample",
-                                             timestep_spacing="trailing"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_feature_pipeline(scheduler or DDIMScheduler(num_train_timesteps=100, prediction_type="sample",
+                                                            timestep_spacing="trailing"), head=head)
 
 
 @pytest.fixture
@@ -81,17 +65,6 @@ def test_context_once_equals_the_one_forward_of_training():
         torch.testing.assert_close(head(sample, 1, context).sample, other_time)
 
 
-def test_untrained_head_returns_the_prior(image):
-    """The output layer starts at zero: a fresh head predicts a zero residual, so every member is the prior."""
-    pipe = feature_pipeline(head=tiny_head(trained=False))
-    out = pipe(unit_range(image), num_inference_steps=2, ensemble_size=2, generator=seeded(0), output_type="pt",
-               return_members=True)
-    with torch.no_grad():
-        prior = segmenter_probabilities(pipe.prior, image)
-    torch.testing.assert_close(out.members[0, 0], prior[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.members[0, 1], prior[0], atol=1e-5, rtol=0)
-
-
 def test_bad_model_arguments_are_named():
     with pytest.raises(ValueError, match="hidden_channels"):
         PriorFeatureRefinerModel(hidden_channels=0)
@@ -123,19 +96,6 @@ def test_prior_runs_once_per_image_and_steps_run_the_head_only(image):
          output_type="pt")
     # both images in one prior pass; one head call per step for the 8 samples (one chunk)
     assert calls == {"prior": 1, "head": 3, "context": 1}
-
-
-def test_batched_ensemble_equals_members_one_by_one(image):
-    pipe = feature_pipeline()
-    batched = pipe(unit_range(image), num_inference_steps=2, ensemble_size=3, generator=seeded(1, 2, 3),
-                   output_type="pt", return_members=True)
-    singles = [pipe(unit_range(image), num_inference_steps=2, ensemble_size=1, generator=[seeded(s)], output_type="pt",
-                    return_members=True).members[0, 0] for s in (1, 2, 3)]
-    torch.testing.assert_close(batched.members[0], torch.stack(singles), atol=1e-5, rtol=0)
-    chunked = pipe(unit_range(image), num_inference_steps=2, ensemble_size=3, generator=seeded(1, 2, 3),
-                   output_type="pt", return_members=True, batch_size=1)
-    torch.testing.assert_close(batched.members, chunked.members, atol=1e-5, rtol=0)
-    assert float(batched.variance.max()) > 0  # the members differ
 
 
 @pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler])
