@@ -16,7 +16,7 @@ from safetensors import safe_open
 from diffusers_retina import DiffusionFeaturePipeline
 from diffusers_retina.models import FreqAggHead, PixelMLPEnsemble
 
-from test_training import write_folder_dataset
+from conftest import run_script, write_folder_dataset
 from test_training_arguments import load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,11 +34,7 @@ def ddpm_and_data(tmp_path_factory):
 
 
 def run(args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_script(SCRIPT, args)
 
 
 @pytest.mark.parametrize("head, head_cls", [("pixel_mlp", PixelMLPEnsemble), ("freq_agg", FreqAggHead)])

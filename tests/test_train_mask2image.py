@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from diffusers_retina import Mask2ImagePipeline
 from diffusers_retina.models import ConditionalUNet2DModel
 
-from test_training import write_folder_dataset
+from conftest import run_script, write_folder_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "train_mask2image.py"
@@ -27,11 +27,7 @@ TINY = ["--resolution", "16", "--block_out_channels", "8,16", "--norm_num_groups
 
 
 def run(args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_script(SCRIPT, args)
 
 
 @pytest.fixture(scope="module")
