@@ -7,6 +7,7 @@
 #
 # Stages (each resumable: training resumes from its last checkpoint, finished outputs are kept):
 #   prior     the deterministic segmenter (the prior; row 1), 1500 steps, camera-like + scale augmentation
+#             (the stronger prior in training: PRIOR_DIR=runs/prior-v2 PRIOR_STEPS=6000 STAGES=prior)
 #   oof       out-of-fold prior maps of the 20 training images (4 subject-grouped folds, 500 steps each)
 #   residual  the residual-anchored refiner (row 4a)      strength  the strength-anchored refiner (row 4b)
 #   cascade   the same refiner network without noise (row 3)
@@ -50,7 +51,7 @@ stage() { [[ " $STAGES " == *" $1 "* ]]; }
 if stage prior; then
   $PYTHON training/train_segmentation_ensemble.py --objective supervised "${DATA_FLAGS[@]}" \
     --train_stems 'Image_0*,Image_10*' "${UNET[@]}" "${AUGMENT[@]}" "${COMMON[@]}" --lr_warmup_steps 100 \
-    --max_train_steps 1500 --checkpointing_steps 250 --output_dir "$PRIOR_DIR"
+    --max_train_steps "${PRIOR_STEPS:-1500}" --checkpointing_steps 250 --output_dir "$PRIOR_DIR"
 fi
 if stage oof; then
   $PYTHON training/make_prior_maps.py "${DATA_FLAGS[@]}" --stems 'Image_0*,Image_10*' --folds 4 \
