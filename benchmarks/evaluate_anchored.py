@@ -46,7 +46,7 @@ from evaluate_segmentation import ENTROPY_BINS, histogram_auroc  # noqa: E402
 from label_efficiency import photometric_shift  # noqa: E402
 
 from diffusers_retina.data import CHASE_DB1_TEST, chase_db1  # noqa: E402
-from diffusers_retina.metrics import MetricAccumulator  # noqa: E402
+from diffusers_retina.metrics import MetricAccumulator, negative_log_likelihood  # noqa: E402
 from diffusers_retina.pipelines.sampling import segmenter_probabilities  # noqa: E402
 
 COLUMNS = ("dice", "cldice", "auc_roc", "ece", "nll", "brier", "hd95")
@@ -238,8 +238,7 @@ def main(argv=None):
             entropy = binary_entropy(probability) if entropy is None else entropy.float().cpu().numpy()
             mask = probability > threshold
             scores = accumulators[label].update(mask, probability, target, name=name)
-            p = np.clip(probability, 1e-6, 1 - 1e-6)
-            extra[label]["nll"].append(float(-np.mean(np.where(target, np.log(p), np.log(1 - p)))))
+            extra[label]["nll"].append(negative_log_likelihood(probability, target))
             extra[label]["brier"].append(float(np.mean((probability - target) ** 2)))
             extra[label]["seconds"].append(seconds)
             error_detectors[label].update(entropy, mask != target)

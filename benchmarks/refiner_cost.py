@@ -89,8 +89,7 @@ def load_image(size) -> torch.Tensor:
     if root is None:
         return torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
     dataset = chase_db1(root, "test")
-    names = [dataset.load_raw(i).name for i in range(len(dataset))]
-    return (dataset[names.index("Image_11L")]["image"][None] + 1) / 2
+    return (dataset[dataset.stems.index("Image_11L")]["image"][None] + 1) / 2
 
 
 def main(argv=None) -> int:

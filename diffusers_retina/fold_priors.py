@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -33,7 +33,8 @@ class FoldPriors:
 
     Args:
         folder: the ``--output_dir`` of ``make_prior_maps.py`` (``summary.json`` and ``fold-<k>/unet``).
-        prior: the shipped prior's folder (a ``UNet2DModel``); the students must have been distilled from it.
+        prior: the shipped prior's folder (a ``UNet2DModel``); the students must have been distilled from it. None
+            accepts the recorded teacher (:attr:`teacher`), for a caller that checks it otherwise.
         stems: the training stems; each must belong to one fold.
 
     Raises ``ValueError`` (naming the file or the stems) for a folder that is not of that kind.
@@ -44,7 +45,8 @@ class FoldPriors:
         prior_masks, features = priors(batch["name"], batch["image"])  # q = 2p - 1 and the decoder features
     """
 
-    def __init__(self, folder: Union[str, os.PathLike], prior: Union[str, os.PathLike], stems: Sequence[str]):
+    def __init__(self, folder: Union[str, os.PathLike], prior: Optional[Union[str, os.PathLike]],
+                 stems: Sequence[str]):
         from diffusers import UNet2DModel
 
         self.folder = Path(folder)
@@ -60,7 +62,8 @@ class FoldPriors:
             raise ValueError(f"The fold segmenters of {self.folder} were trained on labels, not distilled from a prior "
                              "(no distill_from in summary.json): their features are not the prior's. Make them with "
                              "make_prior_maps.py --distill_from PRIOR.")
-        if not _same_folder(teacher, prior):
+        self.teacher = teacher
+        if prior is not None and not _same_folder(teacher, prior):
             raise ValueError(f"The fold segmenters of {self.folder} were distilled from {teacher}, not from the prior "
                              f"{prior}: their features would not match it.")
         self.fold_of: Dict[str, int] = {stem: k for k, fold in enumerate(folds) for stem in fold}

@@ -40,6 +40,7 @@ __all__ = [
     "expected_calibration_error",
     "hd95",
     "iou",
+    "negative_log_likelihood",
     "segmentation_metrics",
 ]
 
@@ -340,6 +341,19 @@ def auc_pr(prob: ArrayLike, target: ArrayLike, fov: Optional[ArrayLike] = None) 
     """
     arrays = _prepare(prob=prob, target=target, fov=fov)
     return _per_image(_auc_pr_2d, (arrays[1], arrays[2], arrays[3]))
+
+
+def negative_log_likelihood(prob: ArrayLike, target: ArrayLike, eps: float = 1e-6) -> float:
+    """Mean per-pixel binary negative log-likelihood of ``target`` under the foreground probability ``prob`` (nats),
+    over all pixels of all images given, with ``prob`` clipped to ``[eps, 1 - eps]``.
+
+    Example:
+        >>> round(negative_log_likelihood(np.array([0.9, 0.2]), np.array([1, 0])), 4)
+        0.1643
+    """
+    p = np.clip(_to_numpy(prob, "prob").astype(np.float64), eps, 1 - eps)
+    positive = _to_numpy(target, "target").astype(bool)
+    return float(-np.mean(np.where(positive, np.log(p), np.log(1 - p))))
 
 
 def expected_calibration_error(

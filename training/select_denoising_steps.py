@@ -57,22 +57,12 @@ def parse_args(argv=None):
     return args
 
 
-def dice_score(mask: np.ndarray, target: np.ndarray) -> float:
-    overlap = np.logical_and(mask, target).sum()
-    return float(2 * overlap / max(1, mask.sum() + target.sum()))
-
-
-def negative_log_likelihood(probability: np.ndarray, target: np.ndarray) -> float:
-    p = np.clip(probability, 1e-6, 1 - 1e-6)
-    return float(-np.mean(np.where(target, np.log(p), np.log(1 - p))))
-
-
 def main(argv=None) -> Dict:
     args = parse_args(argv)
     from diffusers_retina import SegmentationEnsemblePipeline
     from diffusers_retina.data import FolderPairDataset
     from diffusers_retina.fold_priors import FoldPriors
-    from diffusers_retina.metrics import MetricAccumulator
+    from diffusers_retina.metrics import MetricAccumulator, dice, negative_log_likelihood
     from diffusers_retina.pipelines.sampling import segmenter_probabilities
     from diffusers_retina.training_utils import central_crop, select_stems
 
@@ -82,17 +72,15 @@ def main(argv=None) -> Dict:
         sys.exit(f"{args.pipeline}: not a feature-refiner pipeline (its unet is a {type(pipe.unet).__name__}).")
     pipe.set_progress_bar_config(disable=True)
     stems = select_stems(args.train_data_dir, args, args.stems)
-    prior_folder = os.path.join(args.pipeline, "prior")
-    # the students must be of the prior this pipeline carries (same weights as the distillation teacher)
-    summary = json.loads((Path(args.prior_folds) / "summary.json").read_text())
-    teacher = summary["source"].get("distill_from", "")
-    folds = FoldPriors(args.prior_folds, teacher, stems)
+    # the students must be of the prior this pipeline carries (a copy: the same weights as the distillation teacher)
+    folds = FoldPriors(args.prior_folds, None, stems)
     from diffusers import UNet2DModel
 
-    shipped = UNet2DModel.from_pretrained(prior_folder, dtype=torch.float32).state_dict()
-    distilled = UNet2DModel.from_pretrained(teacher, dtype=torch.float32).state_dict()
+    shipped = pipe.prior.state_dict()
+    distilled = UNet2DModel.from_pretrained(folds.teacher, dtype=torch.float32).state_dict()
     if any(not torch.allclose(shipped[k], distilled[k]) for k in shipped):
-        sys.exit(f"The students of {args.prior_folds} were distilled from {teacher}, not from this pipeline's prior.")
+        sys.exit(f"The students of {args.prior_folds} were distilled from {folds.teacher}, not from this pipeline's "
+                 "prior.")
     dataset = FolderPairDataset(args.train_data_dir, stems=stems, image_dir=args.image_dir, mask_dir=args.mask_dir,
                                 image_suffix=args.image_suffix, mask_suffix=args.mask_suffix)
     labels = ["student alone"] + [f"{s} step{'s' if s > 1 else ''}" for s in args.steps]
@@ -131,12 +119,12 @@ def main(argv=None) -> Dict:
     for label, row in table.items():
         print(f"| {label} | {row['dice']:.4f} | {row['ece']:.4f} | {row['nll']:.4f} |")
     chosen_label = labels[1:][args.steps.index(chosen)]
-    threshold_dice = {t: float(np.mean([dice_score(p > t, y) for p, y in kept[chosen_label]]))
+    threshold_dice = {t: float(np.mean([dice(p > t, y) for p, y in kept[chosen_label]]))
                       for t in args.thresholds}
     chosen_threshold = max(threshold_dice, key=lambda t: (threshold_dice[t], -abs(t - 0.5)))
     print(f"chosen: {chosen} step(s) (fewest within {args.tolerance:.1%} of the lowest NLL), threshold "
           f"{chosen_threshold} (mean Dice {threshold_dice[chosen_threshold]:.4f}; 0.5: "
-          f"{float(np.mean([dice_score(p > 0.5, y) for p, y in kept[chosen_label]])):.4f})")
+          f"{float(np.mean([dice(p > 0.5, y) for p, y in kept[chosen_label]])):.4f})")
     result = {"command": "python training/select_denoising_steps.py " + " ".join(sys.argv[1:] if argv is None
                                                                                   else argv),
               "stems": stems, "crop": args.crop, "ensemble_size": args.ensemble_size, "table": table,

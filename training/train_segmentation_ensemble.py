@@ -264,7 +264,7 @@ def diffusion_loss(unet, noise_scheduler, images, masks, args, generator, prior=
     else:
         target = noise_scheduler.get_velocity(clean_masks, noise, timesteps)
     if features is not None:
-        output = unet(noisy_masks, timesteps, features=features.to(images.dtype), prior_masks=condition[:, -1:])
+        output = unet(noisy_masks, timesteps, features=features.to(images.dtype), prior_masks=prior_masks)
     else:
         output = unet(torch.cat([noisy_masks, condition], dim=1), timesteps)
     return output, F.mse_loss(output.sample[:, : clean_masks.shape[1]].float(), target.float())

@@ -80,10 +80,6 @@ def check_feature_refiner(unet: PriorFeatureRefinerModel, prior, anchor: Optiona
     if anchor != "residual":
         raise ValueError(f"A PriorFeatureRefinerModel denoises the residual to its prior: it needs anchor='residual', "
                          f"got {anchor!r}.")
-    if prior.config.out_channels != 1 or unet.config.mask_channels != 1:
-        raise ValueError("Prior anchoring is implemented for binary masks: the prior must return one logit channel "
-                         f"(has {prior.config.out_channels}) and the refiner one mask channel "
-                         f"(has {unet.config.mask_channels}).")
     channels = segmenter_feature_channels(prior)
     if channels != unet.config.feature_channels:
         raise ValueError(
@@ -192,11 +188,11 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler, prior=prior)
         self.register_to_config(anchor=anchor, anchor_strength=float(anchor_strength),
                                 default_denoising_steps=default_denoising_steps, default_threshold=default_threshold)
-        if prior is not None and not self.uses_prior_features:
+        if prior is not None:
             if prior.config.out_channels != 1 or self.mask_channels != 1:
                 raise ValueError("Prior anchoring is implemented for binary masks: the prior must return one logit "
                                  f"channel (has {prior.config.out_channels}) and the unet one mask channel.")
-            if prior.config.in_channels != self.image_channels:
+            if not self.uses_prior_features and prior.config.in_channels != self.image_channels:
                 raise ValueError(f"The prior takes {prior.config.in_channels} image channels but the unet's inputs "
                                  f"leave {self.image_channels} for the image (in_channels "
                                  f"{self.unet.config.in_channels} = mask + image + prior).")
