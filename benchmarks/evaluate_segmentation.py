@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from diffusers_retina.cli import batch_size_argument  # noqa: E402
+from diffusers_retina.cli.common import batch_size_argument  # noqa: E402
 from diffusers_retina.data import CHASE_DB1_TEST, chase_db1  # noqa: E402
 from diffusers_retina.fusion import FUSION_METHODS, fuse_members  # noqa: E402
 from diffusers_retina.metrics import METRIC_NAMES, MetricAccumulator, auc_roc  # noqa: E402

@@ -11,14 +11,14 @@ reports what was measured, and the same function serves the training script, the
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .utils.io_utils import command_line, read_json, write_json  # noqa: F401 (re-exported: hub.read_json, ...)
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "model_cards"
 TRAINING_INFO = "training_info.json"
@@ -56,23 +56,6 @@ METRIC_LABELS = {
     "ece": "ECE",
     "hd95": "HD95 (px)",
 }
-
-
-def write_json(path: Union[str, os.PathLike], data: Dict[str, Any]) -> None:
-    """Write JSON atomically (temporary file, then rename) so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Union[str, os.PathLike]) -> Optional[Dict[str, Any]]:
-    path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def command_line(argv: List[str]) -> str:
-    return " ".join(shlex.quote(a) for a in argv)
 
 
 def _format_duration(seconds: Optional[float]) -> str:

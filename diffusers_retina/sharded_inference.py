@@ -35,6 +35,8 @@ from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Sequ
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 
+from .utils.io_utils import json_safe, json_writer, write_files_atomically
+
 #: The merged per-input rows, one JSON object per line, in input order.
 RESULTS_FILE = "results.jsonl"
 #: The run's settings, status and counts (plus the rows of this run's inputs, for a quick look).
@@ -324,8 +326,6 @@ class ShardedFolderRun:
         """Join ``results.jsonl`` and every rank file into ``results.jsonl`` (rows of this run's inputs in input
         order, then rows of other inputs), written atomically; then remove the rank files. ``drop``: names whose
         old rows are discarded (``--overwrite``)."""
-        from .cli import json_safe, write_files_atomically
-
         rows = {name: row for name, row in self.previous_rows().items() if name not in drop}
         order = {item.name: index for index, item in enumerate(self.items)}
         merged = sorted(rows.values(), key=lambda row: (order.get(row["name"], len(order)), row["name"]))
@@ -336,8 +336,6 @@ class ShardedFolderRun:
         return merged
 
     def _write_summary(self, status: str, error: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        from .cli import json_writer, write_files_atomically
-
         rows = {row["name"]: row for row in read_rows(self.output_dir / RESULTS_FILE)}
         current = [rows[item.name] for item in self.items if item.name in rows]
         summary: Dict[str, Any] = {

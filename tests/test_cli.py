@@ -22,6 +22,8 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from diffusers_retina import SegmentationEnsemblePipeline, cli
+from diffusers_retina.cli import common as cli_common, segment as cli_segment
+from diffusers_retina.cli.main import _apply_offline_mode
 from diffusers_retina.data import default_chase_db1_root
 
 MAPS = ("mask", "probability", "entropy", "variance", "mutual_information")
@@ -219,7 +221,7 @@ def test_failure_mid_way_keeps_finished_images(tiny_pipeline_dir, image_folder, 
             raise RuntimeError("simulated out-of-memory")
         return original(pipe, images, args)
 
-    monkeypatch.setattr(cli, "segment_images", flaky)
+    monkeypatch.setattr(cli_segment, "segment_images", flaky)
     output_dir = tmp_path / "out"
     expect_error(["segment", str(image_folder), "--output-dir", str(output_dir), "--pipeline",
                   str(tiny_pipeline_dir), *FAST], capsys, "b_eye.jpg", "simulated out-of-memory")
@@ -236,7 +238,7 @@ def test_bad_pipeline_and_settings(tiny_pipeline_dir, tmp_path, capsys, monkeypa
     image = str(write_image(tmp_path / "eye.png", 16, 16))
     base = ["segment", image, "--output-dir", str(tmp_path / "out")]
     # the embedded default is absent: tell the user to pass --pipeline
-    monkeypatch.setattr(cli, "DEFAULT_PIPELINE", tmp_path / "no-checkpoint")
+    monkeypatch.setattr(cli_common, "DEFAULT_PIPELINE", tmp_path / "no-checkpoint")
     expect_error(base, capsys, "--pipeline", "no-checkpoint")
     # a folder that is not a saved pipeline, and a Hub id that is not in the (offline) cache
     expect_error([*base, "--pipeline", str(tmp_path)], capsys, str(tmp_path), "model_index.json")
@@ -253,13 +255,13 @@ def test_bad_pipeline_and_settings(tiny_pipeline_dir, tmp_path, capsys, monkeypa
 def test_batch_size_flag_reaches_the_pipeline(tiny_pipeline_dir, tmp_path, monkeypatch):
     image = write_image(tmp_path / "eye.png", 40, 40)
     seen = []
-    original = cli.SegmentationEnsemblePipeline.__call__
+    original = SegmentationEnsemblePipeline.__call__
 
     def spy(self, *args, **kwargs):
         seen.append(kwargs["batch_size"])
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(cli.SegmentationEnsemblePipeline, "__call__", spy)
+    monkeypatch.setattr(SegmentationEnsemblePipeline, "__call__", spy)
     segment([image], tmp_path / "auto", tiny_pipeline_dir)
     segment([image], tmp_path / "two", tiny_pipeline_dir, "--batch-size", "2")
     assert seen == ["auto", 2]
@@ -268,13 +270,13 @@ def test_batch_size_flag_reaches_the_pipeline(tiny_pipeline_dir, tmp_path, monke
 
 
 def test_offline_mode_reaches_huggingface_hub(monkeypatch):
-    """huggingface_hub is imported (by the package) before cli.py runs, so the CLI updates its constant too."""
+    """huggingface_hub is imported (by the package) before the CLI runs, so it updates its constant too."""
     import huggingface_hub.constants
 
     assert os.environ.get("HF_HUB_OFFLINE") and huggingface_hub.constants.HF_HUB_OFFLINE is True
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cli._apply_offline_mode()
+    _apply_offline_mode()
     assert huggingface_hub.constants.is_offline_mode()
 
 

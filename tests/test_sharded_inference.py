@@ -29,6 +29,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from safetensors import safe_open
 
 from diffusers_retina import DiffusionFeaturePipeline, Mask2ImagePipeline, SegmentationEnsemblePipeline, cli
+from diffusers_retina.cli import segment as cli_segment
 from diffusers_retina.models import ConditionalUNet2DModel, PixelMLPEnsemble
 from diffusers_retina.sharded_inference import WorkItem, append_row, make_batches, read_rows
 
@@ -108,7 +109,7 @@ def count_segment_calls(monkeypatch):
         calls.append([image.shape[:2] for image in images])
         return original(pipe, images, args)
 
-    monkeypatch.setattr(cli, "segment_images", spy)
+    monkeypatch.setattr(cli_segment, "segment_images", spy)
     return calls
 
 
@@ -231,14 +232,14 @@ def test_interrupted_run_says_so_and_the_rerun_continues(pipelines, tmp_path, mo
             raise KeyboardInterrupt
         return original(pipe, images, args)
 
-    monkeypatch.setattr(cli, "segment_images", interrupted)
+    monkeypatch.setattr(cli_segment, "segment_images", interrupted)
     with pytest.raises(KeyboardInterrupt):
         segment([tmp_path / "in"], out, pipelines["segment"])
     summary = summary_of(out)
     assert summary["status"] == "interrupted" and [row["name"] for row in summary["images"]] == ["eye0"]
     assert [row["name"] for row in rows_of(out)] == ["eye0"] and not list(out.glob("results.rank*.jsonl"))
 
-    monkeypatch.setattr(cli, "segment_images", original)
+    monkeypatch.setattr(cli_segment, "segment_images", original)
     assert segment([tmp_path / "in"], out, pipelines["segment"]) == 0
     summary = summary_of(out)
     assert summary["status"] == "complete" and summary["skipped"] == 1 and summary["done"] == 3
@@ -289,14 +290,14 @@ def test_failure_on_one_image_records_failed_and_keeps_the_rest(pipelines, tmp_p
             raise RuntimeError("simulated out-of-memory")
         return original(pipe, images, args)
 
-    monkeypatch.setattr(cli, "segment_images", flaky)
+    monkeypatch.setattr(cli_segment, "segment_images", flaky)
     with pytest.raises(SystemExit):
         segment([tmp_path / "in"], out, pipelines["segment"])
     assert "eye1.png" in capsys.readouterr().err
     summary = summary_of(out)
     assert summary["status"] == "failed" and summary["error"]["input"].endswith("eye1.png")
     assert [row["name"] for row in rows_of(out)] == ["eye0"]
-    monkeypatch.setattr(cli, "segment_images", original)
+    monkeypatch.setattr(cli_segment, "segment_images", original)
     assert segment([tmp_path / "in"], out, pipelines["segment"]) == 0
     assert summary_of(out)["status"] == "complete" and summary_of(out)["skipped"] == 1
 

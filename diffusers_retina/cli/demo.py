@@ -34,21 +34,8 @@ import PIL.ImageDraw
 import PIL.ImageFont
 import torch
 
-from .cli import (
-    CLIError,
-    add_pipeline_arguments,
-    apply_threads,
-    check_output_dir,
-    check_pipeline_settings,
-    json_writer,
-    load_pipeline,
-    positive_int,
-    resolve_device,
-    resolve_steps,
-    write_files_atomically,
-)
-from .data import DataError, chase_db1, default_chase_db1_root
-from .measures import (
+from ..data import DataError, chase_db1, default_chase_db1_root
+from ..measures import (
     CORE_MEASURES,
     IntervalCalibration,
     MeasureError,
@@ -59,7 +46,20 @@ from .measures import (
     measures_record,
     photograph_field_of_view,
 )
-from .metrics import segmentation_metrics
+from ..metrics import segmentation_metrics
+from ..utils.io_utils import json_writer, write_files_atomically
+
+from .common import (
+    CLIError,
+    add_pipeline_arguments,
+    apply_threads,
+    check_output_dir,
+    check_pipeline_settings,
+    load_pipeline,
+    positive_int,
+    resolve_device,
+    resolve_steps,
+)
 
 #: The CHASE_DB1 test image of the demo and its reference annotation.
 CHASE_IMAGE = "Image_11L"

@@ -31,33 +31,12 @@ import io
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import PIL.Image
 
-from .cli import (
-    CLIError,
-    add_folder_run_arguments,
-    add_pipeline_arguments,
-    apply_threads,
-    bounded,
-    bytes_writer,
-    check_output_dir,
-    check_pipeline_settings,
-    collect_inputs,
-    load_pipeline,
-    open_unit_float,
-    overlap_fraction,
-    png_writer,
-    read_input_image,
-    resolve_device,
-    resolve_steps,
-    run_folder_command,
-    segment_images,
-    write_files_atomically,
-)
-from .measures import (
+from ..measures import (
     DEFAULT_CONFIDENCE,
     MEASURE_NAMES,
     MeasureError,
@@ -72,7 +51,29 @@ from .measures import (
     resolve_pixel_size,
     vessel_measures,
 )
-from .sharded_inference import RESULTS_FILE, WorkItem, process_state, read_rows
+from ..sharded_inference import RESULTS_FILE, WorkItem, process_state, read_rows
+from ..utils.io_utils import bytes_writer, png_writer, write_files_atomically
+
+from .common import (
+    CLIError,
+    add_folder_run_arguments,
+    add_pipeline_arguments,
+    apply_threads,
+    bounded,
+    check_output_dir,
+    check_pipeline_settings,
+    collect_inputs,
+    load_pipeline,
+    open_unit_float,
+    overlap_fraction,
+    read_input_image,
+    resolve_device,
+    resolve_steps,
+    run_folder_command,
+)
+from .segment import (
+    segment_images,
+)
 
 MEASURES_FILE = "measures.csv"
 positive_float = bounded(float, 0.0, low_inclusive=False)

@@ -25,7 +25,14 @@ import numpy as np
 
 import diffusers_retina
 
-from .cli import (
+from ..image_processing import numpy_to_pil_maps
+from ..pipelines import AdaptDiffPipeline
+from ..pipelines.adaptdiff import PSEUDO_LABEL_MODES
+from ..sharded_inference import WorkItem
+from ..utils.io_utils import png_writer, write_files_atomically
+
+from .common import (
+    CLIError,
     DTYPES,
     add_device_argument,
     add_folder_run_arguments,
@@ -33,23 +40,16 @@ from .cli import (
     apply_threads,
     bounded,
     check_output_dir,
-    CLIError,
     collect_inputs,
     describe_image_row,
     image_group,
     load_pipeline,
     non_negative_int,
-    png_writer,
     positive_int,
     read_input_image,
     resolve_device,
     run_folder_command,
-    write_files_atomically,
 )
-from .image_processing import numpy_to_pil_maps
-from .pipelines import AdaptDiffPipeline
-from .pipelines.adaptdiff import PSEUDO_LABEL_MODES
-from .sharded_inference import WorkItem
 
 #: The embedded AdaptDiff reference: CHASE_DB1 photographs adapted to a fluorescein-angiography-like modality.
 DEFAULT_ADAPTDIFF_PIPELINE: Path = (Path(diffusers_retina.__file__).resolve().parents[1] / "checkpoints"

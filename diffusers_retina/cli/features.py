@@ -32,31 +32,30 @@ import torch
 
 import diffusers_retina
 
-from .cli import (
+from ..image_processing import numpy_to_pil_maps, numpy_to_pil_masks
+from ..pipelines import DiffusionFeaturePipeline
+from ..pipelines.diffusion_features import POLICIES
+from ..sharded_inference import WorkItem
+from ..utils.io_utils import bytes_writer, png_writer, write_files_atomically
+
+from .common import (
+    CLIError,
     DTYPES,
     add_device_argument,
     add_folder_run_arguments,
     add_image_input_arguments,
     apply_threads,
-    bytes_writer,
     check_output_dir,
-    CLIError,
     collect_inputs,
     describe_image_row,
     image_group,
     load_pipeline,
     non_negative_int,
-    png_writer,
     positive_int,
     read_input_image,
     resolve_device,
     run_folder_command,
-    write_files_atomically,
 )
-from .image_processing import numpy_to_pil_maps, numpy_to_pil_masks
-from .pipelines import DiffusionFeaturePipeline
-from .pipelines.diffusion_features import POLICIES
-from .sharded_inference import WorkItem
 
 #: The embedded feature-head reference checkpoint, trained by ``training/train_feature_head.py``.
 DEFAULT_FEATURE_PIPELINE: Path = (Path(diffusers_retina.__file__).resolve().parents[1] / "checkpoints"

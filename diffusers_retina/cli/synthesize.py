@@ -25,27 +25,27 @@ import torch
 
 import diffusers_retina
 
-from .cli import (
+from ..data import DataError, read_mask
+from ..pipelines import Mask2ImagePipeline
+from ..pipelines.sampling import per_sample_generators
+from ..sharded_inference import WorkItem
+from ..utils.io_utils import png_writer, write_files_atomically
+
+from .common import (
+    CLIError,
     DTYPES,
     SCHEDULERS,
     add_device_argument,
     add_folder_run_arguments,
     apply_threads,
     check_output_dir,
-    CLIError,
     collect_inputs,
     load_pipeline,
     non_negative_int,
-    png_writer,
     positive_int,
     resolve_device,
     run_folder_command,
-    write_files_atomically,
 )
-from .data import DataError, read_mask
-from .pipelines import Mask2ImagePipeline
-from .pipelines.sampling import per_sample_generators
-from .sharded_inference import WorkItem
 
 #: The embedded mask-to-image reference checkpoint, trained by ``training/train_mask2image.py``.
 DEFAULT_SYNTHESIS_PIPELINE: Path = Path(diffusers_retina.__file__).resolve().parents[1] / "checkpoints" / "mask2image-chase"
