@@ -31,10 +31,12 @@ import zipfile
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
-PACKAGE = "diffusers_retina"
+# the package's __init__ sets __version__ before it imports the pipelines, which import this module
+from . import __version__
+from .pipelines.remote_code import INSTALL_HINT, PACKAGE, SHIM_HEADER
+
 BUNDLE_FILE = "diffusers_retina_bundle.py"
 BUNDLE_MODULE = BUNDLE_FILE[:-3]
-SHIM_HEADER = "# Shim written by diffusers-retina"
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed timestamps: the same source gives the same zip and hash
 #: What the bundled code needs: torch and diffusers to load and run a pipeline; scipy (imported lazily by
 #: ``data.modality``) for the feature pipeline's field of view and AdaptDiff's intensity transforms.
@@ -67,8 +69,7 @@ def package_zip() -> bytes:
 
 
 def package_version() -> str:
-    from . import __version__
-
+    """The version of the package whose code is bundled."""
     return __version__
 
 
@@ -180,8 +181,6 @@ def bundle_shim_source(module: str, class_name: str) -> str:
     The package is imported with ``importlib`` so that diffusers' import check (a regex over the file) does not warn
     about a missing ``diffusers_retina`` that the bundle provides; the relative import is what makes diffusers copy or
     download :data:`BUNDLE_FILE` with this file."""
-    from .pipelines.loading import INSTALL_HINT
-
     return textwrap.dedent(f"""\
         {SHIM_HEADER}: the code of this pipeline is the `diffusers-retina` package. An installed package is
         # used; without one, the self-contained copy in {BUNDLE_FILE} (beside this file) is installed into the cache.

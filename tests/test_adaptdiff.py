@@ -13,7 +13,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
 from diffusers_retina import AdaptDiffPipeline, Mask2ImagePipeline
@@ -24,28 +24,15 @@ from diffusers_retina.data.modality import (
     invert_intensity,
     match_histograms,
 )
-from diffusers_retina.models import ConditionalUNet2DModel
 from diffusers_retina.pipelines.adaptdiff import pseudo_labels
 
-from test_checkpoints import KILLING_RUNNER
+from testing_utils import KILLING_RUNNER, fundus, load_script, tiny_adaptdiff
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / "training" / "adaptdiff_workflow.py"
 
 
 # ---------------------------------------------------------------------------------------------- data helpers
-def fundus(size: int = 64, seed: int = 0) -> np.ndarray:
-    """A synthetic photograph: a bright disc on black with a dark horizontal "vessel" through it."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (0.45 * size) ** 2
-    image = np.zeros((size, size, 3), dtype=np.float32)
-    image[disc] = (0.8, 0.45, 0.2)
-    image[size // 2 - 1: size // 2 + 2, :, 1] *= 0.3  # vessels are dark in the green channel
-    image += 0.01 * rng.standard_normal(image.shape).astype(np.float32)
-    return np.clip(image * disc[..., None], 0, 1)
-
-
 def test_field_of_view_is_the_disc():
     image = fundus()
     fov = field_of_view_mask(image)
@@ -123,22 +110,6 @@ def test_pseudo_label_modes():
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
-def tiny_adaptdiff(seed: int = 0) -> AdaptDiffPipeline:
-    torch.manual_seed(seed)
-    unet = ConditionalUNet2DModel(sample_size=16, conditioning="spade", spade_norm="instance", mask_channels=1,
-                                  block_out_channels=(8, 16), norm_num_groups=4, spade_hidden_channels=8).eval()
-    with torch.no_grad():  # SPADE's gamma/beta start at zero: move them so the mask matters
-        for name, parameter in unet.named_parameters():
-            if ".gamma." in name or ".beta." in name:
-                parameter.add_(0.3 * torch.randn(parameter.shape))
-    segmenter = UNet2DModel(sample_size=16, in_channels=3, out_channels=1, block_out_channels=(8, 16),
-                            layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
-                            up_block_types=("UpBlock2D",) * 2).eval()
-    pipe = AdaptDiffPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=300), segmenter=segmenter)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def masks(count: int = 2, size: int = 16) -> np.ndarray:
     out = np.zeros((count, size, size), dtype=np.uint8)
     for index in range(count):
@@ -319,7 +290,6 @@ def test_workflow_killed_in_step_2_resumes_there_to_the_same_adapted_weights(dom
 
 def workflow():
     """training/adaptdiff_workflow.py as a module (its argument checks and the labelling step run in-process)."""
-    from test_training_arguments import load_script
 
     return load_script("adaptdiff_workflow")
 

@@ -18,9 +18,9 @@ from diffusers_retina import SegmentationEnsemblePipeline
 from diffusers_retina.data import RandomPatchDataset
 from diffusers_retina.pipelines.sampling import segmenter_probabilities
 
-from conftest import TINY_SEGMENTATION as TINY
-from conftest import IMAGE_SIZE, seeded, tiny_feature_pipeline, tiny_head, tiny_unet, unit_range
-from conftest import run_script as run
+from testing_utils import TINY_SEGMENTATION as TINY
+from testing_utils import IMAGE_SIZE, seeded, tiny_feature_pipeline, tiny_head, tiny_unet, unit_range
+from testing_utils import run_script as run
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "training" / "train_segmentation_ensemble.py"

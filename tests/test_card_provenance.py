@@ -21,7 +21,8 @@ import torch
 from huggingface_hub import ModelCard
 from PIL import Image
 
-from diffusers_retina import cli, hub, push
+from diffusers_retina import cli, hub
+from diffusers_retina.hub import upload as push
 from diffusers_retina.training_utils import write_training_record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,7 +250,7 @@ def test_pushed_card_names_the_repo_it_lands_in():
 
 
 def test_push_uploads_the_renamed_card(monkeypatch, capsys):
-    from test_push import RecordingHfApi
+    from testing_utils import RecordingHfApi
 
     monkeypatch.setattr(push, "HfApi", RecordingHfApi)
     monkeypatch.setattr(RecordingHfApi, "calls", [])

@@ -13,9 +13,7 @@ import pickle
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,31 +28,12 @@ from diffusers_retina.training_utils import (
     save_checkpoint,
 )
 
-from test_training import SCRIPT, TINY, write_folder_dataset
+from testing_utils import KILLING_RUNNER, write_folder_dataset
+from testing_utils import SEGMENTATION_SCRIPT as SCRIPT
+from testing_utils import TINY_SEGMENTATION as TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs the training script in this interpreter after wrapping accelerate's ``save`` (used for optimizer.bin, after
-# model.safetensors is written) so that the process SIGKILLs itself in the middle of writing checkpoint-<KILL_STEP>.
-KILLING_RUNNER = textwrap.dedent(
-    """
-    import os, runpy, signal, sys
-    import accelerate.checkpointing as checkpointing
-
-    kill_step = os.environ["KILL_AT_CHECKPOINT"]
-    original_save = checkpointing.save
-
-    def save(obj, path, *args, **kwargs):
-        folder = os.path.basename(os.path.dirname(str(path)))
-        if folder.split(".")[0] == "checkpoint-" + kill_step and os.path.basename(str(path)).startswith("optimizer"):
-            os.kill(os.getpid(), signal.SIGKILL)  # model weights are on disk, the optimizer state is not
-        return original_save(obj, path, *args, **kwargs)
-
-    checkpointing.save = save
-    sys.argv = [sys.argv[1]] + sys.argv[2:]
-    runpy.run_path(sys.argv[0], run_name="__main__")
-    """
-)
 
 
 def _env(**extra):
@@ -160,12 +139,10 @@ def test_latest_is_the_newest_complete_checkpoint(tmp_path):
     (tmp_path / "checkpoint-foo").mkdir()
     (tmp_path / "checkpoint-5-old").mkdir()
     (tmp_path / "checkpoint-50").write_text("a file, not a folder")
-    args = SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(tmp_path))
-    assert find_resume_checkpoint(args) == str(tmp_path / "checkpoint-10")  # numeric, not lexical, order
+    assert find_resume_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-10")  # numeric, not lexical
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
-    assert find_resume_checkpoint(SimpleNamespace(resume_from_checkpoint="latest",
-                                                  output_dir=str(tmp_path / "none"))) is None
-    assert find_resume_checkpoint(SimpleNamespace(resume_from_checkpoint=None, output_dir=str(tmp_path))) is None
+    assert find_resume_checkpoint("latest", tmp_path / "none") is None
+    assert find_resume_checkpoint(None, tmp_path) is None
 
 
 @pytest.mark.parametrize("name, message", [("checkpoint-30", "not a complete checkpoint"),
@@ -174,9 +151,8 @@ def test_latest_is_the_newest_complete_checkpoint(tmp_path):
 def test_a_named_checkpoint_that_cannot_be_resumed_is_a_clear_error(tmp_path, name, message):
     (tmp_path / "checkpoint-30").mkdir()
     (tmp_path / "checkpoint-foo").mkdir()
-    args = SimpleNamespace(resume_from_checkpoint=str(tmp_path / name), output_dir=str(tmp_path))
     with pytest.raises(ValueError, match=message) as error:
-        find_resume_checkpoint(args)
+        find_resume_checkpoint(str(tmp_path / name), tmp_path)
     assert name in str(error.value)
 
 
@@ -202,23 +178,21 @@ class _FakeAccelerator:
 
 
 def test_rotation_happens_only_after_the_new_checkpoint_is_complete(tmp_path):
-    args = SimpleNamespace(output_dir=str(tmp_path), checkpoints_total_limit=1)
     _mark(tmp_path / "checkpoint-4", 4)
     with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(_FakeAccelerator(crash=True), args, 8)
+        save_checkpoint(_FakeAccelerator(crash=True), tmp_path, 8, total_limit=1)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-4"]  # still resumable
     assert not (tmp_path / "checkpoint-8").exists()
 
-    assert save_checkpoint(_FakeAccelerator(), args, 8) == str(tmp_path / "checkpoint-8")
+    assert save_checkpoint(_FakeAccelerator(), tmp_path, 8, total_limit=1) == str(tmp_path / "checkpoint-8")
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-8"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-8"]  # the leftover .tmp is gone too
     marker = json.loads((tmp_path / "checkpoint-8" / CHECKPOINT_COMPLETE).read_text())
     assert marker == {"step": 8, "files": ["model.safetensors", "optimizer.bin"]}
 
     # writing a step that exists again (a resumed run) replaces it; no limit keeps everything
-    args.checkpoints_total_limit = None
-    save_checkpoint(_FakeAccelerator(), args, 12)
-    save_checkpoint(_FakeAccelerator(), args, 8)
+    save_checkpoint(_FakeAccelerator(), tmp_path, 12)
+    save_checkpoint(_FakeAccelerator(), tmp_path, 8)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-8", "checkpoint-12"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-12", "checkpoint-8"]
 

@@ -7,11 +7,10 @@ import json
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 
 from diffusers_retina import AdaptDiffPipeline, cli
 
-from test_adaptdiff import tiny_adaptdiff
+from testing_utils import tiny_adaptdiff
 
 
 @pytest.fixture(scope="module")

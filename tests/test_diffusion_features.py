@@ -9,38 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import DDIMScheduler, DiffusionPipeline
 
 from diffusers_retina import DiffusionFeaturePipeline
 from diffusers_retina.models import FreqAggHead, PixelMLPEnsemble, frequency_bands, read_pixels
 
-from conftest import unit_range
-from doc_examples import check_call_example
-
-CONFIGS = {
-    "plain": dict(block_out_channels=(8, 16), down_block_types=("DownBlock2D",) * 2,
-                  up_block_types=("UpBlock2D",) * 2),
-    "attention": dict(block_out_channels=(8, 16, 16), down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-                      up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), attention_head_dim=4),
-    "two_layers": dict(block_out_channels=(8, 12, 16), layers_per_block=2, down_block_types=("DownBlock2D",) * 3,
-                       up_block_types=("UpBlock2D",) * 3, add_attention=False),
-}
-
-
-def tiny_unet(config="plain", seed=0):
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, norm_num_groups=4, **CONFIGS[config]).eval()
-
-
-def tiny_pipe(config="plain", head=None, seed=0):
-    pipe = DiffusionFeaturePipeline(unet=tiny_unet(config, seed), scheduler=DDPMScheduler(num_train_timesteps=100),
-                                    head=head)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def images(count=2, height=16, width=24, seed=0):
-    return torch.rand(count, 3, height, width, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+from testing_utils import unit_range
+from testing_utils import FEATURE_UNET_CONFIGS as CONFIGS
+from testing_utils import check_call_example, decisive_head
+from testing_utils import feature_images as images
+from testing_utils import tiny_diffusion_features as tiny_pipe
 
 
 # ---------------------------------------------------------------------------------------------- blocks
@@ -369,17 +347,6 @@ def test_tiled_segmentation_of_a_large_non_square_image():
         pipe(unit_range(x), timesteps=[10], tile_size=16)  # features of a tiled image are not one map
     with pytest.raises(ValueError, match="multiple"):
         pipe(unit_range(x), output="segmentation", tile_size=15)
-
-
-def decisive_head() -> PixelMLPEnsemble:
-    """A head on the anchor policy (no content-seeded noise) with large random weights, so that its probabilities
-    move visibly with its features (a fresh head predicts ~0.5 everywhere)."""
-    head = PixelMLPEnsemble(blocks=["up.0", "up.1"], timesteps=[10], block_channels=[16, 8], ensemble_size=2,
-                            policy="anchor")
-    generator = torch.Generator().manual_seed(0)
-    for parameter in head.parameters():
-        parameter.data = torch.randn(parameter.shape, generator=generator)
-    return head.eval()
 
 
 def test_field_of_view_restricts_the_segmentation_to_the_retina():

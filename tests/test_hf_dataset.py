@@ -147,7 +147,8 @@ def test_training_script_reads_the_saved_dataset(saved, tmp_path):
     import os
     import subprocess
 
-    from test_training import SCRIPT, TINY
+    from testing_utils import SEGMENTATION_SCRIPT as SCRIPT
+    from testing_utils import TINY_SEGMENTATION as TINY
 
     out = tmp_path / "run"
     command = [sys.executable, str(SCRIPT), "--dataset_name", str(saved), "--mask_column", "mask_1stHO",

@@ -29,9 +29,7 @@ from diffusers_retina.image_processing import (
 )
 from diffusers_retina.pipelines.checks import NonFiniteOutputError
 
-import test_diffusion_features as features_tests
-import test_mask2image as mask2image_tests
-from conftest import tiny_pipeline, tiny_unet
+from testing_utils import tiny_diffusion_features, tiny_mask2image, tiny_pipeline, tiny_unet, vessel_masks
 
 
 def seeded(*seeds):
@@ -140,7 +138,7 @@ def test_the_pipelines_refuse_images_over_the_cap_naming_the_argument(seg, monke
     with pytest.raises(ImageTooLargeError, match="`image` .*16x16"):
         segment(seg, image)
     with pytest.raises(ImageTooLargeError, match="`image` .*16x16"):
-        features_tests.tiny_pipe("plain")(image, timesteps=[10], generator=seeded(0))
+        tiny_diffusion_features("plain")(image, timesteps=[10], generator=seeded(0))
     monkeypatch.setenv(MAX_PIXELS_ENV, str(16 * 16))
     assert segment(seg, image).masks.shape == (1, 16, 16)  # at the cap is fine
 
@@ -148,12 +146,12 @@ def test_the_pipelines_refuse_images_over_the_cap_naming_the_argument(seg, monke
 @pytest.mark.parametrize("form", ["numpy", "numpy_hwc", "tensor", "tensor_list", "pil"])
 def test_mask2image_refuses_masks_over_the_cap(monkeypatch, form):
     monkeypatch.setenv(MAX_PIXELS_ENV, str(16 * 16 - 1))
-    mask = mask2image_tests.vessel_masks(1)[0]
+    mask = vessel_masks(1)[0]
     array = mask.numpy().astype(np.uint8) * 255
     given = {"numpy": array, "numpy_hwc": np.stack([array] * 3, -1), "tensor": mask, "tensor_list": [mask],
              "pil": PIL.Image.fromarray(array)}[form]
     with pytest.raises(ImageTooLargeError, match="`mask.*16x16"):
-        mask2image_tests.tiny_pipe()(given, num_inference_steps=1, output_type="pt")
+        tiny_mask2image()(given, num_inference_steps=1, output_type="pt")
 
 
 # ---------------------------------------------------------------------------------------------- 2. 16-bit / float PIL
@@ -236,7 +234,7 @@ def test_segmentation_takes_tensors_like_diffusers(seg):
 
 
 def test_features_pipeline_takes_tensors_like_diffusers():
-    pipe = features_tests.tiny_pipe("plain")
+    pipe = tiny_diffusion_features("plain")
     arrays = uint8_images(1)
     tensor = torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 255.0
     kwargs = dict(blocks=["up.1"], timesteps=[10], seed=0, feature_dtype=torch.float32)
@@ -276,8 +274,8 @@ def test_a_single_generator_for_several_samples_is_batch_size_independent(seg, i
 
 
 def test_mask2image_one_sample_generator_equals_a_list_of_it():
-    pipe = mask2image_tests.tiny_pipe()
-    mask = mask2image_tests.vessel_masks(1)
+    pipe = tiny_mask2image()
+    mask = vessel_masks(1)
     kwargs = dict(num_inference_steps=2, output_type="pt")
     plain = pipe(mask, generator=torch.Generator().manual_seed(1), **kwargs).images
     listed = pipe(mask, generator=[torch.Generator().manual_seed(1)], **kwargs).images
@@ -291,7 +289,7 @@ def test_mask2image_one_sample_generator_equals_a_list_of_it():
 
 
 def test_features_one_sample_generator_equals_a_list_of_it():
-    pipe = features_tests.tiny_pipe("plain")
+    pipe = tiny_diffusion_features("plain")
     image = uint8_images(1)
     kwargs = dict(blocks=["up.1"], timesteps=[40], feature_dtype=torch.float32)
     plain = pipe(image, generator=torch.Generator().manual_seed(2), **kwargs).features["up.1"]
@@ -353,8 +351,8 @@ def test_segmentation_nan_prior_raises(image):
 
 def all_pipelines():
     seg = tiny_pipeline()
-    m2i = mask2image_tests.tiny_pipe(with_mask_model=True)
-    features = features_tests.tiny_pipe("plain")
+    m2i = tiny_mask2image(with_mask_model=True)
+    features = tiny_diffusion_features("plain")
     channels = {d["name"]: d["channels"] for d in features.describe()}
     from diffusers_retina.models import PixelMLPEnsemble
 
@@ -430,6 +428,6 @@ def test_model_cpu_offload_on_the_accelerator(name):
     (dict(batch_size=-1), "batch_size"), (dict(seed=1.5), "seed"),
 ], ids=["float_step", "nan_step", "bool_step", "bool_draws", "zero_batch", "negative_batch", "float_seed"])
 def test_features_arguments_are_checked(kwargs, name):
-    pipe = features_tests.tiny_pipe("plain")
+    pipe = tiny_diffusion_features("plain")
     with pytest.raises(ValueError, match=f"`{name}`"):
         pipe(uint8_images(1)[0], **{"timesteps": [10], **kwargs})

@@ -26,7 +26,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, ModelMixin
 
 import diffusers_retina.models
 from diffusers_retina import SegmentationEnsemblePipeline
-from diffusers_retina.pipelines.loading import INSTALL_HINT
+from diffusers_retina.pipelines.pipeline_utils import INSTALL_HINT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMMUNITY_DIR = REPO_ROOT / "pipelines" / "segmentation_ensemble"
@@ -202,7 +202,7 @@ def test_offline_hub_cache_in_a_fresh_interpreter(saved, tmp_path):
     results = json.loads(line[len("RESULT "):])
     for name in ("class", "diffusers"):
         assert results[name]["class"] == "SegmentationEnsemblePipeline"
-        assert results[name]["module"] == "diffusers_retina.pipelines.segmentation_ensemble"
+        assert results[name]["module"] == SegmentationEnsemblePipeline.__module__  # the package's class, not a copy
         values = torch.tensor(results[name]["values"]).reshape(reference.shape)
         torch.testing.assert_close(values, reference, rtol=0, atol=1e-6)
         assert results[name]["checksum"] == pytest.approx(float(reference.double().sum()), abs=1e-4)

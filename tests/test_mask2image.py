@@ -10,52 +10,18 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffusers_retina import Mask2ImagePipeline
 from diffusers_retina.image_processing import mask_to_diffusion
 from diffusers_retina.models import SPADE, ConditionalUNet2DModel
 
-from doc_examples import check_call_example
+from testing_utils import check_call_example, tiny_conditional, tiny_mask_unet, vessel_masks
+from testing_utils import tiny_mask2image as tiny_pipe
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("concat", "spade", "concat+spade")
-
-
-def tiny_conditional(conditioning="concat+spade", mask_channels=1, seed=0, perturb=True, **config):
-    torch.manual_seed(seed)
-    model = ConditionalUNet2DModel(sample_size=16, conditioning=conditioning, mask_channels=mask_channels,
-                                   block_out_channels=(8, 16), norm_num_groups=4, spade_hidden_channels=8,
-                                   **config).eval()
-    if perturb:  # SPADE's gamma/beta and the null condition start at zero: move them as training would
-        generator = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if ".gamma." in name or ".beta." in name or name == "null_condition":
-                    parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
-    return model
-
-
-def tiny_mask_unet(seed=0, channels=1):
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=16, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
-                       norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
-                       up_block_types=("UpBlock2D",) * 2).eval()
-
-
-def tiny_pipe(conditioning="concat+spade", with_mask_model=False, scheduler_cls=DDIMScheduler, **config):
-    pipe = Mask2ImagePipeline(
-        unet=tiny_conditional(conditioning, **config), scheduler=scheduler_cls(num_train_timesteps=100),
-        mask_unet=tiny_mask_unet() if with_mask_model else None,
-        mask_scheduler=DDPMScheduler(num_train_timesteps=100) if with_mask_model else None,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def vessel_masks(count=2, size=(16, 16), seed=0):
-    return (torch.rand(count, *size, generator=torch.Generator().manual_seed(seed)) > 0.7).long()
 
 
 def generators(*seeds):

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from diffusers_retina import SegmentationEnsemblePipeline
 from diffusers_retina.models import DynamicConditionalEncoding, FFParser, MedSegDiffUNet2DModel
 
-from conftest import unit_range
+from testing_utils import unit_range
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -308,7 +308,8 @@ def run_training(args):
 
 
 def test_training_script_trains_medsegdiff_and_resumes_to_the_same_weights(tmp_path):
-    from test_training import TINY, write_folder_dataset
+    from testing_utils import TINY_SEGMENTATION as TINY
+    from testing_utils import write_folder_dataset
 
     data = write_folder_dataset(tmp_path / "pairs")
     common = ["--model", "medsegdiff", "--aux_loss_weight", "10", "--no_ff_parser", "--ff_parser_grid", "6,4",

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from test_training import REPO, SCRIPT, TINY, write_folder_dataset
+from testing_utils import REPO, write_folder_dataset
+from testing_utils import SEGMENTATION_SCRIPT as SCRIPT
+from testing_utils import TINY_SEGMENTATION as TINY
 
 RECORDER = Path(__file__).resolve().parent / "record_batches.py"
 MAX_STEPS = 8

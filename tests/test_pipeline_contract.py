@@ -18,9 +18,7 @@ from diffusers_retina.image_processing import prepare_masks
 from diffusers_retina.models import FeatureHeadOutput, FreqAggHead, PixelMLPEnsemble
 from diffusers_retina.pipelines.checks import NonFiniteOutputError
 
-import test_diffusion_features as features_tests
-import test_mask2image as mask2image_tests
-from conftest import tiny_unet, unit_range
+from testing_utils import feature_images, tiny_diffusion_features, tiny_mask2image, tiny_unet, unit_range, vessel_masks
 
 
 def seeded(*seeds):
@@ -29,7 +27,7 @@ def seeded(*seeds):
 
 @pytest.fixture
 def mask2image():
-    return mask2image_tests.tiny_pipe("concat+spade")
+    return tiny_mask2image("concat+spade")
 
 
 def paint(pipe, mask, **kwargs):
@@ -42,7 +40,7 @@ def paint(pipe, mask, **kwargs):
 
 
 def test_numpy_masks_stored_as_images_are_one_mask(mask2image):
-    mask = mask2image_tests.vessel_masks(1)[0].numpy().astype(np.uint8)  # (16, 16) in {0, 1}
+    mask = vessel_masks(1)[0].numpy().astype(np.uint8)  # (16, 16) in {0, 1}
     reference = paint(mask2image, mask * 255)
     for stored in (np.stack([mask * 255] * 3, axis=-1), (mask * 255)[..., None],
                    np.concatenate([np.stack([mask * 255] * 3, axis=-1), np.full((16, 16, 1), 255, np.uint8)], -1)):
@@ -58,7 +56,7 @@ def test_numpy_masks_stored_as_images_are_one_mask(mask2image):
 
 
 def test_prepare_masks_accepts_a_list_of_tensors():
-    masks = mask2image_tests.vessel_masks(2)
+    masks = vessel_masks(2)
     batched = prepare_masks(masks, 2)
     torch.testing.assert_close(prepare_masks([masks[0], masks[1]], 2), batched)
     torch.testing.assert_close(prepare_masks([masks[0].float(), masks[1].float()], 2), batched)
@@ -69,11 +67,11 @@ def test_prepare_masks_accepts_a_list_of_tensors():
 @pytest.mark.parametrize("steps", [0, -1, 2.5, True, "2"])
 def test_num_inference_steps_must_be_a_positive_integer(mask2image, steps):
     with pytest.raises(ValueError, match="num_inference_steps"):
-        paint(mask2image, mask2image_tests.vessel_masks(1), num_inference_steps=steps)
+        paint(mask2image, vessel_masks(1), num_inference_steps=steps)
 
 
 def test_mask_num_inference_steps_is_checked():
-    pipe = mask2image_tests.tiny_pipe(with_mask_model=True)
+    pipe = tiny_mask2image(with_mask_model=True)
     with pytest.raises(ValueError, match="mask_num_inference_steps"):
         pipe(num_masks=1, num_inference_steps=2, mask_num_inference_steps=0, generator=seeded(0, 1), output_type="pt")
 
@@ -81,7 +79,7 @@ def test_mask_num_inference_steps_is_checked():
 @pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf, -1.0, "2"])
 def test_guidance_scale_must_be_finite_and_non_negative(mask2image, scale):
     with pytest.raises(ValueError, match="guidance_scale"):
-        paint(mask2image, mask2image_tests.vessel_masks(1), guidance_scale=scale)
+        paint(mask2image, vessel_masks(1), guidance_scale=scale)
 
 
 def test_nan_weights_raise_instead_of_a_black_image(mask2image):
@@ -89,7 +87,7 @@ def test_nan_weights_raise_instead_of_a_black_image(mask2image):
         for parameter in mask2image.unet.parameters():
             parameter.fill_(math.nan)
     with pytest.raises(NonFiniteOutputError, match="NaN"):
-        paint(mask2image, mask2image_tests.vessel_masks(1), output_type="pil")
+        paint(mask2image, vessel_masks(1), output_type="pil")
 
 
 # ---------------------------------------------------------------------------------------------- Mask2Image: contract
@@ -106,7 +104,7 @@ def test_callbacks_read_and_change_guidance_scale_and_num_timesteps(mask2image):
         return callback_kwargs
 
     try:
-        paint(mask2image, mask2image_tests.vessel_masks(1), num_inference_steps=3, guidance_scale=2.0,
+        paint(mask2image, vessel_masks(1), num_inference_steps=3, guidance_scale=2.0,
               callback_on_step_end=stop_guiding)
     finally:
         handle.remove()
@@ -123,28 +121,28 @@ def test_interrupt_skips_the_remaining_steps(mask2image):
         return callback_kwargs
 
     try:
-        out = paint(mask2image, mask2image_tests.vessel_masks(1), num_inference_steps=4, callback_on_step_end=interrupt)
+        out = paint(mask2image, vessel_masks(1), num_inference_steps=4, callback_on_step_end=interrupt)
     finally:
         handle.remove()
     assert len(calls) == 1 and mask2image.interrupt and mask2image.num_timesteps == 4
     assert out.images.shape == (1, 3, 16, 16)
-    paint(mask2image, mask2image_tests.vessel_masks(1))
+    paint(mask2image, vessel_masks(1))
     assert not mask2image.interrupt  # reset by the next call
 
 
 def test_output_type_latent(mask2image):
-    masks = mask2image_tests.vessel_masks(2, size=(16, 12))
+    masks = vessel_masks(2, size=(16, 12))
     latent = paint(mask2image, masks, output_type="latent", generator=seeded(0, 1))
     pt = paint(mask2image, masks, output_type="pt", generator=seeded(0, 1))
     assert latent.images.shape == (2, 3, 16, 12) and latent.images.dtype == torch.float32
     torch.testing.assert_close((latent.images.clamp(-1, 1) + 1) / 2, pt.images)
     assert torch.equal(latent.masks, pt.masks)
     with pytest.raises(ValueError, match="latent"):
-        mask2image_tests.tiny_pipe(with_mask_model=True)(num_masks=1, output_type="latent")
+        tiny_mask2image(with_mask_model=True)(num_masks=1, output_type="latent")
 
 
 def test_dict_and_tuple_outputs_and_batch_equals_single(mask2image):
-    masks = mask2image_tests.vessel_masks(2)
+    masks = vessel_masks(2)
     out = paint(mask2image, masks, generator=seeded(3, 4))
     images, mask_indices = paint(mask2image, masks, generator=seeded(3, 4), return_dict=False)
     assert torch.equal(out.images, images) and torch.equal(out["images"], out[0])
@@ -154,7 +152,7 @@ def test_dict_and_tuple_outputs_and_batch_equals_single(mask2image):
 
 
 def test_save_load_round_trip_and_reduced_precision(mask2image, tmp_path):
-    masks = mask2image_tests.vessel_masks(1)
+    masks = vessel_masks(1)
     reference = paint(mask2image, masks, guidance_scale=1.5).images
     mask2image.save_pretrained(tmp_path / "m2i")
     loaded = Mask2ImagePipeline.from_pretrained(tmp_path / "m2i")
@@ -183,30 +181,30 @@ def test_a_checkpoint_of_another_pipeline_is_refused(mask2image, tmp_path):
 
 
 def test_features_output_keeps_its_fields():
-    pipe = features_tests.tiny_pipe("attention")
-    out = pipe(unit_range(features_tests.images(1)), blocks=["up.1"], timesteps=[10], generator=seeded(0))
+    pipe = tiny_diffusion_features("attention")
+    out = pipe(unit_range(feature_images(1)), blocks=["up.1"], timesteps=[10], generator=seeded(0))
     assert set(out.keys()) == {"features"}
     assert out["features"] is out.features and out[0] is out.features and out.to_tuple() == (out.features,)
-    as_tuple = pipe(unit_range(features_tests.images(1)), blocks=["up.1"], timesteps=[10], generator=seeded(0),
+    as_tuple = pipe(unit_range(feature_images(1)), blocks=["up.1"], timesteps=[10], generator=seeded(0),
                     return_dict=False)
     assert isinstance(as_tuple, tuple) and isinstance(as_tuple[0], dict)
     torch.testing.assert_close(as_tuple[0]["up.1"], out.features["up.1"])
 
 
 def test_default_blocks_on_a_two_level_unet():
-    pipe = features_tests.tiny_pipe("plain")  # block_out_channels (8, 16): up.0 and up.1 only
+    pipe = tiny_diffusion_features("plain")  # block_out_channels (8, 16): up.0 and up.1 only
     assert pipe.default_blocks() == ["up.0", "up.1"]
-    out = pipe(unit_range(features_tests.images(1)), timesteps=[10], generator=seeded(0))
+    out = pipe(unit_range(feature_images(1)), timesteps=[10], generator=seeded(0))
     assert list(out.features) == ["up.0", "up.1"]
-    assert features_tests.tiny_pipe("attention").default_blocks() == ["up.1", "up.2"]
+    assert tiny_diffusion_features("attention").default_blocks() == ["up.1", "up.2"]
 
 
 def test_nan_features_raise():
-    pipe = features_tests.tiny_pipe("plain")
+    pipe = tiny_diffusion_features("plain")
     with torch.no_grad():
         pipe.unet.conv_in.weight.fill_(math.nan)
     with pytest.raises(NonFiniteOutputError, match="features"):
-        pipe(unit_range(features_tests.images(1)), timesteps=[10], generator=seeded(0))
+        pipe(unit_range(feature_images(1)), timesteps=[10], generator=seeded(0))
 
 
 def head_pair(blocks, channels):
@@ -240,14 +238,14 @@ def test_heads_forward_has_return_dict():
 
 @pytest.mark.parametrize("head_kind", ["pixel_mlp", "freq_agg"])
 def test_segmentation_with_a_head_in_a_bfloat16_pipeline(tmp_path, head_kind):
-    pipe = features_tests.tiny_pipe("plain")
+    pipe = tiny_diffusion_features("plain")
     channels = {d["name"]: d["channels"] for d in pipe.describe()}
     pixel_head, freq_head = head_pair(["up.0", "up.1"], [channels["up.0"], channels["up.1"]])
     pipe.set_head(pixel_head if head_kind == "pixel_mlp" else freq_head)
-    reference = pipe(unit_range(features_tests.images(1)), output="segmentation", generator=seeded(0))
+    reference = pipe(unit_range(feature_images(1)), output="segmentation", generator=seeded(0))
     pipe.save_pretrained(tmp_path / "features")
     half = DiffusionFeaturePipeline.from_pretrained(tmp_path / "features", dtype=torch.bfloat16)
     assert half.head.dtype == torch.bfloat16
-    out = half(unit_range(features_tests.images(1)), output="segmentation", generator=seeded(0))
+    out = half(unit_range(feature_images(1)), output="segmentation", generator=seeded(0))
     assert torch.isfinite(out.probabilities).all()
     torch.testing.assert_close(out.probabilities, reference.probabilities, rtol=0, atol=0.1)

@@ -7,14 +7,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from diffusers_retina import cli, push
-from test_training import REPO, TINY, write_folder_dataset
+from diffusers_retina import cli
+from diffusers_retina.hub import upload as push
+
+from testing_utils import RecordingHfApi
+from testing_utils import REPO, write_folder_dataset
+from testing_utils import TINY_SEGMENTATION as TINY
 
 REFERENCE = REPO / "checkpoints" / "segmentation-ensemble-chase"
 REFERENCE_FILES = [
@@ -28,31 +29,6 @@ REFERENCE_FILES = [
     "unet/config.json",
     "unet/diffusion_pytorch_model.safetensors",
 ]
-
-
-class RecordingHfApi:
-    """Stands in for ``huggingface_hub.HfApi``: records create_repo / create_commit calls in ``calls``."""
-
-    calls: list = []
-    fail_create: bool = False
-
-    def __init__(self, token=None):
-        self.token = token
-
-    def create_repo(self, repo_id, repo_type="model", private=False, exist_ok=False):
-        RecordingHfApi.calls.append({"call": "create_repo", "repo_id": repo_id, "private": private,
-                                     "exist_ok": exist_ok, "token": self.token})
-        if RecordingHfApi.fail_create:
-            raise OSError("401 Client Error: Unauthorized (invalid token)")
-        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"someone/{repo_id}")
-
-    def create_commit(self, repo_id, operations, repo_type="model", commit_message=None):
-        for operation in operations:  # a file on disk, or the bytes of a card renamed for the repo
-            assert isinstance(operation.path_or_fileobj, bytes) or Path(operation.path_or_fileobj).is_file()
-        RecordingHfApi.calls.append({"call": "create_commit", "repo_id": repo_id,
-                                     "files": sorted(op.path_in_repo for op in operations),
-                                     "contents": {op.path_in_repo: op.path_or_fileobj for op in operations
-                                                  if isinstance(op.path_or_fileobj, bytes)}})
 
 
 @pytest.fixture

@@ -30,9 +30,10 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DModel
 
 import diffusers_retina
-from diffusers_retina import DiffusionFeaturePipeline, SegmentationEnsemblePipeline, bundle, push
+from diffusers_retina import DiffusionFeaturePipeline, SegmentationEnsemblePipeline, bundle
+from diffusers_retina.hub import upload as push
 from diffusers_retina.models import MedSegDiffUNet2DModel, PixelMLPEnsemble
-from diffusers_retina.pipelines.loading import INSTALL_HINT
+from diffusers_retina.pipelines.pipeline_utils import INSTALL_HINT
 
 SNAPSHOT_SHA = "0123456789abcdef0123456789abcdef01234567"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -213,13 +214,15 @@ def test_loads_and_runs_without_the_package_installed(staged, tmp_path):
     assert results["hub_branch"]["class"] == "SegmentationEnsemblePipeline"
     assert bundle.BUNDLE_FILE in results["hub_branch"]["files"]  # downloaded beside the pipeline file
     for name in ("seg_folder", "seg_hub"):
-        assert results[name]["class"] == "diffusers_retina.pipelines.segmentation_ensemble.SegmentationEnsemblePipeline"
+        assert results[name]["class"] == ("diffusers_retina.pipelines.segmentation_ensemble.pipeline_segmentation_ensemble"
+                                         ".SegmentationEnsemblePipeline")
         assert results[name]["unet"] == "diffusers_retina.models.medsegdiff_unet.MedSegDiffUNet2DModel"
         assert results[name]["shape"] == list(members.shape)
         torch.testing.assert_close(torch.tensor(results[name]["values"]).reshape(members.shape), members,
                                    rtol=0, atol=1e-6)
     feature = results["feature_folder"]
-    assert feature["class"] == "diffusers_retina.pipelines.diffusion_features.DiffusionFeaturePipeline"
+    assert feature["class"] == ("diffusers_retina.pipelines.diffusion_features.pipeline_diffusion_features"
+                                ".DiffusionFeaturePipeline")
     assert feature["head"] == "diffusers_retina.models.pixel_mlp_ensemble.PixelMLPEnsemble"
     assert feature["shape"] == list(probabilities.shape)
     torch.testing.assert_close(torch.tensor(feature["values"]).reshape(probabilities.shape), probabilities,
@@ -263,7 +266,7 @@ def test_without_package_or_bundle_the_error_says_how_to_install(staged, tmp_pat
 
 
 def test_push_uploads_the_bundle_and_the_rewritten_shim(staged, monkeypatch):
-    from test_push import RecordingHfApi
+    from testing_utils import RecordingHfApi
 
     uploaded = {}
 

@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 
 from diffusers_retina import Mask2ImagePipeline, SegmentationEnsemblePipeline
 from diffusers_retina.models import ConditionalUNet2DModel
-from diffusers_retina.pipelines.loading import MODEL_INDEX
+from diffusers_retina.pipelines.pipeline_utils import MODEL_INDEX
 
-from conftest import tiny_unet
+from testing_utils import tiny_unet
 
 
 def two_model_pipe(seed: int, with_mask_model: bool = True) -> Mask2ImagePipeline:
@@ -126,7 +126,7 @@ def test_kill_at_every_rename_of_the_swap_never_mixes_components(tmp_path):
         (folder / "README.md").write_text("card of A")
 
         def swap_and_die():
-            import diffusers_retina.pipelines.loading as loading
+            import diffusers_retina.pipelines.pipeline_utils as loading
 
             original, calls = os.replace, []
 

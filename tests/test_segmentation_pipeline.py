@@ -24,8 +24,8 @@ from diffusers import (
 from diffusers_retina import SegmentationEnsemblePipeline, SegmentationEnsemblePipelineOutput
 from diffusers_retina.fusion import staple
 
-from conftest import unit_range
-from doc_examples import check_call_example
+from testing_utils import unit_range
+from testing_utils import check_call_example
 
 STEPS = 2
 

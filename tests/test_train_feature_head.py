@@ -16,8 +16,8 @@ from safetensors import safe_open
 from diffusers_retina import DiffusionFeaturePipeline
 from diffusers_retina.models import FreqAggHead, PixelMLPEnsemble
 
-from conftest import run_script, write_folder_dataset
-from test_training_arguments import load_script
+from testing_utils import run_script, write_folder_dataset
+from testing_utils import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "train_feature_head.py"
@@ -109,8 +109,6 @@ def test_crops_learn_inside_the_field_of_view_and_cover_its_edge(ddpm_and_data):
 def test_whole_photograph_context_cuts_crops_from_the_photograph_maps(ddpm_and_data, tmp_path):
     """``--feature_context image``: crop boxes on the feature grid, crop features equal to the whole (filled)
     photograph's maps at those boxes, and a head trained that way saves and segments."""
-    import importlib.util
-
     from diffusers_retina.data.modality import field_of_view_masks, fill_outside_field_of_view
 
     ddpm, data = ddpm_and_data

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from diffusers_retina import Mask2ImagePipeline
 from diffusers_retina.models import ConditionalUNet2DModel
 
-from conftest import run_script, write_folder_dataset
+from testing_utils import run_script, write_folder_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "train_mask2image.py"

@@ -17,14 +17,11 @@ from safetensors.torch import load_file
 from diffusers_retina import SegmentationEnsemblePipeline
 from diffusers_retina.data import default_chase_db1_root
 
-from conftest import write_folder_dataset  # noqa: F401  (re-exported: other test modules import it from here)
+from testing_utils import SEGMENTATION_SCRIPT as SCRIPT
+from testing_utils import TINY_SEGMENTATION as TINY
+from testing_utils import write_folder_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "training" / "train_segmentation_ensemble.py"
-TINY = ["--resolution", "32", "--block_out_channels", "8,16", "--norm_num_groups", "4", "--train_batch_size", "2",
-        "--patches_per_image", "4", "--report_to", "none", "--seed", "3"]
-
-
 def run_training(args, cwd):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,

@@ -119,7 +119,7 @@ def main(argv=None):
     from diffusers_retina.training_utils import select_stems
 
     torch.set_grad_enabled(False)
-    stems = select_stems(args.train_data_dir, args, args.stems)
+    stems = select_stems(args.train_data_dir, args.stems, args.image_dir, args.image_suffix)
     common = dict(image_dir=args.image_dir, mask_dir=args.mask_dir, image_suffix=args.image_suffix,
                   mask_suffix=args.mask_suffix)
     output_dir = Path(args.output_dir)

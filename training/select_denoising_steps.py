@@ -71,7 +71,7 @@ def main(argv=None) -> Dict:
     if not pipe.uses_prior_features:
         sys.exit(f"{args.pipeline}: not a feature-refiner pipeline (its unet is a {type(pipe.unet).__name__}).")
     pipe.set_progress_bar_config(disable=True)
-    stems = select_stems(args.train_data_dir, args, args.stems)
+    stems = select_stems(args.train_data_dir, args.stems, args.image_dir, args.image_suffix)
     # the students must be of the prior this pipeline carries (a copy: the same weights as the distillation teacher)
     folds = FoldPriors(args.prior_folds, None, stems)
     from diffusers import UNet2DModel

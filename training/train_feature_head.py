@@ -107,7 +107,7 @@ def parse_args(argv=None):
 
 
 def labelled_dataset(args):
-    stems = select_stems(args.train_data_dir, args, args.train_stems or "*")  # sorted
+    stems = select_stems(args.train_data_dir, args.train_stems or "*", args.image_dir, args.image_suffix)  # sorted
     args.train_stems = ",".join(stems[: args.num_labelled])
     train, _ = build_datasets(args)
     if len(train) < args.num_labelled:

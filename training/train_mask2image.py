@@ -221,7 +221,7 @@ def main(argv=None):
                 progress_bar.set_postfix(**logs)
                 if accelerator.is_main_process:
                     if global_step % args.checkpointing_steps == 0:
-                        save_checkpoint(accelerator, args, global_step)
+                        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
                     if global_step % args.validation_steps == 0:
                         validation_score = validate(accelerator, model, ema_model, noise_scheduler,
                                                     state.validation_dataset, args, global_step,

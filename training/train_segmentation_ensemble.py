@@ -405,7 +405,7 @@ def main(argv=None):
 
                 if accelerator.is_main_process:
                     if global_step % args.checkpointing_steps == 0:
-                        save_checkpoint(accelerator, args, global_step)
+                        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
                     if state.validation_dataset is not None and global_step % args.validation_steps == 0:
                         validation_dice = validate(accelerator, unet, ema_unet, noise_scheduler,
                                                    state.validation_dataset, args)

@@ -14,7 +14,7 @@ Sub-commands:
 * ``demo`` -- the reference checkpoint on ``skimage.data.retina()`` and, when present, a CHASE_DB1 test image;
   prints the figures and writes a picture panel (see :mod:`diffusers_retina.cli.demo`).
 * ``push`` -- upload a saved pipeline folder to the Hugging Face Hub: the repo is created first, then an explicit
-  allow-list of files is uploaded (never training states, pickles or logs; see :mod:`diffusers_retina.push`).
+  allow-list of files is uploaded (never training states, pickles or logs; see :mod:`diffusers_retina.hub.upload`).
 
 ``segment``, ``synthesize`` and ``features`` run folders sharded and resumable
 (:mod:`diffusers_retina.sharded_inference`): under ``accelerate launch`` each process takes its share of the inputs,

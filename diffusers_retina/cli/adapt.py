@@ -56,15 +56,18 @@ DEFAULT_ADAPTDIFF_PIPELINE: Path = (Path(diffusers_retina.__file__).resolve().pa
                                     / "adaptdiff-chase-fa")
 
 
+#: The ``adapt`` command's one-line help and its description (``--help``).
+HELP = "segment target-modality images with an AdaptDiff-adapted segmenter"
+DESCRIPTION = (
+    "Segment each INPUT image of the adapted (target) modality with an AdaptDiffPipeline's segmenter: "
+    "write <stem>_mask.png and <stem>_probability.png. Sharded under `accelerate launch`, resumable, one row per "
+    "image in results.jsonl. Train an adaptation with training/adaptdiff_workflow.py."
+)
+
+
 def build_adapt_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """The ``adapt`` sub-command's arguments."""
-    parser = subparsers.add_parser(
-        "adapt",
-        help="segment target-modality images with an AdaptDiff-adapted segmenter",
-        description="Segment each INPUT image of the adapted (target) modality with an AdaptDiffPipeline's segmenter: "
-        "write <stem>_mask.png and <stem>_probability.png. Sharded under `accelerate launch`, resumable, one row per "
-        "image in results.jsonl. Train an adaptation with training/adaptdiff_workflow.py.",
-    )
+    parser = subparsers.add_parser("adapt", help=HELP, description=DESCRIPTION)
     add_image_input_arguments(parser, "a saved AdaptDiffPipeline (folder or cached Hub repo id); default: the "
                               f"embedded reference {DEFAULT_ADAPTDIFF_PIPELINE}")
     parser.add_argument("--labels", choices=PSEUDO_LABEL_MODES, default="threshold",

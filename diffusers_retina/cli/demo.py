@@ -35,6 +35,7 @@ import PIL.ImageFont
 import torch
 
 from ..data import DataError, chase_db1, default_chase_db1_root
+from ..image_processing import RetinaImageProcessor
 from ..measures import (
     CORE_MEASURES,
     IntervalCalibration,
@@ -75,16 +76,6 @@ BACKGROUND = (255, 255, 255)
 MAX_PANEL_BYTES = 1_500_000
 TEXT = (0, 0, 0)
 
-# An "inferno"-like colour map (dark = certain, bright = uncertain) as anchor colours interpolated linearly; written
-# out because matplotlib is not a dependency.
-_COLORMAP_ANCHORS = np.array(
-    [
-        (0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99),
-        (212, 72, 66), (245, 125, 21), (250, 193, 39), (252, 255, 164),
-    ],
-    dtype=np.float64,
-)
-
 
 @dataclass
 class DemoCase:
@@ -103,16 +94,19 @@ class DemoCase:
 # ------------------------------------------------------------------------------------------------ arguments
 
 
+#: The ``demo`` command's one-line help and its description (``--help``).
+HELP = "run the reference checkpoint on skimage.data.retina() and a CHASE_DB1 test image; write a panel"
+DESCRIPTION = (
+    "Segment skimage.data.retina() (resized so its longer side is --retina-size) and, when "
+    f"CHASE_DB1 is present, its test image {CHASE_IMAGE} at full resolution against the {CHASE_REFERENCE} "
+    "reference. Prints timings and metrics, writes a PNG panel (input | members | fused mask | entropy | "
+    "reference) and the figures as JSON next to it (same name, .json)."
+)
+
+
 def build_demo_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """The ``demo`` sub-command's arguments."""
-    parser = subparsers.add_parser(
-        "demo",
-        help="run the reference checkpoint on skimage.data.retina() and a CHASE_DB1 test image; write a panel",
-        description="Segment skimage.data.retina() (resized so its longer side is --retina-size) and, when "
-        f"CHASE_DB1 is present, its test image {CHASE_IMAGE} at full resolution against the {CHASE_REFERENCE} "
-        "reference. Prints timings and metrics, writes a PNG panel (input | members | fused mask | entropy | "
-        "reference) and the figures as JSON next to it (same name, .json).",
-    )
+    parser = subparsers.add_parser("demo", help=HELP, description=DESCRIPTION)
     add_pipeline_arguments(parser)
     parser.add_argument("--output", type=Path, default=Path("demo_panel.png"), metavar="PNG",
                         help="where to write the panel; the figures go to the same name with .json "
@@ -265,14 +259,6 @@ def describe(case: DemoCase) -> str:
 # ------------------------------------------------------------------------------------------------ panel
 
 
-def colormap(values: np.ndarray) -> np.ndarray:
-    """Map ``values`` in ``[0, 1]`` (clipped) to an ``(H, W, 3)`` uint8 inferno-like colour image."""
-    values = np.clip(np.nan_to_num(values.astype(np.float64)), 0.0, 1.0)
-    positions = np.linspace(0.0, 1.0, len(_COLORMAP_ANCHORS))
-    channels = [np.interp(values, positions, _COLORMAP_ANCHORS[:, channel]) for channel in range(3)]
-    return np.stack(channels, axis=-1).round().astype(np.uint8)
-
-
 def _grey(values: np.ndarray) -> PIL.Image.Image:
     """Probability-like map in ``[0, 1]`` to an RGB image (black 0, white 1)."""
     grey = (np.clip(values, 0.0, 1.0) * 255).round().astype(np.uint8)
@@ -301,7 +287,7 @@ def case_tiles(case: DemoCase, max_entropy: float, fusion: str) -> List[Tuple[st
         tiles.append((f"member {index}", _grey(member)))
     mask = case.mask.astype(np.float64) / max(1, int(case.mask.max()) if case.mask.size else 1)
     tiles.append((f"fused mask ({fusion})", _grey(mask)))
-    tiles.append((f"entropy (0..{max_entropy:.2f} nats)", PIL.Image.fromarray(colormap(case.entropy / max_entropy))))
+    tiles.append((f"entropy (0..{max_entropy:.2f} nats)", RetinaImageProcessor.visualize_uncertainty(case.entropy, max_entropy)[0]))
     reference = None if case.reference is None else _grey(case.reference.astype(np.float64))
     tiles.append((f"reference {CHASE_REFERENCE}" if reference is not None else "reference", reference))
     if "measures" in case.figures:

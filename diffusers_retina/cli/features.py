@@ -82,16 +82,19 @@ def _timesteps(text: str) -> List[int]:
     return values
 
 
+#: The ``features`` command's one-line help and its description (``--help``).
+HELP = "segment with a DiffusionFeaturePipeline's head, or save its UNet features"
+DESCRIPTION = (
+    "Put each INPUT image through a DiffusionFeaturePipeline: with --output segmentation (the default "
+    "when the pipeline has a head) write <stem>_mask.png, <stem>_probability.png and <stem>_uncertainty.png; "
+    "with --output features write <stem>_features.safetensors. Sharded under `accelerate launch`, resumable, "
+    "one row per image in results.jsonl."
+)
+
+
 def build_features_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """The ``features`` sub-command's arguments."""
-    parser = subparsers.add_parser(
-        "features",
-        help="segment with a DiffusionFeaturePipeline's head, or save its UNet features",
-        description="Put each INPUT image through a DiffusionFeaturePipeline: with --output segmentation (the default "
-        "when the pipeline has a head) write <stem>_mask.png, <stem>_probability.png and <stem>_uncertainty.png; "
-        "with --output features write <stem>_features.safetensors. Sharded under `accelerate launch`, resumable, "
-        "one row per image in results.jsonl.",
-    )
+    parser = subparsers.add_parser("features", help=HELP, description=DESCRIPTION)
     add_image_input_arguments(parser, "a saved DiffusionFeaturePipeline (folder or cached Hub repo id); default: "
                               f"the embedded reference {DEFAULT_FEATURE_PIPELINE}")
     parser.add_argument("--output", choices=("segmentation", "features"), default=None,

@@ -81,12 +81,15 @@ PIXEL_NOTE = ("# values in pixels: no physical scale was given (--pixel-size-um,
               "--fov-degrees)")
 
 
+#: The ``measure`` command's one-line help and its description (``--help``).
+HELP = "vessel measures (density, calibre, tortuosity, fractal dimension, branching) with intervals"
+DESCRIPTION = (
+    __doc__.split("\n\n")[1]
+)
+
+
 def build_measure_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "measure",
-        help="vessel measures (density, calibre, tortuosity, fractal dimension, branching) with intervals",
-        description=__doc__.split("\n\n")[1],
-    )
+    parser = subparsers.add_parser("measure", help=HELP, description=DESCRIPTION)
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="photographs (files or folders) to segment and measure; with --masks, the photographs "
                         "whose field of view the masks of the same stem use (optional)")

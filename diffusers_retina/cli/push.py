@@ -1,7 +1,7 @@
 """``diffusers-retina push CHECKPOINT --repo-id ORG/NAME``: publish a saved pipeline folder to the Hugging Face Hub.
 
-The command half of :mod:`diffusers_retina.push` (which holds the allow-list, the staging and the upload): it prints
-the exact file list, and uploads it unless ``--dry-run``. The library's :class:`~diffusers_retina.push.PushError`
+The command half of :mod:`diffusers_retina.hub.upload` (which holds the allow-list, the staging and the upload): it prints
+the exact file list, and uploads it unless ``--dry-run``. The library's :class:`~diffusers_retina.hub.upload.PushError`
 becomes a :class:`~diffusers_retina.cli.common.CLIError` here.
 
 Example::
@@ -18,7 +18,7 @@ from pathlib import Path
 import diffusers_retina
 
 from ..bundle import BUNDLE_FILE
-from ..push import PushError, files_to_push, push_checkpoint, upload_sources
+from ..hub.upload import PushError, files_to_push, push_checkpoint, upload_sources
 from .common import CLIError
 
 
@@ -30,17 +30,20 @@ def _human_size(size: int) -> str:
     return f"{size} B"
 
 
+#: The ``push`` command's one-line help and its description (``--help``).
+HELP = "upload a saved pipeline folder to the Hugging Face Hub (allow-listed files only)"
+DESCRIPTION = (
+    "Create the Hub model repo --repo-id (if needed), then upload the pipeline files of CHECKPOINT: "
+    "model_index.json, configs, *.safetensors, scheduler configs, remote-code shims with a self-contained copy of "
+    "the diffusers-retina code (diffusers_retina_bundle.py), README.md, "
+    "training_info.json, evaluation.json and small PNGs. Never checkpoint-*/ training states, optimizer states, "
+    "pickles or logs. Uses your Hugging Face login (huggingface-cli login) or --token."
+)
+
+
 def build_push_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """The ``push`` sub-command's arguments."""
-    parser = subparsers.add_parser(
-        "push",
-        help="upload a saved pipeline folder to the Hugging Face Hub (allow-listed files only)",
-        description="Create the Hub model repo --repo-id (if needed), then upload the pipeline files of CHECKPOINT: "
-        "model_index.json, configs, *.safetensors, scheduler configs, remote-code shims with a self-contained copy of "
-        "the diffusers-retina code (diffusers_retina_bundle.py), README.md, "
-        "training_info.json, evaluation.json and small PNGs. Never checkpoint-*/ training states, optimizer states, "
-        "pickles or logs. Uses your Hugging Face login (huggingface-cli login) or --token.",
-    )
+    parser = subparsers.add_parser("push", help=HELP, description=DESCRIPTION)
     parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a saved pipeline folder")
     parser.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="the Hub model repo to create/update")
     parser.add_argument("--private", action="store_true", help="create the repo as private")

@@ -157,17 +157,20 @@ def _label_values(text: str) -> List[int]:
     return values
 
 
+#: The ``segment`` command's one-line help and its description (``--help``).
+HELP = "segment vessels in fundus images with a diffusion ensemble"
+DESCRIPTION = (
+    "Segment each INPUT image with an ensemble of diffusion samples. Writes <stem>_mask.png "
+    "(0/255), <stem>_probability.png, <stem>_entropy.png, <stem>_variance.png, "
+    "<stem>_mutual_information.png (8-bit maps: probability 0..1, entropy and mutual information 0..ln K, "
+    "variance 0..0.25), optionally <stem>_member<k>.png, and summary.json to --output-dir. Files are written "
+    "atomically: an interrupted run leaves only complete files."
+)
+
+
 def build_segment_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """The ``segment`` sub-command's arguments."""
-    parser = subparsers.add_parser(
-        "segment",
-        help="segment vessels in fundus images with a diffusion ensemble",
-        description="Segment each INPUT image with an ensemble of diffusion samples. Writes <stem>_mask.png "
-        "(0/255), <stem>_probability.png, <stem>_entropy.png, <stem>_variance.png, "
-        "<stem>_mutual_information.png (8-bit maps: probability 0..1, entropy and mutual information 0..ln K, "
-        "variance 0..0.25), optionally <stem>_member<k>.png, and summary.json to --output-dir. Files are written "
-        "atomically: an interrupted run leaves only complete files.",
-    )
+    parser = subparsers.add_parser("segment", help=HELP, description=DESCRIPTION)
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="an image file, or a folder whose images (png, jpg, jpeg, tif, tiff, bmp) are all "
                         "segmented in sorted order; or NIfTI (.nii, .nii.gz; needs nibabel): a 2-D slice or 3-D "

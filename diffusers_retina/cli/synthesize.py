@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -51,14 +51,17 @@ from .common import (
 DEFAULT_SYNTHESIS_PIPELINE: Path = Path(diffusers_retina.__file__).resolve().parents[1] / "checkpoints" / "mask2image-chase"
 
 
+#: The ``synthesize`` command's one-line help and its description (``--help``).
+HELP = "paint fundus images from vessel masks (or sampled masks) with a Mask2ImagePipeline"
+DESCRIPTION = (
+    "Paint a fundus image for each MASK (or for --num-masks masks sampled by the pipeline's mask "
+    "model). Writes images/<name>.png and masks/<name>.png (matching names: a folder-pair dataset) and "
+    "summary.json to --output-dir, atomically."
+)
+
+
 def build_synthesize_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "synthesize",
-        help="paint fundus images from vessel masks (or sampled masks) with a Mask2ImagePipeline",
-        description="Paint a fundus image for each MASK (or for --num-masks masks sampled by the pipeline's mask "
-        "model). Writes images/<name>.png and masks/<name>.png (matching names: a folder-pair dataset) and "
-        "summary.json to --output-dir, atomically.",
-    )
+    parser = subparsers.add_parser("synthesize", help=HELP, description=DESCRIPTION)
     parser.add_argument("masks", nargs="*", metavar="MASK",
                         help="a mask file, or a folder of masks (binary 0/255 or 0/1, or class indices)")
     parser.add_argument("--output-dir", required=True, type=Path, metavar="DIR",
@@ -120,22 +123,19 @@ def job_generators(seed: int, index: int, count: int, device: torch.device) -> L
     return per_sample_generators(torch.Generator().manual_seed(seed * 1000003 + index), count, device)
 
 
-def run_synthesize(args: argparse.Namespace) -> int:
-    """The ``synthesize`` sub-command: checks everything before writing, then paints this process's share of the
-    masks still to do, ``--image-batch-size`` masks of one size per pipeline call (see
-    :mod:`diffusers_retina.sharded_inference`)."""
+def _check_mask_source(args: argparse.Namespace) -> None:
+    """Given masks or sampled ones, and the flags that go with each."""
     if bool(args.masks) == (args.num_masks is not None):
         raise CLIError("Give MASK files/folders or --num-masks N (masks sampled by the pipeline), not both or neither.")
     if args.masks and (args.height or args.width):
         raise CLIError("--height/--width size sampled masks; given masks keep their own size.")
     if args.crop and not args.masks:
         raise CLIError("--crop cuts given MASK files; sampled masks take --height/--width.")
-    files = collect_inputs(args.masks) if args.masks else []
-    check_output_dir(args.output_dir)
-    device = resolve_device(args.device)
-    apply_threads(args.threads)
-    pipe, source = load_pipeline(args.pipeline, device, args.dtype, args.scheduler, pipeline_class=Mask2ImagePipeline,
-                                 default=DEFAULT_SYNTHESIS_PIPELINE)
+
+
+def _checked_tile_size(args: argparse.Namespace, pipe: Mask2ImagePipeline, source: str) -> Optional[int]:
+    """``--tile-size`` (default: the model's sample size), with the pipeline's own checks of the call's settings
+    reported in the flags' names."""
     if args.num_masks is not None and pipe.mask_unet is None:
         raise CLIError(f"--num-masks: the pipeline '{source}' has no mask model; pass MASK files instead.")
     tile_size = args.tile_size
@@ -150,6 +150,21 @@ def run_synthesize(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise CLIError(str(error).replace("`tile_size`", "--tile-size").replace("`guidance_scale`",
                                                                                  "--guidance-scale")) from error
+    return tile_size
+
+
+def run_synthesize(args: argparse.Namespace) -> int:
+    """The ``synthesize`` sub-command: checks everything before writing, then paints this process's share of the
+    masks still to do, ``--image-batch-size`` masks of one size per pipeline call (see
+    :mod:`diffusers_retina.sharded_inference`)."""
+    _check_mask_source(args)
+    files = collect_inputs(args.masks) if args.masks else []
+    check_output_dir(args.output_dir)
+    device = resolve_device(args.device)
+    apply_threads(args.threads)
+    pipe, source = load_pipeline(args.pipeline, device, args.dtype, args.scheduler, pipeline_class=Mask2ImagePipeline,
+                                 default=DEFAULT_SYNTHESIS_PIPELINE)
+    tile_size = _checked_tile_size(args, pipe, source)
 
     per_mask = args.images_per_mask
     settings = {"pipeline": source, "steps": args.steps, "guidance_scale": args.guidance_scale,

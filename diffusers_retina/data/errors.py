@@ -1,15 +1,6 @@
-"""The one error type of the data package."""
+"""The one error type of the data package: :class:`DataError`, defined beside the decoders it shares with the
+pipelines (:mod:`diffusers_retina.image_processing.decoding`)."""
 
-from __future__ import annotations
+from ..image_processing.decoding import DataError
 
-
-class DataError(ValueError):
-    """Bad input data: an unreadable, mismatched or empty file or folder, or a bad argument.
-
-    The message always names the offending file, folder, column or argument, so a user can find it.
-
-    Example:
-        >>> from diffusers_retina.data import DataError
-        >>> issubclass(DataError, ValueError)
-        True
-    """
+__all__ = ["DataError"]

@@ -21,6 +21,14 @@ from typing import Optional
 
 import numpy as np
 
+from ..image_processing.field_of_view import (  # noqa: F401 (re-exported: data.modality.field_of_view_mask, ...)
+    field_of_view_diameter,
+    field_of_view_mask,
+    field_of_view_masks,
+    fill_outside_field_of_view,
+    unit_image,
+)
+
 # The documented fluorescein-angiography-like transform (see `fluorescein_like`)
 FA_BACKGROUND = 0.3
 FA_GAMMA = 1.3
@@ -28,108 +36,6 @@ FA_BACKGROUND_SIGMA = 25.0
 FA_BLUR_SIGMA = 1.0
 FA_NOISE_SIGMA = 0.02
 FA_VIGNETTING = 0.45
-
-
-def _check_image(image: np.ndarray, name: str) -> np.ndarray:
-    array = np.asarray(image)
-    if array.dtype == np.uint8:  # 8-bit files as read_image returns them
-        array = array / 255.0
-    elif array.dtype == np.uint16:
-        array = array / 65535.0
-    array = array.astype(np.float32)
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or array.shape[-1] not in (1, 3):
-        raise ValueError(f"`{name}` must be an (H, W), (H, W, 1) or (H, W, 3) array, got shape {array.shape}.")
-    if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-        raise ValueError(f"`{name}` must hold finite values in [0, 1].")
-    return array
-
-
-def field_of_view_mask(image: np.ndarray, threshold: float = 0.1, erosion: int = 2) -> np.ndarray:
-    """The circular field of view of a fundus photograph or angiogram, as retinal tools find it: the brightest
-    channel above ``threshold`` times its 99th percentile (the surround is near black), dark specks smaller than 1 %
-    of the image side (at least 3 px) ignored, its largest connected component with the holes filled, eroded by
-    ``erosion`` pixels (the bright rim of the aperture). Returns a bool ``(H, W)`` array; an image with no dark
-    surround (a crop inside the retina, or any image whose dark pixels are only scattered specks) gives all ``True``."""
-    from scipy import ndimage  # imported here: the pipelines import this module
-    array = _check_image(image, "image")
-    brightest = array.max(axis=-1)
-    level = threshold * max(float(np.percentile(brightest, 99)), 1e-6)
-    speck = max(3, int(round(0.01 * min(brightest.shape))) | 1)
-    inside = ~ndimage.binary_opening(brightest <= level, structure=np.ones((speck, speck), dtype=bool))
-    labels, count = ndimage.label(inside)
-    if count == 0 or inside.all():
-        return np.ones(brightest.shape, dtype=bool)
-    sizes = ndimage.sum(inside, labels, index=np.arange(1, count + 1))
-    fov = ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
-    if erosion > 0:
-        fov = ndimage.binary_erosion(fov, iterations=erosion, border_value=1)  # the image edge is no rim
-    return fov
-
-
-def field_of_view_diameter(image: np.ndarray, threshold: float = 0.1) -> Optional[int]:
-    """The diameter in pixels of a photograph's field of view (the larger side of its bounding box, before the rim
-    erosion), or ``None`` when the image has no dark surround (a crop inside the retina): the scale a model learnt
-    at. CHASE_DB1's photographs (999 x 960) have a field of view about 920 px across.
-
-    Example:
-        >>> import numpy as np
-        >>> photo = np.zeros((64, 80, 3)); yy, xx = np.mgrid[:64, :80]
-        >>> photo[(yy - 32) ** 2 + (xx - 40) ** 2 < 25 ** 2] = 0.6
-        >>> field_of_view_diameter(photo), field_of_view_diameter(np.full((8, 8), 0.5))
-        (49, None)
-    """
-    fov = field_of_view_mask(image, threshold=threshold, erosion=0)
-    if fov.all():
-        return None
-    rows, cols = np.nonzero(fov.any(axis=1))[0], np.nonzero(fov.any(axis=0))[0]  # never empty: see the mask
-    return int(max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1)
-
-
-def field_of_view_masks(images: "torch.Tensor", threshold: float = 0.1, erosion: int = 2) -> "torch.Tensor":
-    """:func:`field_of_view_mask` of every image of a batch as the pipelines hold it (``(N, C, H, W)`` float in
-    ``[-1, 1]``); returns a bool ``(N, H, W)`` tensor on the images' device.
-
-    Example:
-        >>> import torch
-        >>> batch = -torch.ones(2, 3, 32, 32); batch[:, :, 4:28, 4:28] = 0.5
-        >>> fov = field_of_view_masks(batch)
-        >>> fov.shape, bool(fov[0, 16, 16]), bool(fov[1, 0, 0])
-        (torch.Size([2, 32, 32]), True, False)
-    """
-    import torch
-
-    if images.ndim != 4:
-        raise ValueError(f"`images` must be an (N, C, H, W) batch in [-1, 1], got shape {tuple(images.shape)}.")
-    arrays = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
-    masks = [field_of_view_mask(array, threshold=threshold, erosion=erosion) for array in arrays]
-    return torch.from_numpy(np.stack(masks)).to(images.device)
-
-
-def fill_outside_field_of_view(images: "torch.Tensor", fov: "torch.Tensor") -> "torch.Tensor":
-    """``images`` (``(N, C, H, W)``) with every pixel outside ``fov`` (bool ``(N, H, W)``) set to the mean colour of
-    that image's field of view. Networks with group normalisation compute their statistics over the whole input, so
-    a window that holds part of the black surround shifts the features of the retina beside it; filled, the surround
-    looks like average retina. Images with an empty field of view are returned unchanged.
-
-    Example:
-        >>> import torch
-        >>> batch = -torch.ones(1, 3, 8, 8); batch[:, :, 2:6, 2:6] = 0.5
-        >>> filled = fill_outside_field_of_view(batch, batch[:, 0] > 0)
-        >>> filled[0, :, 0, 0].tolist()
-        [0.5, 0.5, 0.5]
-    """
-    import torch
-
-    if images.ndim != 4 or fov.shape != (images.shape[0], *images.shape[-2:]):
-        raise ValueError(f"`fov` must be (N, H, W) = {(images.shape[0], *images.shape[-2:])} for images of shape "
-                         f"{tuple(images.shape)}, got {tuple(fov.shape)}.")
-    inside = fov.to(images.device)[:, None].to(images.dtype)
-    count = inside.sum(dim=(-2, -1), keepdim=True)
-    mean = (images * inside).sum(dim=(-2, -1), keepdim=True) / count.clamp_min(1)
-    keep = fov.to(images.device)[:, None] | (count == 0)
-    return torch.where(keep, images, mean.expand_as(images))
 
 
 def fluorescein_like(image: np.ndarray, seed: int = 0, fov: Optional[np.ndarray] = None) -> np.ndarray:
@@ -145,7 +51,7 @@ def fluorescein_like(image: np.ndarray, seed: int = 0, fov: Optional[np.ndarray]
     (``FA_NOISE_SIGMA``, seeded by ``seed``) and a black surround. Returns an ``(H, W, 3)`` grey image in ``[0, 1]``.
     """
     from scipy import ndimage  # imported here: the pipelines import this module
-    array = _check_image(image, "image")
+    array = unit_image(image, "image")
     fov = field_of_view_mask(array) if fov is None else np.asarray(fov, dtype=bool)
     green = array[..., 1] if array.shape[-1] == 3 else array[..., 0]
     inside = green[fov] if fov.any() else green.ravel()
@@ -180,9 +86,9 @@ def match_histograms(image: np.ndarray, reference: np.ndarray, image_fov: Option
 
     AdaptDiff matches its synthetic images to the target this way; "histogram matching of the input to the source"
     is one of the simple adaptation baselines. ``reference`` may be a list of images (their pooled histogram)."""
-    array = _check_image(image, "image")
+    array = unit_image(image, "image")
     references = reference if isinstance(reference, (list, tuple)) else [reference]
-    references = [_check_image(r, "reference") for r in references]
+    references = [unit_image(r, "reference") for r in references]
     if reference_fov is None:
         reference_fovs = [np.ones(r.shape[:2], dtype=bool) for r in references]
     else:
@@ -206,7 +112,7 @@ def match_histograms(image: np.ndarray, reference: np.ndarray, image_fov: Option
 def invert_intensity(image: np.ndarray, fov: Optional[np.ndarray] = None) -> np.ndarray:
     """``1 - x`` inside the field of view (computed when not given), black outside: the intensity-inversion baseline
     (an angiogram's bright vessels become dark, as in the green channel of a colour photograph)."""
-    array = _check_image(image, "image")
+    array = unit_image(image, "image")
     fov = field_of_view_mask(array) if fov is None else np.asarray(fov, dtype=bool)
     return np.where(fov[..., None], 1.0 - array, 0.0).astype(np.float32)
 
@@ -279,7 +185,7 @@ def to_source_intensities(image: np.ndarray, transform: str, references: Optiona
     and a way to get usable pseudo-labels from a source segmenter that cannot read the raw target."""
     if transform not in INTENSITY_TRANSFORMS:
         raise ValueError(f"`transform` must be one of {INTENSITY_TRANSFORMS}, got {transform!r}.")
-    array = _check_image(image, "image")
+    array = unit_image(image, "image")
     fov = field_of_view_mask(array) if fov is None else np.asarray(fov, dtype=bool)
     if "invert" in transform:
         array = invert_intensity(array, fov)

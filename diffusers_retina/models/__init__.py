@@ -4,7 +4,7 @@ The segmentation ensemble runs on a stock ``diffusers.UNet2DModel`` or on ``MedS
 ``PriorFeatureRefinerModel`` is its light denoiser over a prior's features;
 ``ConditionalUNet2DModel`` paints images from masks; ``PixelMLPEnsemble`` and ``FreqAggHead`` segment from diffusion features. The classes
 listed here are found by name when a saved pipeline's shim files are mapped back to the package (see
-``pipelines/loading.py``).
+``pipelines/pipeline_utils.py``).
 """
 
 from .conditional_unet import SPADE, ConditionalUNet2DModel

@@ -1,6 +1,6 @@
 from .adaptdiff import AdaptDiffPipeline, AdaptDiffPipelineOutput, AdaptDiffSegmentationOutput
 from .diffusion_features import DiffusionFeaturePipeline, DiffusionFeaturePipelineOutput
-from .loading import RetinaPipelineMixin
+from .pipeline_utils import RetinaPipelineMixin
 from .mask2image import Mask2ImagePipeline, Mask2ImagePipelineOutput
 from .segmentation_ensemble import SegmentationEnsemblePipeline, SegmentationEnsemblePipelineOutput
 

@@ -12,6 +12,13 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+try:  # MONAI blends the tiles; remote code loaded from the Hub bundle may run without it (untiled calls then work)
+    from monai.inferers import sliding_window_inference
+except ImportError:  # pragma: no cover - depends on the environment
+    sliding_window_inference = None
+
+from ..image_processing import pad_to_multiple
+
 OUTPUT_TYPES = ("pil", "np", "pt")
 AUTO_BATCH = "auto"
 # On a CPU one denoiser call is fastest per pixel up to about this many float32 pixels (batch x window; half as many
@@ -98,13 +105,19 @@ def tiled_predict(forward: Callable[[torch.Tensor], torch.Tensor], model_input: 
     height, width = model_input.shape[-2:]
     if tile_size is None or (height <= tile_size and width <= tile_size):
         return forward(model_input)
-    from monai.inferers import sliding_window_inference
+    return blend_windows(forward, model_input, tile_size, tile_overlap, windows_per_call=model_input.shape[0])
 
-    roi = (min(tile_size, height), min(tile_size, width))
-    return sliding_window_inference(
-        model_input, roi_size=roi, sw_batch_size=model_input.shape[0], predictor=forward,
-        overlap=tile_overlap, mode="gaussian", progress=False,
-    )
+
+def blend_windows(predictor: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, tile_size: int,
+                  tile_overlap: float, windows_per_call: int = 1) -> torch.Tensor:
+    """``predictor`` over overlapping ``tile_size`` windows of ``inputs``, blended with a Gaussian (MONAI
+    ``sliding_window_inference``; ``windows_per_call`` windows go through one ``predictor`` call)."""
+    if sliding_window_inference is None:
+        raise ImportError(f"tile_size={tile_size} blends tiles with MONAI, which is not installed: "
+                          "`pip install monai` (or pass tile_size=None).")
+    roi = (min(tile_size, inputs.shape[-2]), min(tile_size, inputs.shape[-1]))
+    return sliding_window_inference(inputs, roi_size=roi, sw_batch_size=windows_per_call, predictor=predictor,
+                                    overlap=tile_overlap, mode="gaussian", progress=False)
 
 
 def _channels_last(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -158,7 +171,6 @@ def segmenter_probabilities(segmenter, images: torch.Tensor, tile_size: Optional
         >>> segmenter_probabilities(unet, torch.zeros(2, 3, 20, 20)).shape
         torch.Size([2, 1, 20, 20])
     """
-    from ..image_processing import pad_to_multiple
 
     model_input = images if extra is None else torch.cat([images, extra.to(images.dtype)], dim=1)
     model_input = model_input.to(segmenter.device, segmenter.dtype)

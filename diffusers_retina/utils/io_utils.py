@@ -25,6 +25,20 @@ from typing import Any, Callable, Dict, IO, List, Optional, Tuple, Union
 
 import PIL.Image
 
+def fsync_directory(folder: Union[str, os.PathLike]) -> None:
+    """Flush a folder's entries (a rename into it, a new file) to disk, where the platform allows it."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every platform opens directories
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 def _umask() -> int:
     """The process umask (read by setting and restoring it; there is no read-only call)."""
     mask = os.umask(0o022)

@@ -1,6 +1,7 @@
 # Community-pipeline entry point for the Hub: `DiffusionPipeline.from_pretrained(repo, custom_pipeline=<this folder
 # or file>, trust_remote_code=True)`. The implementation lives in the `diffusers-retina` package
-# (diffusers_retina/pipelines/mask2image.py); this file only re-exports it, so there is one copy of the code.
+# (diffusers_retina/pipelines/mask2image/pipeline_mask2image.py); this file only re-exports it, so there is one copy of
+# the code.
 try:
     from diffusers_retina.pipelines.mask2image import Mask2ImagePipeline  # noqa: F401
 except ImportError as error:  # pragma: no cover - depends on the user's environment

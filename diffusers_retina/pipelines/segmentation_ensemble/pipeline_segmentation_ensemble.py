@@ -32,27 +32,26 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers import DDPMParallelScheduler, DDPMScheduler, SchedulerMixin, UnCLIPScheduler
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..fusion import fuse_members, uncertainty_maps
-from ..models import (
+from ...fusion import fuse_members, uncertainty_maps
+from ...models import (
     MedSegDiffUNet2DModel,
     PriorFeatureRefinerModel,
     segmenter_feature_channels,
     segmenter_features,
 )
-from ..image_processing import (
+from ...image_processing import (
     ImageInput,
+    RetinaImageProcessor,
     diffusion_to_probabilities,
-    numpy_to_pil_maps,
-    numpy_to_pil_masks,
     pad_to_multiple,
     prepare_images,
 )
-from .checks import check_finite_output, check_num_inference_steps
-from .loading import RetinaPipelineMixin
-from .sampling import (
+from ..checks import check_finite_output, check_num_inference_steps
+from ..pipeline_utils import RetinaPipelineMixin
+from ..sampling import (
     check_common_inputs,
     per_sample_generators,
     sample_chunks,
@@ -188,6 +187,7 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler, prior=prior)
         self.register_to_config(anchor=anchor, anchor_strength=float(anchor_strength),
                                 default_denoising_steps=default_denoising_steps, default_threshold=default_threshold)
+        self.image_processor = RetinaImageProcessor(size_multiple=self.size_multiple)
         if prior is not None:
             if prior.config.out_channels != 1 or self.mask_channels != 1:
                 raise ValueError("Prior anchoring is implemented for binary masks: the prior must return one logit "
@@ -295,7 +295,51 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         return tiled_predict(forward, model_input, tile_size, tile_overlap)
 
     # ------------------------------------------------------------------ call
+    def _denoise_chunk(self, chunk_condition: torch.Tensor, chunk_generators: List[torch.Generator], shape: tuple,
+                       num_inference_steps: int, anchor: Optional[str], tile_size: Optional[int], tile_overlap: float,
+                       progress_bar, callback_on_step_end, callback_on_step_end_tensor_inputs: List[str]
+                       ) -> torch.Tensor:
+        """One chunk of samples (rows of ``chunk_condition``, one generator each) through the whole schedule; the
+        mask in diffusion space (the prior added back with ``anchor="residual"``)."""
+        device, dtype = chunk_condition.device, chunk_condition.dtype
+        # multistep schedulers keep per-run state: start each chunk afresh
+        timesteps = self.anchored_timesteps(num_inference_steps, device)
+        # only DDPM-style schedulers split a learned variance off the model output themselves; DDIM/DPM-Solver/...
+        # built with `from_config` keep `variance_type` in their config but need the mean channels only.
+        uses_variance = isinstance(self.scheduler, VARIANCE_SCHEDULERS) and self.scheduler.config.get(
+            "variance_type"
+        ) in ("learned", "learned_range")
+        # Not every scheduler's `step` takes a generator (e.g. UniPC).
+        step_kwargs: Dict[str, Any] = {"generator": chunk_generators} if step_accepts_generator(self.scheduler) else {}
+        latents = randn_tensor(shape, generator=chunk_generators, device=device, dtype=dtype)
+        if anchor == "strength":  # img2img: start from the prior, noised to the first timestep
+            anchor_masks = chunk_condition[:, -self.mask_channels:]
+            latents = self.scheduler.add_noise(anchor_masks, latents, timesteps[:1].repeat(shape[0]))
+        else:
+            latents = latents * self.scheduler.init_noise_sigma
+        for step_index, t in enumerate(timesteps):
+            if self.interrupt:
+                progress_bar.update()
+                continue
+            model_output = self.predict(self.scheduler.scale_model_input(latents, t), chunk_condition, t, tile_size,
+                                        tile_overlap)
+            if model_output.shape[1] != self.mask_channels and not uses_variance:
+                # a learned-variance model used with a scheduler that does not take the variance
+                model_output = model_output[:, : self.mask_channels]
+            latents = self.scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
+            if callback_on_step_end is not None:
+                callback_kwargs = {}
+                for name in callback_on_step_end_tensor_inputs:
+                    callback_kwargs[name] = locals()[name]
+                callback_outputs = callback_on_step_end(self, step_index, t, callback_kwargs)
+                latents = callback_outputs.pop("latents", latents)
+            progress_bar.update()
+        if anchor == "residual":  # mask = prior + residual (both in diffusion space: q + 2r)
+            latents = (chunk_condition[:, -self.mask_channels:] + 2.0 * latents).clamp(-1.0, 1.0)
+        return latents
+
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         image: ImageInput,
@@ -387,50 +431,14 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         chunks = sample_chunks(num_samples, chunk)
         self._num_timesteps = len(self.anchored_timesteps(num_inference_steps, device))
         self._interrupt = False
-        # only DDPM-style schedulers split a learned variance off the model output themselves; DDIM/DPM-Solver/...
-        # built with `from_config` keep `variance_type` in their config but need the mean channels only.
-        # Not every scheduler's `step` takes a generator (e.g. UniPC).
-        uses_variance = isinstance(self.scheduler, VARIANCE_SCHEDULERS) and self.scheduler.config.get(
-            "variance_type"
-        ) in ("learned", "learned_range")
-        accepts_generator = step_accepts_generator(self.scheduler)
-        step_kwargs: Dict[str, Any] = {}
         samples = []
         with self.progress_bar(total=len(chunks) * self._num_timesteps) as progress_bar:
             for chunk in chunks:
-                # multistep schedulers keep per-run state: start each chunk afresh
-                timesteps = self.anchored_timesteps(num_inference_steps, device)
-                chunk_generators = [generators[i] for i in chunk]
-                chunk_condition = rows_of(condition, [i // ensemble_size for i in chunk])
-                latents = randn_tensor((len(chunk),) + sample_shape, generator=chunk_generators, device=device,
-                                       dtype=dtype)
-                if anchor == "strength":  # img2img: start from the prior, noised to the first timestep
-                    anchor_masks = chunk_condition[:, -self.mask_channels:]
-                    latents = self.scheduler.add_noise(anchor_masks, latents, timesteps[:1].repeat(len(chunk)))
-                else:
-                    latents = latents * self.scheduler.init_noise_sigma
-                for step_index, t in enumerate(timesteps):
-                    if self.interrupt:
-                        progress_bar.update()
-                        continue
-                    model_output = self.predict(self.scheduler.scale_model_input(latents, t), chunk_condition, t,
-                                                tile_size, tile_overlap)
-                    if model_output.shape[1] != self.mask_channels and not uses_variance:
-                        # a learned-variance model used with a scheduler that does not take the variance
-                        model_output = model_output[:, : self.mask_channels]
-                    if accepts_generator:
-                        step_kwargs["generator"] = chunk_generators
-                    latents = self.scheduler.step(model_output, t, latents, return_dict=False, **step_kwargs)[0]
-
-                    if callback_on_step_end is not None:
-                        callback_kwargs = {}
-                        for name in callback_on_step_end_tensor_inputs:
-                            callback_kwargs[name] = locals()[name]
-                        callback_outputs = callback_on_step_end(self, step_index, t, callback_kwargs)
-                        latents = callback_outputs.pop("latents", latents)
-                    progress_bar.update()
-                if anchor == "residual":  # mask = prior + residual (both in diffusion space: q + 2r)
-                    latents = (chunk_condition[:, -self.mask_channels:] + 2.0 * latents).clamp(-1.0, 1.0)
+                latents = self._denoise_chunk(
+                    rows_of(condition, [i // ensemble_size for i in chunk]), [generators[i] for i in chunk],
+                    (len(chunk),) + sample_shape, num_inference_steps, anchor, tile_size, tile_overlap, progress_bar,
+                    callback_on_step_end, callback_on_step_end_tensor_inputs,
+                )
                 samples.append(latents[..., :height, :width].float())
 
         # 4. Post-process: member probabilities -> fusion -> uncertainty (NaN from damaged weights or a half-precision
@@ -460,23 +468,18 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
             output["members"] = np.moveaxis(output["members"], 2, -1)
         if output_type == "np":
             return output
-        num_classes = self.num_classes
+        num_classes, processor = self.num_classes, self.image_processor
         max_entropy = float(np.log(num_classes))
         winning = output["probabilities"].max(axis=-1) if num_classes > 2 else output["probabilities"][..., 0]
         pil = {
-            "masks": numpy_to_pil_masks(output["masks"], num_classes),
-            "probabilities": numpy_to_pil_maps(winning),
-            "variance": numpy_to_pil_maps(output["variance"], 0.25),
-            "entropy": numpy_to_pil_maps(output["entropy"], max_entropy),
-            "mutual_information": numpy_to_pil_maps(output["mutual_information"], max_entropy),
+            "masks": processor.postprocess_masks(output["masks"], num_classes),
+            "probabilities": processor.postprocess_maps(winning),
+            "variance": processor.postprocess_maps(output["variance"], 0.25),
+            "entropy": processor.postprocess_maps(output["entropy"], max_entropy),
+            "mutual_information": processor.postprocess_maps(output["mutual_information"], max_entropy),
             "members": None,
         }
         if members is not None:
             member_maps = output["members"].max(axis=-1) if num_classes > 2 else output["members"][..., 0]
-            pil["members"] = [numpy_to_pil_maps(per_image) for per_image in member_maps]
+            pil["members"] = [processor.postprocess_maps(per_image) for per_image in member_maps]
         return pil
-
-
-SegmentationEnsemblePipeline.__call__.__doc__ = SegmentationEnsemblePipeline.__call__.__doc__.replace(
-    "        Examples:\n", "        Examples:\n" + EXAMPLE_DOC_STRING, 1
-)

@@ -5,7 +5,7 @@ Contracts (DESIGN.md section 3):
 * inputs follow diffusers' image processors: PIL images, uint8 / uint16 / float ``[0, 1]`` numpy arrays and float
   tensors in ``[0, 1]`` (a tensor with negative values is read as ``[-1, 1]`` with a warning, as
   ``VaeImageProcessor`` does); 16-bit and float PIL images (modes ``I;16``, ``I``, ``F``) are read like the data
-  loaders read the same files (:func:`diffusers_retina.data.reading.image_array_from_pil`);
+  loaders read the same files (:func:`.decoding.image_array_from_pil`);
 * inside the models images are float tensors ``NCHW`` in ``[-1, 1]``;
 * every input image is checked against a pixel cap (:func:`max_pixels`: 64 megapixels unless the argument
   ``max_pixels`` or the environment variable ``DIFFUSERS_RETINA_MAX_PIXELS`` says otherwise) before it is decoded;
@@ -18,7 +18,6 @@ padding, and it does not know masks, so the few conversions needed here are writ
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -27,64 +26,15 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from .decoding import (
+    DataError,
+    check_pixel_count,
+    image_array_from_pil,
+    mask_array_from_numpy,
+    mask_array_from_pil,
+)
+
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, Sequence[PIL.Image.Image], Sequence[np.ndarray]]
-
-#: Pixel cap (height x width of one image) when neither the ``max_pixels`` argument nor the environment variable
-#: :data:`MAX_PIXELS_ENV` sets one: 64 megapixels, about 8000 x 8000, far above fundus photographs (CHASE_DB1:
-#: 999 x 960) and far below what a small, valid PNG can expand to (a 78 KB file of 9000 x 9000 pixels takes 5 GB in
-#: the pipelines). Assign another value to change the default of the whole process.
-DEFAULT_MAX_PIXELS: int = 64_000_000
-#: Environment variable that overrides :data:`DEFAULT_MAX_PIXELS` (a positive integer).
-MAX_PIXELS_ENV = "DIFFUSERS_RETINA_MAX_PIXELS"
-
-
-class ImageTooLargeError(ValueError):
-    """An input image has more pixels than the cap (:func:`max_pixels`); raised before it is decoded."""
-
-
-def max_pixels(value: Optional[int] = None) -> int:
-    """The pixel cap in force: ``value`` when given, else the environment variable ``DIFFUSERS_RETINA_MAX_PIXELS``,
-    else :data:`DEFAULT_MAX_PIXELS`. Raises ``ValueError`` naming the argument or the variable when it is not a
-    positive integer.
-
-    Example:
-        >>> max_pixels(1000)
-        1000
-    """
-    source = "`max_pixels`"
-    if value is None:
-        raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
-        if not raw:
-            value, source = DEFAULT_MAX_PIXELS, "`diffusers_retina.image_processing.DEFAULT_MAX_PIXELS`"
-        else:
-            source = f"the environment variable {MAX_PIXELS_ENV}"
-            try:
-                value = int(raw.replace("_", ""))
-            except ValueError:
-                raise ValueError(f"{source} must be a positive integer (pixels), got {raw!r}.") from None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{source} must be a positive integer (pixels), got {value!r}.")
-    return int(value)
-
-
-def check_pixel_count(height: int, width: int, what: str, limit: Optional[int] = None) -> None:
-    """Raise :class:`ImageTooLargeError` naming ``what`` when ``height x width`` exceeds the cap (:func:`max_pixels`
-    of ``limit``). Call it before decoding: PIL reads the size from the header.
-
-    Example:
-        >>> check_pixel_count(960, 999, "`image`")  # a CHASE_DB1 photograph
-        >>> check_pixel_count(9000, 9000, "`image`", limit=10**6)  # doctest: +IGNORE_EXCEPTION_DETAIL
-        Traceback (most recent call last):
-        ImageTooLargeError: `image` is 9000x9000 pixels (81.0 megapixels), over the cap of 1.0 megapixels ...
-    """
-    cap = max_pixels(limit)
-    if int(height) * int(width) > cap:
-        raise ImageTooLargeError(
-            f"{what} is {width}x{height} pixels ({int(height) * int(width) / 1e6:.1f} megapixels), over the cap of "
-            f"{cap / 1e6:.1f} megapixels. Crop or downscale it, or raise the cap with the `max_pixels` argument or "
-            f"the environment variable {MAX_PIXELS_ENV} (pixels)."
-        )
-
 
 def _describe_pil(image: PIL.Image.Image, name: str) -> str:
     """``name``, plus the file a lazily opened PIL image comes from (for error messages)."""
@@ -113,12 +63,9 @@ def _numpy_to_unit_float(array: np.ndarray, name: str) -> np.ndarray:
 def _pil_to_numpy(image: PIL.Image.Image, num_channels: int, name: str = "image",
                   limit: Optional[int] = None) -> np.ndarray:
     """A PIL image as ``(H, W, C)`` float32 in ``[0, 1]``, read exactly as the data loaders read files
-    (:func:`diffusers_retina.data.reading.image_array_from_pil`): 8-bit modes converted to RGB / L, 16-bit (``I;16``)
+    (:func:`.decoding.image_array_from_pil`): 8-bit modes converted to RGB / L, 16-bit (``I;16``)
     scaled by 65535, float (``F``) and 32-bit integer (``I``) images checked for their range instead of being
     clipped to 255 by ``convert("RGB")``. The size is checked against the pixel cap before anything is decoded."""
-    from .data.errors import DataError
-    from .data.reading import image_array_from_pil
-
     check_pixel_count(image.height, image.width, _describe_pil(image, name), limit)
     try:
         array = image_array_from_pil(image, num_channels, name, limit)
@@ -296,6 +243,52 @@ def _single_channel_mask(array: np.ndarray, name: str) -> np.ndarray:
     return colour[..., 0]
 
 
+def _soft_masks(probabilities: torch.Tensor, name: str) -> torch.Tensor:
+    """Probabilities in [0, 1] to diffusion space, refusing NaN and values outside."""
+    if not torch.isfinite(probabilities).all():
+        raise ValueError(f"`{name}` contains NaN or infinite values.")
+    if probabilities.numel() and (probabilities.min() < 0.0 or probabilities.max() > 1.0):
+        raise ValueError(
+            f"`{name}` holds probabilities in [{float(probabilities.min()):.3g}, {float(probabilities.max()):.3g}]; "
+            "soft masks must lie in [0, 1]."
+        )
+    return probabilities.float() * 2.0 - 1.0
+
+
+def _hard_masks(arrays: Sequence[np.ndarray], num_classes: int, name: str) -> torch.Tensor:
+    """Masks of class indices (checked like the data loaders do), all of one size, to diffusion space."""
+    try:
+        indices = [mask_array_from_numpy(a, num_classes, f"{name}[{i}]") for i, a in enumerate(arrays)]
+    except DataError as error:
+        raise ValueError(str(error)) from None
+    if len({a.shape for a in indices}) > 1:
+        raise ValueError(f"All masks in `{name}` must have the same size, got {sorted({a.shape for a in indices})}.")
+    return mask_to_diffusion(torch.from_numpy(np.stack(indices)).long(), num_classes)
+
+
+def _tensor_masks(tensor: torch.Tensor, num_classes: int, name: str, max_pixels: Optional[int]) -> torch.Tensor:
+    """A mask tensor: float probabilities (``HW``/``NHW`` binary, ``NCHW`` K classes) or integer class indices."""
+    channels = 1 if num_classes == 2 else num_classes
+    if tensor.ndim >= 2:
+        check_pixel_count(tensor.shape[-2], tensor.shape[-1], f"`{name}`", max_pixels)
+    if tensor.is_floating_point():
+        if tensor.ndim == 4:
+            if tensor.shape[1] != channels:
+                raise ValueError(f"`{name}` has {tensor.shape[1]} channels; this model takes {channels} "
+                                 f"({num_classes} classes).")
+            return _soft_masks(tensor, name)
+        if num_classes != 2:
+            raise ValueError(f"`{name}`: soft masks of {num_classes} classes must be (N, {channels}, H, W) "
+                             "probabilities; pass class indices as an integer tensor.")
+        if tensor.ndim not in (2, 3):
+            raise ValueError(f"`{name}` must be HW, NHW or NCHW, got shape {tuple(tensor.shape)}.")
+        return _soft_masks(tensor.reshape(-1, 1, *tensor.shape[-2:]), name)
+    if tensor.ndim not in (2, 3):
+        raise ValueError(f"`{name}` integer tensors hold class indices and must be HW or NHW, got "
+                         f"shape {tuple(tensor.shape)}.")
+    return _hard_masks(list(tensor.reshape(-1, *tensor.shape[-2:]).numpy()), num_classes, name)
+
+
 def prepare_masks(mask: MaskInput, num_classes: int, name: str = "mask",
                   max_pixels: Optional[int] = None) -> torch.Tensor:
     """Turn masks (single or batched) into diffusion space: a float ``(N, C, H, W)`` tensor in ``[-1, 1]``.
@@ -311,30 +304,6 @@ def prepare_masks(mask: MaskInput, num_classes: int, name: str = "mask",
     (:class:`ImageTooLargeError`) a mask over the pixel cap (``max_pixels``, see :func:`prepare_images`), checked
     before a PIL mask is decoded.
     """
-    from .data.errors import DataError
-    from .data.reading import mask_array_from_numpy, mask_array_from_pil
-
-    channels = 1 if num_classes == 2 else num_classes
-
-    def soft(probabilities: torch.Tensor) -> torch.Tensor:
-        if not torch.isfinite(probabilities).all():
-            raise ValueError(f"`{name}` contains NaN or infinite values.")
-        if probabilities.numel() and (probabilities.min() < 0.0 or probabilities.max() > 1.0):
-            raise ValueError(
-                f"`{name}` holds probabilities in [{float(probabilities.min()):.3g}, {float(probabilities.max()):.3g}]; "
-                "soft masks must lie in [0, 1]."
-            )
-        return probabilities.float() * 2.0 - 1.0
-
-    def hard(arrays: Sequence[np.ndarray]) -> torch.Tensor:
-        try:
-            indices = [mask_array_from_numpy(a, num_classes, f"{name}[{i}]") for i, a in enumerate(arrays)]
-        except DataError as error:
-            raise ValueError(str(error)) from None
-        if len({a.shape for a in indices}) > 1:
-            raise ValueError(f"All masks in `{name}` must have the same size, got {sorted({a.shape for a in indices})}.")
-        return mask_to_diffusion(torch.from_numpy(np.stack(indices)).long(), num_classes)
-
     if isinstance(mask, (list, tuple)) and mask and all(isinstance(item, torch.Tensor) for item in mask):
         # a list of tensors (diffusers' processors accept lists): each as a tensor input, then one batch
         parts = [prepare_masks(item, num_classes, f"{name}[{index}]", max_pixels) for index, item in enumerate(mask)]
@@ -343,25 +312,7 @@ def prepare_masks(mask: MaskInput, num_classes: int, name: str = "mask",
                              f"{[tuple(part.shape[-2:]) for part in parts]}.")
         return torch.cat(parts)
     if isinstance(mask, torch.Tensor):
-        tensor = mask.detach().cpu()
-        if tensor.ndim >= 2:
-            check_pixel_count(tensor.shape[-2], tensor.shape[-1], f"`{name}`", max_pixels)
-        if tensor.is_floating_point():
-            if tensor.ndim == 4:
-                if tensor.shape[1] != channels:
-                    raise ValueError(f"`{name}` has {tensor.shape[1]} channels; this model takes {channels} "
-                                     f"({num_classes} classes).")
-                return soft(tensor)
-            if num_classes != 2:
-                raise ValueError(f"`{name}`: soft masks of {num_classes} classes must be (N, {channels}, H, W) "
-                                 "probabilities; pass class indices as an integer tensor.")
-            if tensor.ndim not in (2, 3):
-                raise ValueError(f"`{name}` must be HW, NHW or NCHW, got shape {tuple(tensor.shape)}.")
-            return soft(tensor.reshape(-1, 1, *tensor.shape[-2:]))
-        if tensor.ndim not in (2, 3):
-            raise ValueError(f"`{name}` integer tensors hold class indices and must be HW or NHW, got "
-                             f"shape {tuple(tensor.shape)}.")
-        return hard(list(tensor.reshape(-1, *tensor.shape[-2:]).numpy()))
+        return _tensor_masks(mask.detach().cpu(), num_classes, name, max_pixels)
 
     items = list(mask) if isinstance(mask, (list, tuple)) else [mask]
     if not items:
@@ -399,5 +350,5 @@ def prepare_masks(mask: MaskInput, num_classes: int, name: str = "mask",
                              "indices or as an (N, K, H, W) tensor of probabilities.")
         if len({a.shape for a in arrays}) > 1:
             raise ValueError(f"All masks in `{name}` must have the same size, got {sorted({a.shape for a in arrays})}.")
-        return soft(torch.from_numpy(np.stack(arrays).astype(np.float32))[:, None])
-    return hard(arrays)
+        return _soft_masks(torch.from_numpy(np.stack(arrays).astype(np.float32))[:, None], name)
+    return _hard_masks(arrays, num_classes, name)

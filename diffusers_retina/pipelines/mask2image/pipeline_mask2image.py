@@ -8,8 +8,9 @@ first samples masks and then paints images for them (ReTree's synthetic image-ma
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -17,21 +18,21 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers import SchedulerMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..image_processing import (
+from ...image_processing import (
     MaskInput,
+    RetinaImageProcessor,
     diffusion_to_probabilities,
     mask_to_diffusion,
-    numpy_to_pil_masks,
     pad_to_multiple,
     prepare_masks,
 )
-from ..models import ConditionalUNet2DModel
-from .checks import check_finite_output, check_guidance_scale, check_num_inference_steps
-from .loading import RetinaPipelineMixin
-from .sampling import (
+from ...models import ConditionalUNet2DModel
+from ..checks import check_finite_output, check_guidance_scale, check_num_inference_steps
+from ..pipeline_utils import RetinaPipelineMixin
+from ..sampling import (
     check_common_inputs,
     per_sample_generators,
     sample_chunks,
@@ -101,6 +102,7 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
         if (mask_unet is None) != (mask_scheduler is None):
             raise ValueError("Give `mask_unet` and `mask_scheduler` together (or neither).")
         self.register_modules(unet=unet, scheduler=scheduler, mask_unet=mask_unet, mask_scheduler=mask_scheduler)
+        self.image_processor = RetinaImageProcessor(size_multiple=self.size_multiple)
 
     # ------------------------------------------------------------------ model facts
     @property
@@ -194,7 +196,56 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
         return mask_to_diffusion(indices, self.num_classes)
 
     # ------------------------------------------------------------------ call
+    def _guided_prediction(self, window: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The denoiser on ``[latents | condition]`` channels (so tiles carry their own condition), with
+        classifier-free guidance at ``self.guidance_scale`` (read per call: step callbacks may change it)."""
+        image_channels = self.unet.config.in_channels
+        latents_in, segmap = window[:, :image_channels], window[:, image_channels:]
+        guidance_scale = self.guidance_scale
+        if guidance_scale == 1.0:
+            return self.unet(latents_in, t, mask=segmap, return_dict=False)[0]
+        if guidance_scale == 0.0:
+            return self.unet(latents_in, t, mask=None, return_dict=False)[0]
+        null = self.unet.condition(None, None, len(segmap), tuple(segmap.shape[-2:]), window.dtype, window.device)
+        both = self.unet(torch.cat([latents_in, latents_in]), t, mask=torch.cat([segmap, null]), return_dict=False)[0]
+        conditional, unconditional = both.chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    def _conditioned_prediction(self, latents_in: torch.Tensor, t: torch.Tensor, condition: torch.Tensor,
+                                tile_size: Optional[int], tile_overlap: float) -> torch.Tensor:
+        """One denoiser step over the whole image, tiled by ``tile_size``, each tile with its piece of ``condition``."""
+        model_input = torch.cat([latents_in, condition], dim=1)
+        return tiled_predict(functools.partial(self._guided_prediction, t=t), model_input, tile_size, tile_overlap)
+
+    def _prepare_masks(self, mask: Optional[MaskInput], num_masks: int, num_images_per_mask: int,
+                       height: Optional[int], width: Optional[int], generator, mask_num_inference_steps: int,
+                       batch_size, device, dtype) -> Tuple[torch.Tensor, List[torch.Generator]]:
+        """The masks to paint, repeated ``num_images_per_mask`` times (given, or sampled by the mask model with their
+        own generators first), and one generator per image."""
+        if mask is not None:
+            masks = prepare_masks(mask, self.num_classes)
+            num_given = masks.shape[0]
+        else:
+            num_given = num_masks
+        num_images = num_given * num_images_per_mask
+        # one generator per sampled mask (mask=None), then one per image; a single generator is split into all
+        num_sampled = 0 if mask is not None else num_masks
+        all_generators = per_sample_generators(
+            generator, num_sampled + num_images, device,
+            "image (masks x num_images_per_mask)" if mask is not None else
+            "sampled mask and image (num_masks + num_masks x num_images_per_mask, masks first)",
+        )
+        mask_generators, generators = all_generators[:num_sampled], all_generators[num_sampled:]
+        if mask is None:
+            sample_size = self.mask_unet.config.sample_size
+            sample_size = sample_size if isinstance(sample_size, (list, tuple)) else (sample_size, sample_size)
+            masks = self.sample_masks(num_masks, height or sample_size[0], width or sample_size[1],
+                                      mask_num_inference_steps, mask_generators, batch_size)
+        masks = masks.repeat_interleave(num_images_per_mask, dim=0).to(device=device, dtype=dtype)
+        return masks, generators
+
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         mask: Optional[MaskInput] = None,
@@ -263,52 +314,14 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
         self._guidance_scale = float(guidance_scale)
         self._interrupt = False
 
-        # 2. Masks: given (validated, to diffusion space) or sampled by the mask model
-        if mask is not None:
-            masks = prepare_masks(mask, self.num_classes)
-            num_given = masks.shape[0]
-        else:
-            num_given = num_masks
-        num_images = num_given * num_images_per_mask
-        # one generator per sampled mask (mask=None), then one per image; a single generator is split into all
-        num_sampled = 0 if mask is not None else num_masks
-        all_generators = per_sample_generators(
-            generator, num_sampled + num_images, device,
-            "image (masks x num_images_per_mask)" if mask is not None else
-            "sampled mask and image (num_masks + num_masks x num_images_per_mask, masks first)",
-        )
-        mask_generators, generators = all_generators[:num_sampled], all_generators[num_sampled:]
-        if mask is None:
-            sample_size = self.mask_unet.config.sample_size
-            sample_size = sample_size if isinstance(sample_size, (list, tuple)) else (sample_size, sample_size)
-            masks = self.sample_masks(num_masks, height or sample_size[0], width or sample_size[1],
-                                      mask_num_inference_steps or num_inference_steps, mask_generators, batch_size)
-        masks = masks.repeat_interleave(num_images_per_mask, dim=0).to(device=device, dtype=dtype)
+        # 2. Masks: given (validated, to diffusion space) or sampled by the mask model; one generator per image
+        masks, generators = self._prepare_masks(mask, num_masks, num_images_per_mask, height, width, generator,
+                                                mask_num_inference_steps or num_inference_steps, batch_size, device,
+                                                dtype)
+        num_images = masks.shape[0]
         masks, (out_height, out_width) = pad_to_multiple(masks, self.size_multiple)
         image_channels = self.unet.config.in_channels
         do_guidance = guidance_scale != 1.0  # sizes the batches; a callback may still change the scale per step
-
-        def guided_forward(condition: torch.Tensor) -> Callable:
-            """The denoiser on ``[latents | condition]`` channels (so tiles carry their own condition), with CFG."""
-
-            def forward(window: torch.Tensor, t) -> torch.Tensor:
-                latents_in, segmap = window[:, :image_channels], window[:, image_channels:]
-                guidance_scale = self.guidance_scale  # read per call: step callbacks may change it
-                if guidance_scale == 1.0:
-                    return self.unet(latents_in, t, mask=segmap, return_dict=False)[0]
-                if guidance_scale == 0.0:
-                    return self.unet(latents_in, t, mask=None, return_dict=False)[0]
-                null = self.unet.condition(None, None, len(segmap), tuple(segmap.shape[-2:]), dtype, device)
-                both = self.unet(torch.cat([latents_in, latents_in]), t, mask=torch.cat([segmap, null]),
-                                 return_dict=False)[0]
-                conditional, unconditional = both.chunk(2)
-                return unconditional + guidance_scale * (conditional - unconditional)
-
-            def unet_forward(latents_in: torch.Tensor, t) -> torch.Tensor:
-                model_input = torch.cat([latents_in, condition], dim=1)
-                return tiled_predict(lambda window: forward(window, t), model_input, tile_size, tile_overlap)
-
-            return unet_forward
 
         # 3. Denoise the images chunk by chunk
         pixels = window_pixels(*masks.shape[-2:], tile_size) * (2 if do_guidance else 1)
@@ -319,8 +332,10 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
         with self.progress_bar(total=len(chunks) * self._num_timesteps) as progress_bar:
             for chunk in chunks:
                 index = list(chunk)
+                unet_forward = functools.partial(self._conditioned_prediction, condition=masks[index],
+                                                 tile_size=tile_size, tile_overlap=tile_overlap)
                 latents = self._denoise(
-                    guided_forward(masks[index]), self.scheduler, (len(index), image_channels, *masks.shape[-2:]),
+                    unet_forward, self.scheduler, (len(index), image_channels, *masks.shape[-2:]),
                     [generators[i] for i in index], num_inference_steps, device, dtype, progress_bar,
                     callback_on_step_end, callback_on_step_end_tensor_inputs,
                 )
@@ -333,22 +348,10 @@ class Mask2ImagePipeline(RetinaPipelineMixin, DiffusionPipeline):
         probabilities = diffusion_to_probabilities(masks[..., :out_height, :out_width].float())
         mask_indices = (probabilities[:, 0] > 0.5).long() if self.mask_channels == 1 else probabilities.argmax(dim=1)
         if output_type == "latent":  # the denoised latents (image space in [-1, 1], unclamped), like diffusers
-            images, mask_indices = latents, mask_indices
+            images, mask_indices = latents.cpu(), mask_indices.cpu()
         else:
-            images = (latents.clamp(-1, 1) + 1) / 2
-        images, mask_indices = images.cpu(), mask_indices.cpu()
-        if output_type == "np" or output_type == "pil":
-            images = images.permute(0, 2, 3, 1).numpy()
-            mask_indices = mask_indices.numpy()
-        if output_type == "pil":
-            images = [PIL.Image.fromarray((image * 255).round().astype(np.uint8).squeeze(-1) if image.shape[-1] == 1
-                                          else (image * 255).round().astype(np.uint8)) for image in images]
-            mask_indices = numpy_to_pil_masks(mask_indices, self.num_classes)
+            images = self.image_processor.postprocess((latents.clamp(-1, 1) + 1) / 2, output_type)
+            mask_indices = self.image_processor.postprocess_masks(mask_indices, self.num_classes, output_type)
         if not return_dict:
             return images, mask_indices
         return Mask2ImagePipelineOutput(images=images, masks=mask_indices)
-
-
-Mask2ImagePipeline.__call__.__doc__ = Mask2ImagePipeline.__call__.__doc__.replace(
-    "        Examples:\n", "        Examples:\n" + EXAMPLE_DOC_STRING, 1
-)

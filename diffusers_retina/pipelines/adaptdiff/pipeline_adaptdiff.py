@@ -23,15 +23,15 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.schedulers import SchedulerMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 
-from ..data.modality import field_of_view_mask, match_histograms
-from ..image_processing import ImageInput, MaskInput, numpy_to_pil_maps, prepare_images
-from ..models import ConditionalUNet2DModel
-from .checks import check_finite_output
-from .loading import RetinaPipelineMixin
-from .mask2image import Mask2ImagePipeline
-from .sampling import OUTPUT_TYPES, check_common_inputs, sample_chunks, samples_per_call, segmenter_probabilities, \
+from ...data.modality import match_histograms
+from ...image_processing import ImageInput, MaskInput, RetinaImageProcessor, field_of_view_mask, prepare_images
+from ...models import ConditionalUNet2DModel
+from ..checks import check_finite_output
+from ..pipeline_utils import RetinaPipelineMixin
+from ..mask2image import Mask2ImagePipeline
+from ..sampling import OUTPUT_TYPES, check_common_inputs, sample_chunks, samples_per_call, segmenter_probabilities, \
     window_pixels
 
 PSEUDO_LABEL_MODES = ("threshold", "soft", "confident")
@@ -135,6 +135,7 @@ class AdaptDiffPipeline(RetinaPipelineMixin, DiffusionPipeline):
         if segmenter.config.out_channels < 1:
             raise ValueError("`segmenter` must return at least one logit channel.")
         self.register_modules(unet=unet, scheduler=scheduler, segmenter=segmenter)
+        self.image_processor = RetinaImageProcessor(size_multiple=self.segmenter_multiple)
 
     @property
     def segmenter_multiple(self) -> int:
@@ -212,16 +213,22 @@ class AdaptDiffPipeline(RetinaPipelineMixin, DiffusionPipeline):
         check_finite_output(probabilities, "The segmenter's probabilities",
                             hint=f"segmenter dtype {self.segmenter.dtype}")
         labels = pseudo_labels(probabilities, mode, threshold, confidence)
-        if output_type != "pt":
-            labels, probabilities = labels.numpy(), probabilities.numpy()
-        if output_type == "pil":
-            labels, probabilities = numpy_to_pil_maps(labels), numpy_to_pil_maps(probabilities)
+        labels = self.image_processor.postprocess_maps(labels, output_type=output_type)
+        probabilities = self.image_processor.postprocess_maps(probabilities, output_type=output_type)
         if not return_dict:
             return labels, probabilities
         return AdaptDiffSegmentationOutput(masks=labels, probabilities=probabilities)
 
     # ------------------------------------------------------------------ synthesis
+    def check_inputs(self, output_type: str, reference_images) -> None:
+        """The arguments :meth:`__call__` adds to those of the Mask2Image painting (which checks its own)."""
+        if output_type not in OUTPUT_TYPES + ("latent",):
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES + ('latent',)}, got {output_type!r}.")
+        if isinstance(reference_images, (list, tuple)) and not reference_images:
+            raise ValueError("`reference_images` is an empty list; pass target images or None.")
+
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         masks: MaskInput,
@@ -262,13 +269,10 @@ class AdaptDiffPipeline(RetinaPipelineMixin, DiffusionPipeline):
 
         Examples:
         """
-        if output_type not in OUTPUT_TYPES + ("latent",):
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES + ('latent',)}, got {output_type!r}.")
+        self.check_inputs(output_type, reference_images)  # the painting's own arguments: Mask2ImagePipeline's
         references = None
         if reference_images is not None and output_type != "latent":
             items = list(reference_images) if isinstance(reference_images, (list, tuple)) else [reference_images]
-            if not items:
-                raise ValueError("`reference_images` is an empty list; pass target images or None.")
             references = [((prepare_images(item, self.unet.config.in_channels, "reference_images")[0] + 1) / 2)
                           .permute(1, 2, 0).numpy() for item in items]
         painter = self._painter()
@@ -284,16 +288,9 @@ class AdaptDiffPipeline(RetinaPipelineMixin, DiffusionPipeline):
             reference_fovs = [field_of_view_mask(reference) for reference in references]
             images = np.stack([match_histograms(image, references, field_of_view_mask(image), reference_fovs)
                                for image in images]).astype(np.float32)
-            if output_type == "pt":
-                images, mask_indices = torch.from_numpy(images).permute(0, 3, 1, 2), torch.from_numpy(mask_indices)
-            elif output_type == "pil":
-                images = [PIL.Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
-                mask_indices = [PIL.Image.fromarray((mask * 255).astype(np.uint8), mode="L") for mask in mask_indices]
+            if output_type != "np":
+                images = self.image_processor.postprocess(torch.from_numpy(images).permute(0, 3, 1, 2), output_type)
+                mask_indices = self.image_processor.postprocess_masks(mask_indices, 2, output_type)
         if not return_dict:
             return images, mask_indices
         return AdaptDiffPipelineOutput(images=images, masks=mask_indices)
-
-
-AdaptDiffPipeline.__call__.__doc__ = AdaptDiffPipeline.__call__.__doc__.replace(
-    "        Examples:\n", "        Examples:\n" + EXAMPLE_DOC_STRING, 1
-)

@@ -23,7 +23,6 @@ import contextlib
 import importlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from glob import escape as glob_escape
@@ -32,30 +31,13 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 from diffusers.pipelines.pipeline_loading_utils import LOADABLE_CLASSES
 
-PACKAGE = "diffusers_retina"
-INSTALL_HINT = "pip install diffusers-retina"
-
-
-def _snake_case(name: str) -> str:
-    name = re.sub(r"Pipeline$", "", name)
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
-def shim_source(module: str, class_name: str) -> str:
-    """Source of a shim file that re-exports ``class_name`` from ``module`` of this package."""
-    return (
-        f"# Shim written by diffusers-retina: the code of this component lives in the `diffusers-retina` package.\n"
-        f"try:\n"
-        f"    from {module} import {class_name}  # noqa: F401\n"
-        f"except ImportError as error:  # pragma: no cover - depends on the user's environment\n"
-        f"    raise ImportError(\"{class_name} needs the diffusers-retina package: `{INSTALL_HINT}`\") from error\n"
-    )
-
+from .. import models
+from ..bundle import remote_code_files
+from ..utils.io_utils import fsync_directory
+from .remote_code import INSTALL_HINT, PACKAGE, shim_source, snake_case
 
 def _package_class(class_name: str):
     """Find a model/scheduler class of this package by name (used to map shim entries back to real modules)."""
-    from .. import models
-
     cls = getattr(models, class_name, None)
     if cls is None:
         raise ValueError(
@@ -79,14 +61,16 @@ def _check_pipeline_class(cls, saved_class, location) -> None:
     """A folder saved from another pipeline of this package is refused with a message naming both classes (a
     Mask2Image checkpoint is no segmentation model, and the other way round: loading it would fail later with an
     unrelated error, or not at all)."""
-    from .. import pipelines
-
-    saved = getattr(pipelines, saved_class, None) if isinstance(saved_class, str) else None
+    saved = _PIPELINE_CLASSES.get(saved_class) if isinstance(saved_class, str) else None
     if saved is None or not isinstance(saved, type) or issubclass(cls, saved) or issubclass(saved, cls):
         return
     raise ValueError(
         f"{location} holds a {saved_class} (its model_index.json), not a {cls.__name__}: load it with "
         f"`{saved_class}.from_pretrained(...)`, or give a {cls.__name__} checkpoint.")
+
+
+#: Every pipeline class of the package by name, filled as the classes are defined (RetinaPipelineMixin subclasses).
+_PIPELINE_CLASSES: Dict[str, type] = {}
 
 
 class RetinaPipelineMixin:
@@ -97,6 +81,10 @@ class RetinaPipelineMixin:
     * ``save_pretrained`` writes safetensors, the remote-code layout with shim files and, with ``push_to_hub=True``,
       uploads the folder without overwriting a model card written beside it.
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _PIPELINE_CLASSES.setdefault(cls.__name__, cls)  # the first definition wins (bundles re-import the package)
 
     @property
     def num_timesteps(self) -> int:
@@ -110,7 +98,7 @@ class RetinaPipelineMixin:
 
     @classmethod
     def _remote_code_name(cls) -> str:
-        return f"pipeline_{_snake_case(cls.__name__)}"
+        return f"pipeline_{snake_case(cls.__name__)}"
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -218,8 +206,6 @@ def _upload_view(folder: Path):
     with the pipeline shim that falls back on the self-contained ``diffusers_retina_bundle.py``, which is added
     (:mod:`diffusers_retina.bundle`), so the repo loads with ``trust_remote_code=True`` without the package installed.
     The folder itself is not changed."""
-    from ..bundle import remote_code_files
-
     generated = remote_code_files(folder)
     if not generated:
         yield folder
@@ -250,19 +236,6 @@ MODEL_INDEX = "model_index.json"
 _STAGING_TAG = ".saving-"  # sibling folder a save is written into: .<name>.saving-<pid>
 _RETIRED_TAG = ".old-"  # sibling folder the replaced entries wait in until the new ones are in: .<name>.old-<pid>
 PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
-def _fsync_directory(folder: Path) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:  # not every platform opens directories
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def _sibling(target: Path, tag: str, pid: Optional[int] = None) -> Path:
@@ -318,7 +291,7 @@ def swap_in(staging: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists():
         os.replace(staging, target)
-        _fsync_directory(target.parent)
+        fsync_directory(target.parent)
         return
     if not target.is_dir():
         raise NotADirectoryError(f"`save_directory` {target} exists and is not a folder.")
@@ -330,11 +303,11 @@ def swap_in(staging: Path, target: Path) -> None:
     retired.mkdir()
     for name in sorted(old, key=lambda n: n != MODEL_INDEX):  # the index first: from now on no (old) pipeline
         os.replace(target / name, retired / name)
-    _fsync_directory(target)
+    fsync_directory(target)
     for name in sorted(new, key=lambda n: n == MODEL_INDEX):  # the index last: the new pipeline is complete
         os.replace(staging / name, target / name)
         if name == MODEL_INDEX:
-            _fsync_directory(target)
+            fsync_directory(target)
     shutil.rmtree(retired, ignore_errors=True)
     shutil.rmtree(staging, ignore_errors=True)
 
@@ -462,6 +435,18 @@ def default_model_card(class_name: str, repo_id: str):
     )
 
 
+def pipeline_import_path(pipeline_class: type) -> str:
+    """The module a saved pipeline's shim imports its class from: the pipeline's folder package
+    (``diffusers_retina.pipelines.segmentation_ensemble``) when it re-exports the class defined in its
+    ``pipeline_<name>.py``, so shims name a public path that survives moves inside the folder."""
+    module = pipeline_class.__module__
+    parent, _, leaf = module.rpartition(".")
+    if leaf.startswith("pipeline_") and getattr(importlib.import_module(parent), pipeline_class.__name__, None) \
+            is pipeline_class:
+        return parent
+    return module
+
+
 def write_remote_code_layout(pipeline, save_directory: Union[str, os.PathLike]) -> Dict[str, str]:
     """Rewrite ``model_index.json`` to the remote-code layout and write the shim files. Returns ``{file: module}``."""
     save_directory = Path(save_directory)
@@ -471,8 +456,9 @@ def write_remote_code_layout(pipeline, save_directory: Union[str, os.PathLike]) 
 
     remote_name = type(pipeline)._remote_code_name()
     index["_class_name"] = [remote_name, type(pipeline).__name__]
-    (save_directory / f"{remote_name}.py").write_text(shim_source(type(pipeline).__module__, type(pipeline).__name__))
-    written[f"{remote_name}.py"] = type(pipeline).__module__
+    module = pipeline_import_path(type(pipeline))
+    (save_directory / f"{remote_name}.py").write_text(shim_source(module, type(pipeline).__name__))
+    written[f"{remote_name}.py"] = module
 
     for key, value in index.items():
         if key.startswith("_") or not isinstance(value, (list, tuple)) or len(value) != 2:

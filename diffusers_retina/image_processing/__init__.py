@@ -1,0 +1,65 @@
+"""Images in and out of the pipelines: :class:`RetinaImageProcessor` and the functions it is built from.
+
+* :mod:`.decoding` -- PIL images and numpy arrays to validated image / mask arrays, the pixel cap, :class:`DataError`;
+* :mod:`.conversion` -- user inputs to the models' ``[-1, 1]`` tensors and back (``prepare_images``, ``prepare_masks``,
+  padding, PIL outputs);
+* :mod:`.field_of_view` -- the circular field of view of fundus photographs;
+* :mod:`.image_processor` -- :class:`RetinaImageProcessor`, the one object the pipelines and the demo use.
+
+This package imports no other module of diffusers_retina.
+"""
+
+from .conversion import (
+    ImageInput,
+    MaskInput,
+    diffusion_to_probabilities,
+    mask_to_diffusion,
+    numpy_to_pil_maps,
+    numpy_to_pil_masks,
+    pad_to_multiple,
+    prepare_images,
+    prepare_masks,
+)
+from .decoding import (
+    DEFAULT_MAX_PIXELS,
+    MAX_PIXELS_ENV,
+    DataError,
+    ImageTooLargeError,
+    check_pixel_count,
+    image_array_from_numpy,
+    image_array_from_pil,
+    mask_array_from_numpy,
+    mask_array_from_pil,
+    max_pixels,
+)
+from .field_of_view import field_of_view_diameter, field_of_view_mask, field_of_view_masks, fill_outside_field_of_view
+from .image_processor import OUTPUT_TYPES, RetinaImageProcessor, colormap
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "MAX_PIXELS_ENV",
+    "OUTPUT_TYPES",
+    "DataError",
+    "ImageInput",
+    "ImageTooLargeError",
+    "MaskInput",
+    "RetinaImageProcessor",
+    "check_pixel_count",
+    "colormap",
+    "diffusion_to_probabilities",
+    "field_of_view_diameter",
+    "field_of_view_mask",
+    "field_of_view_masks",
+    "fill_outside_field_of_view",
+    "image_array_from_numpy",
+    "image_array_from_pil",
+    "mask_array_from_numpy",
+    "mask_array_from_pil",
+    "mask_to_diffusion",
+    "max_pixels",
+    "numpy_to_pil_maps",
+    "numpy_to_pil_masks",
+    "pad_to_multiple",
+    "prepare_images",
+    "prepare_masks",
+]

@@ -1,0 +1,6 @@
+from .feature_cache import FeatureCache
+from .feature_extraction import FEATURE_DTYPES, POLICIES, FeatureExtractionMixin
+from .pipeline_diffusion_features import DiffusionFeaturePipeline, DiffusionFeaturePipelineOutput
+
+__all__ = ["FEATURE_DTYPES", "POLICIES", "DiffusionFeaturePipeline", "DiffusionFeaturePipelineOutput", "FeatureCache",
+           "FeatureExtractionMixin"]
