@@ -250,6 +250,7 @@ def domains(tmp_path_factory):
     return write_domains(tmp_path_factory.mktemp("adaptdiff"))
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_workflow_killed_in_step_2_resumes_there_to_the_same_adapted_weights(domains, tmp_path):
     straight = _run(workflow_args(domains, tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-3000:]

@@ -210,6 +210,7 @@ def prior_maps(four_pairs, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_out_of_fold_maps_never_come_from_a_model_that_saw_the_image(prior_maps):
     summary = json.loads((prior_maps / "summary.json").read_text())
     folds = summary["source"]["folds"]
@@ -223,6 +224,7 @@ def test_out_of_fold_maps_never_come_from_a_model_that_saw_the_image(prior_maps)
         assert prior.shape == (40, 40) and prior.dtype == np.uint8
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 @pytest.mark.parametrize("anchor", ["residual", "strength"])
 def test_anchored_training_saves_a_pipeline_with_its_prior(anchor, four_pairs, prior_maps, tmp_path):
     out = tmp_path / anchor
@@ -239,6 +241,7 @@ def test_anchored_training_saves_a_pipeline_with_its_prior(anchor, four_pairs, p
     assert result.masks.shape == (1, 40, 40)
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_cascade_and_anchored_resume(four_pairs, prior_maps, tmp_path):
     cascade = tmp_path / "cascade"
     run(TRAIN, ["--train_data_dir", str(four_pairs), *TINY, "--max_train_steps", "2", "--objective",
@@ -262,6 +265,7 @@ def test_cascade_and_anchored_resume(four_pairs, prior_maps, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_anchored_arguments_are_checked(four_pairs, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     base = [sys.executable, str(TRAIN), "--train_data_dir", str(four_pairs), "--output_dir", str(tmp_path / "x")]

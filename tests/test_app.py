@@ -53,6 +53,7 @@ def crop(path: Path, size: int, mode: str) -> PIL.Image.Image:
 # ------------------------------------------------------------------------------------------------ tab functions
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_segment_returns_mask_uncertainty_and_members(app_module, saved_pipeline):
     rng = np.random.default_rng(0)
     photo = PIL.Image.fromarray(rng.integers(0, 255, size=(30, 41, 3), dtype=np.uint8))
@@ -100,6 +101,7 @@ def disc_photograph(width: int, height: int, diameter: int) -> PIL.Image.Image:
     return PIL.Image.fromarray((inside[..., None] * np.array([200, 90, 40])).astype(np.uint8))
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_features_tab_brings_the_field_of_view_to_the_heads_scale(app_module):
     """The feature head learnt at CHASE_DB1's scale: a small photograph is enlarged and a large one shrunk until
     the field of view spans FEATURE_FOV_DIAMETER pixels; a crop without a surround is only capped in size."""
@@ -192,6 +194,7 @@ def running_app(app_module):
     demo.close()
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_api_returns_lossless_png_masks(running_app, app_module, tmp_path):
     from gradio_client import Client, handle_file
 

@@ -61,6 +61,7 @@ def _mark(folder: Path, step: int) -> Path:
 # ---------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_kill_while_writing_a_checkpoint_resumes_to_bit_identical_weights(folder_dataset, tmp_path):
     common = ["--train_data_dir", str(folder_dataset), *TINY, "--max_train_steps", "8", "--checkpointing_steps", "4",
               "--checkpoints_total_limit", "1", "--use_ema", "--save_dtype", "float32"]
@@ -112,6 +113,7 @@ class _Payload:
         return (Path.touch, (Path(self.path),))
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_a_pickled_custom_state_in_a_checkpoint_is_refused_not_executed(folder_dataset, tmp_path):
     out = tmp_path / "run"
     common = ["--train_data_dir", str(folder_dataset), *TINY, "--max_train_steps", "2", "--checkpointing_steps", "1",

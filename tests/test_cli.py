@@ -293,6 +293,7 @@ def test_module_entry_point_in_process(tiny_pipeline_dir, tmp_path, monkeypatch)
     assert (tmp_path / "out" / "eye_mask.png").is_file()
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_console_script(tiny_pipeline_dir, tmp_path):
     """The installed ``diffusers-retina`` entry point (or ``python -m`` without it) in a fresh process."""
     image = write_image(tmp_path / "eye.png", 16, 16)

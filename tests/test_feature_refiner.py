@@ -174,6 +174,7 @@ def students(four_pairs, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_students_are_distilled_out_of_fold(students):
     summary = json.loads((students / "folds" / "summary.json").read_text())
     assert summary["source"]["distill_from"] == str((students / "prior" / "unet").resolve())
@@ -210,6 +211,7 @@ def test_distillation_loss_is_zero_for_the_teacher_itself():
     assert other > same
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_feature_refiner_training_saves_a_pipeline_and_resumes(four_pairs, students, tmp_path):
     common = ["--train_data_dir", str(four_pairs), *TINY, "--max_train_steps", "4", "--checkpointing_steps", "2",
               "--anchor", "residual", "--refiner", "features", "--refiner_channels", "4",
@@ -235,6 +237,7 @@ def test_feature_refiner_training_saves_a_pipeline_and_resumes(four_pairs, stude
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_feature_refiner_arguments_are_checked(four_pairs, students, tmp_path):
     base = ["--train_data_dir", str(four_pairs), "--output_dir", str(tmp_path / "x")]
     prior = str(students / "prior" / "unet")
@@ -273,6 +276,7 @@ def test_banded_inference_equals_one_pass(monkeypatch):
         torch.testing.assert_close(banded, whole, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_step_count_is_chosen_out_of_fold_on_training_images(four_pairs, students, tmp_path):
     out = tmp_path / "refiner"
     run(TRAIN, ["--train_data_dir", str(four_pairs), *TINY, "--max_train_steps", "2", "--anchor", "residual",

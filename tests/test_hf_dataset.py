@@ -143,6 +143,7 @@ def test_dataset_name_refuses_what_it_cannot_honour(saved, changes, message):
         build_datasets(data_args(saved, **changes))
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_training_script_reads_the_saved_dataset(saved, tmp_path):
     import os
     import subprocess

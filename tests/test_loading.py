@@ -189,6 +189,7 @@ def test_class_from_pretrained_repo_id_goes_through_snapshot_download(saved, tmp
     torch.testing.assert_close(_output(loaded), reference, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_offline_hub_cache_in_a_fresh_interpreter(saved, tmp_path):
     _, reference, folder = saved
     _hub_cache(folder, tmp_path / "hub")

@@ -142,6 +142,7 @@ def tree_measures():
     return vessel_measures(tree(3), pixel_size_um=10.0 / 3), vessel_measures(tree(6), pixel_size_um=10.0 / 6)
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 @pytest.mark.parametrize("name,tolerance", [("vessel_density", 0.02), ("length_density", 0.03),
                                             ("calibre_median", 0.05), ("calibre_q1", 0.08), ("calibre_q3", 0.08),
                                             ("tortuosity", 0.01), ("curvature", 0.10),

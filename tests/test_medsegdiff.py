@@ -307,6 +307,7 @@ def run_training(args):
                           timeout=300)
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_training_script_trains_medsegdiff_and_resumes_to_the_same_weights(tmp_path):
     from testing_utils import TINY_SEGMENTATION as TINY
     from testing_utils import write_folder_dataset
@@ -340,6 +341,7 @@ def test_training_script_trains_medsegdiff_and_resumes_to_the_same_weights(tmp_p
     assert "MedSegDiff" in (straight / "README.md").read_text()
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_training_script_rejects_aux_loss_for_a_plain_unet(tmp_path):
     result = run_training(["--train_data_dir", str(tmp_path), "--aux_loss_weight", "1", "--output_dir",
                            str(tmp_path / "out")])

@@ -21,6 +21,7 @@ def fake_evaluation(path: Path, dice: float) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 @pytest.mark.parametrize("source, heading", [
     ("mask2image-chase", "Train on synthetic, test on real"),
     ("segmentation-ensemble-chase", None),
@@ -48,6 +49,7 @@ def test_comparison_is_written_into_the_card(tmp_path, source, heading):
     assert own["comparison"]["heading"] == heading and card.index("Measured with") < card.index(f"### {expected}")
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_write_into_a_folder_without_evaluation_fails_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
     result = subprocess.run([sys.executable, str(SCRIPT), "x=" + fake_evaluation(tmp_path / "a.json", 0.7),
@@ -56,6 +58,7 @@ def test_write_into_a_folder_without_evaluation_fails_clearly(tmp_path):
     assert result.returncode != 0 and "evaluation.json" in result.stderr
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_a_named_row_can_be_compared(tmp_path):
     """LABEL=JSON#ROW takes that row (e.g. the deterministic baseline beside the diffusion model), not the first."""
     path = tmp_path / "a.json"

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -50,6 +51,7 @@ def patches_of(records, epoch):
     return {digest for row in records if row["epoch"] == epoch for digest in row["patches"]}
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_two_process_training_runs_all_steps_new_patches_and_resumes(tmp_path):
     # 3 images x 4 patches = 12 patches = 3 batches of 2 per rank and epoch: 8 steps span epochs 0, 1 and 2, and the
     # checkpoint at step 4 lies inside epoch 1 (one batch into it), so resuming skips batches of a sharded loader

@@ -134,6 +134,7 @@ def test_push_errors_name_the_problem(hub, tmp_path, capsys):
     assert "--repo-id" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_importing_the_cli_sets_no_hub_switch():
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     code = ("import os, diffusers_retina.cli, huggingface_hub.constants as c; "

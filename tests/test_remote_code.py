@@ -190,6 +190,7 @@ def test_push_adds_the_bundle_and_leaves_the_saved_folder_alone(staged):
     assert len(source) < 600_000
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_loads_and_runs_without_the_package_installed(staged, tmp_path):
     root, (members, probabilities) = staged
     site = tmp_path / "site"

@@ -135,6 +135,7 @@ def launch_two_cpu_processes(cli_args: List[str]) -> subprocess.CompletedProcess
     return result
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 @pytest.mark.parametrize("command", ["segment", "synthesize", "features"])
 def test_two_processes_share_the_folder_each_input_exactly_once(command, pipelines, tmp_path):
     if command == "segment":

@@ -37,6 +37,7 @@ def run(args):
     return run_script(SCRIPT, args)
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 @pytest.mark.parametrize("head, head_cls", [("pixel_mlp", PixelMLPEnsemble), ("freq_agg", FreqAggHead)])
 def test_heads_train_save_and_segment(ddpm_and_data, tmp_path, head, head_cls):
     ddpm, data = ddpm_and_data
@@ -64,6 +65,7 @@ def test_heads_train_save_and_segment(ddpm_and_data, tmp_path, head, head_cls):
     assert list((tmp_path / "cache").glob("*.safetensors"))  # features were cached
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_too_few_labelled_images(ddpm_and_data, tmp_path):
     ddpm, data = ddpm_and_data
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -106,6 +108,7 @@ def test_crops_learn_inside_the_field_of_view_and_cover_its_edge(ddpm_and_data):
     assert everything.all()
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_whole_photograph_context_cuts_crops_from_the_photograph_maps(ddpm_and_data, tmp_path):
     """``--feature_context image``: crop boxes on the feature grid, crop features equal to the whole (filled)
     photograph's maps at those boxes, and a head trained that way saves and segments."""

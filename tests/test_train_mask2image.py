@@ -35,6 +35,7 @@ def pairs(tmp_path_factory):
     return write_folder_dataset(tmp_path_factory.mktemp("m2i") / "pairs", size=24)
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 @pytest.mark.parametrize("conditioning", ["concat", "spade", "concat+spade"])
 def test_image_model_trains_and_saves_a_pipeline(pairs, tmp_path, conditioning):
     out = tmp_path / conditioning
@@ -54,6 +55,7 @@ def test_image_model_trains_and_saves_a_pipeline(pairs, tmp_path, conditioning):
     assert result.images.shape == (1, 24, 24, 3)
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_image_model_resumes_to_the_same_weights(pairs, tmp_path):
     # 3 batches per epoch: the resumed run crosses an epoch boundary (accelerate re-seeds its sampler per epoch)
     common = ["--train_data_dir", str(pairs), *TINY, "--conditioning", "concat+spade", "--max_train_steps", "4",
@@ -74,6 +76,7 @@ def test_image_model_resumes_to_the_same_weights(pairs, tmp_path):
     assert end["null_condition"].abs().sum() > 0  # condition dropout trained the null condition (zero at init)
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_mask_model_then_two_stage_pipeline_with_faithfulness(pairs, tmp_path, make_pipe):
     masks_out = tmp_path / "masks"
     run(["--task", "mask", "--train_data_dir", str(pairs), *TINY, "--max_train_steps", "2", "--validation_steps", "2",
@@ -97,6 +100,7 @@ def test_mask_model_then_two_stage_pipeline_with_faithfulness(pairs, tmp_path, m
     assert "samples masks first" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_bad_arguments(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     for extra, message in ((["--task", "mask", "--mask_pipeline", "x"], "--mask_pipeline"),
@@ -106,6 +110,7 @@ def test_bad_arguments(tmp_path):
         assert result.returncode != 0 and message in result.stderr
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_fundus_task_trains_a_ddpm_the_feature_pipeline_reads(pairs, tmp_path):
     from diffusers_retina import DiffusionFeaturePipeline
 

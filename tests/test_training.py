@@ -35,6 +35,7 @@ def folder_dataset(tmp_path_factory):
     return write_folder_dataset(tmp_path_factory.mktemp("data") / "pairs")
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_resumed_run_matches_uninterrupted_run(folder_dataset, tmp_path):
     # 6 batches per epoch: resuming after step 4 crosses an epoch boundary (accelerate re-seeds its sampler per epoch)
     common = ["--train_data_dir", str(folder_dataset), *TINY, "--max_train_steps", "8", "--checkpointing_steps", "4",
@@ -60,6 +61,7 @@ def test_resumed_run_matches_uninterrupted_run(folder_dataset, tmp_path):
     assert any(not torch.equal(start[k], end[k]) for k in start)
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_checkpoints_total_limit_and_saved_pipeline(folder_dataset, tmp_path):
     out = tmp_path / "run"
     run_training(["--train_data_dir", str(folder_dataset), *TINY, "--max_train_steps", "4", "--checkpointing_steps", "1",
@@ -86,6 +88,7 @@ def test_checkpoints_total_limit_and_saved_pipeline(folder_dataset, tmp_path):
     assert result.masks.shape == (1, 40, 40)
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_multiclass_training(tmp_path):
     data = write_folder_dataset(tmp_path / "three", num_classes=3)
     out = tmp_path / "run"
@@ -98,6 +101,7 @@ def test_multiclass_training(tmp_path):
     assert info["validation_dice"] is not None
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 @pytest.mark.skipif(default_chase_db1_root() is None, reason="CHASE_DB1 not found beside the project (../shared/data)")
 def test_chase_db1_train_split_command(tmp_path):
     """The documented data flags select the 20 training images and validate on a test image crop."""
@@ -111,6 +115,7 @@ def test_chase_db1_train_split_command(tmp_path):
     assert "CC BY 4.0" in card and "Fraz" in card and "license: cc-by-4.0" in card
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_bad_arguments_fail_clearly(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     result = subprocess.run([sys.executable, str(SCRIPT), "--output_dir", str(tmp_path)], capture_output=True,
@@ -124,6 +129,7 @@ def test_bad_arguments_fail_clearly(tmp_path):
     assert result.returncode != 0 and "images" in result.stderr
 
 
+@pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_supervised_baseline_objective(folder_dataset, tmp_path):
     """--objective supervised: the same loop trains the UNet as a deterministic segmenter (image in, logits out) and
     saves the bare UNet; on the learnable toy data (bright pixels = mask) it segments after a few steps."""
