@@ -16,7 +16,6 @@ from diffusers_retina.data import chase_db1, default_chase_db1_root
 from diffusers_retina.data.modality import fluorescein_like
 from diffusers_retina.metrics import dice
 
-pytestmark = pytest.mark.slow
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 ADAPTED = CHECKPOINTS / "adaptdiff-chase-fa"
 SOURCE = CHECKPOINTS / "vessel-segmenter-chase"
@@ -50,6 +49,7 @@ def test_files_record_and_card():
     assert "cc-by-4.0" in card and "CHASE_DB1" in card and "AdaptDiff" in card
 
 
+@pytest.mark.slow  # runs the shipped model
 @pytest.mark.skipif(default_chase_db1_root() is None, reason="CHASE_DB1 is not available")
 def test_adapted_segmenter_reads_the_target_the_source_cannot(pipe):
     item = chase_db1(split="test", observer="1stHO")[0]

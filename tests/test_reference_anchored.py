@@ -17,7 +17,6 @@ from diffusers_retina.metrics import dice
 from diffusers_retina.models import PriorFeatureRefinerModel
 from diffusers_retina.pipelines.sampling import segmenter_probabilities
 
-pytestmark = pytest.mark.slow
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 SEGMENTER = CHECKPOINTS / "vessel-segmenter-chase"
 ANCHORED = CHECKPOINTS / "segmentation-anchored-chase"
@@ -77,6 +76,7 @@ def test_cards_report_the_measured_table():
     assert "feature-reusing refiner" in features_card and "--distill_from" in features_card
 
 
+@pytest.mark.slow  # runs the shipped model
 def test_plain_diffusers_loading_and_a_swapped_scheduler(pipe):
     folder = FEATURES if isinstance(pipe.unet, PriorFeatureRefinerModel) else ANCHORED
     remote = DiffusionPipeline.from_pretrained(str(folder), trust_remote_code=True)
@@ -88,6 +88,7 @@ def test_plain_diffusers_loading_and_a_swapped_scheduler(pipe):
     assert np.isfinite(out.probabilities).all()
 
 
+@pytest.mark.slow  # runs the shipped model
 @pytest.mark.skipif(not HAS_CHASE, reason="CHASE_DB1 not found beside the project (../shared/data)")
 def test_anchored_ensemble_on_a_chase_db1_test_crop(pipe):
     from diffusers import DDIMScheduler

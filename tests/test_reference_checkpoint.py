@@ -16,7 +16,6 @@ from diffusers_retina.models import MedSegDiffUNet2DModel
 from diffusers_retina.data import chase_db1, default_chase_db1_root
 from diffusers_retina.metrics import dice
 
-pytestmark = pytest.mark.slow
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 MODELS = {"segmentation-ensemble-chase": UNet2DModel, "segmentation-medsegdiff-chase": MedSegDiffUNet2DModel}
 
@@ -57,6 +56,7 @@ def test_model_card_reports_the_measured_evaluation(checkpoint):
         assert "dynamic conditional encoding" in card and "wu2023medsegdiff" in card
 
 
+@pytest.mark.slow  # runs the shipped model
 @pytest.mark.skipif(default_chase_db1_root() is None, reason="CHASE_DB1 not found beside the project (../shared/data)")
 def test_segments_a_chase_db1_test_crop(pipe):
     item = chase_db1(split="test")[2]  # Image_12L: not the image monitored during training
@@ -70,6 +70,7 @@ def test_segments_a_chase_db1_test_crop(pipe):
     assert out.entropy[0][errors].mean() > 2 * out.entropy[0][~errors].mean()
 
 
+@pytest.mark.slow  # runs the shipped model
 def test_segments_the_scikit_image_fundus(pipe):
     retina = pytest.importorskip("skimage.data").retina()
     crop = np.ascontiguousarray(retina[500:756, 500:756, :3])

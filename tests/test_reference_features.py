@@ -12,7 +12,6 @@ from diffusers_retina import DiffusionFeaturePipeline
 from diffusers_retina.data import chase_db1, default_chase_db1_root
 from diffusers_retina.metrics import dice
 
-pytestmark = pytest.mark.slow
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 DDPM = CHECKPOINTS / "fundus-ddpm-chase"
 HEAD = CHECKPOINTS / "feature-head-chase"
@@ -37,12 +36,14 @@ def test_files_are_small_fp16_with_a_card(folder, components):
     assert "| N labelled | Model | Dice |" in card  # the measured label-efficiency table
 
 
+@pytest.mark.slow  # runs the shipped model
 def test_head_reads_the_shipped_ddpm():
     ddpm = DDPMPipeline.from_pretrained(DDPM)
     head_unet = UNet2DModel.from_pretrained(HEAD / "unet")
     assert all(torch.equal(a, b) for a, b in zip(ddpm.unet.state_dict().values(), head_unet.state_dict().values()))
 
 
+@pytest.mark.slow  # runs the shipped model
 @needs_chase
 def test_ddpm_denoises_real_fundus_patches():
     """The DDPM learned fundus photographs: at t = 150 its clean-image estimate of a noised test crop beats the
@@ -61,6 +62,7 @@ def test_ddpm_denoises_real_fundus_patches():
     assert model_error < 0.25 * trivial_error, (model_error, trivial_error)
 
 
+@pytest.mark.slow  # runs the shipped model
 @needs_chase
 def test_head_segments_a_whole_test_photograph():
     """The head learned from whole-photograph features: it segments a whole test photograph (the default call, no

@@ -12,7 +12,6 @@ from diffusers_retina.data import chase_db1, default_chase_db1_root
 from diffusers_retina.metrics import dice
 from diffusers_retina.models import ConditionalUNet2DModel
 
-pytestmark = pytest.mark.slow
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 CHECKPOINT = CHECKPOINTS / "mask2image-chase"
 
@@ -37,6 +36,7 @@ def test_files_card_and_components(pipe):
     assert "CC BY 4.0" in card and "license: cc-by-4.0" in card and info["command"] in card
 
 
+@pytest.mark.slow  # runs the shipped model
 def test_two_stage_sampling_gives_vessel_masks_and_images(pipe):
     out = pipe(num_masks=1, height=64, width=64, num_inference_steps=10, mask_num_inference_steps=10,
                generator=torch.Generator().manual_seed(0), output_type="pt")
@@ -44,6 +44,7 @@ def test_two_stage_sampling_gives_vessel_masks_and_images(pipe):
     assert 0.02 < out.masks.float().mean() < 0.7  # some vessel, not all
 
 
+@pytest.mark.slow  # runs the shipped model
 @pytest.mark.skipif(default_chase_db1_root() is None, reason="CHASE_DB1 not found beside the project (../shared/data)")
 def test_synthetic_image_follows_its_mask(pipe):
     """Paint a test mask crop (not the crop monitored in training) and segment the painting with the reference
