@@ -43,7 +43,7 @@ from diffusers_retina import (  # noqa: E402
     Mask2ImagePipeline,
     SegmentationEnsemblePipeline,
 )
-from diffusers_retina.data.modality import field_of_view_diameter  # noqa: E402
+from diffusers_retina.image_processing import RetinaImageProcessor  # noqa: E402
 from diffusers_retina.measures import (  # noqa: E402
     MEASURE_NAMES,
     MeasureError,
@@ -98,18 +98,9 @@ def downscale(image: PIL.Image.Image, max_side: int = MAX_SIDE,
 
 def match_field_of_view(image: PIL.Image.Image, diameter: int = FEATURE_FOV_DIAMETER
                         ) -> Tuple[PIL.Image.Image, float]:
-    """``image`` resized (bicubic) so that its field of view spans ``diameter`` pixels, and the scale applied. An image
-    without a dark surround (a crop inside the retina) has no field of view to measure: it is only downscaled, to a
-    longer side of at most ``diameter``. The result's longer side is capped at twice ``diameter``."""
-    found = field_of_view_diameter(np.asarray(image.convert("RGB")))
-    if found is None:
-        resized = downscale(image, diameter)
-        return resized, resized.width / image.width
-    scale = min(diameter / found, 2 * diameter / max(image.size))
-    if abs(scale - 1) < 1e-3:
-        return image, 1.0
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, PIL.Image.BICUBIC), scale
+    """``image`` brought to the feature head's training scale: its field of view resized to span ``diameter`` pixels
+    (``RetinaImageProcessor.rescale_to_field_of_view``), and the scale applied."""
+    return RetinaImageProcessor.rescale_to_field_of_view(image, diameter)
 
 
 def binary_png(mask) -> PIL.Image.Image:

@@ -456,3 +456,10 @@ def run_folder_command(
                                           f"{args.output_dir / RESULTS_FILE}"), flush=True)
     return outcome
 
+
+def pipeline_call_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The ``SegmentationEnsemblePipeline`` call arguments of the shared segmentation flags (``segment``, ``measure``,
+    ``demo``): steps, ensemble size, fusion, threshold, batch size and tiles."""
+    return dict(num_inference_steps=args.steps, ensemble_size=args.ensemble_size, fusion=args.fusion,
+                threshold=args.threshold, batch_size=args.batch_size, tile_size=args.tile_size or None,
+                tile_overlap=args.tile_overlap)

@@ -57,6 +57,7 @@ from .common import (
     check_output_dir,
     check_pipeline_settings,
     load_pipeline,
+    pipeline_call_kwargs,
     positive_int,
     resolve_device,
     resolve_steps,
@@ -182,14 +183,8 @@ def segment_case(case: DemoCase, pipe, args: argparse.Namespace,
     started = time.perf_counter()
     result = pipe(
         case.image,
-        num_inference_steps=args.steps,
-        ensemble_size=args.ensemble_size,
-        fusion=args.fusion,
-        threshold=args.threshold,
         generator=torch.Generator().manual_seed(args.seed),
-        batch_size=args.batch_size,
-        tile_size=args.tile_size or None,
-        tile_overlap=args.tile_overlap,
+        **pipeline_call_kwargs(args),
         output_type="np",
         return_members=True,
     )

@@ -50,6 +50,7 @@ from .common import (
     load_pipeline,
     open_unit_float,
     overlap_fraction,
+    pipeline_call_kwargs,
     read_input_image,
     resolve_device,
     resolve_steps,
@@ -241,14 +242,8 @@ def segment_images(
                                                 pipe._execution_device))
     result = pipe(
         list(images) if len(images) > 1 else images[0],
-        num_inference_steps=args.steps,
-        ensemble_size=args.ensemble_size,
-        fusion=args.fusion,
-        threshold=args.threshold,
         generator=generators,
-        batch_size=args.batch_size,
-        tile_size=args.tile_size or None,
-        tile_overlap=args.tile_overlap,
+        **pipeline_call_kwargs(args),
         output_type="pil",
         return_members=args.save_members,
     )
@@ -311,14 +306,8 @@ def segment_volume(
         pipe.set_progress_bar_config(desc=f"{name} slice {z + 1}/{depth}", leave=False)
         result = pipe(
             volume[:, :, z],
-            num_inference_steps=args.steps,
-            ensemble_size=args.ensemble_size,
-            fusion=args.fusion,
-            threshold=args.threshold,
             generator=torch.Generator().manual_seed(args.seed),
-            batch_size=args.batch_size,
-            tile_size=args.tile_size or None,
-            tile_overlap=args.tile_overlap,
+            **pipeline_call_kwargs(args),
             output_type="np",
             return_members=args.save_members,
         )

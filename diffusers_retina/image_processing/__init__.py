@@ -32,7 +32,13 @@ from .decoding import (
     mask_array_from_pil,
     max_pixels,
 )
-from .field_of_view import field_of_view_diameter, field_of_view_mask, field_of_view_masks, fill_outside_field_of_view
+from .field_of_view import (
+    field_of_view_diameter,
+    field_of_view_mask,
+    field_of_view_masks,
+    fill_outside_field_of_view,
+    rescale_to_field_of_view,
+)
 from .image_processor import OUTPUT_TYPES, RetinaImageProcessor, colormap
 
 __all__ = [
@@ -51,6 +57,7 @@ __all__ = [
     "field_of_view_mask",
     "field_of_view_masks",
     "fill_outside_field_of_view",
+    "rescale_to_field_of_view",
     "image_array_from_numpy",
     "image_array_from_pil",
     "mask_array_from_numpy",

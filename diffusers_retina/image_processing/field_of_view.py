@@ -6,9 +6,10 @@ feature pipeline's window filling both start from it.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
+import PIL.Image
 import torch
 from scipy import ndimage
 
@@ -111,3 +112,26 @@ def fill_outside_field_of_view(images: torch.Tensor, fov: torch.Tensor) -> torch
     keep = fov.to(images.device)[:, None] | (count == 0)
     return torch.where(keep, images, mean.expand_as(images))
 
+
+def rescale_to_field_of_view(image: PIL.Image.Image, diameter: int) -> Tuple[PIL.Image.Image, float]:
+    """``image`` resized (bicubic) so that its field of view spans ``diameter`` pixels, and the scale applied: a model
+    sees vessels at the width it learnt them. An image without a dark surround (a crop inside the retina) has no field
+    of view to measure: it is only downscaled, to a longer side of at most ``diameter``. The result's longer side is
+    capped at twice ``diameter``.
+
+    Example:
+        >>> from skimage.data import retina  # doctest: +SKIP
+        >>> photo, scale = rescale_to_field_of_view(PIL.Image.fromarray(retina()), 920)  # doctest: +SKIP
+    """
+    found = field_of_view_diameter(np.asarray(image.convert("RGB")))
+    if found is None:
+        scale = diameter / max(image.size)
+        if scale >= 1:
+            return image, 1.0
+        resized = image.resize((round(image.width * scale), round(image.height * scale)), PIL.Image.BICUBIC)
+        return resized, resized.width / image.width
+    scale = min(diameter / found, 2 * diameter / max(image.size))
+    if abs(scale - 1) < 1e-3:
+        return image, 1.0
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, PIL.Image.BICUBIC), scale

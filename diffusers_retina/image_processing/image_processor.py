@@ -42,7 +42,13 @@ from .conversion import (
     prepare_images,
     prepare_masks,
 )
-from .field_of_view import field_of_view_diameter, field_of_view_mask, field_of_view_masks, fill_outside_field_of_view
+from .field_of_view import (
+    field_of_view_diameter,
+    field_of_view_mask,
+    field_of_view_masks,
+    fill_outside_field_of_view,
+    rescale_to_field_of_view,
+)
 
 OUTPUT_TYPES = ("pt", "np", "pil")
 
@@ -171,6 +177,7 @@ class RetinaImageProcessor(ConfigMixin):
     field_of_view_masks = staticmethod(field_of_view_masks)
     field_of_view_diameter = staticmethod(field_of_view_diameter)
     fill_outside_field_of_view = staticmethod(fill_outside_field_of_view)
+    rescale_to_field_of_view = staticmethod(rescale_to_field_of_view)
 
 
 __all__ = ["OUTPUT_TYPES", "RetinaImageProcessor", "colormap"]
