@@ -89,11 +89,8 @@ def load_pipeline(name_or_path: str) -> SegmentationEnsemblePipeline:
 
 def downscale(image: PIL.Image.Image, max_side: int = MAX_SIDE,
               resample: int = PIL.Image.BICUBIC) -> PIL.Image.Image:
-    """``image`` resized so its longer side is at most ``max_side`` (smaller images are kept as they are)."""
-    scale = max_side / max(image.size)
-    if scale >= 1:
-        return image
-    return image.resize((round(image.width * scale), round(image.height * scale)), resample)
+    """``image`` resized so its longer side is at most ``max_side`` (``RetinaImageProcessor.downscale``)."""
+    return RetinaImageProcessor.downscale(image, max_side, resample)
 
 
 def match_field_of_view(image: PIL.Image.Image, diameter: int = FEATURE_FOV_DIAMETER

@@ -33,6 +33,7 @@ from .decoding import (
     max_pixels,
 )
 from .field_of_view import (
+    downscale,
     field_of_view_diameter,
     field_of_view_mask,
     field_of_view_masks,
@@ -53,6 +54,7 @@ __all__ = [
     "check_pixel_count",
     "colormap",
     "diffusion_to_probabilities",
+    "downscale",
     "field_of_view_diameter",
     "field_of_view_mask",
     "field_of_view_masks",

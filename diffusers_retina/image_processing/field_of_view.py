@@ -113,6 +113,14 @@ def fill_outside_field_of_view(images: torch.Tensor, fov: torch.Tensor) -> torch
     return torch.where(keep, images, mean.expand_as(images))
 
 
+def downscale(image: PIL.Image.Image, max_side: int, resample: int = PIL.Image.BICUBIC) -> PIL.Image.Image:
+    """``image`` resized so its longer side is at most ``max_side`` (smaller images are kept as they are)."""
+    scale = max_side / max(image.size)
+    if scale >= 1:
+        return image
+    return image.resize((round(image.width * scale), round(image.height * scale)), resample)
+
+
 def rescale_to_field_of_view(image: PIL.Image.Image, diameter: int) -> Tuple[PIL.Image.Image, float]:
     """``image`` resized (bicubic) so that its field of view spans ``diameter`` pixels, and the scale applied: a model
     sees vessels at the width it learnt them. An image without a dark surround (a crop inside the retina) has no field
@@ -125,10 +133,7 @@ def rescale_to_field_of_view(image: PIL.Image.Image, diameter: int) -> Tuple[PIL
     """
     found = field_of_view_diameter(np.asarray(image.convert("RGB")))
     if found is None:
-        scale = diameter / max(image.size)
-        if scale >= 1:
-            return image, 1.0
-        resized = image.resize((round(image.width * scale), round(image.height * scale)), PIL.Image.BICUBIC)
+        resized = downscale(image, diameter)
         return resized, resized.width / image.width
     scale = min(diameter / found, 2 * diameter / max(image.size))
     if abs(scale - 1) < 1e-3:

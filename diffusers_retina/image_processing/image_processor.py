@@ -43,6 +43,7 @@ from .conversion import (
     prepare_masks,
 )
 from .field_of_view import (
+    downscale,
     field_of_view_diameter,
     field_of_view_mask,
     field_of_view_masks,
@@ -178,6 +179,7 @@ class RetinaImageProcessor(ConfigMixin):
     field_of_view_diameter = staticmethod(field_of_view_diameter)
     fill_outside_field_of_view = staticmethod(fill_outside_field_of_view)
     rescale_to_field_of_view = staticmethod(rescale_to_field_of_view)
+    downscale = staticmethod(downscale)
 
 
 __all__ = ["OUTPUT_TYPES", "RetinaImageProcessor", "colormap"]
