@@ -15,6 +15,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from testing_utils import disc_photograph
+
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network from gradio either
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,12 +95,6 @@ def test_large_photographs_are_downscaled(app_module):
     image = PIL.Image.new("RGB", (2000, 1000))
     assert app_module.downscale(image, 960).size == (960, 480)
     assert app_module.downscale(PIL.Image.new("RGB", (100, 50)), 960).size == (100, 50)
-
-
-def disc_photograph(width: int, height: int, diameter: int) -> PIL.Image.Image:
-    yy, xx = np.mgrid[:height, :width]
-    inside = (yy - height / 2) ** 2 + (xx - width / 2) ** 2 < (diameter / 2) ** 2
-    return PIL.Image.fromarray((inside[..., None] * np.array([200, 90, 40])).astype(np.uint8))
 
 
 @pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only

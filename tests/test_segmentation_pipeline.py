@@ -526,8 +526,9 @@ def test_return_members_off_and_return_dict_false(pipe, image, gen):
     out = run(pipe, image, ensemble_size=2, generator=gen(0))
     assert out.members is None
     as_tuple = run(pipe, image, ensemble_size=2, generator=gen(0), return_dict=False, return_members=True)
-    assert isinstance(as_tuple, tuple) and len(as_tuple) == 6
-    masks, probabilities, variance, entropy, mutual_information, members = as_tuple
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 7
+    masks, probabilities, variance, entropy, mutual_information, members, processing = as_tuple
+    assert processing == out.processing and processing[0].basis == "native"
     assert torch.equal(masks, out.masks)
     torch.testing.assert_close(probabilities, out.probabilities)
     torch.testing.assert_close(entropy, out.entropy)

@@ -170,6 +170,17 @@ def fundus(size: int = 64, seed: int = 0) -> np.ndarray:
     return np.clip(image * disc[..., None], 0, 1)
 
 
+def disc_photograph(width: int, height: int, diameter: int, seed: Optional[int] = None) -> Image.Image:
+    """An RGB photograph ``width`` x ``height`` whose field of view is a disc ``diameter`` px across on black (with
+    ``seed``: a textured disc, so that models see more than a flat colour)."""
+    yy, xx = np.mgrid[:height, :width]
+    inside = (yy - height / 2) ** 2 + (xx - width / 2) ** 2 < (diameter / 2) ** 2
+    colour = np.array([200, 90, 40], dtype=np.float64)
+    if seed is not None:
+        colour = colour * (0.7 + 0.3 * np.random.default_rng(seed).random((height, width, 1)))
+    return Image.fromarray((inside[..., None] * colour).astype(np.uint8))
+
+
 # ---------------------------------------------------------------------------------------------- dummy components
 
 

@@ -33,11 +33,16 @@ from .decoding import (
     max_pixels,
 )
 from .field_of_view import (
+    PROCESSING_MODES,
+    SCALE_TOLERANCE,
+    ProcessingPlan,
+    check_processing_resolution,
     downscale,
     field_of_view_diameter,
     field_of_view_mask,
     field_of_view_masks,
     fill_outside_field_of_view,
+    plan_processing,
     rescale_to_field_of_view,
 )
 from .image_processor import OUTPUT_TYPES, RetinaImageProcessor, colormap
@@ -46,12 +51,16 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "MAX_PIXELS_ENV",
     "OUTPUT_TYPES",
+    "PROCESSING_MODES",
+    "SCALE_TOLERANCE",
+    "ProcessingPlan",
     "DataError",
     "ImageInput",
     "ImageTooLargeError",
     "MaskInput",
     "RetinaImageProcessor",
     "check_pixel_count",
+    "check_processing_resolution",
     "colormap",
     "diffusion_to_probabilities",
     "downscale",
@@ -70,5 +79,6 @@ __all__ = [
     "numpy_to_pil_masks",
     "pad_to_multiple",
     "prepare_images",
+    "plan_processing",
     "prepare_masks",
 ]

@@ -6,7 +6,8 @@ feature pipeline's window filling both start from it.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -121,22 +122,96 @@ def downscale(image: PIL.Image.Image, max_side: int, resample: int = PIL.Image.B
     return image.resize((round(image.width * scale), round(image.height * scale)), resample)
 
 
+#: ``processing_resolution`` values besides a positive int (the longer side, Marigold's convention).
+PROCESSING_MODES = ("native", "auto")
+#: Under ``"auto"``, a photograph whose scale is within this fraction of the training scale is processed as it is: the
+#: reference models learnt with 0.75-1.33x scale augmentation, and resampling would only blur (CHASE_DB1's own
+#: photographs span 893-923 px against the median 920).
+SCALE_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class ProcessingPlan:
+    """How one image is processed: at ``size`` (height, width), ``scale`` times its own size, as ``basis`` decided:
+
+    * ``"native"``: as it is (``processing_resolution=None`` or ``"native"``; ``"auto"`` within
+      :data:`SCALE_TOLERANCE` of the training scale, or with a model that records no training scale);
+    * ``"fixed"``: an int ``processing_resolution`` is the longer side;
+    * ``"field_of_view"``: its field of view (``field_of_view_diameter`` px) resized to the training diameter;
+    * ``"longer_side"``: no field of view found (a crop inside the retina): the longer side stands for the diameter,
+      and the image is only ever made smaller.
+    """
+
+    scale: float
+    size: Tuple[int, int]
+    basis: str
+    field_of_view_diameter: Optional[int] = None
+
+    def as_record(self) -> dict:
+        """The plan as the CLI's result rows report it."""
+        return {"processing_scale": round(self.scale, 4), "processing_height": self.size[0],
+                "processing_width": self.size[1], "processing_basis": self.basis,
+                "field_of_view_diameter": self.field_of_view_diameter}
+
+
+def check_processing_resolution(processing_resolution: Union[int, str, None]) -> None:
+    """``None``, ``"native"``, ``"auto"`` or a positive int (at least 8 px); a ``ValueError`` naming the argument
+    otherwise."""
+    if processing_resolution is None or processing_resolution in PROCESSING_MODES:
+        return
+    if isinstance(processing_resolution, bool) or not isinstance(processing_resolution, int) or \
+            processing_resolution < 8:
+        raise ValueError("`processing_resolution` must be 'auto', 'native', None or an int >= 8 (the longer side in "
+                         f"pixels), got {processing_resolution!r}.")
+
+
+def plan_processing(image: np.ndarray, processing_resolution: Union[int, str, None],
+                    training_diameter: Optional[int], tolerance: float = SCALE_TOLERANCE) -> ProcessingPlan:
+    """The :class:`ProcessingPlan` of one image (``(H, W[, C])``, as :func:`field_of_view_mask` takes it) under
+    ``processing_resolution``; ``training_diameter`` is the field-of-view diameter, in pixels, of the photographs the
+    model learnt from (``None``: unknown, so ``"auto"`` processes natively). Under ``"auto"`` the result's longer
+    side is capped at twice ``training_diameter``.
+
+    Example:
+        >>> import numpy as np
+        >>> photo = np.zeros((64, 80, 3)); yy, xx = np.mgrid[:64, :80]
+        >>> photo[(yy - 32) ** 2 + (xx - 40) ** 2 < 25 ** 2] = 0.6
+        >>> plan_processing(photo, "auto", 98)
+        ProcessingPlan(scale=2.0, size=(128, 160), basis='field_of_view', field_of_view_diameter=49)
+        >>> plan_processing(np.full((300, 200), 0.5), "auto", 98).size  # no field of view: only made smaller
+        (98, 65)
+    """
+    check_processing_resolution(processing_resolution)
+    height, width = np.shape(image)[:2]
+    native = ProcessingPlan(1.0, (height, width), "native")
+    if processing_resolution in (None, "native"):
+        return native
+    if processing_resolution != "auto":
+        scale = processing_resolution / max(height, width)
+        return ProcessingPlan(scale, (max(1, round(height * scale)), max(1, round(width * scale))), "fixed")
+    if training_diameter is None:
+        return native
+    found = field_of_view_diameter(image)
+    if found is None:
+        scale, basis = min(1.0, training_diameter / max(height, width)), "longer_side"
+    else:
+        scale, basis = min(training_diameter / found, 2 * training_diameter / max(height, width)), "field_of_view"
+    if abs(scale - 1.0) <= tolerance:
+        return ProcessingPlan(1.0, (height, width), "native", found)
+    return ProcessingPlan(scale, (max(1, round(height * scale)), max(1, round(width * scale))), basis, found)
+
+
 def rescale_to_field_of_view(image: PIL.Image.Image, diameter: int) -> Tuple[PIL.Image.Image, float]:
-    """``image`` resized (bicubic) so that its field of view spans ``diameter`` pixels, and the scale applied: a model
-    sees vessels at the width it learnt them. An image without a dark surround (a crop inside the retina) has no field
-    of view to measure: it is only downscaled, to a longer side of at most ``diameter``. The result's longer side is
-    capped at twice ``diameter``.
+    """``image`` resized (bicubic) by :func:`plan_processing` ``("auto")`` so that its field of view spans
+    ``diameter`` pixels, and the scale applied: a model sees vessels at the width it learnt them. An image without a
+    dark surround (a crop inside the retina) is only downscaled, to a longer side of at most ``diameter``; the
+    result's longer side is capped at twice ``diameter``; within :data:`SCALE_TOLERANCE` the image is kept.
 
     Example:
         >>> from skimage.data import retina  # doctest: +SKIP
         >>> photo, scale = rescale_to_field_of_view(PIL.Image.fromarray(retina()), 920)  # doctest: +SKIP
     """
-    found = field_of_view_diameter(np.asarray(image.convert("RGB")))
-    if found is None:
-        resized = downscale(image, diameter)
-        return resized, resized.width / image.width
-    scale = min(diameter / found, 2 * diameter / max(image.size))
-    if abs(scale - 1) < 1e-3:
+    plan = plan_processing(np.asarray(image.convert("RGB")), "auto", diameter)
+    if plan.basis == "native":
         return image, 1.0
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, PIL.Image.BICUBIC), scale
+    return image.resize((plan.size[1], plan.size[0]), PIL.Image.BICUBIC), plan.scale

@@ -9,7 +9,9 @@ pipeline builds in its ``__init__`` (it is not a saved component). It owns
 * ``postprocess`` (images), ``postprocess_masks`` and ``postprocess_maps``: the ``output_type`` of every pipeline
   (``"pt"``, ``"np"`` or ``"pil"``);
 * ``visualize_uncertainty``: an uncertainty map as an inferno-like colour picture (the demo and the Space);
-* the field of view of fundus photographs: find, measure, fill (:mod:`.field_of_view`).
+* the field of view of fundus photographs: find, measure, fill (:mod:`.field_of_view`);
+* ``processing_resolution``: ``plan_processing`` picks each image's working size (``"auto"``: its field of view
+  matched to the model's training diameter) and ``resize`` takes tensors there and back.
 
 It imports no other module of the package.
 
@@ -43,11 +45,14 @@ from .conversion import (
     prepare_masks,
 )
 from .field_of_view import (
+    ProcessingPlan,
+    check_processing_resolution,
     downscale,
     field_of_view_diameter,
     field_of_view_mask,
     field_of_view_masks,
     fill_outside_field_of_view,
+    plan_processing,
     rescale_to_field_of_view,
 )
 
@@ -172,6 +177,31 @@ class RetinaImageProcessor(ConfigMixin):
         if array.ndim != 3:
             raise ValueError(f"`maps` must be (H, W) or (N, H, W), got shape {array.shape}.")
         return [PIL.Image.fromarray(colormap(m / max(float(max_value), 1e-12))) for m in array]
+
+    # ------------------------------------------------------------------------------------------------ resolution
+    @staticmethod
+    def plan_processing(images: torch.Tensor, processing_resolution: Union[int, str, None],
+                        training_diameter: Optional[int]) -> List[ProcessingPlan]:
+        """The :class:`~diffusers_retina.image_processing.ProcessingPlan` of every image of a prepared ``(N, C, H, W)``
+        batch in ``[-1, 1]`` (:func:`~diffusers_retina.image_processing.plan_processing`; the field of view is only
+        looked for under ``"auto"``)."""
+        check_processing_resolution(processing_resolution)
+        if processing_resolution != "auto" or training_diameter is None:
+            return [plan_processing(np.empty(images.shape[-2:]), processing_resolution, training_diameter)
+                    for _ in range(images.shape[0])]
+        arrays = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+        return [plan_processing(array, processing_resolution, training_diameter) for array in arrays]
+
+    @staticmethod
+    def resize(tensor: torch.Tensor, size: Tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+        """``(N, C, H, W)`` resized to ``size`` (antialiased when shrinking; bicubic for images, bilinear for maps),
+        clamped to the input's range; unchanged when it already has that size."""
+        if tuple(tensor.shape[-2:]) == tuple(size):
+            return tensor
+        low, high = tensor.min(), tensor.max()
+        resized = torch.nn.functional.interpolate(tensor.float(), size=tuple(size), mode=mode, align_corners=False,
+                                                  antialias=True)
+        return resized.clamp(low, high).to(tensor.dtype)
 
     # ------------------------------------------------------------------------------------------------ field of view
     field_of_view_mask = staticmethod(field_of_view_mask)

@@ -37,3 +37,12 @@ def check_finite_output(tensor: torch.Tensor, what: str, hint: Optional[str] = N
             f"{what} holds {count} NaN or infinite value(s)"
             f"{': ' + hint if hint else ''}. Check the weights (NaN weights) or run in float32 (half-precision "
             "overflow).")
+
+
+def check_field_of_view_diameter(value, name: str = "field_of_view_diameter") -> None:
+    """``None`` (unknown) or a positive integer number of pixels; ``ValueError`` naming ``name`` otherwise."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 8:
+        raise ValueError(f"`{name}` must be None or the training photographs' field-of-view diameter in pixels "
+                         f"(an int >= 8), got {value!r}.")

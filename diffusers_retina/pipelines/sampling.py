@@ -8,7 +8,7 @@ sliding-window blending, same scheduler handling).
 from __future__ import annotations
 
 import inspect
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -17,7 +17,7 @@ try:  # MONAI blends the tiles; remote code loaded from the Hub bundle may run w
 except ImportError:  # pragma: no cover - depends on the environment
     sliding_window_inference = None
 
-from ..image_processing import pad_to_multiple
+from ..image_processing import ProcessingPlan, pad_to_multiple
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 AUTO_BATCH = "auto"
@@ -183,3 +183,19 @@ def segmenter_probabilities(segmenter, images: torch.Tensor, tile_size: Optional
 
     logits = tiled_predict(forward, padded, tile_size, tile_overlap)
     return logits[:, :1, :height, :width].float().sigmoid()
+
+
+def processing_groups(plans: Sequence[ProcessingPlan]) -> List[Tuple[Tuple[int, int], List[int]]]:
+    """Images of one call grouped by the size they are processed at (``processing_resolution``), in order of first
+    appearance: ``[(size, [image indices]), ...]``. Images of one camera land in one group and run together.
+
+    Example:
+        >>> from diffusers_retina.image_processing import ProcessingPlan
+        >>> processing_groups([ProcessingPlan(1.0, (8, 8), "native"), ProcessingPlan(2.0, (16, 16), "fixed"),
+        ...                    ProcessingPlan(1.0, (8, 8), "native")])
+        [((8, 8), [0, 2]), ((16, 16), [1])]
+    """
+    groups: Dict[Tuple[int, int], List[int]] = {}
+    for index, plan in enumerate(plans):
+        groups.setdefault(tuple(plan.size), []).append(index)
+    return list(groups.items())

@@ -32,14 +32,17 @@ from diffusers.utils import BaseOutput, replace_example_docstring
 
 from ...image_processing import (
     ImageInput,
+    ProcessingPlan,
+    RetinaImageProcessor,
+    check_processing_resolution,
     field_of_view_masks,
     fill_outside_field_of_view,
     pad_to_multiple,
     prepare_images,
 )
-from ..checks import check_finite_output
+from ..checks import check_field_of_view_diameter, check_finite_output
 from ..pipeline_utils import RetinaPipelineMixin
-from ..sampling import blend_windows
+from ..sampling import blend_windows, per_sample_generators, processing_groups
 from .feature_extraction import FeatureExtractionMixin
 
 EXAMPLE_DOC_STRING = """
@@ -69,6 +72,8 @@ class DiffusionFeaturePipelineOutput(BaseOutput):
             probabilities ``(N, K, H, W)`` and per-pixel uncertainty ``(N, H, W)``; else ``None``.
         field_of_view: with ``output="segmentation"`` and a field of view in use, the bool ``(N, H, W)`` mask the
             prediction was restricted to (outside it: background with probability 1, uncertainty 0); else ``None``.
+        processing: with ``output="segmentation"``, one :class:`~diffusers_retina.image_processing.ProcessingPlan`
+            per image (the size it was segmented at, ``processing_resolution``); else ``None``.
     """
 
     features: Optional[Dict[str, torch.Tensor]] = None
@@ -76,6 +81,7 @@ class DiffusionFeaturePipelineOutput(BaseOutput):
     probabilities: Optional[torch.Tensor] = None
     uncertainty: Optional[torch.Tensor] = None
     field_of_view: Optional[torch.Tensor] = None
+    processing: Optional[List[ProcessingPlan]] = None
 
     def __post_init__(self) -> None:
         # diffusers' BaseOutput unpacks a lone dict in the first field into the output's own keys (``out[0]`` would
@@ -95,14 +101,20 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
         scheduler: the noise schedule used to noise (``"noise"``) or invert (``"ddim_inversion"``) the image.
         head: optional segmentation head (``PixelMLPEnsemble`` or ``FreqAggHead``) trained on this pipeline's
             features; its config names the blocks, timesteps and policy it was trained with.
+        field_of_view_diameter: the field-of-view diameter, in pixels, of the photographs the head learnt from
+            (``processing_resolution="auto"`` brings every photograph to it); None: unknown.
     """
 
     model_cpu_offload_seq = "unet->head"
     _optional_components = ["head"]
 
-    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, head: Optional[torch.nn.Module] = None):
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, head: Optional[torch.nn.Module] = None,
+                 field_of_view_diameter: Optional[int] = None):
         super().__init__()
+        check_field_of_view_diameter(field_of_view_diameter)
         self.register_modules(unet=unet, scheduler=scheduler, head=head)
+        self.register_to_config(field_of_view_diameter=field_of_view_diameter)
+        self.image_processor = RetinaImageProcessor(size_multiple=self.size_multiple)
 
     def set_head(self, head: Optional[torch.nn.Module]) -> None:
         """Attach (or remove) a trained head so that ``save_pretrained`` stores it. (Plain attribute assignment of a
@@ -133,10 +145,16 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
                              f"{tuple(field_of_view.shape)}.")
         return mask
 
-    def check_inputs(self, output: str, tile_size: Optional[int], tile_overlap: float) -> None:
-        """The task and tiling arguments of :meth:`__call__` (the extraction's are checked by ``extract``)."""
+    def check_inputs(self, output: str, tile_size: Optional[int], tile_overlap: float,
+                     processing_resolution: Union[int, str, None] = None) -> None:
+        """The task, tiling and resolution arguments of :meth:`__call__` (the extraction's are checked by
+        ``extract``)."""
         if output not in ("features", "segmentation"):
             raise ValueError(f"`output` must be 'features' or 'segmentation', got {output!r}.")
+        check_processing_resolution(processing_resolution)
+        if output == "features" and processing_resolution not in (None, "native"):
+            raise ValueError("`processing_resolution` applies to output='segmentation' (features come at the "
+                             "image's own size); resize the image before extracting features instead.")
         if output == "segmentation" and self.head is None:
             raise ValueError("`output='segmentation'` needs a head: train one with training/train_feature_head.py.")
         if tile_size is not None:
@@ -186,6 +204,51 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
         return DiffusionFeaturePipelineOutput(masks=probabilities.argmax(dim=1), probabilities=probabilities,
                                               uncertainty=uncertainty, field_of_view=fov)
 
+    def segment_photographs(self, images: torch.Tensor, field_of_view, processing_resolution: Union[int, str, None],
+                            tile_size: Optional[int] = None, tile_overlap: float = 0.25,
+                            **extract_kwargs: Any) -> DiffusionFeaturePipelineOutput:
+        """``output="segmentation"`` on prepared (unpadded) ``images``: each group of images that share a processing
+        size (``processing_resolution``) is resized there, filled outside its field of view, padded and segmented
+        (:meth:`segment`); probabilities and uncertainty come back at the input's size (bilinear) and are restricted
+        to the field of view found at that size."""
+        size = tuple(images.shape[-2:])
+        fov = self._field_of_view(field_of_view, images)
+        plans = self.image_processor.plan_processing(images, processing_resolution,
+                                                     self.config.get("field_of_view_diameter"))
+        groups = processing_groups(plans)
+        generator = extract_kwargs.get("generator")
+        draws = extract_kwargs.get("num_noise_draws", 1) if extract_kwargs.get("policy") == "noise" else 1
+        if len(groups) > 1 and generator is not None:  # each image keeps the generators a single call gives it
+            generator = per_sample_generators(generator, images.shape[0] * draws, self._execution_device,
+                                              "image x noise draw")
+        parts: Dict[int, torch.Tensor] = {}
+        for group_size, indices in groups:
+            group = self.image_processor.resize(images[indices], group_size)
+            group_fov = None
+            if fov is not None:
+                group_fov = fov[indices] if group_size == size else self.image_processor.resize(
+                    fov[indices, None].float(), group_size, mode="bilinear")[:, 0] > 0.5
+                # the black surround would shift the group-norm statistics of every window holding it
+                group = fill_outside_field_of_view(group, group_fov)
+            padded, group_hw = pad_to_multiple(group, self.size_multiple)
+            if len(groups) > 1 and isinstance(generator, list):
+                extract_kwargs["generator"] = [generator[i * draws + d] for i in indices for d in range(draws)]
+            out = self.segment(padded, group_hw, group_fov, tile_size, tile_overlap, **extract_kwargs)
+            group_maps = torch.cat([out.probabilities, out.uncertainty[:, None]], dim=1)
+            group_maps = self.image_processor.resize(group_maps, size, mode="bilinear")
+            for row, index in enumerate(indices):
+                parts[index] = group_maps[row]
+        maps = torch.stack([parts[index] for index in range(images.shape[0])])
+        probabilities, uncertainty = maps[:, :-1], maps[:, -1]
+        if fov is not None and any(plan.size != size for plan in plans):  # the outside, exactly, at the input's size
+            outside = ~fov[:, None]
+            background = torch.zeros_like(probabilities)
+            background[:, 0] = 1
+            probabilities = torch.where(outside, background, probabilities)
+            uncertainty = uncertainty.masked_fill(outside[:, 0], 0)
+        return DiffusionFeaturePipelineOutput(masks=probabilities.argmax(dim=1), probabilities=probabilities,
+                                              uncertainty=uncertainty, field_of_view=fov, processing=plans)
+
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -205,6 +268,7 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
         tile_size: Optional[int] = None,
         tile_overlap: float = 0.25,
         field_of_view: Union[str, bool, np.ndarray, torch.Tensor, None] = "auto",
+        processing_resolution: Union[int, str, None] = None,
         return_dict: bool = True,
     ) -> Union[DiffusionFeaturePipelineOutput, tuple]:
         r"""Extract features, or segment with the head.
@@ -240,6 +304,11 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
                 0), and before the UNet sees the image the outside is filled with the mean colour of the field of
                 view: the UNet's group normalisation pools over each window, and a window holding part of the black
                 surround shifted the features of the whole window (whole tiles of false vessels around the retina).
+            processing_resolution: with ``output="segmentation"``, the size each image is segmented at; the outputs
+                come back at the input's size. ``None`` / ``"native"``: as given; an int: the longer side in pixels;
+                ``"auto"``: the field of view resized to span the checkpoint's ``field_of_view_diameter`` (the scale
+                the head learnt at; within 5 % the image is kept; without a dark surround the image is only shrunk),
+                the rule of ``SegmentationEnsemblePipeline``.
             return_dict: return a [`DiffusionFeaturePipelineOutput`] instead of a tuple.
 
         Examples:
@@ -248,21 +317,18 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
         blocks = list(blocks or head_config.get("blocks") or self.default_blocks())
         timesteps = list(timesteps or head_config.get("timesteps") or [50, 150, 250])
         policy = policy or head_config.get("policy") or "noise"
-        self.check_inputs(output, tile_size, tile_overlap)  # extraction arguments: check_extract_inputs
+        self.check_inputs(output, tile_size, tile_overlap, processing_resolution)  # extraction: check_extract_inputs
         images = prepare_images(image, self.unet.config.in_channels)
-        fov = self._field_of_view(field_of_view, images) if output == "segmentation" else None
-        if fov is not None:  # the black surround would shift the group-norm statistics of every window holding it
-            images = fill_outside_field_of_view(images, fov)
-        images, (height, width) = pad_to_multiple(images, self.size_multiple)
         extract_kwargs = dict(blocks=blocks, timesteps=timesteps, policy=policy, generator=generator,
                               num_noise_draws=num_noise_draws, shared_noise=shared_noise, feature_dtype=feature_dtype,
                               batch_size=batch_size, cache_dir=cache_dir, seed=seed)
         if output == "features":
+            images, _ = pad_to_multiple(images, self.size_multiple)
             result = self.extract_features(images, **extract_kwargs)
         else:
-            result = self.segment(images, (height, width), fov, tile_size, tile_overlap, **extract_kwargs)
+            result = self.segment_photographs(images, field_of_view, processing_resolution, tile_size, tile_overlap,
+                                              **extract_kwargs)
         self.maybe_free_model_hooks()
         if not return_dict:
-            return tuple(v for v in (result.features, result.masks, result.probabilities, result.uncertainty)
-                         if v is not None)
+            return result.to_tuple()  # the fields that are set, in order
         return result

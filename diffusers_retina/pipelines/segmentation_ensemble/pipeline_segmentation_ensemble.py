@@ -44,16 +44,19 @@ from ...models import (
 )
 from ...image_processing import (
     ImageInput,
+    ProcessingPlan,
     RetinaImageProcessor,
     diffusion_to_probabilities,
+    check_processing_resolution,
     pad_to_multiple,
     prepare_images,
 )
-from ..checks import check_finite_output, check_num_inference_steps
+from ..checks import check_field_of_view_diameter, check_finite_output, check_num_inference_steps
 from ..pipeline_utils import RetinaPipelineMixin
 from ..sampling import (
     check_common_inputs,
     per_sample_generators,
+    processing_groups,
     sample_chunks,
     samples_per_call,
     segmenter_probabilities,
@@ -128,6 +131,8 @@ class SegmentationEnsemblePipelineOutput(BaseOutput):
         mutual_information: entropy of the mean minus the mean member entropy (epistemic part), ``(B, H, W)``.
         members: with ``return_members=True``, member probabilities ``(B, E, C, H, W)`` (``np``: channels last;
             ``pil``: one list of "L" foreground-probability images per input image); otherwise ``None``.
+        processing: one :class:`~diffusers_retina.image_processing.ProcessingPlan` per image: the size it was
+            segmented at and why (``processing_resolution``); every map above is at the input's size.
     """
 
     masks: Union[List, np.ndarray, torch.Tensor]
@@ -136,6 +141,7 @@ class SegmentationEnsemblePipelineOutput(BaseOutput):
     entropy: Union[List, np.ndarray, torch.Tensor]
     mutual_information: Union[List, np.ndarray, torch.Tensor]
     members: Optional[Union[List, np.ndarray, torch.Tensor]] = None
+    processing: Optional[List[ProcessingPlan]] = None
 
 
 class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
@@ -157,6 +163,8 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         default_denoising_steps: ``num_inference_steps`` when the call does not give it (Marigold's convention:
             the checkpoint knows the step count it was evaluated with); None: 50.
         default_threshold: ``threshold`` when the call does not give it (chosen on training data); None: 0.5.
+        field_of_view_diameter: the field-of-view diameter, in pixels, of the photographs the models learnt from
+            (``processing_resolution="auto"`` brings every photograph to it); None: unknown.
 
     Masks have one channel (binary, ``2m - 1``) or ``K`` one-hot channels in ``[-1, 1]`` (``K`` classes).
     """
@@ -168,7 +176,8 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
     def __init__(self, unet: Union[UNet2DModel, MedSegDiffUNet2DModel, PriorFeatureRefinerModel],
                  scheduler: SchedulerMixin, prior: Optional[UNet2DModel] = None, anchor: Optional[str] = None,
                  anchor_strength: float = 1.0,
-                 default_denoising_steps: Optional[int] = None, default_threshold: Optional[float] = None):
+                 default_denoising_steps: Optional[int] = None, default_threshold: Optional[float] = None,
+                 field_of_view_diameter: Optional[int] = None):
         super().__init__()
         if isinstance(unet, PriorFeatureRefinerModel):
             check_feature_refiner(unet, prior, anchor)
@@ -184,9 +193,11 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
             raise ValueError(f"`default_denoising_steps` must be a positive integer, got {default_denoising_steps!r}.")
         if default_threshold is not None and not 0.0 < default_threshold < 1.0:
             raise ValueError(f"`default_threshold` must lie in (0, 1), got {default_threshold!r}.")
+        check_field_of_view_diameter(field_of_view_diameter)
         self.register_modules(unet=unet, scheduler=scheduler, prior=prior)
         self.register_to_config(anchor=anchor, anchor_strength=float(anchor_strength),
-                                default_denoising_steps=default_denoising_steps, default_threshold=default_threshold)
+                                default_denoising_steps=default_denoising_steps, default_threshold=default_threshold,
+                                field_of_view_diameter=field_of_view_diameter)
         self.image_processor = RetinaImageProcessor(size_multiple=self.size_multiple)
         if prior is not None:
             if prior.config.out_channels != 1 or self.mask_channels != 1:
@@ -237,7 +248,7 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
 
     # ------------------------------------------------------------------ helpers
     def check_inputs(self, ensemble_size, fusion, threshold, batch_size, tile_size, tile_overlap, output_type,
-                     callback_on_step_end_tensor_inputs):
+                     callback_on_step_end_tensor_inputs, processing_resolution=None):
         if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
             raise ValueError(f"`ensemble_size` must be a positive integer, got {ensemble_size!r}.")
         if fusion not in FUSION_METHODS:
@@ -246,6 +257,7 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
             raise ValueError(f"`threshold` must lie in (0, 1), got {threshold!r}.")
         check_common_inputs(self.size_multiple, batch_size, tile_size, tile_overlap, output_type,
                             callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        check_processing_resolution(processing_resolution)
 
     def anchored_timesteps(self, num_inference_steps: int, device) -> torch.Tensor:
         """The timesteps a call runs: the full schedule, or (``anchor="strength"``) the last ``num_inference_steps``
@@ -295,6 +307,35 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         return tiled_predict(forward, model_input, tile_size, tile_overlap)
 
     # ------------------------------------------------------------------ call
+    def _padded(self, size) -> tuple:
+        """``(height, width)`` padded up to the UNet's down-sampling multiple."""
+        return tuple(-(-side // self.size_multiple) * self.size_multiple for side in size)
+
+    def _sample_members(self, images: torch.Tensor, generators: List[torch.Generator], ensemble_size: int,
+                        chunks: List[range], num_inference_steps: int, anchor: Optional[str],
+                        tile_size: Optional[int], tile_overlap: float, progress_bar, callback_on_step_end,
+                        callback_on_step_end_tensor_inputs: List[str]) -> torch.Tensor:
+        """``ensemble_size`` members of each of ``images`` (one size; one generator per sample, image-major), the
+        prior's pass once per image: the masks in diffusion space, ``(N * E, C, H, W)``, float32."""
+        dtype = images.dtype
+        images, (height, width) = pad_to_multiple(images, self.size_multiple)
+        condition = images
+        if anchor is not None:
+            # the prior's prediction, once per image, in diffusion space: the anchor and one more denoiser input (a
+            # feature-reusing refiner takes its context maps from the same pass instead of the image)
+            prior_condition = self.prior_condition(images, tile_size, tile_overlap).to(dtype)
+            condition = prior_condition if self.uses_prior_features else torch.cat([images, prior_condition], dim=1)
+        sample_shape = (self.mask_channels,) + tuple(images.shape[-2:])
+        samples = []
+        for chunk in chunks:
+            latents = self._denoise_chunk(
+                rows_of(condition, [i // ensemble_size for i in chunk]), [generators[i] for i in chunk],
+                (len(chunk),) + sample_shape, num_inference_steps, anchor, tile_size, tile_overlap, progress_bar,
+                callback_on_step_end, callback_on_step_end_tensor_inputs,
+            )
+            samples.append(latents[..., :height, :width].float())
+        return torch.cat(samples)
+
     def _denoise_chunk(self, chunk_condition: torch.Tensor, chunk_generators: List[torch.Generator], shape: tuple,
                        num_inference_steps: int, anchor: Optional[str], tile_size: Optional[int], tile_overlap: float,
                        progress_bar, callback_on_step_end, callback_on_step_end_tensor_inputs: List[str]
@@ -351,6 +392,7 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         batch_size: Union[int, str, None] = None,
         tile_size: Optional[int] = None,
         tile_overlap: float = 0.25,
+        processing_resolution: Union[int, str, None] = None,
         output_type: str = "pil",
         return_members: bool = False,
         return_dict: bool = True,
@@ -387,6 +429,14 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
                 blended with a Gaussian (MONAI ``sliding_window_inference``); the noisy mask stays one image, so any
                 scheduler works unchanged. Must be a multiple of the UNet's down-sampling factor.
             tile_overlap: overlap of neighbouring windows as a fraction of ``tile_size``.
+            processing_resolution: the size each image is segmented at (Marigold's name); every output comes back
+                at the input's size (member probabilities resized bilinearly, then fused). ``None`` or ``"native"``:
+                as given. An int: the longer side in pixels. ``"auto"``: the photograph's field of view is found
+                and resized to span the checkpoint's ``field_of_view_diameter`` (the scale its models learnt
+                vessels at), e.g. 920 px for CHASE_DB1; within 5 % of it the image is kept as it is; a photograph
+                without a dark surround (a crop inside the retina) is only shrunk, to a longer side of at most that
+                diameter; a checkpoint that records no diameter segments natively. ``output.processing`` says what
+                each image got.
             output_type: ``"pil"``, ``"np"`` or ``"pt"``.
             return_members: also return each member's probabilities.
             return_dict: return a [`SegmentationEnsemblePipelineOutput`] instead of a tuple.
@@ -407,53 +457,49 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
             threshold = self.config.get("default_threshold") or 0.5
         check_num_inference_steps(num_inference_steps)
         self.check_inputs(ensemble_size, fusion, threshold, batch_size, tile_size, tile_overlap, output_type,
-                          callback_on_step_end_tensor_inputs)
+                          callback_on_step_end_tensor_inputs, processing_resolution)
         device = self._execution_device
         dtype = self.unet.dtype
 
-        # 2. Prepare the image prior (padded) and one generator per sample
+        # 2. Prepare the images, one generator per sample, and the size each image is segmented at
         images = prepare_images(image, self.image_channels).to(device=device, dtype=dtype)
-        images, (height, width) = pad_to_multiple(images, self.size_multiple)
-        num_images = images.shape[0]
-        num_samples = num_images * ensemble_size
-        generators = per_sample_generators(generator, num_samples, device, "member and image (images x ensemble_size)")
-        sample_shape = (self.mask_channels,) + tuple(images.shape[-2:])
+        num_images, size = images.shape[0], tuple(images.shape[-2:])
+        generators = per_sample_generators(generator, num_images * ensemble_size, device,
+                                           "member and image (images x ensemble_size)")
+        plans = self.image_processor.plan_processing(images, processing_resolution,
+                                                     self.config.get("field_of_view_diameter"))
+        groups = processing_groups(plans)
         anchor = self.config.get("anchor") if self.prior is not None else None
-        condition = images
-        if anchor is not None:
-            # the prior's prediction, once per image, in diffusion space: the anchor and one more denoiser input (a
-            # feature-reusing refiner takes its context maps from the same pass instead of the image)
-            prior_condition = self.prior_condition(images, tile_size, tile_overlap).to(dtype)
-            condition = prior_condition if self.uses_prior_features else torch.cat([images, prior_condition], dim=1)
 
-        # 3. Denoise the samples (image-major order), chunk by chunk
-        chunk = samples_per_call(batch_size, num_samples, window_pixels(*images.shape[-2:], tile_size), device, dtype)
-        chunks = sample_chunks(num_samples, chunk)
+        # 3. Denoise the samples (image-major order) of each group of images, chunk by chunk, at the group's size;
+        # member probabilities come back at the input's size
         self._num_timesteps = len(self.anchored_timesteps(num_inference_steps, device))
         self._interrupt = False
-        samples = []
-        with self.progress_bar(total=len(chunks) * self._num_timesteps) as progress_bar:
-            for chunk in chunks:
-                latents = self._denoise_chunk(
-                    rows_of(condition, [i // ensemble_size for i in chunk]), [generators[i] for i in chunk],
-                    (len(chunk),) + sample_shape, num_inference_steps, anchor, tile_size, tile_overlap, progress_bar,
-                    callback_on_step_end, callback_on_step_end_tensor_inputs,
-                )
-                samples.append(latents[..., :height, :width].float())
+        chunks = {group_size: sample_chunks(len(indices) * ensemble_size, samples_per_call(
+            batch_size, len(indices) * ensemble_size, window_pixels(*self._padded(group_size), tile_size), device,
+            dtype)) for group_size, indices in groups}
+        member_probs = torch.empty(num_images, ensemble_size, self.mask_channels, *size, device=device)
+        with self.progress_bar(total=sum(map(len, chunks.values())) * self._num_timesteps) as progress_bar:
+            for group_size, indices in groups:
+                group_generators = [generators[i * ensemble_size + k] for i in indices for k in range(ensemble_size)]
+                samples = self._sample_members(
+                    self.image_processor.resize(images[indices], group_size), group_generators, ensemble_size,
+                    chunks[group_size], num_inference_steps, anchor, tile_size, tile_overlap, progress_bar,
+                    callback_on_step_end, callback_on_step_end_tensor_inputs)
+                # NaN from damaged weights or a half-precision overflow is an error, not an empty mask
+                check_finite_output(samples, "The masks sampled by SegmentationEnsemblePipeline", hint=f"unet "
+                                    f"dtype {dtype}" + (f", prior dtype {self.prior.dtype}" if anchor else ""))
+                probs = self.image_processor.resize(diffusion_to_probabilities(samples), size, mode="bilinear")
+                member_probs[indices] = probs.reshape(len(indices), ensemble_size, *probs.shape[1:])
 
-        # 4. Post-process: member probabilities -> fusion -> uncertainty (NaN from damaged weights or a half-precision
-        # overflow is an error, not an empty mask)
-        samples = torch.cat(samples)
-        check_finite_output(samples, "The masks sampled by SegmentationEnsemblePipeline",
-                            hint=f"unet dtype {dtype}" + (f", prior dtype {self.prior.dtype}" if anchor else ""))
-        member_probs = diffusion_to_probabilities(samples)
-        member_probs = member_probs.reshape(num_images, ensemble_size, *member_probs.shape[1:])
+        # 4. Post-process: fusion -> uncertainty
         masks, probabilities = fuse_members(member_probs, method=fusion, threshold=threshold)
         uncertainty = uncertainty_maps(member_probs)
         self.maybe_free_model_hooks()
 
         output = self._format_output(masks, probabilities, uncertainty, member_probs if return_members else None,
                                      output_type)
+        output["processing"] = plans
         if not return_dict:
             return tuple(output.values())
         return SegmentationEnsemblePipelineOutput(**output)
