@@ -18,8 +18,9 @@ Tabs (and their API names, for ``gradio_client``):
 Masks come back as lossless PNGs (0/255) through the UI and the API (gradio's default image format, WebP, is lossy).
 Each checkpoint can be replaced by a folder or Hub repo with ``DIFFUSERS_RETINA_PIPELINE``,
 ``DIFFUSERS_RETINA_MASK2IMAGE``, ``DIFFUSERS_RETINA_FEATURES`` and ``DIFFUSERS_RETINA_ADAPTDIFF``. Runs on CPU: inputs are downscaled (longer side at
-most ``MAX_SIDE`` / ``SMALL_SIDE`` pixels; the features tab instead brings the field of view to the head's training
-scale, ``FEATURE_FOV_DIAMETER`` pixels across) and the default step counts are small. No network at run time unless
+most ``MAX_SIDE`` / ``SMALL_SIDE`` pixels), the segmentation tabs then segment each photograph at the scale its checkpoint
+learnt (``processing_resolution="auto"``: the field of view resized to the training diameter the checkpoint records,
+920 px for the references) and the default step counts are small. No network at run time unless
 ``HF_HUB_OFFLINE=0`` is set.
 """
 
@@ -65,13 +66,10 @@ EXAMPLE_FUNDUS = EXAMPLES / "retina_256.png"  # skimage.data.retina() (public do
 # a mask of it from the plain diffusion reference (checkpoints/segmentation-ensemble-chase, seed 0, 5 members)
 EXAMPLE_VESSELS = EXAMPLES / "retina_256_vessels.png"
 EXAMPLE_ANGIOGRAM = EXAMPLES / "retina_256_fa.png"  # fluorescein_like(retina_256.png, seed=0)
-# skimage.data.retina() resized so its field of view spans FEATURE_FOV_DIAMETER px (the features tab's example)
+# skimage.data.retina() resized so its field of view spans the feature checkpoint's training diameter (920 px)
 EXAMPLE_FUNDUS_FULL = EXAMPLES / "retina_920.jpg"
-MAX_SIDE = 512  # segmentation inputs (tiled in 256-pixel windows)
+MAX_SIDE = 1024  # segmentation uploads (then segmented at the checkpoint's scale, tiled in 256-pixel windows)
 SMALL_SIDE = 256  # mask -> image and adaptation inputs
-# The feature head learnt from whole CHASE_DB1 photographs, whose field of view is about 920 px across (median of the
-# 20 training photographs, `field_of_view_diameter`): the features tab brings every photograph to that scale.
-FEATURE_FOV_DIAMETER = 920
 FUSIONS = ["mean", "majority", "staple"]
 
 
@@ -93,11 +91,12 @@ def downscale(image: PIL.Image.Image, max_side: int = MAX_SIDE,
     return RetinaImageProcessor.downscale(image, max_side, resample)
 
 
-def match_field_of_view(image: PIL.Image.Image, diameter: int = FEATURE_FOV_DIAMETER
-                        ) -> Tuple[PIL.Image.Image, float]:
-    """``image`` brought to the feature head's training scale: its field of view resized to span ``diameter`` pixels
-    (``RetinaImageProcessor.rescale_to_field_of_view``), and the scale applied."""
-    return RetinaImageProcessor.rescale_to_field_of_view(image, diameter)
+def processed_at(plan) -> str:
+    """`` (segmented at HxW, xS, the checkpoint's scale)`` for a resized photograph (a ``ProcessingPlan``), else
+    nothing."""
+    if plan.basis == "native":
+        return ""
+    return f" (segmented at {plan.size[1]}x{plan.size[0]} px, x{plan.scale:.2f}, the checkpoint's scale)"
 
 
 def binary_png(mask) -> PIL.Image.Image:
@@ -119,11 +118,13 @@ def segment(image: PIL.Image.Image, ensemble_size: int = 5, steps: int = 2, fusi
     pipe = load_pipeline(location)
     image = downscale(image.convert("RGB"))
     out = pipe(image, num_inference_steps=int(steps), ensemble_size=int(ensemble_size), fusion=fusion,
-               tile_size=256, generator=torch.Generator().manual_seed(int(seed)), return_members=True)
+               tile_size=256, generator=torch.Generator().manual_seed(int(seed)), return_members=True,
+               processing_resolution="auto")
     vessel_fraction = np.asarray(out.masks[0]).astype(bool).mean()
     entropy = np.asarray(out.entropy[0], dtype=np.float32) / 255.0 * np.log(2.0)
-    summary = (f"{image.width}x{image.height} px, {int(ensemble_size)} members, {int(steps)} steps, fusion={fusion}: "
-               f"vessel fraction {vessel_fraction:.3f}, mean predictive entropy {entropy.mean():.4f} nats")
+    summary = (f"{image.width}x{image.height} px{processed_at(out.processing[0])}, {int(ensemble_size)} members, "
+               f"{int(steps)} steps, fusion={fusion}: vessel fraction {vessel_fraction:.3f}, mean predictive entropy "
+               f"{entropy.mean():.4f} nats")
     return binary_png(out.masks[0]), out.entropy[0], out.members[0], summary, measures_text(image, out, location)
 
 
@@ -164,19 +165,18 @@ def segment_features(image: PIL.Image.Image, seed: int = 0,
                      pipeline: Optional[str] = None) -> Tuple[PIL.Image.Image, PIL.Image.Image, str]:
     """Vessels from a frozen DDPM's features and a pixel-MLP head; returns (mask 0/255, uncertainty map, summary).
 
-    The photograph is first brought to the scale the head learnt at (:func:`match_field_of_view`) and segmented whole,
-    as the head was trained; the mask and map come back at that scale."""
+    The photograph is segmented whole at the scale the head learnt (``processing_resolution="auto"``: its field of
+    view resized to the checkpoint's training diameter), as the head was trained; the mask and map come back at the
+    photograph's size."""
     if image is None:
         raise ValueError("Upload a fundus photograph first.")
     pipe = load(DiffusionFeaturePipeline, pipeline or os.environ.get("DIFFUSERS_RETINA_FEATURES", DEFAULT_FEATURES))
-    original = image.size
-    image, scale = match_field_of_view(image.convert("RGB"))
-    out = pipe(image, output="segmentation", seed=int(seed))
+    image = image.convert("RGB")
+    out = pipe(image, output="segmentation", seed=int(seed), processing_resolution="auto")
     mask = out.masks[0]
     # the head's uncertainty is an entropy in nats: at most log 2 for two classes, shown as 0..255
     uncertainty = (out.uncertainty[0].float() / np.log(2.0)).clamp(0, 1).mul(255).round().byte().numpy()
-    summary = (f"{original[0]}x{original[1]} px photograph segmented at {image.width}x{image.height} px (x{scale:.2f}, "
-               f"the head's scale): vessel fraction {(mask > 0).float().mean():.3f}, mean uncertainty "
+    summary = (f"{image.width}x{image.height} px photograph{processed_at(out.processing[0])}: vessel fraction {(mask > 0).float().mean():.3f}, mean uncertainty "
                f"{out.uncertainty[0].float().mean():.4f} nats")
     return binary_png(mask), PIL.Image.fromarray(uncertainty, mode="L"), summary
 
@@ -261,8 +261,8 @@ def build_demo():
         with gr.Tab("Features → segmentation"):
             gr.Markdown("A frozen fundus DDPM as a feature extractor (ddpm-segmentation / DiffDGSSv2 anchoring) and "
                         "a small pixel-MLP ensemble head trained on 20 labelled whole photographs. The photograph is "
-                        f"resized so that its field of view spans {FEATURE_FOV_DIAMETER} px, the scale the head learnt "
-                        "at, and segmented whole: about a minute on a CPU.")
+                        "segmented whole at the scale the head learnt (its field of view resized to the training "
+                        "diameter the checkpoint records, 920 px): about a minute on a CPU.")
             with gr.Row():
                 feature_image = gr.Image(type="pil", label="Fundus photograph", format="png",
                                          value=_example(EXAMPLE_FUNDUS_FULL) or fundus)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ import torch
 from .data import BratsSliceDataset, DataError, FolderPairDataset, HFSegmentationDataset
 from .data.hf import load_hf_dataset, pick_split, select_rows
 from .data.reading import open_pil
+from .image_processing import field_of_view_diameter
 
 
 @dataclass
@@ -183,6 +185,26 @@ def build_datasets(data: Union[DataArguments, argparse.Namespace]
                                        stems=select_stems(data.train_data_dir, data.validation_stems, data.image_dir,
                                                           data.image_suffix), **common)
     return train, validation
+
+
+def training_field_of_view_diameter(images: Iterable[np.ndarray], limit: int = 64) -> Optional[int]:
+    """The median field-of-view diameter, in pixels, of (the first ``limit`` of) the training photographs ``images``
+    (``(H, W, 3)`` arrays as the patch datasets hold them): what ``processing_resolution="auto"`` brings every
+    photograph to. ``None`` when no photograph has a field of view (crops inside the retina, or not RGB).
+
+    Example:
+        >>> disc = np.zeros((40, 40, 3), np.uint8); yy, xx = np.mgrid[:40, :40]
+        >>> disc[(yy - 20) ** 2 + (xx - 20) ** 2 < 15 ** 2] = 150
+        >>> training_field_of_view_diameter([disc, disc[:, :30]])
+        29
+    """
+    diameters = []
+    for image in itertools.islice(images, limit):
+        array = np.asarray(image)
+        if array.ndim == 3 and array.shape[-1] == 3:
+            diameters.append(field_of_view_diameter(array))
+    diameters = [value for value in diameters if value is not None]
+    return int(np.median(diameters)) if diameters else None
 
 
 def parse_scale_range(value: Optional[str]) -> Optional[Tuple[float, float]]:

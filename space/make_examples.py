@@ -3,8 +3,9 @@
 * ``space/examples/retina_256.png``: ``skimage.data.retina()`` (public domain), downscaled to 256x256 (bicubic);
 * ``space/examples/retina_256_vessels.png``: the "Segment with uncertainty" tab's fused mask of it (embedded
   reference checkpoint, 5 members, 2 DDIM steps, mean fusion, seed 0), 0/255, the mask -> image tab's example;
-* ``space/examples/retina_920.jpg``: ``skimage.data.retina()`` resized (bicubic) so that its field of view spans
-  ``app.FEATURE_FOV_DIAMETER`` pixels, the scale of the features tab (JPEG, quality 90, to keep it small).
+* ``space/examples/retina_920.jpg``: ``skimage.data.retina()`` resized (bicubic) so that its field of view spans the
+  feature checkpoint's training diameter (``field_of_view_diameter``, 920 px), the scale the features tab segments at
+  (JPEG, quality 90, to keep it small).
 """
 
 import sys
@@ -25,7 +26,8 @@ def main() -> None:
     fundus.save(app.EXAMPLE_FUNDUS, optimize=True)
     mask, _, _, summary = app.segment(fundus, ensemble_size=5, steps=2, fusion="mean", seed=0)
     mask.save(app.EXAMPLE_VESSELS, optimize=True)
-    full, _ = app.match_field_of_view(PIL.Image.fromarray(retina()).convert("RGB"))
+    diameter = app.load(app.DiffusionFeaturePipeline, app.DEFAULT_FEATURES).config.field_of_view_diameter
+    full, _ = app.RetinaImageProcessor.rescale_to_field_of_view(PIL.Image.fromarray(retina()).convert("RGB"), diameter)
     full.save(app.EXAMPLE_FUNDUS_FULL, quality=90, optimize=True)
     print(f"{app.EXAMPLE_FUNDUS}, {app.EXAMPLE_VESSELS}: {summary}")
 

@@ -15,6 +15,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from diffusers_retina.image_processing import RetinaImageProcessor
+
 from testing_utils import disc_photograph
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network from gradio either
@@ -98,25 +100,20 @@ def test_large_photographs_are_downscaled(app_module):
 
 
 @pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
-def test_features_tab_brings_the_field_of_view_to_the_heads_scale(app_module):
-    """The feature head learnt at CHASE_DB1's scale: a small photograph is enlarged and a large one shrunk until
-    the field of view spans FEATURE_FOV_DIAMETER pixels; a crop without a surround is only capped in size."""
-    target = app_module.FEATURE_FOV_DIAMETER
-    from diffusers_retina.data.modality import field_of_view_diameter
+def test_features_tab_segments_at_the_heads_scale(app_module, tmp_path):
+    """The features tab uses the pipeline's processing_resolution="auto" (no scale constant of its own): a small
+    photograph is segmented with its field of view enlarged to the checkpoint's training diameter, and the mask
+    comes back at the photograph's size."""
+    from diffusers_retina import DiffusionFeaturePipeline
 
-    for width, height, diameter in ((300, 260, 240), (2400, 2000, 1800)):
-        photo = disc_photograph(width, height, diameter)
-        resized, scale = app_module.match_field_of_view(photo)
-        assert scale == pytest.approx(target / field_of_view_diameter(np.asarray(photo)))
-        assert resized.size == (round(width * scale), round(height * scale))
-        assert abs(field_of_view_diameter(np.asarray(resized)) - target) <= 3
-    crop = PIL.Image.new("RGB", (300, 200), (150, 60, 30))
-    assert app_module.match_field_of_view(crop) == (crop, 1.0)
-    big_crop, scale = app_module.match_field_of_view(PIL.Image.new("RGB", (3000, 1500), (150, 60, 30)))
-    assert big_crop.size == (target, target // 2) and scale == pytest.approx(target / 3000)
-    # a tiny field of view in a huge frame is not blown up past twice the target
-    capped, _ = app_module.match_field_of_view(disc_photograph(1000, 1000, 50))
-    assert max(capped.size) == 2 * target
+    pipe = DiffusionFeaturePipeline.from_pretrained(app_module.DEFAULT_FEATURES)
+    assert pipe.config.field_of_view_diameter == 920
+    photo = disc_photograph(300, 260, 240, seed=0)
+    mask, uncertainty, summary = app_module.segment_features(photo, seed=0)
+    assert mask.size == uncertainty.size == photo.size
+    found = RetinaImageProcessor.field_of_view_diameter(np.asarray(photo))
+    scale = 920 / found
+    assert f"segmented at {round(300 * scale)}x{round(260 * scale)} px, x{scale:.2f}" in summary, summary
 
 
 def test_missing_inputs_are_clear_errors(app_module, saved_pipeline):
@@ -136,7 +133,7 @@ def test_examples_and_embedded_checkpoints_are_there(app_module):
         assert (Path(path) / "model_index.json").is_file(), path
     assert PIL.Image.open(app_module.EXAMPLE_FUNDUS).size == (256, 256)
     assert PIL.Image.open(app_module.EXAMPLE_ANGIOGRAM).size == (256, 256)
-    assert PIL.Image.open(app_module.EXAMPLE_FUNDUS_FULL).size == (app_module.FEATURE_FOV_DIAMETER,) * 2
+    assert PIL.Image.open(app_module.EXAMPLE_FUNDUS_FULL).size == (920, 920)  # the feature checkpoint's diameter
     vessels = PIL.Image.open(app_module.EXAMPLE_VESSELS)
     assert vessels.size == (256, 256) and is_binary_png(vessels)
     assert 0.02 < (np.asarray(vessels) > 0).mean() < 0.3  # a vessel tree, not an empty or full mask
@@ -149,7 +146,7 @@ def test_mask_to_image_feature_and_adaptation_tabs(app_module):
     assert is_binary_png(used) and "2 steps" in summary
     mask, uncertainty, summary = app_module.segment_features(crop(app_module.EXAMPLE_FUNDUS, 64, "RGB"), seed=0)
     assert mask.size == uncertainty.size == (64, 64) and is_binary_png(mask)  # a crop: no field of view to scale
-    assert "vessel fraction" in summary and "x1.00" in summary
+    assert "vessel fraction" in summary and "segmented at" not in summary  # kept at its own size
     mask, probability, painted, summary = app_module.adapt(crop(app_module.EXAMPLE_ANGIOGRAM, 64, "RGB"), steps=2)
     assert mask.size == probability.size == painted.size == (64, 64) and is_binary_png(mask)
     assert painted.mode == "RGB" and "2 steps" in summary

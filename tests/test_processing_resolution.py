@@ -156,3 +156,13 @@ def test_the_feature_pipeline_uses_the_same_rule(tmp_path):
         pipe(image, output="features", processing_resolution="auto")
     pipe.save_pretrained(tmp_path / "features")
     assert DiffusionFeaturePipeline.from_pretrained(tmp_path / "features").config.field_of_view_diameter == 48
+
+
+def test_the_diameter_of_a_field_of_view_cut_by_the_frame_comes_from_a_circle_fit():
+    """Many cameras crop the top and bottom of the circle, and crops cut it on every side: the bounding box then
+    under-states the diameter, the fitted circle does not."""
+    full = photo(240, 240, 200)
+    assert abs(field_of_view_diameter(full) - 200) <= 2
+    assert abs(field_of_view_diameter(full[40:200]) - 200) <= 3  # top and bottom cut
+    assert abs(field_of_view_diameter(full[30:210, 30:210]) - 200) <= 3  # four corners left
+    assert field_of_view_diameter(full[80:160, 80:160]) is None  # inside the retina

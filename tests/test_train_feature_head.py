@@ -50,6 +50,8 @@ def test_heads_train_save_and_segment(ddpm_and_data, tmp_path, head, head_cls):
     assert type(pipe.head) is head_cls and pipe.head.config.blocks == ["up.0", "up.1"]
     info = json.loads((out / "training_info.json").read_text())
     assert info["num_labelled"] == 2 and "--head " + head in info["command"]
+    # salt-and-pepper images have no dark surround: no training scale to record, so "auto" segments natively
+    assert pipe.config.field_of_view_diameter is None
     with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as weights:  # --save_dtype
         assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float16}
     card = (out / "README.md").read_text()  # the model card names the head, the labelled images and the policy

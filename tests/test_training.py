@@ -64,13 +64,22 @@ def test_resumed_run_matches_uninterrupted_run(folder_dataset, tmp_path):
 @pytest.mark.slow  # heavy (a subprocess, a training run or a large image): in the full suite only
 def test_checkpoints_total_limit_and_saved_pipeline(folder_dataset, tmp_path):
     out = tmp_path / "run"
-    run_training(["--train_data_dir", str(folder_dataset), *TINY, "--max_train_steps", "4", "--checkpointing_steps", "1",
+    # photographs with a field of view (a disc 30 px across on black): the pipeline records its diameter
+    data = tmp_path / "discs"
+    shutil.copytree(folder_dataset, data)
+    yy, xx = np.mgrid[:40, :40]
+    disc = ((yy - 19.5) ** 2 + (xx - 19.5) ** 2 < 15 ** 2)[..., None]
+    for path in (data / "images").iterdir():
+        pixels = np.asarray(Image.open(path).convert("RGB")).astype(np.float64) * 0.5 + 100
+        Image.fromarray((pixels * disc).astype(np.uint8)).save(path)
+    run_training(["--train_data_dir", str(data), *TINY, "--max_train_steps", "4", "--checkpointing_steps", "1",
                   "--checkpoints_total_limit", "2", "--save_dtype", "float16", "--output_dir", str(out)], REPO)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
 
     # the saved pipeline: remote-code layout, fp16 safetensors, training record and model card
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_segmentation_ensemble", "SegmentationEnsemblePipeline"]
+    assert abs(index["field_of_view_diameter"] - 30) <= 1
     assert list((out / "unet").glob("*.bin")) == []
     info = json.loads((out / "training_info.json").read_text())
     assert info["global_step"] == 4 and "train_segmentation_ensemble.py" in info["command"]
@@ -82,7 +91,7 @@ def test_checkpoints_total_limit_and_saved_pipeline(folder_dataset, tmp_path):
     assert {t.dtype for t in weights.values()} == {torch.float16}
     pipe = SegmentationEnsemblePipeline.from_pretrained(out, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    image = Image.open(folder_dataset / "images" / "case0.png")
+    image = Image.open(data / "images" / "case0.png")
     result = pipe(image, num_inference_steps=2, ensemble_size=2, generator=torch.Generator().manual_seed(0),
                   output_type="np")
     assert result.masks.shape == (1, 40, 40)

@@ -43,6 +43,7 @@ from diffusers_retina import DiffusionFeaturePipeline
 from diffusers_retina.data.modality import field_of_view_masks, fill_outside_field_of_view
 from diffusers_retina.hub import write_feature_head_card
 from diffusers_retina.models import FreqAggHead, PixelMLPEnsemble, read_pixels
+from diffusers_retina.training_data import training_field_of_view_diameter
 from diffusers_retina.training_utils import (
     build_datasets,
     check_feature_head_arguments,
@@ -196,6 +197,9 @@ def main(argv=None):
 
     items = labelled_dataset(args)
     photographs = prepare_photographs(items, args)
+    # the scale the head learns at: processing_resolution="auto" brings every photograph's field of view to it
+    pipe.register_to_config(field_of_view_diameter=training_field_of_view_diameter(
+        ((item["image"] + 1) / 2).permute(1, 2, 0).numpy() for item in items))
     images, masks, fovs, boxes = random_crops(items, photographs, args, pipe.size_multiple)
     logger.info(f"{len(images)} crops of {images.shape[-1]} px from {args.num_labelled} labelled image(s); "
                 f"{fovs.float().mean().item():.1%} of their pixels inside the field of view; features of the "

@@ -57,6 +57,7 @@ from diffusers_retina.metrics import dice as dice_score
 from diffusers_retina.fold_priors import FoldPriors
 from diffusers_retina.models import MedSegDiffUNet2DModel, PriorFeatureRefinerModel, segmenter_features
 from diffusers_retina.pipelines.sampling import segmenter_probabilities
+from diffusers_retina.training_data import training_field_of_view_diameter
 from diffusers_retina.training_utils import (
     add_data_arguments,
     add_optimization_arguments,
@@ -351,6 +352,9 @@ def main(argv=None):
     state = prepare_training(accelerator, args, build_unet(args), logger, "train_segmentation_ensemble")
     unet, ema_unet, optimizer, lr_scheduler = state.model, state.ema_model, state.optimizer, state.lr_scheduler
     global_step = state.global_step
+    # the scale the models learn at: processing_resolution="auto" brings every photograph's field of view to it
+    args.field_of_view_diameter = None if args.data_format == "brats" else training_field_of_view_diameter(
+        sample.image for sample in state.train_dataloader.dataset.samples)
     teacher = fold_priors = None
     if args.distill_from:
         teacher = UNet2DModel.from_pretrained(args.distill_from, dtype=torch.float32)
@@ -446,6 +450,7 @@ def save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_ste
             anchoring = dict(prior=prior, anchor=args.anchor, anchor_strength=args.anchor_strength)
         SegmentationEnsemblePipeline(unet=model, scheduler=inference_scheduler(noise_scheduler),
                                      default_denoising_steps=args.default_denoising_steps,
+                                     field_of_view_diameter=getattr(args, "field_of_view_diameter", None),
                                      **anchoring).save_pretrained(args.output_dir)
     extra = {}
     if args.anchor is not None:  # the card names how the prior was made

@@ -18,6 +18,7 @@ import torch
 import diffusers
 import diffusers_retina
 from diffusers_retina.data import DataError, read_image
+from diffusers_retina.image_processing import PROCESSING_MODES
 from diffusers_retina.pipelines import SegmentationEnsemblePipeline
 from diffusers_retina.pipelines.sampling import AUTO_BATCH
 from diffusers_retina.sharded_inference import (
@@ -112,6 +113,30 @@ def batch_size_argument(text: str) -> Union[int, str]:
         raise argparse.ArgumentTypeError(f"expected a positive integer or {AUTO_BATCH!r}, got {text!r}") from None
 
 
+def processing_resolution_argument(text: str) -> Union[int, str]:
+    """``--processing-resolution``: ``auto``, ``native`` or the longer side in pixels (an integer >= 8)."""
+    if text in PROCESSING_MODES:
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 8:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 'native' or a longer side in pixels (>= 8), got {text!r}")
+    return value
+
+
+def add_processing_resolution_argument(parser: argparse.ArgumentParser) -> None:
+    """``--processing-resolution`` (the pipelines' ``processing_resolution``), shared by every segmenting command."""
+    parser.add_argument("--processing-resolution", type=processing_resolution_argument, default="auto",
+                        metavar="auto|native|PIXELS",
+                        help="the size photographs are segmented at; outputs come back at the input's size. auto: "
+                        "the photograph's field of view is resized to span the checkpoint's training diameter (920 px "
+                        "for the CHASE_DB1 references; within 5%% the photograph is kept; a crop without a dark "
+                        "surround is only shrunk to that size; checkpoints that record no diameter run natively); "
+                        "native: as given; PIXELS: the longer side (default: auto)")
+
+
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments shared by ``segment`` and ``demo``: which pipeline, where it runs and how it samples."""
     parser.add_argument(
@@ -133,6 +158,7 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         "with a Gaussian; a multiple of the UNet's down-sampling factor; 0 = no tiling (default: 256)")
     parser.add_argument("--seed", type=int, default=0,
                         help="random seed; the same seed gives the same output (default: 0)")
+    add_processing_resolution_argument(parser)
     parser.add_argument("--batch-size", type=batch_size_argument, default=AUTO_BATCH, metavar="N|auto",
                         help="ensemble members denoised together; the output does not depend on it (default: auto = "
                         "all at once on GPU; on CPU as many as keep one UNet call within 48k float32 pixels, since a batch of "
@@ -459,7 +485,7 @@ def run_folder_command(
 
 def pipeline_call_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The ``SegmentationEnsemblePipeline`` call arguments of the shared segmentation flags (``segment``, ``measure``,
-    ``demo``): steps, ensemble size, fusion, threshold, batch size and tiles."""
+    ``demo``): steps, ensemble size, fusion, threshold, batch size, tiles and processing resolution."""
     return dict(num_inference_steps=args.steps, ensemble_size=args.ensemble_size, fusion=args.fusion,
                 threshold=args.threshold, batch_size=args.batch_size, tile_size=args.tile_size or None,
-                tile_overlap=args.tile_overlap)
+                tile_overlap=args.tile_overlap, processing_resolution=args.processing_resolution)

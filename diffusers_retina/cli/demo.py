@@ -205,6 +205,7 @@ def segment_case(case: DemoCase, pipe, args: argparse.Namespace,
         "seconds": round(seconds, 3),
         "mean_entropy": float(case.entropy.mean()),
         "foreground_fraction": float((case.mask > 0).mean()),
+        **result.processing[0].as_record(),
     }
     if case.reference is not None and binary:
         reference = case.reference.astype(bool)

@@ -214,6 +214,7 @@ def _settings(args: argparse.Namespace, pipe: SegmentationEnsemblePipeline, sour
         "threshold": args.threshold,
         "tile_size": args.tile_size or None,
         "tile_overlap": args.tile_overlap,
+        "processing_resolution": args.processing_resolution,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "save_members": args.save_members,
@@ -264,6 +265,7 @@ def segment_images(
         figures = {
             "mean_entropy": float(np.asarray(result.entropy[index], dtype=np.float64).mean() / 255.0 * max_entropy),
             "foreground_fraction": float((np.asarray(result.masks[index]) > 0).mean()),
+            **result.processing[index].as_record(),
         }
         per_image.append((outputs, figures))
     return per_image
@@ -396,6 +398,9 @@ def run_segment(args: argparse.Namespace) -> int:
 
     def describe(row: Dict[str, Any]) -> str:
         size = "x".join(str(row[key]) for key in ("height", "width", "slices") if key in row)
+        if row.get("processing_basis") not in (None, "native"):
+            size += (f" (segmented at {row['processing_height']}x{row['processing_width']}, "
+                     f"x{row['processing_scale']:.2f} by {row['processing_basis'].replace('_', ' ')})")
         return (f"{size}, {row['seconds']:.1f} s, mean entropy {row['mean_entropy']:.4f} nats, foreground "
                 f"{row['foreground_fraction']:.2%} -> {output_dir / row['name']}_*")
 

@@ -54,23 +54,49 @@ def field_of_view_mask(image: np.ndarray, threshold: float = 0.1, erosion: int =
     return fov
 
 
+def _circle_diameter(fov: np.ndarray) -> Optional[float]:
+    """The diameter of the circle fitted (least squares, Kasa) to the edge of ``fov`` away from the image border, or
+    ``None`` when too little of the edge is inside the frame (under a tenth of the fitted circumference) or the fit is
+    no circle of this image (over four times its longer side: a straight dark band, say)."""
+    edge = fov & ~ndimage.binary_erosion(fov, border_value=1)
+    edge[0, :] = edge[-1, :] = edge[:, 0] = edge[:, -1] = False  # where the frame cuts the circle
+    rows, cols = np.nonzero(edge)
+    if rows.size < 16:
+        return None
+    x, y = cols.astype(np.float64), rows.astype(np.float64)
+    design = np.stack([x, y, np.ones_like(x)], axis=1)
+    (d, e, f), *_ = np.linalg.lstsq(design, -(x ** 2 + y ** 2), rcond=None)
+    radius_squared = (d ** 2 + e ** 2) / 4 - f
+    if radius_squared <= 0:
+        return None
+    diameter = 2 * float(np.sqrt(radius_squared))
+    if rows.size < 0.1 * np.pi * diameter or diameter > 4 * max(fov.shape):
+        return None
+    return diameter
+
+
 def field_of_view_diameter(image: np.ndarray, threshold: float = 0.1) -> Optional[int]:
-    """The diameter in pixels of a photograph's field of view (the larger side of its bounding box, before the rim
-    erosion), or ``None`` when the image has no dark surround (a crop inside the retina): the scale a model learnt
-    at. CHASE_DB1's photographs (999 x 960) have a field of view about 920 px across.
+    """The diameter in pixels of a photograph's field of view, or ``None`` when the image has no dark surround (a crop
+    inside the retina): the scale a model learnt at. It is the larger side of the field of view's bounding box
+    (before the rim erosion), or, when the frame cuts the circle (many cameras crop its top and bottom; a crop of a
+    photograph), the diameter of the circle fitted to the edge inside the frame, whichever is larger. CHASE_DB1's
+    photographs (999 x 960) have a field of view about 920 px across.
 
     Example:
         >>> import numpy as np
         >>> photo = np.zeros((64, 80, 3)); yy, xx = np.mgrid[:64, :80]
         >>> photo[(yy - 32) ** 2 + (xx - 40) ** 2 < 25 ** 2] = 0.6
-        >>> field_of_view_diameter(photo), field_of_view_diameter(np.full((8, 8), 0.5))
-        (49, None)
+        >>> field_of_view_diameter(photo), field_of_view_diameter(photo[12:52]), field_of_view_diameter(np.full((8, 8), 0.5))
+        (49, 49, None)
     """
     fov = field_of_view_mask(image, threshold=threshold, erosion=0)
     if fov.all():
         return None
     rows, cols = np.nonzero(fov.any(axis=1))[0], np.nonzero(fov.any(axis=0))[0]  # never empty: see the mask
-    return int(max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1)
+    box = int(max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1)
+    touches_frame = fov[0].any() or fov[-1].any() or fov[:, 0].any() or fov[:, -1].any()
+    fitted = _circle_diameter(fov) if touches_frame else None
+    return box if fitted is None else max(box, int(round(fitted)))
 
 
 def field_of_view_masks(images: torch.Tensor, threshold: float = 0.1, erosion: int = 2) -> torch.Tensor:
