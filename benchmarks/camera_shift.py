@@ -1,0 +1,168 @@
+"""The hard camera-shift benchmark: CHASE_DB1's 8 test photographs re-taken as other cameras would take them
+(``diffusers_retina.data.camera_shift.CAMERA_SHIFTS``: two wide-angle cameras at 565 and 768 px, vignetting and uneven
+illumination, another colour response, defocus, JPEG at quality 35, and all together), each model segmenting at
+``--processing-resolution native`` and ``auto`` (its field of view resized to the training diameter).
+
+Rows (repeatable, ``LABEL=...``): ``--segmenter LABEL=DIR`` (a deterministic ``UNet2DModel``; its training diameter from
+its ``training_info.json``) and ``--diffusion LABEL=DIR@STEPS`` (a ``SegmentationEnsemblePipeline``, ``--ensemble-size``
+members). Columns per (row, resolution, shift): Dice, clDice, ECE, NLL (inside the region where the reference is
+known: the source retina and the dark surround, not the mirrored ring of a wider field of view), the predicted and the
+reference vessel fraction of that region, and s / image. A development benchmark: nothing is tuned on it, and the
+settings it compares were fixed on the training photographs.
+
+    python benchmarks/camera_shift.py --threads 1 \\
+        --segmenter "U-Net (prior)=checkpoints/vessel-segmenter-chase" \\
+        --diffusion "Residual-anchored=checkpoints/segmentation-anchored-chase@1"
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable, Dict, List, Optional, Tuple  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+from evaluate_anchored import load_unet  # noqa: E402
+
+from diffusers_retina.data import CHASE_DB1_TEST, chase_db1  # noqa: E402
+from diffusers_retina.data.camera_shift import CAMERA_SHIFTS, apply_camera_shift  # noqa: E402
+from diffusers_retina.image_processing import RetinaImageProcessor  # noqa: E402
+from diffusers_retina.metrics import MetricAccumulator, negative_log_likelihood  # noqa: E402
+from diffusers_retina.pipelines.sampling import segmenter_probabilities  # noqa: E402
+
+NONE = "none"
+
+
+def parse_args(argv=None):
+    parser = _common.base_parser(__doc__.split("\n\n")[0], "camera_shift")
+    parser.set_defaults(pipeline=None)
+    parser.add_argument("--segmenter", action="append", default=[], metavar="LABEL=DIR")
+    parser.add_argument("--diffusion", dest="pipelines", action="append", default=[], metavar="LABEL=DIR@STEPS")
+    parser.add_argument("--ensemble-size", type=int, default=5)
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--tile-size", type=int, default=256)
+    parser.add_argument("--shifts", nargs="+", default=[NONE, *CAMERA_SHIFTS], choices=[NONE, *CAMERA_SHIFTS])
+    parser.add_argument("--processing-resolutions", nargs="+", default=["native", "auto"],
+                        choices=["native", "auto"])
+    parser.add_argument("--images", nargs="+", default=list(CHASE_DB1_TEST))
+    args = parser.parse_args(argv)
+    if not (args.segmenter or args.pipelines):
+        parser.error("Give at least one --segmenter or --diffusion row.")
+    return args
+
+
+def segmenter_diameter(path: str) -> Optional[int]:
+    """The training field-of-view diameter a bare segmenter folder records (``training_info.json``)."""
+    folder = _common.resolve_path(path)
+    for candidate in (folder / "training_info.json", folder / "unet" / "training_info.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())["args"].get("field_of_view_diameter")
+    return None
+
+
+def build_rows(args, device) -> List[Tuple[str, Callable]]:
+    """``(label, predict(image (3, H, W) in [-1, 1], mode) -> (probability (H, W), threshold))`` per row."""
+    rows = []
+    tiles = dict(tile_size=args.tile_size or None, tile_overlap=0.25)
+    for spec in args.segmenter:
+        label, path = spec.split("=", 1)
+        unet, diameter = load_unet(path, device), segmenter_diameter(path)
+
+        def predict(image, mode, unet=unet, diameter=diameter):
+            # the pipelines' rule, applied around a bare U-Net
+            images = image[None].to(device)
+            plan = RetinaImageProcessor.plan_processing(images, mode, diameter)[0]
+            resized = RetinaImageProcessor.resize(images, plan.size)
+            probability = segmenter_probabilities(unet, resized, **tiles)
+            return RetinaImageProcessor.resize(probability, tuple(image.shape[-2:]), mode="bilinear")[0, 0], \
+                args.threshold
+
+        rows.append((label, predict))
+    for spec in args.pipelines:
+        label, rest = spec.split("=", 1)
+        path, _, steps = rest.partition("@")
+        pipe = _common.load_pipeline(path, device)
+        threshold = pipe.config.get("default_threshold") or args.threshold
+        for step_count in [int(s) for s in (steps or "2").split(",")]:
+            def predict(image, mode, pipe=pipe, step_count=step_count, threshold=threshold):
+                out = pipe((image + 1) / 2, num_inference_steps=step_count, ensemble_size=args.ensemble_size,
+                           threshold=threshold, generator=_common.generator(args.seed), batch_size="auto",
+                           output_type="pt", processing_resolution=mode, **tiles)
+                return out.probabilities[0, 0], threshold
+
+            rows.append((f"{label}, {step_count} step{'s' if step_count > 1 else ''}", predict))
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    root = _common.chase_root_or_exit()
+    device = _common.setup(args)
+    torch.set_grad_enabled(False)
+    reference = chase_db1(root=root, split="test", observer="1stHO")
+    rows = build_rows(args, device)
+    for _, predict in rows:  # one untimed warm-up call per row
+        predict(reference[0]["image"][:, :64, :64], "native")
+
+    keys = [(label, mode, shift) for label, _ in rows for mode in args.processing_resolutions for shift in args.shifts]
+    accumulators = {key: MetricAccumulator() for key in keys}
+    extra: Dict[tuple, Dict[str, list]] = {key: {"nll": [], "fraction": [], "reference_fraction": [], "seconds": []}
+                                           for key in keys}
+    for name in args.images:
+        item = reference[reference.stems.index(name)]
+        photo = ((item["image"].float() + 1) / 2).permute(1, 2, 0).numpy()
+        mask = item["mask"].numpy().astype(bool)
+        for shift in args.shifts:
+            if shift == NONE:
+                image, target, valid = photo, mask, np.ones(mask.shape, bool)
+            else:
+                image, target, valid = apply_camera_shift(photo, mask, CAMERA_SHIFTS[shift])
+            tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() * 2 - 1
+            for label, predict in rows:
+                for mode in args.processing_resolutions:
+                    start = time.perf_counter()
+                    probability, threshold = predict(tensor, mode)
+                    seconds = time.perf_counter() - start
+                    probability = probability.float().cpu().numpy().astype(np.float64)
+                    key = (label, mode, shift)
+                    scores = accumulators[key].update(probability > threshold, probability, target, fov=valid,
+                                                      name=name)
+                    extra[key]["nll"].append(negative_log_likelihood(probability[valid], target[valid]))
+                    extra[key]["fraction"].append(float((probability[valid] > threshold).mean()))
+                    extra[key]["reference_fraction"].append(float(target[valid].mean()))
+                    extra[key]["seconds"].append(seconds)
+                    print(f"{name} {shift:<13s} {mode:<6s} {label:<40s} Dice {scores['dice']:.4f} ECE "
+                          f"{scores['ece']:.4f} {seconds:6.1f} s", flush=True)
+
+    table = []
+    for key in keys:
+        summary = accumulators[key].summary()
+        table.append({"label": key[0], "processing_resolution": key[1], "shift": key[2],
+                      **{f"{k}_mean": summary[f"{k}_mean"] for k in ("dice", "cldice", "ece")},
+                      "dice_std": summary["dice_std"],
+                      **{f"{k}_mean": float(np.mean(v)) for k, v in extra[key].items()}})
+    _common.print_table(["row", "resolution", "shift", "Dice", "clDice", "ECE", "NLL", "fraction", "ref. fraction",
+                         "s/img"],
+                        [[r["label"], r["processing_resolution"], r["shift"], r["dice_mean"], r["cldice_mean"],
+                          r["ece_mean"], r["nll_mean"], r["fraction_mean"], r["reference_fraction_mean"],
+                          r["seconds_mean"]] for r in table])
+    result = {**_common.header(args, device), "images": args.images, "shifts": args.shifts,
+              "shift_settings": {name: asdict(CAMERA_SHIFTS[name]) for name in args.shifts if name != NONE},
+              "rows": table}
+    print(f"wrote {_common.save_json(args.output, result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
