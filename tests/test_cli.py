@@ -119,6 +119,24 @@ def test_segment_single_file(tiny_pipeline_dir, tmp_path, capsys):
     assert "[1/1]" in capsys.readouterr().out
 
 
+def test_segment_processing_resolution(tiny_pipeline_dir, tmp_path, capsys):
+    """--processing-resolution reaches the pipeline: a fixed longer side is recorded in the row and the outputs keep
+    the input's size; the default (auto) keeps a pipeline without a training diameter at the input's size."""
+    image = write_image(tmp_path / "fundus.png", 30, 40)
+    assert segment([image], tmp_path / "fixed", tiny_pipeline_dir, "--processing-resolution", "64") == 0
+    (record,) = json.loads((tmp_path / "fixed" / "summary.json").read_text())["images"]
+    assert record["processing_basis"] == "fixed" and (record["processing_height"], record["processing_width"]) == (
+        48, 64)
+    assert np.asarray(PIL.Image.open(tmp_path / "fixed" / "fundus_mask.png")).shape == (30, 40)
+    assert "segmented at 48x64, x1.60 by fixed" in capsys.readouterr().out
+    assert segment([image], tmp_path / "auto", tiny_pipeline_dir) == 0
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    assert summary["settings"]["processing_resolution"] == "auto"
+    assert summary["images"][0]["processing_basis"] == "native"
+    expect_error(["segment", str(image), "--output-dir", str(tmp_path / "bad"), "--pipeline", str(tiny_pipeline_dir),
+                  "--processing-resolution", "big"], capsys, "--processing-resolution", code=2)
+
+
 def test_segment_folder_and_scheduler(tiny_pipeline_dir, image_folder, tmp_path):
     output_dir = tmp_path / "nested" / "out"
     assert segment([image_folder], output_dir, tiny_pipeline_dir, "--scheduler", "dpm", "--fusion", "majority") == 0

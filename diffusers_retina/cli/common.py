@@ -427,9 +427,19 @@ def image_group(channels: int) -> Callable[[WorkItem], Tuple[Tuple[int, ...], st
     return group_of
 
 
+def processing_note(row: Dict[str, Any]) -> str:
+    """`` (segmented at HxW, xS by field of view)`` for a row whose image was resized (``--processing-resolution``),
+    else nothing."""
+    if row.get("processing_basis") in (None, "native"):
+        return ""
+    return (f" (segmented at {row['processing_height']}x{row['processing_width']}, x{row['processing_scale']:.2f} by "
+            f"{row['processing_basis'].replace('_', ' ')})")
+
+
 def describe_image_row(output_dir: Path) -> Callable[[Dict[str, Any]], str]:
-    """The progress line of one finished image: its size, time and output stem."""
-    return lambda row: f"{row['height']}x{row['width']}, {row['seconds']:.2f} s -> {output_dir / row['name']}_*"
+    """The progress line of one finished image: its size (and processing size), time and output stem."""
+    return lambda row: (f"{row['height']}x{row['width']}{processing_note(row)}, {row['seconds']:.2f} s -> "
+                        f"{output_dir / row['name']}_*")
 
 
 def run_folder_command(

@@ -44,6 +44,7 @@ from .common import (
     add_device_argument,
     add_folder_run_arguments,
     add_image_input_arguments,
+    add_processing_resolution_argument,
     apply_threads,
     check_output_dir,
     collect_inputs,
@@ -114,6 +115,7 @@ def build_features_parser(subparsers: "argparse._SubParsersAction") -> argparse.
     parser.add_argument("--no-field-of-view", dest="field_of_view", action="store_false",
                         help="segmentation: also segment outside each photograph's field of view (default: the "
                         "aperture is found from the dark surround and everything outside it is background)")
+    add_processing_resolution_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="seeds the noise of the noise policy (default: 0)")
     add_device_argument(parser)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
@@ -176,7 +178,8 @@ def run_features(args: argparse.Namespace) -> int:
     resolved = check_feature_settings(pipe, args)
     output = resolved["output"]
     settings = {"pipeline": source, **resolved, "field_of_view": args.field_of_view if output == "segmentation"
-                else None, "seed": args.seed, "feature_dtype": args.feature_dtype,
+                else None, "processing_resolution": args.processing_resolution if output == "segmentation" else None,
+                "seed": args.seed, "feature_dtype": args.feature_dtype,
                 "dtype": args.dtype, "image_batch_size": args.image_batch_size, "device": str(device),
                 "diffusers_retina_version": diffusers_retina.__version__}
     items = [WorkItem(name=path.stem, label=str(path), payload=path) for path in files]
@@ -189,7 +192,8 @@ def run_features(args: argparse.Namespace) -> int:
         result = pipe(images if len(images) > 1 else images[0], blocks=resolved["blocks"],
                       timesteps=resolved["timesteps"], policy=resolved["policy"], output=output, seed=args.seed,
                       feature_dtype=FEATURE_DTYPES[args.feature_dtype], tile_size=resolved["tile_size"],
-                      field_of_view="auto" if args.field_of_view else False)
+                      field_of_view="auto" if args.field_of_view else False,
+                      **({"processing_resolution": args.processing_resolution} if output == "segmentation" else {}))
         rows = []
         for index, (item, image) in enumerate(zip(batch, images)):
             height, width = image.shape[:2]
@@ -205,7 +209,8 @@ def run_features(args: argparse.Namespace) -> int:
                         numpy_to_pil_maps(uncertainty[None], math.log(num_classes))[0]),
                 }
                 figures = {"foreground_fraction": float((mask > 0).mean()),
-                           "mean_uncertainty": float(uncertainty.mean(dtype=np.float64))}
+                           "mean_uncertainty": float(uncertainty.mean(dtype=np.float64)),
+                           **result.processing[index].as_record()}
             else:
                 from safetensors.torch import save
 

@@ -51,6 +51,7 @@ from .common import (
     open_unit_float,
     overlap_fraction,
     pipeline_call_kwargs,
+    processing_note,
     read_input_image,
     resolve_device,
     resolve_steps,
@@ -397,10 +398,7 @@ def run_segment(args: argparse.Namespace) -> int:
         return rows
 
     def describe(row: Dict[str, Any]) -> str:
-        size = "x".join(str(row[key]) for key in ("height", "width", "slices") if key in row)
-        if row.get("processing_basis") not in (None, "native"):
-            size += (f" (segmented at {row['processing_height']}x{row['processing_width']}, "
-                     f"x{row['processing_scale']:.2f} by {row['processing_basis'].replace('_', ' ')})")
+        size = "x".join(str(row[key]) for key in ("height", "width", "slices") if key in row) + processing_note(row)
         return (f"{size}, {row['seconds']:.1f} s, mean entropy {row['mean_entropy']:.4f} nats, foreground "
                 f"{row['foreground_fraction']:.2%} -> {output_dir / row['name']}_*")
 
