@@ -126,8 +126,9 @@ def test_auto_segments_each_photograph_at_its_own_scale_and_a_batch_equals_singl
         single = call(pipe, image, seeds, processing_resolution="auto")
         torch.testing.assert_close(batch.probabilities[index], single.probabilities[0])
         torch.testing.assert_close(batch.entropy[index], single.entropy[0])
-    native = call(pipe, first, (0, 1))
+    native = call(pipe, first, (0, 1), processing_resolution="native")
     assert native.processing[0].basis == "native"
+    assert call(pipe, first, (0, 1)).processing == batch.processing[:1]  # "auto" is the default
     assert not torch.allclose(native.probabilities, batch.probabilities[:1])
 
 
@@ -153,7 +154,7 @@ def test_the_feature_pipeline_uses_the_same_rule(tmp_path):
     outside = ~out.field_of_view[0]
     assert bool((out.probabilities[0, 0][outside] == 1).all()) and bool((out.uncertainty[0][outside] == 0).all())
     with pytest.raises(ValueError, match="processing_resolution"):
-        pipe(image, output="features", processing_resolution="auto")
+        pipe(image, output="features", processing_resolution=64)
     pipe.save_pretrained(tmp_path / "features")
     assert DiffusionFeaturePipeline.from_pretrained(tmp_path / "features").config.field_of_view_diameter == 48
 

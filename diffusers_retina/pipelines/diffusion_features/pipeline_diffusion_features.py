@@ -152,8 +152,8 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
         if output not in ("features", "segmentation"):
             raise ValueError(f"`output` must be 'features' or 'segmentation', got {output!r}.")
         check_processing_resolution(processing_resolution)
-        if output == "features" and processing_resolution not in (None, "native"):
-            raise ValueError("`processing_resolution` applies to output='segmentation' (features come at the "
+        if output == "features" and processing_resolution not in (None, "native", "auto"):
+            raise ValueError("A `processing_resolution` size applies to output='segmentation' (features come at the "
                              "image's own size); resize the image before extracting features instead.")
         if output == "segmentation" and self.head is None:
             raise ValueError("`output='segmentation'` needs a head: train one with training/train_feature_head.py.")
@@ -268,7 +268,7 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
         tile_size: Optional[int] = None,
         tile_overlap: float = 0.25,
         field_of_view: Union[str, bool, np.ndarray, torch.Tensor, None] = "auto",
-        processing_resolution: Union[int, str, None] = None,
+        processing_resolution: Union[int, str, None] = "auto",
         return_dict: bool = True,
     ) -> Union[DiffusionFeaturePipelineOutput, tuple]:
         r"""Extract features, or segment with the head.
@@ -305,10 +305,11 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
                 view: the UNet's group normalisation pools over each window, and a window holding part of the black
                 surround shifted the features of the whole window (whole tiles of false vessels around the retina).
             processing_resolution: with ``output="segmentation"``, the size each image is segmented at; the outputs
-                come back at the input's size. ``None`` / ``"native"``: as given; an int: the longer side in pixels;
-                ``"auto"``: the field of view resized to span the checkpoint's ``field_of_view_diameter`` (the scale
-                the head learnt at; within 5 % the image is kept; without a dark surround the image is only shrunk),
-                the rule of ``SegmentationEnsemblePipeline``.
+                come back at the input's size. ``"auto"`` (default): the field of view resized to span the
+                checkpoint's ``field_of_view_diameter`` (the scale the head learnt at; within 5 % the image is kept;
+                without a dark surround the image is only shrunk), the rule of ``SegmentationEnsemblePipeline``;
+                ``None`` / ``"native"``: as given; an int: the longer side in pixels. Features (``output="features"``)
+                are always read at the image's own size.
             return_dict: return a [`DiffusionFeaturePipelineOutput`] instead of a tuple.
 
         Examples:

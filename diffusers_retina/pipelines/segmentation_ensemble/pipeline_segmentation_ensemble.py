@@ -392,7 +392,7 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         batch_size: Union[int, str, None] = None,
         tile_size: Optional[int] = None,
         tile_overlap: float = 0.25,
-        processing_resolution: Union[int, str, None] = None,
+        processing_resolution: Union[int, str, None] = "auto",
         output_type: str = "pil",
         return_members: bool = False,
         return_dict: bool = True,
@@ -430,13 +430,13 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
                 scheduler works unchanged. Must be a multiple of the UNet's down-sampling factor.
             tile_overlap: overlap of neighbouring windows as a fraction of ``tile_size``.
             processing_resolution: the size each image is segmented at (Marigold's name); every output comes back
-                at the input's size (member probabilities resized bilinearly, then fused). ``None`` or ``"native"``:
-                as given. An int: the longer side in pixels. ``"auto"``: the photograph's field of view is found
-                and resized to span the checkpoint's ``field_of_view_diameter`` (the scale its models learnt
-                vessels at), e.g. 920 px for CHASE_DB1; within 5 % of it the image is kept as it is; a photograph
-                without a dark surround (a crop inside the retina) is only shrunk, to a longer side of at most that
-                diameter; a checkpoint that records no diameter segments natively. ``output.processing`` says what
-                each image got.
+                at the input's size (member probabilities resized bilinearly, then fused). ``"auto"`` (default): the
+                photograph's field of view is found and resized to span the checkpoint's ``field_of_view_diameter``
+                (the scale its models learnt vessels at, 920 px for the CHASE_DB1 references); within 5 % of it the
+                image is kept as it is; a photograph without a dark surround (a crop inside the retina) is only
+                shrunk, to a longer side of at most that diameter; a checkpoint that records no diameter segments
+                natively. ``None`` or ``"native"``: as given. An int: the longer side in pixels.
+                ``output.processing`` says what each image got.
             output_type: ``"pil"``, ``"np"`` or ``"pt"``.
             return_members: also return each member's probabilities.
             return_dict: return a [`SegmentationEnsemblePipelineOutput`] instead of a tuple.
