@@ -220,10 +220,10 @@ def evaluate(predict: Callable[[torch.Tensor, torch.Tensor], Dict[str, torch.Ten
 
 
 def head_predictor(pipe, args):
-    cache = str(Path(args.work) / "cache")
-
     def predict(image: torch.Tensor, fov: torch.Tensor) -> Dict[str, torch.Tensor]:
-        out = pipe((image[None] + 1) / 2, output="segmentation", seed=args.seed, cache_dir=cache,
+        # the test photographs' features are computed afresh for every head (the feature cache is training's: the
+        # heads' training crops keep using it through --cache_dir); at the scale the heads learnt (native here)
+        out = pipe((image[None] + 1) / 2, output="segmentation", seed=args.seed, processing_resolution="native",
                    tile_size=args.tile_size or None, field_of_view=fov)
         return {"mask": out.masks[0] == 1, "probability": out.probabilities[0, 1]}
 

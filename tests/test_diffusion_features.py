@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DiffusionPipeline
 
 from diffusers_retina import DiffusionFeaturePipeline
+from diffusers_retina.feature_cache import cached_extract
 from diffusers_retina.models import FreqAggHead, PixelMLPEnsemble, frequency_bands, read_pixels
 
 from testing_utils import unit_range
@@ -187,36 +188,43 @@ def test_ddim_inversion_trajectory():
 
 
 def test_cache_hits_only_on_an_identical_key(tmp_path):
+    """The training-side cache (``cached_extract`` around ``extract``): one file per image, hits skip the UNet, any
+    change of image, weights or settings misses."""
     pipe = tiny_pipe()
     x = images()
     calls = []
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
-    base = dict(blocks=["up.0"], timesteps=[10, 30], seed=0, cache_dir=tmp_path)
+    base = dict(blocks=["up.0"], timesteps=[10, 30], seed=0)
+
+    def extract(pipeline, batch, **settings):
+        return cached_extract(pipeline, batch, settings.pop("cache_dir", tmp_path), **{**base, **settings})["up.0"]
+
     try:
-        first = pipe(unit_range(x), **base).features["up.0"]
+        first = extract(pipe, x)
         assert calls and len(list(tmp_path.glob("*.safetensors"))) == 2  # one file per image
+        torch.testing.assert_close(first, pipe.extract(x, **base)["up.0"])  # the same features as without a cache
         calls.clear()
-        again = pipe(unit_range(x), **base).features["up.0"]
+        again = extract(pipe, x)
         assert calls == []  # both images from the cache
         torch.testing.assert_close(first, again)
         # the same image in another batch position: still a hit (the noise follows the image, not its position)
-        swapped = pipe(unit_range(x.flip(0)), **base).features["up.0"]
+        swapped = extract(pipe, x.flip(0))
         assert calls == []
         torch.testing.assert_close(swapped, first.flip(0))
         for change in (dict(timesteps=[10, 31]), dict(blocks=["up.1"]), dict(seed=1), dict(policy="anchor"),
                        dict(feature_dtype=torch.bfloat16), dict(num_noise_draws=2)):
             calls.clear()
-            pipe(unit_range(x), **{**base, **change})
+            cached_extract(pipe, x, tmp_path, **{**base, **change})
             assert calls, f"{change} reused a stale cache entry"
         calls.clear()
         changed_image = x.clone()
         changed_image[0, 0, 0, 0] += 0.5
-        pipe(unit_range(changed_image), **base)
+        extract(pipe, changed_image)
         assert calls == [2]  # only the changed image (2 timesteps) went through the UNet
         calls.clear()
         with torch.no_grad():
             pipe.unet.conv_in.bias.add_(0.1)  # weights changed in place
-        pipe(unit_range(x), **base)
+        extract(pipe, x)
         assert calls, "changed weights reused a stale cache entry"
     finally:
         hook.remove()
@@ -227,16 +235,26 @@ def test_cache_hits_only_on_an_identical_key(tmp_path):
         tiny_pipe().save_pretrained(tmp_path / name)
     first_pipe, second_pipe = (DiffusionFeaturePipeline.from_pretrained(tmp_path / name) for name in ("first", "second"))
     assert first_pipe.unet.config._name_or_path != second_pipe.unet.config._name_or_path
-    first_pipe(unit_range(x), **{**base, "cache_dir": shared})
+    extract(first_pipe, x, cache_dir=shared)
     calls.clear()
     hook = second_pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
     try:
-        second_pipe(unit_range(x), **{**base, "cache_dir": shared})
+        extract(second_pipe, x, cache_dir=shared)
     finally:
         hook.remove()
     assert calls == [], "the same weights from another folder missed the cache"
     with pytest.raises(ValueError, match="needs `seed`"):
-        pipe(unit_range(x), blocks=["up.0"], timesteps=[10], cache_dir=tmp_path)
+        cached_extract(pipe, x, tmp_path, blocks=["up.0"], timesteps=[10])
+
+
+def test_the_pipelines_cache_dir_is_deprecated_but_still_honoured(tmp_path):
+    pipe = tiny_pipe()
+    x = images()
+    with pytest.warns(FutureWarning, match="cached_extract"):
+        out = pipe(unit_range(x), blocks=["up.0"], timesteps=[10], seed=0, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    torch.testing.assert_close(out.features["up.0"],
+                               pipe(unit_range(x), blocks=["up.0"], timesteps=[10], seed=0).features["up.0"])
 
 
 # ---------------------------------------------------------------------------------------------- head

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from diffusers_retina import DiffusionFeaturePipeline
 from diffusers_retina.data.modality import field_of_view_masks, fill_outside_field_of_view
+from diffusers_retina.feature_cache import cached_extract
 from diffusers_retina.hub import write_feature_head_card
 from diffusers_retina.models import FreqAggHead, PixelMLPEnsemble, read_pixels
 from diffusers_retina.training_data import training_field_of_view_diameter
@@ -158,6 +159,15 @@ def random_crops(items, photographs, args, multiple):
     return torch.stack(images), torch.stack(masks), torch.stack(fovs), boxes
 
 
+def extract_features(pipe, images, blocks, timesteps, args, batch_size):
+    """The features of prepared images: through the on-disk cache with ``--cache_dir`` (reused across runs and heads),
+    else straight from the UNet."""
+    settings = dict(blocks=blocks, timesteps=timesteps, policy=args.policy, seed=args.seed, batch_size=batch_size)
+    if args.cache_dir:
+        return cached_extract(pipe, images, args.cache_dir, **settings)
+    return pipe.extract(images, **settings)
+
+
 def whole_image_features(pipe, photographs, boxes, blocks, timesteps, args):
     """``--feature_context image``: each labelled photograph as the UNet sees it (:func:`prepare_photographs`) goes
     through the UNet whole, and the crops' windows are cut from its native-resolution maps (one photograph's maps in
@@ -169,8 +179,7 @@ def whole_image_features(pipe, photographs, boxes, blocks, timesteps, args):
     features = {name: [None] * len(boxes) for name in blocks}
     for item_index, (image, _) in enumerate(tqdm(photographs, desc="whole-photograph features", leave=False)):
         padded, _ = pad_to_multiple(image[None], pipe.size_multiple)
-        maps = pipe.extract(padded, blocks, timesteps, args.policy, seed=args.seed, batch_size=len(timesteps),
-                            cache_dir=args.cache_dir)
+        maps = extract_features(pipe, padded, blocks, timesteps, args, batch_size=len(timesteps))
         for position, (owner, top, left, crop) in enumerate(boxes):
             if owner == item_index:
                 for name in blocks:
@@ -205,8 +214,7 @@ def main(argv=None):
                 f"{fovs.float().mean().item():.1%} of their pixels inside the field of view; features of the "
                 f"{'crops' if args.feature_context == 'crop' else 'whole photographs'}")
     if args.feature_context == "crop":
-        features = pipe.extract(images, blocks, timesteps, args.policy, seed=args.seed, cache_dir=args.cache_dir,
-                                batch_size=len(timesteps) * 4)
+        features = extract_features(pipe, images, blocks, timesteps, args, batch_size=len(timesteps) * 4)
     else:
         features = whole_image_features(pipe, photographs, boxes, blocks, timesteps, args)
     size = tuple(images.shape[-2:])

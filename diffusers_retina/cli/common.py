@@ -117,13 +117,9 @@ def processing_resolution_argument(text: str) -> Union[int, str]:
     """``--processing-resolution``: ``auto``, ``native`` or the longer side in pixels (an integer >= 8)."""
     if text in PROCESSING_MODES:
         return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 8:
+    if not text.isdigit() or int(text) < 8:
         raise argparse.ArgumentTypeError(f"expected 'auto', 'native' or a longer side in pixels (>= 8), got {text!r}")
-    return value
+    return int(text)
 
 
 def add_processing_resolution_argument(parser: argparse.ArgumentParser) -> None:

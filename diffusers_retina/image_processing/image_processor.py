@@ -28,7 +28,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -157,6 +157,40 @@ class RetinaImageProcessor(ConfigMixin):
             return torch.as_tensor(maps).cpu()
         array = maps.detach().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps)
         return array if output_type == "np" else numpy_to_pil_maps(array, max_value)
+
+    @classmethod
+    def postprocess_segmentation(cls, masks: torch.Tensor, probabilities: torch.Tensor,
+                                 uncertainty: Dict[str, torch.Tensor], members: Optional[torch.Tensor],
+                                 num_classes: int, output_type: str = "pil") -> Dict[str, Any]:
+        """An ensemble's outputs as ``output_type``: ``"pt"`` unchanged; ``"np"`` with channels last (probabilities
+        ``(N, H, W, C)``, members ``(N, E, H, W, C)``); ``"pil"`` as "L" images (masks 0/255 or class indices, the
+        foreground or winning-class probability, variance with 0.25 white, entropy and mutual information with
+        ``ln K`` white, one list of member maps per image). ``uncertainty`` holds ``variance``, ``entropy`` and
+        ``mutual_information``."""
+        _check_output_type(output_type)
+        output = {"masks": masks, "probabilities": probabilities, **uncertainty, "members": members}
+        if output_type == "pt":
+            return output
+        output = {k: (None if v is None else v.cpu().numpy()) for k, v in output.items()}
+        output["probabilities"] = np.moveaxis(output["probabilities"], 1, -1)
+        if members is not None:
+            output["members"] = np.moveaxis(output["members"], 2, -1)
+        if output_type == "np":
+            return output
+        max_entropy = float(np.log(num_classes))
+        winning = output["probabilities"].max(axis=-1) if num_classes > 2 else output["probabilities"][..., 0]
+        pil = {
+            "masks": cls.postprocess_masks(output["masks"], num_classes),
+            "probabilities": cls.postprocess_maps(winning),
+            "variance": cls.postprocess_maps(output["variance"], 0.25),
+            "entropy": cls.postprocess_maps(output["entropy"], max_entropy),
+            "mutual_information": cls.postprocess_maps(output["mutual_information"], max_entropy),
+            "members": None,
+        }
+        if members is not None:
+            member_maps = output["members"].max(axis=-1) if num_classes > 2 else output["members"][..., 0]
+            pil["members"] = [cls.postprocess_maps(per_image) for per_image in member_maps]
+        return pil
 
     @staticmethod
     def visualize_uncertainty(maps: Union[np.ndarray, torch.Tensor, Sequence[np.ndarray]],

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from ..models import PriorFeatureRefinerModel, segmenter_feature_channels
+
 
 class NonFiniteOutputError(RuntimeError):
     """A pipeline produced NaN or infinite values (damaged weights, or an overflow in half precision)."""
@@ -46,3 +48,22 @@ def check_field_of_view_diameter(value, name: str = "field_of_view_diameter") ->
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 8:
         raise ValueError(f"`{name}` must be None or the training photographs' field-of-view diameter in pixels "
                          f"(an int >= 8), got {value!r}.")
+
+
+def check_feature_refiner(unet: PriorFeatureRefinerModel, prior, anchor: Optional[str]) -> None:
+    """A feature-reusing refiner needs the prior it was trained on (its features are its input), residual anchoring,
+    and a prior whose last decoder features have the refiner's ``feature_channels``."""
+    if prior is None:
+        raise ValueError(
+            "The unet is a PriorFeatureRefinerModel: it refines the decoder features of a `prior` segmenter and cannot "
+            "run without one, but this pipeline has prior=None. Load the pipeline folder with its prior/ component "
+            "(or pass prior=UNet2DModel.from_pretrained(...), the segmenter the refiner was trained on).")
+    if anchor != "residual":
+        raise ValueError(f"A PriorFeatureRefinerModel denoises the residual to its prior: it needs anchor='residual', "
+                         f"got {anchor!r}.")
+    channels = segmenter_feature_channels(prior)
+    if channels != unet.config.feature_channels:
+        raise ValueError(
+            f"The unet (PriorFeatureRefinerModel) takes feature_channels={unet.config.feature_channels} but the prior "
+            f"({type(prior).__name__}) gives {channels} decoder feature channels (the input of its conv_out, "
+            "block_out_channels[0]): the refiner was trained on another prior.")

@@ -199,3 +199,11 @@ def processing_groups(plans: Sequence[ProcessingPlan]) -> List[Tuple[Tuple[int, 
     for index, plan in enumerate(plans):
         groups.setdefault(tuple(plan.size), []).append(index)
     return list(groups.items())
+
+
+def rows_of(tensor: torch.Tensor, rows: List[int]) -> torch.Tensor:
+    """``tensor[rows]``, as a view when every row is the same one (the members of one image: no copy of its
+    condition per member)."""
+    if len(set(rows)) == 1:
+        return tensor[rows[0]: rows[0] + 1].expand(len(rows), *tensor.shape[1:])
+    return tensor[rows]

@@ -1,6 +1,6 @@
 """Reading multi-scale, multi-timestep features out of a denoising ``UNet2DModel``: the block names and their forward
-hooks (with an early exit after the last requested block), the input policies and the batched extraction with its
-optional on-disk cache. :class:`FeatureExtractionMixin` gives a pipeline with a ``unet`` and a ``scheduler``
+hooks (with an early exit after the last requested block), the input policies and the batched extraction (the on-disk
+cache of training is :func:`diffusers_retina.feature_cache.cached_extract`, a wrapper around :meth:`extract`). :class:`FeatureExtractionMixin` gives a pipeline with a ``unet`` and a ``scheduler``
 ``block_modules``, ``describe`` and ``extract``; :class:`~.DiffusionFeaturePipeline` segments with a head on top.
 
 Input policies:
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import numbers
-import os
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -24,7 +23,6 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..sampling import per_sample_generators
-from .feature_cache import FeatureCache, cache_key, weights_digest
 
 POLICIES = ("noise", "anchor", "ddim_inversion")
 FEATURE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -175,17 +173,6 @@ class FeatureExtractionMixin:
         order = np.argsort(np.argsort(timesteps))  # back to the requested order
         return {name: torch.stack([maps[k] for k in order], dim=1) for name, maps in features.items()}
 
-    # ------------------------------------------------------------------ cache keys
-    def weights_digest(self) -> str:
-        """SHA-256 of the UNet's config and weights (:func:`.feature_cache.weights_digest`)."""
-        return weights_digest(self.unet)
-
-    def cache_key(self, image: torch.Tensor, blocks, timesteps, policy, seed, dtype, num_noise_draws,
-                  shared_noise, weights_digest: Optional[str] = None) -> str:
-        """The cache file name of one image's features (:func:`.feature_cache.cache_key`)."""
-        return cache_key(image, blocks, timesteps, policy, seed, dtype, num_noise_draws, shared_noise,
-                         self.scheduler, weights_digest or self.weights_digest())
-
     @staticmethod
     def _noise_seed(seed: int, image: torch.Tensor, draw: int, shared: bool) -> int:
         digest = hashlib.sha256(repr((seed, draw)).encode())
@@ -194,7 +181,7 @@ class FeatureExtractionMixin:
         return int(digest.hexdigest()[:15], 16)
 
     # ------------------------------------------------------------------ extraction
-    def check_extract_inputs(self, blocks, timesteps, policy, num_noise_draws, feature_dtype, batch_size, cache_dir,
+    def check_extract_inputs(self, blocks, timesteps, policy, num_noise_draws, feature_dtype, batch_size,
                              seed) -> None:
         """The arguments of :meth:`extract`, each error naming its argument."""
         if policy not in POLICIES:
@@ -219,8 +206,6 @@ class FeatureExtractionMixin:
             raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size!r}.")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise ValueError(f"`seed` must be an integer or None, got {seed!r}.")
-        if cache_dir is not None and policy == "noise" and seed is None:
-            raise ValueError("A feature cache with policy='noise' needs `seed` (the noise must be part of the key).")
 
     @torch.no_grad()
     def extract(
@@ -234,17 +219,15 @@ class FeatureExtractionMixin:
         shared_noise: bool = False,
         feature_dtype: torch.dtype = torch.float16,
         batch_size: Optional[int] = None,
-        cache_dir: Optional[Union[str, os.PathLike]] = None,
         seed: Optional[int] = None,
     ) -> Dict[str, torch.Tensor]:
         """Features of prepared images ``(N, C, H, W)`` in ``[-1, 1]`` (sizes multiples of the UNet's factor).
 
-        Returns ``{block: (N, T, C_block, H / stride, W / stride)}`` in ``feature_dtype``. With ``cache_dir``, each
-        image's features are stored under a key of (image, weights, blocks, timesteps, policy, ``seed``, dtype, noise
-        settings); a cache needs ``seed`` (a generator's state cannot be keyed) unless the policy is deterministic.
+        Returns ``{block: (N, T, C_block, H / stride, W / stride)}`` in ``feature_dtype``, on the CPU. With ``seed``
+        the noise of each image is drawn from (seed, image content, draw), so an image gets the same features wherever
+        it sits in a batch (what :func:`diffusers_retina.feature_cache.cached_extract` relies on).
         """
-        self.check_extract_inputs(blocks, timesteps, policy, num_noise_draws, feature_dtype, batch_size, cache_dir,
-                                  seed)
+        self.check_extract_inputs(blocks, timesteps, policy, num_noise_draws, feature_dtype, batch_size, seed)
         if seed is not None and generator is None:
             generator = torch.Generator().manual_seed(seed)
         self.block_modules()  # fail early on a UNet without the usual block lists
@@ -254,56 +237,34 @@ class FeatureExtractionMixin:
         num_images = images.shape[0]
         draws = num_noise_draws if policy == "noise" else 1
         if seed is not None:
-            # noise from (seed, image content, draw): the same image gets the same noise wherever it sits in a batch,
-            # which is what makes cached features reusable
             generators = [torch.Generator(device=device).manual_seed(self._noise_seed(seed, images[i], draw,
                                                                                       shared_noise))
                           for i in range(num_images) for draw in range(draws)]
         else:
             generators = per_sample_generators(generator, num_images * draws, device, "image x noise draw")
 
-        cached: Dict[int, Dict[str, torch.Tensor]] = {}
-        keys: Dict[int, str] = {}
-        cache = FeatureCache(cache_dir) if cache_dir is not None else None
-        if cache is not None:
-            unet_digest = weights_digest(self.unet)
-            for index in range(num_images):
-                keys[index] = cache_key(images[index], names, timesteps, policy, seed, feature_dtype, draws,
-                                        shared_noise, self.scheduler, unet_digest)
-                hit = cache.read(keys[index])
-                if hit is not None:
-                    cached[index] = hit
-
-        todo = [i for i in range(num_images) if i not in cached]
-        computed: Dict[int, Dict[str, torch.Tensor]] = {}
-        if todo:
-            batch = images[todo].to(device=device, dtype=dtype)
-            if policy == "ddim_inversion":
-                result = self._ddim_inversion(batch, [int(t) for t in timesteps], names)
-            else:
-                sums: Dict[str, torch.Tensor] = {}
-                for draw in range(draws):
-                    noise = None
-                    if policy == "noise":
-                        draw_generators = [generators[i * draws + draw] for i in todo]
-                        noise = self._noise(batch.shape, draw_generators, shared_noise, device, dtype)
-                    inputs, input_steps = self._inputs(batch, steps, policy, noise)
-                    chunk = batch_size or inputs.shape[0]
-                    outputs: Dict[str, List[torch.Tensor]] = {name: [] for name in names}
-                    for start in range(0, inputs.shape[0], chunk):
-                        store: Dict[str, torch.Tensor] = {}
-                        self._run_hooked(inputs[start:start + chunk], input_steps[start:start + chunk], names, store)
-                        for name in names:
-                            outputs[name].append(store[name].float())
+        batch = images.to(device=device, dtype=dtype)
+        if policy == "ddim_inversion":
+            result = self._ddim_inversion(batch, [int(t) for t in timesteps], names)
+        else:
+            sums: Dict[str, torch.Tensor] = {}
+            for draw in range(draws):
+                noise = None
+                if policy == "noise":
+                    draw_generators = [generators[i * draws + draw] for i in range(num_images)]
+                    noise = self._noise(batch.shape, draw_generators, shared_noise, device, dtype)
+                inputs, input_steps = self._inputs(batch, steps, policy, noise)
+                chunk = batch_size or inputs.shape[0]
+                outputs: Dict[str, List[torch.Tensor]] = {name: [] for name in names}
+                for start in range(0, inputs.shape[0], chunk):
+                    store: Dict[str, torch.Tensor] = {}
+                    self._run_hooked(inputs[start:start + chunk], input_steps[start:start + chunk], names, store)
                     for name in names:
-                        stacked = torch.cat(outputs[name])
-                        sums[name] = stacked if name not in sums else sums[name] + stacked
-                result = {name: (total / draws).reshape(len(todo), len(steps), *total.shape[1:])
-                          for name, total in sums.items()}
-            for position, index in enumerate(todo):
-                computed[index] = {name: result[name][position].to(feature_dtype).cpu() for name in names}
-                if cache is not None:
-                    cache.write(keys[index], computed[index])
-        per_image = [cached.get(i) or computed[i] for i in range(num_images)]
-        return {name: torch.stack([features[name] for features in per_image]) for name in names}
+                        outputs[name].append(store[name].float())
+                for name in names:
+                    stacked = torch.cat(outputs[name])
+                    sums[name] = stacked if name not in sums else sums[name] + stacked
+            result = {name: (total / draws).reshape(num_images, len(steps), *total.shape[1:])
+                      for name, total in sums.items()}
+        return {name: result[name].to(feature_dtype).cpu() for name in names}
 

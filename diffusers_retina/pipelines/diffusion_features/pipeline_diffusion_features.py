@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -43,6 +44,7 @@ from ...image_processing import (
 from ..checks import check_field_of_view_diameter, check_finite_output
 from ..pipeline_utils import RetinaPipelineMixin
 from ..sampling import blend_windows, per_sample_generators, processing_groups
+from ...feature_cache import cached_extract
 from .feature_extraction import FeatureExtractionMixin
 
 EXAMPLE_DOC_STRING = """
@@ -166,9 +168,16 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
             if not 0.0 <= tile_overlap < 1.0:
                 raise ValueError(f"`tile_overlap` is a fraction of the tile in [0, 1), got {tile_overlap!r}.")
 
+    def _extract(self, images: torch.Tensor, cache_dir: Optional[Union[str, os.PathLike]] = None,
+                 **extract_kwargs: Any) -> Dict[str, torch.Tensor]:
+        """:meth:`extract`, or (the deprecated ``cache_dir`` of :meth:`__call__`) the training-side cache around it."""
+        if cache_dir is None:
+            return self.extract(images, **extract_kwargs)
+        return cached_extract(self, images, cache_dir, **extract_kwargs)
+
     def extract_features(self, images: torch.Tensor, **extract_kwargs: Any) -> DiffusionFeaturePipelineOutput:
         """``output="features"``: the maps of prepared ``images`` (checked finite), as the pipeline's output."""
-        features = self.extract(images, **extract_kwargs)
+        features = self._extract(images, **extract_kwargs)
         for name, maps in features.items():
             check_finite_output(maps, f"The features of block {name!r}", hint=f"unet dtype {self.unet.dtype}, "
                                 f"feature_dtype {extract_kwargs.get('feature_dtype')} (float16 overflows above 65504)")
@@ -176,7 +185,7 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
 
     def _head_maps(self, windows: torch.Tensor, extract_kwargs: Dict[str, Any]) -> torch.Tensor:
         """Probabilities and uncertainty of image windows, as channels (so that windows can be blended)."""
-        features = self.extract(windows, **extract_kwargs)
+        features = self._extract(windows, **extract_kwargs)
         head_device = next(self.head.parameters()).device
         prediction = self.head.predict({k: v.to(head_device) for k, v in features.items()},
                                        size=tuple(windows.shape[-2:]))
@@ -290,7 +299,9 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
             shared_noise: one noise for all images (ddpm-segmentation's fixed noise).
             feature_dtype: ``torch.float16`` (default), ``torch.bfloat16`` or ``torch.float32``.
             batch_size: (image, timestep) pairs per UNet pass; default all at once.
-            cache_dir: keep features on disk keyed by image, weights and settings; a hit skips the UNet.
+            cache_dir: deprecated (the feature cache belongs to training): features on disk keyed by image, weights
+                and settings, through ``diffusers_retina.feature_cache.cached_extract``, which training and benchmarks
+                call directly on ``extract``. Still honoured, with a ``FutureWarning``.
             seed: seeds the noise when no generator is given; part of the cache key.
             tile_size: with ``output="segmentation"``, segment images larger than this in overlapping windows (features
                 and head per window, probabilities and uncertainty blended with a Gaussian; MONAI
@@ -319,6 +330,10 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
         timesteps = list(timesteps or head_config.get("timesteps") or [50, 150, 250])
         policy = policy or head_config.get("policy") or "noise"
         self.check_inputs(output, tile_size, tile_overlap, processing_resolution)  # extraction: check_extract_inputs
+        if cache_dir is not None:
+            warnings.warn("`cache_dir` of DiffusionFeaturePipeline.__call__ is deprecated: the feature cache belongs to "
+                          "training; call diffusers_retina.feature_cache.cached_extract(pipe, images, cache_dir, ...) "
+                          "instead.", FutureWarning, stacklevel=2)
         images = prepare_images(image, self.unet.config.in_channels)
         extract_kwargs = dict(blocks=blocks, timesteps=timesteps, policy=policy, generator=generator,
                               num_noise_draws=num_noise_draws, shared_noise=shared_noise, feature_dtype=feature_dtype,

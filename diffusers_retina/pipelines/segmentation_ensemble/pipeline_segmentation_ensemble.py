@@ -39,7 +39,6 @@ from ...fusion import fuse_members, uncertainty_maps
 from ...models import (
     MedSegDiffUNet2DModel,
     PriorFeatureRefinerModel,
-    segmenter_feature_channels,
     segmenter_features,
 )
 from ...image_processing import (
@@ -51,12 +50,18 @@ from ...image_processing import (
     pad_to_multiple,
     prepare_images,
 )
-from ..checks import check_field_of_view_diameter, check_finite_output, check_num_inference_steps
+from ..checks import (
+    check_feature_refiner,
+    check_field_of_view_diameter,
+    check_finite_output,
+    check_num_inference_steps,
+)
 from ..pipeline_utils import RetinaPipelineMixin
 from ..sampling import (
     check_common_inputs,
     per_sample_generators,
     processing_groups,
+    rows_of,
     sample_chunks,
     samples_per_call,
     segmenter_probabilities,
@@ -69,33 +74,6 @@ FUSION_METHODS = ("mean", "majority", "staple")
 ANCHORS = ("residual", "strength")
 # schedulers whose `step` takes ``2 * C`` output channels and uses the learned variance
 VARIANCE_SCHEDULERS = (DDPMScheduler, DDPMParallelScheduler, UnCLIPScheduler)
-
-
-def check_feature_refiner(unet: PriorFeatureRefinerModel, prior, anchor: Optional[str]) -> None:
-    """A feature-reusing refiner needs the prior it was trained on (its features are its input), residual anchoring,
-    and a prior whose last decoder features have the refiner's ``feature_channels``."""
-    if prior is None:
-        raise ValueError(
-            "The unet is a PriorFeatureRefinerModel: it refines the decoder features of a `prior` segmenter and cannot "
-            "run without one, but this pipeline has prior=None. Load the pipeline folder with its prior/ component "
-            "(or pass prior=UNet2DModel.from_pretrained(...), the segmenter the refiner was trained on).")
-    if anchor != "residual":
-        raise ValueError(f"A PriorFeatureRefinerModel denoises the residual to its prior: it needs anchor='residual', "
-                         f"got {anchor!r}.")
-    channels = segmenter_feature_channels(prior)
-    if channels != unet.config.feature_channels:
-        raise ValueError(
-            f"The unet (PriorFeatureRefinerModel) takes feature_channels={unet.config.feature_channels} but the prior "
-            f"({type(prior).__name__}) gives {channels} decoder feature channels (the input of its conv_out, "
-            "block_out_channels[0]): the refiner was trained on another prior.")
-
-
-def rows_of(tensor: torch.Tensor, rows: List[int]) -> torch.Tensor:
-    """``tensor[rows]``, as a view when every row is the same one (the members of one image: no copy of its
-    condition per member)."""
-    if len(set(rows)) == 1:
-        return tensor[rows[0]: rows[0] + 1].expand(len(rows), *tensor.shape[1:])
-    return tensor[rows]
 
 
 EXAMPLE_DOC_STRING = """
@@ -497,35 +475,9 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         uncertainty = uncertainty_maps(member_probs)
         self.maybe_free_model_hooks()
 
-        output = self._format_output(masks, probabilities, uncertainty, member_probs if return_members else None,
-                                     output_type)
+        output = self.image_processor.postprocess_segmentation(
+            masks, probabilities, uncertainty, member_probs if return_members else None, self.num_classes, output_type)
         output["processing"] = plans
         if not return_dict:
             return tuple(output.values())
         return SegmentationEnsemblePipelineOutput(**output)
-
-    def _format_output(self, masks, probabilities, uncertainty, members, output_type) -> Dict[str, Any]:
-        output = {"masks": masks, "probabilities": probabilities, **uncertainty, "members": members}
-        if output_type == "pt":
-            return output
-        output = {k: (None if v is None else v.cpu().numpy()) for k, v in output.items()}
-        output["probabilities"] = np.moveaxis(output["probabilities"], 1, -1)
-        if members is not None:
-            output["members"] = np.moveaxis(output["members"], 2, -1)
-        if output_type == "np":
-            return output
-        num_classes, processor = self.num_classes, self.image_processor
-        max_entropy = float(np.log(num_classes))
-        winning = output["probabilities"].max(axis=-1) if num_classes > 2 else output["probabilities"][..., 0]
-        pil = {
-            "masks": processor.postprocess_masks(output["masks"], num_classes),
-            "probabilities": processor.postprocess_maps(winning),
-            "variance": processor.postprocess_maps(output["variance"], 0.25),
-            "entropy": processor.postprocess_maps(output["entropy"], max_entropy),
-            "mutual_information": processor.postprocess_maps(output["mutual_information"], max_entropy),
-            "members": None,
-        }
-        if members is not None:
-            member_maps = output["members"].max(axis=-1) if num_classes > 2 else output["members"][..., 0]
-            pil["members"] = [processor.postprocess_maps(per_image) for per_image in member_maps]
-        return pil
