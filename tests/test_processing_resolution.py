@@ -167,3 +167,17 @@ def test_the_diameter_of_a_field_of_view_cut_by_the_frame_comes_from_a_circle_fi
     assert abs(field_of_view_diameter(full[40:200]) - 200) <= 3  # top and bottom cut
     assert abs(field_of_view_diameter(full[30:210, 30:210]) - 200) <= 3  # four corners left
     assert field_of_view_diameter(full[80:160, 80:160]) is None  # inside the retina
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import diffusers_retina.data.camera_shift
+    import diffusers_retina.image_processing.field_of_view
+    import diffusers_retina.pipelines.sampling
+    import diffusers_retina.training_data
+
+    for module in (diffusers_retina.image_processing.field_of_view, diffusers_retina.training_data,
+                   diffusers_retina.pipelines.sampling, diffusers_retina.data.camera_shift):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
