@@ -16,9 +16,9 @@ import math
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional, Tuple, Type, TypeVar
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -75,53 +75,118 @@ from .training_data import (  # noqa: F401 (re-exported)
 )
 from .utils.io_utils import command_line, write_json
 
+T = TypeVar("T")
 
-def push_folder(args, folder: str) -> None:
+
+def arguments_from(cls: Type[T], args: Any) -> T:
+    """The fields of dataclass ``cls`` read from parsed flags ``args`` (a field a script does not define keeps its
+    default); an instance of ``cls`` is returned as it is. The scripts own their parsers; the library takes these
+    typed, explicit arguments."""
+    if isinstance(args, cls):
+        return args
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+@dataclass
+class RunArguments:
+    """Where a run writes, how it is accelerated and where it is published (``add_output_arguments``' flags)."""
+
+    output_dir: str
+    logging_dir: str = "logs"
+    seed: int = 0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    report_to: str = "none"
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+    hub_token: Optional[str] = None
+    hub_private_repo: bool = False
+
+
+@dataclass
+class OptimizationArguments:
+    """The optimiser, its schedule, EMA and resumption (``add_optimization_arguments``' flags). ``max_train_steps``
+    None: ``num_epochs`` epochs of the prepared loader."""
+
+    output_dir: str
+    learning_rate: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 0
+    max_train_steps: Optional[int] = None
+    num_epochs: int = 1
+    gradient_accumulation_steps: int = 1
+    use_ema: bool = False
+    ema_max_decay: float = 0.9999
+    ema_inv_gamma: float = 1.0
+    ema_power: float = 0.75
+    resume_from_checkpoint: Optional[str] = None
+    seed: int = 0
+
+
+@dataclass
+class PatchArguments:
+    """Random training patches of the data and their augmentation (``--resolution``, ``--patches_per_image``, ...)."""
+
+    resolution: int = 64
+    patches_per_image: int = 16
+    foreground_fraction: float = 0.5
+    train_batch_size: int = 8
+    dataloader_num_workers: int = 0
+    photometric_augmentation: float = 0.0
+    scale_augmentation: Optional[str] = None
+    prior_maps: Optional[str] = None
+    seed: int = 0
+
+
+def push_folder(folder: str, repo_id: Optional[str] = None, token: Optional[str] = None,
+                private: bool = False) -> None:
     """Upload a saved pipeline folder with ``--push_to_hub``: the allow-list of ``diffusers-retina push``
     (:func:`diffusers_retina.hub.upload.files_to_push`: weights, configs, shims with the self-contained code bundle, card,
-    records, small PNGs; never the ``checkpoint-*`` training states, optimizer states, pickles or logs) to
-    ``--hub_model_id`` (as resolved by
-    :func:`create_hub_repo` at the start of training)."""
-    push_checkpoint(folder, args.hub_model_id or Path(folder).name, token=args.hub_token,
-                    private=args.hub_private_repo)
+    records, small PNGs; never the ``checkpoint-*`` training states, optimizer states, pickles or logs) to ``repo_id``
+    (as resolved by :func:`create_hub_repo` at the start of training; default the folder's name)."""
+    push_checkpoint(folder, repo_id or Path(folder).name, token=token, private=private)
 
 
-def create_hub_repo(args) -> Optional[str]:
-    """With ``--push_to_hub``, create (or reuse) the Hub repo before training, so a missing login, a network failure
-    or a name clash fails in the first seconds rather than after hours; ``args.hub_model_id`` becomes the full repo id
-    (``user/name``), which the model card and the final upload then use. Main process only; None without
-    ``--push_to_hub``."""
-    if not getattr(args, "push_to_hub", False):
+def create_hub_repo(run: RunArguments) -> Optional[str]:
+    """With ``push_to_hub``, create (or reuse) the Hub repo before training, so a missing login, a network failure or
+    a name clash fails in the first seconds rather than after hours. Returns the full repo id (``user/name``), which
+    the model card and the final upload then use; None without ``push_to_hub``."""
+    if not run.push_to_hub:
         return None
-    repo_id = args.hub_model_id or Path(args.output_dir).name
+    repo_id = run.hub_model_id or Path(run.output_dir).name
     try:
-        args.hub_model_id = create_repo(repo_id, token=args.hub_token, private=args.hub_private_repo)
+        return create_repo(repo_id, token=run.hub_token, private=run.hub_private_repo)
     except Exception as error:
         raise RuntimeError(f"--push_to_hub: could not create the Hub repo {repo_id!r} (log in with "
                            f"`huggingface-cli login` or pass --hub_token; HF_HUB_OFFLINE must be unset): "
                            f"{type(error).__name__}: {error}") from error
-    return args.hub_model_id
 
 
 # ------------------------------------------------------------------------------------------------ set-up
 
 
-def make_accelerator(args):
-    """The ``Accelerator`` of the flags, logging, the seed (set before the model is built, so its initial weights
-    depend only on ``--seed``), the output folder and, with ``--push_to_hub``, the Hub repo (:func:`create_hub_repo`)."""
+def make_accelerator(run: RunArguments) -> Tuple[Accelerator, Optional[str]]:
+    """The ``Accelerator`` of ``run``, logging, the seed (set before the model is built, so its initial weights depend
+    only on the seed), the output folder and, with ``push_to_hub``, the Hub repo (:func:`create_hub_repo`). Returns
+    the accelerator and the repo id (None without ``push_to_hub``, and on processes other than the main one)."""
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to in ("none", "") else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        gradient_accumulation_steps=run.gradient_accumulation_steps,
+        mixed_precision=run.mixed_precision,
+        log_with=None if run.report_to in ("none", "") else run.report_to,
+        project_config=ProjectConfiguration(project_dir=run.output_dir,
+                                            logging_dir=os.path.join(run.output_dir, run.logging_dir)),
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    set_seed(args.seed)
+    set_seed(run.seed)
+    repo_id = None
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        create_hub_repo(args)  # --push_to_hub: fail now, not after training
-    return accelerator
+        os.makedirs(run.output_dir, exist_ok=True)
+        repo_id = create_hub_repo(run)  # --push_to_hub: fail now, not after training
+    return accelerator, repo_id
 
 
 @dataclass
@@ -136,19 +201,20 @@ class TrainingState:
     validation_dataset: Optional[torch.utils.data.Dataset]
     clock: TrainingClock
     num_epochs: int
+    max_train_steps: int
     global_step: int = 0
     first_epoch: int = 0
     resume_step: int = 0
 
 
-def _ema_model(accelerator, args, model) -> Optional[EMAModel]:
-    """With ``--use_ema``, the EMA of ``model``'s weights, saved in and restored from accelerate's checkpoints
+def _ema_model(accelerator, optimization: OptimizationArguments, model) -> Optional[EMAModel]:
+    """With ``use_ema``, the EMA of ``model``'s weights, saved in and restored from accelerate's checkpoints
     (``unet_ema/``); None otherwise."""
-    if not args.use_ema:
+    if not optimization.use_ema:
         return None
     model_cls = type(model)
-    ema_model = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
-                         inv_gamma=args.ema_inv_gamma, power=args.ema_power, model_cls=model_cls,
+    ema_model = EMAModel(model.parameters(), decay=optimization.ema_max_decay, use_ema_warmup=True,
+                         inv_gamma=optimization.ema_inv_gamma, power=optimization.ema_power, model_cls=model_cls,
                          model_config=model.config)
 
     def save_model_hook(models, weights, output_dir):
@@ -165,86 +231,96 @@ def _ema_model(accelerator, args, model) -> Optional[EMAModel]:
     return ema_model
 
 
-def _patch_dataloader(args):
-    """Random patches of the training data (``--resolution``, ``--patches_per_image``, the augmentation and prior
-    flags) in the resumable order of :class:`EpochSampler`, and the validation dataset."""
-    train_dataset, validation_dataset = build_datasets(DataArguments.from_args(args))
-    patches = RandomPatchDataset(
-        train_dataset, patch_size=args.resolution, patches_per_image=args.patches_per_image,
-        foreground_fraction=args.foreground_fraction, augment=True, seed=args.seed,
-        **augmentation_options(train_dataset, photometric=getattr(args, "photometric_augmentation", 0.0),
-                               scale_augmentation=getattr(args, "scale_augmentation", None),
-                               prior_maps=getattr(args, "prior_maps", None)))
-    loader = torch.utils.data.DataLoader(patches, batch_size=args.train_batch_size,
-                                         sampler=EpochSampler(len(patches), args.seed),
-                                         num_workers=args.dataloader_num_workers, drop_last=True)
+def _patch_dataloader(data: DataArguments, patches: PatchArguments):
+    """Random patches of the training data in the resumable order of :class:`EpochSampler`, and the validation
+    dataset."""
+    train_dataset, validation_dataset = build_datasets(data)
+    dataset = RandomPatchDataset(
+        train_dataset, patch_size=patches.resolution, patches_per_image=patches.patches_per_image,
+        foreground_fraction=patches.foreground_fraction, augment=True, seed=patches.seed,
+        **augmentation_options(train_dataset, photometric=patches.photometric_augmentation,
+                               scale_augmentation=patches.scale_augmentation, prior_maps=patches.prior_maps))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=patches.train_batch_size,
+                                         sampler=EpochSampler(len(dataset), patches.seed),
+                                         num_workers=patches.dataloader_num_workers, drop_last=True)
     return loader, validation_dataset
 
 
-def _log_run(logger, project_name: str, args, accelerator, model, patches: int, num_epochs: int,
-             batches_per_process: int) -> None:
-    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+def _log_run(logger, project_name: str, accelerator, model, patches: int, batch_size: int, accumulation: int,
+             num_epochs: int, max_train_steps: int, batches_per_process: int) -> None:
+    total_batch_size = batch_size * accelerator.num_processes * accumulation
     logger.info(f"***** Running training ({project_name}) *****")
     logger.info(f"  Patches per epoch = {patches}  |  Epochs = {num_epochs}  |  Total batch = {total_batch_size}")
     logger.info(f"  Processes = {accelerator.num_processes} ({accelerator.distributed_type.value})  |  "
                 f"Batches per process per epoch = {batches_per_process}")
-    logger.info(f"  Optimisation steps = {args.max_train_steps}  |  "
+    logger.info(f"  Optimisation steps = {max_train_steps}  |  "
                 f"Parameters = {sum(p.numel() for p in model.parameters()):,}")
 
 
-def prepare_training(accelerator, args, model, logger, project_name: str) -> TrainingState:
+def prepare_training(accelerator, model, data: DataArguments, patches: PatchArguments,
+                     optimization: OptimizationArguments, logger, project_name: str,
+                     tracker_config: Optional[Dict[str, Any]] = None) -> TrainingState:
     """EMA (saved inside accelerate's checkpoints), the training clock, random patches of the training data in a
-    resumable order, AdamW with the learning-rate schedule, ``accelerator.prepare``, trackers, and resumption from
-    ``--resume_from_checkpoint``."""
-    ema_model = _ema_model(accelerator, args, model)
+    resumable order, AdamW with the learning-rate schedule, ``accelerator.prepare``, trackers (``tracker_config``:
+    the flags to log) and resumption from ``optimization.resume_from_checkpoint``. ``state.max_train_steps`` is the
+    step count the run will take (from ``num_epochs`` when ``max_train_steps`` is None).
+
+    Example (what a script's ``main`` does with its parsed flags)::
+
+        state = prepare_training(accelerator, model, DataArguments.from_args(args), arguments_from(PatchArguments, args),
+                                 arguments_from(OptimizationArguments, args), logger, "my_script", vars(args))
+    """
+    opt = optimization
+    ema_model = _ema_model(accelerator, opt, model)
     clock = TrainingClock()
     register_clock_checkpointing(accelerator, clock)  # JSON in the checkpoint, never pickled
-    train_dataloader, validation_dataset = _patch_dataloader(args)
-    patches = len(train_dataloader.dataset)
+    train_dataloader, validation_dataset = _patch_dataloader(data, patches)
+    num_patches = len(train_dataloader.dataset)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.learning_rate, betas=(opt.adam_beta1, opt.adam_beta2),
+                                  weight_decay=opt.adam_weight_decay, eps=opt.adam_epsilon)
     # The schedule is built before `prepare` (as in diffusers' examples) from the per-process loader length that
     # sharding will give; the prepared scheduler steps once per process, hence the factor num_processes.
-    max_train_steps_given = args.max_train_steps is not None
-    if not max_train_steps_given:
+    max_train_steps = opt.max_train_steps
+    if max_train_steps is None:
         sharded_batches = sharded_length(len(train_dataloader), accelerator.num_processes, drop_last=True)
-        args.max_train_steps = args.num_epochs * math.ceil(sharded_batches / args.gradient_accumulation_steps)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+        max_train_steps = opt.num_epochs * math.ceil(sharded_batches / opt.gradient_accumulation_steps)
+    lr_scheduler = get_scheduler(opt.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=opt.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_train_steps * accelerator.num_processes)
 
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader,
                                                                            lr_scheduler)
     # Step and epoch accounting from the prepared (per-process) loader: with N processes an epoch is N times shorter.
     if len(train_dataloader) == 0:
-        raise ValueError(f"{patches} patches per epoch make no full batch of --train_batch_size "
-                         f"{args.train_batch_size} on each of {accelerator.num_processes} processes: raise "
+        raise ValueError(f"{num_patches} patches per epoch make no full batch of --train_batch_size "
+                         f"{patches.train_batch_size} on each of {accelerator.num_processes} processes: raise "
                          "--patches_per_image or lower --train_batch_size.")
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    if not max_train_steps_given and args.max_train_steps != args.num_epochs * num_update_steps_per_epoch:
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / opt.gradient_accumulation_steps)
+    if opt.max_train_steps is None and max_train_steps != opt.num_epochs * num_update_steps_per_epoch:
         logger.warning(f"The prepared loader has {len(train_dataloader)} batches per process, not the expected "
                        f"{sharded_batches}: --max_train_steps follows the prepared loader.")
-        args.max_train_steps = args.num_epochs * num_update_steps_per_epoch
-    num_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+        max_train_steps = opt.num_epochs * num_update_steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / num_update_steps_per_epoch)
     if ema_model is not None:
         ema_model.to(accelerator.device)
     if accelerator.is_main_process and accelerator.log_with:
         accelerator.init_trackers(project_name, config={
-            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-    _log_run(logger, project_name, args, accelerator, model, patches, num_epochs, len(train_dataloader))
+            k: v for k, v in (tracker_config or {}).items() if isinstance(v, (int, float, str, bool))})
+    _log_run(logger, project_name, accelerator, model, num_patches, patches.train_batch_size,
+             opt.gradient_accumulation_steps, num_epochs, max_train_steps, len(train_dataloader))
 
     state = TrainingState(model=model, ema_model=ema_model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                           train_dataloader=train_dataloader, validation_dataset=validation_dataset, clock=clock,
-                          num_epochs=num_epochs)
-    path = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if args.resume_from_checkpoint and path is None:
+                          num_epochs=num_epochs, max_train_steps=max_train_steps)
+    path = find_resume_checkpoint(opt.resume_from_checkpoint, opt.output_dir)
+    if opt.resume_from_checkpoint and path is None:
         logger.info("No checkpoint found in --output_dir: starting a new run.")
     elif path is not None:
         logger.info(f"Resuming from {path}")
         accelerator.load_state(path)
         state.global_step, state.first_epoch, state.resume_step = resume_position(
-            path, num_update_steps_per_epoch, args.gradient_accumulation_steps)
+            path, num_update_steps_per_epoch, opt.gradient_accumulation_steps)
     return state
 
 
@@ -272,7 +348,7 @@ def final_weights(accelerator, model, ema_model, save_dtype: str):
     return unwrapped.to(getattr(torch, save_dtype))
 
 
-def launch_record(args) -> dict:
+def launch_record(train_batch_size: Optional[int] = None, gradient_accumulation_steps: int = 1) -> dict:
     """How this run was launched, read from the environment the launcher set and from accelerate's ``PartialState``:
     ``launcher`` ("python", "accelerate launch" or "torchrun"), ``distributed_type``, ``num_processes`` (world size),
     ``num_machines``, the per-process batch, gradient accumulation and the global batch of one optimisation step."""
@@ -286,8 +362,7 @@ def launch_record(args) -> dict:
     world_size = state.num_processes
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     # scripts without batches of patches (train_feature_head.py) record no batch figures
-    batch = getattr(args, "train_batch_size", None)
-    accumulation = getattr(args, "gradient_accumulation_steps", 1)
+    batch, accumulation = train_batch_size, gradient_accumulation_steps
     return {
         "launcher": launcher,
         "distributed_type": str(state.distributed_type.value),
@@ -317,13 +392,15 @@ def launch_command(launch: dict, script: str) -> list:
     return [*prefix, "accelerate", "launch", "--multi_gpu", *nodes, "--num_processes", str(num_processes), script]
 
 
-def write_training_record(args, script: str, global_step: int, seconds: float, model, argv=None, **extra) -> None:
-    """``training_info.json`` beside the saved pipeline: arguments, the data's provenance (``"dataset"``: name,
-    licence, attribution and the images used, see :func:`diffusers_retina.hub.dataset_provenance`), the exact command
-    (``argv``: the arguments given to ``main``, default the process's), steps, time, size, extras."""
-    launch = launch_record(args)
-    arguments = {k: v for k, v in vars(args).items() if k != "hub_token"}
-    write_json(os.path.join(args.output_dir, TRAINING_INFO), {
+def write_training_record(output_dir: str, arguments: Dict[str, Any], script: str, global_step: int, seconds: float,
+                          model, argv=None, **extra) -> None:
+    """``output_dir/training_info.json``: the run's ``arguments`` (the parsed flags as a dict; a ``hub_token`` is left
+    out), the data's provenance (``"dataset"``: name, licence, attribution and the images used, see
+    :func:`diffusers_retina.hub.dataset_provenance`), the exact command (``argv``: the arguments given to ``main``,
+    default the process's), how it was launched, steps, time, size, extras."""
+    arguments = {k: v for k, v in arguments.items() if k != "hub_token"}
+    launch = launch_record(arguments.get("train_batch_size"), arguments.get("gradient_accumulation_steps") or 1)
+    write_json(os.path.join(output_dir, TRAINING_INFO), {
         "args": arguments,
         # the data's name, licence and attribution from its provenance files or metadata (the cards are built on it)
         "dataset": dataset_provenance(arguments),

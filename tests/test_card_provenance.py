@@ -153,7 +153,8 @@ def test_training_record_holds_the_dataset(tmp_path):
                      train_stems=None, validation_stems="b1", dataset_name=None, output_dir=str(tmp_path / "out"),
                      hub_token="secret")
     (tmp_path / "out").mkdir()
-    write_training_record(args, "training/train_segmentation_ensemble.py", 3, 1.0, torch.nn.Linear(2, 2), argv=[])
+    write_training_record(args.output_dir, vars(args), "training/train_segmentation_ensemble.py", 3, 1.0,
+                          torch.nn.Linear(2, 2), argv=[])
     info = json.loads((tmp_path / "out" / "training_info.json").read_text())
     assert info["dataset"]["license"] == "cc-by-nc-4.0" and info["dataset"]["train_images"] == ["a1", "a2", "b1"]
     assert info["dataset"]["validation_stems"] == "b1" and "hub_token" not in info["args"]

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from diffusers_retina import DiffusionFeaturePipeline
 from diffusers_retina.models import FreqAggHead, PixelMLPEnsemble
+from diffusers_retina.training_data import training_field_of_view_diameter
 
 from testing_utils import run_script, write_folder_dataset
 from testing_utils import load_script
@@ -50,8 +51,9 @@ def test_heads_train_save_and_segment(ddpm_and_data, tmp_path, head, head_cls):
     assert type(pipe.head) is head_cls and pipe.head.config.blocks == ["up.0", "up.1"]
     info = json.loads((out / "training_info.json").read_text())
     assert info["num_labelled"] == 2 and "--head " + head in info["command"]
-    # salt-and-pepper images have no dark surround: no training scale to record, so "auto" segments natively
-    assert pipe.config.field_of_view_diameter is None
+    # the training scale processing_resolution="auto" brings photographs to: the labelled images' field of view
+    labelled = [np.asarray(Image.open(data / "images" / f"case{i}.png").convert("RGB")) for i in (0, 1)]
+    assert pipe.config.field_of_view_diameter == training_field_of_view_diameter(labelled) is not None
     with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as weights:  # --save_dtype
         assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.float16}
     card = (out / "README.md").read_text()  # the model card names the head, the labelled images and the policy

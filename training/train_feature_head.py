@@ -231,7 +231,8 @@ def main(argv=None):
 
     pipe.set_head(head.eval())
     pipe.to(getattr(torch, args.save_dtype)).save_pretrained(args.output_dir)
-    write_training_record(args, "training/train_feature_head.py", args.max_train_steps, time.time() - started, head,
+    write_training_record(args.output_dir, vars(args), "training/train_feature_head.py", args.max_train_steps,
+                          time.time() - started, head,
                           argv=argv, num_labelled=args.num_labelled, ddpm=args.ddpm,
                           unet_parameters=sum(p.numel() for p in pipe.unet.parameters()))
     write_feature_head_card(args.output_dir)

@@ -36,6 +36,11 @@ from diffusers_retina.image_processing import mask_to_diffusion
 from diffusers_retina.models import ConditionalUNet2DModel
 from diffusers_retina.synthesis import image_grid, mask_faithfulness
 from diffusers_retina.training_utils import (
+    DataArguments,
+    OptimizationArguments,
+    PatchArguments,
+    RunArguments,
+    arguments_from,
     add_data_arguments,
     add_optimization_arguments,
     add_output_arguments,
@@ -162,12 +167,16 @@ def run_validation(model, noise_scheduler, validation, args, step, faithfulness_
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = make_accelerator(args)
+    accelerator, repo_id = make_accelerator(arguments_from(RunArguments, args))
+    args.hub_model_id = repo_id or args.hub_model_id  # --push_to_hub: the full repo id, for the card and the upload
 
     # model and noise schedule; EMA, data, optimiser, checkpoints and resumption come from prepare_training
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
                                     prediction_type=args.prediction_type)
-    state = prepare_training(accelerator, args, build_model(args), logger, f"train_mask2image ({args.task} model)")
+    state = prepare_training(accelerator, build_model(args), DataArguments.from_args(args),
+                             arguments_from(PatchArguments, args), arguments_from(OptimizationArguments, args), logger,
+                             f"train_mask2image ({args.task} model)", tracker_config=vars(args))
+    args.max_train_steps = state.max_train_steps
     model, ema_model, optimizer, lr_scheduler = state.model, state.ema_model, state.optimizer, state.lr_scheduler
     global_step = state.global_step
     faithfulness_segmenter = None
@@ -267,11 +276,12 @@ def save_pipeline(accelerator, model, ema_model, noise_scheduler, args, global_s
         pipeline = Mask2ImagePipeline(unet=unwrapped, scheduler=inference_scheduler(noise_scheduler),
                                       mask_unet=mask_unet, mask_scheduler=mask_scheduler)
         pipeline.save_pretrained(args.output_dir)
-    write_training_record(args, "training/train_mask2image.py", global_step, seconds, unwrapped, argv=argv,
+    write_training_record(args.output_dir, vars(args), "training/train_mask2image.py", global_step, seconds, unwrapped,
+                          argv=argv,
                           validation_faithfulness_dice=validation_score)
     write_mask2image_card(args.output_dir, repo_id=args.hub_model_id)
     if args.push_to_hub:
-        push_folder(args, args.output_dir)
+        push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
 
 
 if __name__ == "__main__":

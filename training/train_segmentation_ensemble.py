@@ -59,6 +59,11 @@ from diffusers_retina.models import MedSegDiffUNet2DModel, PriorFeatureRefinerMo
 from diffusers_retina.pipelines.sampling import segmenter_probabilities
 from diffusers_retina.training_data import training_field_of_view_diameter
 from diffusers_retina.training_utils import (
+    DataArguments,
+    OptimizationArguments,
+    PatchArguments,
+    RunArguments,
+    arguments_from,
     add_data_arguments,
     add_optimization_arguments,
     add_output_arguments,
@@ -344,12 +349,16 @@ def run_validation(unet, noise_scheduler, validation, args, seed):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = make_accelerator(args)
+    accelerator, repo_id = make_accelerator(arguments_from(RunArguments, args))
+    args.hub_model_id = repo_id or args.hub_model_id  # --push_to_hub: the full repo id, for the card and the upload
 
     # model and noise schedule; EMA, data, optimiser, checkpoints and resumption come from prepare_training
     noise_scheduler = DDPMScheduler(num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
                                     prediction_type=args.prediction_type)
-    state = prepare_training(accelerator, args, build_unet(args), logger, "train_segmentation_ensemble")
+    state = prepare_training(accelerator, build_unet(args), DataArguments.from_args(args),
+                             arguments_from(PatchArguments, args), arguments_from(OptimizationArguments, args), logger,
+                             "train_segmentation_ensemble", tracker_config=vars(args))
+    args.max_train_steps = state.max_train_steps
     unet, ema_unet, optimizer, lr_scheduler = state.model, state.ema_model, state.optimizer, state.lr_scheduler
     global_step = state.global_step
     # the scale the models learn at: processing_resolution="auto" brings every photograph's field of view to it
@@ -461,7 +470,8 @@ def save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_ste
             if prior_info:
                 extra["prior_command"] = prior_info["command"]
                 break
-    write_training_record(args, "training/train_segmentation_ensemble.py", global_step, seconds, model, argv=argv,
+    write_training_record(args.output_dir, vars(args), "training/train_segmentation_ensemble.py", global_step,
+                          seconds, model, argv=argv,
                           validation_dice=validation_dice, **extra)
     if args.objective == "diffusion":
         write_segmentation_card(args.output_dir, repo_id=args.hub_model_id)
@@ -473,7 +483,7 @@ def save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_ste
         shutil.copy(os.path.join(args.output_dir, TRAINING_INFO), os.path.join(args.output_dir, "unet", TRAINING_INFO))
         write_segmenter_card(os.path.join(args.output_dir, "unet"), repo_id=args.hub_model_id)
     if args.push_to_hub:
-        push_folder(args, args.output_dir)
+        push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
 
 
 if __name__ == "__main__":
