@@ -22,7 +22,7 @@ from testing_utils import decisive_head, disc_photograph, seeded, tiny_diffusion
 
 
 def photo(width: int, height: int, diameter: int, seed: int = 0) -> np.ndarray:
-    return np.asarray(disc_photograph(width, height, diameter, seed=seed))
+    return np.array(disc_photograph(width, height, diameter, seed=seed))
 
 
 # ---------------------------------------------------------------------------------------------- the plan
