@@ -102,6 +102,19 @@ def load_pipeline(path: str, device: torch.device, dtype: str = "float32"):
     return pipe
 
 
+def pipeline_rows(specs: Sequence[str], device: torch.device, threshold: float):
+    """The ``--diffusion LABEL=DIR@STEPS[,STEPS...]`` rows of the evaluation scripts: ``(label, path, pipe,
+    threshold, steps)`` per step count, each pipeline loaded once; the threshold is the checkpoint's
+    ``default_threshold`` when it stores one, else ``threshold``."""
+    for spec in specs:
+        label, rest = spec.split("=", 1)
+        path, _, steps = rest.partition("@")
+        pipe = load_pipeline(path, device)
+        row_threshold = pipe.config.get("default_threshold") or threshold
+        for step_count in [int(s) for s in (steps or "2").split(",")]:
+            yield f"{label}, {step_count} step{'s' if step_count > 1 else ''}", path, pipe, row_threshold, step_count
+
+
 def make_scheduler(name: str, config: Dict[str, Any], timestep_spacing: Optional[str] = None):
     """A diffusers scheduler by short name (``ddim``, ``ddpm``, ``dpm``, ``euler``), built from ``config``.
 

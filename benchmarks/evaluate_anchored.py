@@ -123,21 +123,15 @@ def build_rows(args, device) -> List[Tuple[str, Callable, Dict]]:
 
         rows.append((label, predict, {"kind": "cascade", "prior": prior_path, "refiner": refiner_path}))
 
-    for spec in args.pipelines:
-        label, rest = spec.split("=", 1)
-        path, _, steps = rest.partition("@")
-        pipe = _common.load_pipeline(path, device)
-        threshold = pipe.config.get("default_threshold") or args.threshold
-        for step_count in [int(s) for s in (steps or "2").split(",")]:
-            def predict(image, pipe=pipe, step_count=step_count, threshold=threshold):
-                out = pipe((image + 1) / 2, num_inference_steps=step_count, ensemble_size=args.ensemble_size,
-                           threshold=threshold, generator=_common.generator(args.seed), batch_size="auto",
-                           output_type="pt", **tiles)
-                return out.probabilities[0, 0], out.entropy[0], threshold
+    for label, path, pipe, threshold, step_count in _common.pipeline_rows(args.pipelines, device, args.threshold):
+        def predict(image, pipe=pipe, step_count=step_count, threshold=threshold):
+            out = pipe((image + 1) / 2, num_inference_steps=step_count, ensemble_size=args.ensemble_size,
+                       threshold=threshold, generator=_common.generator(args.seed), batch_size="auto",
+                       output_type="pt", **tiles)
+            return out.probabilities[0, 0], out.entropy[0], threshold
 
-            rows.append((f"{label}, {step_count} step{'s' if step_count > 1 else ''}", predict,
-                         {"kind": "pipeline", "path": path, "steps": step_count,
-                          "anchor": pipe.config.get("anchor"), "ensemble_size": args.ensemble_size}))
+        rows.append((label, predict, {"kind": "pipeline", "path": path, "steps": step_count,
+                                      "anchor": pipe.config.get("anchor"), "ensemble_size": args.ensemble_size}))
     return rows
 
 
