@@ -6,6 +6,7 @@ feature pipeline's window filling both start from it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -217,7 +218,11 @@ def plan_processing(image: np.ndarray, processing_resolution: Union[int, str, No
         return ProcessingPlan(scale, (max(1, round(height * scale)), max(1, round(width * scale))), "fixed")
     if training_diameter is None:
         return native
-    found = field_of_view_diameter(image)
+    # found on a subsampled copy (at most ~640 px: a tenth of the time, +-1 px per step of precision, far inside the
+    # 5 % tolerance), in the image's own pixels
+    step = max(1, math.ceil(max(height, width) / 640))
+    found = field_of_view_diameter(np.asarray(image)[::step, ::step])
+    found = None if found is None else found * step
     if found is None:
         scale, basis = min(1.0, training_diameter / max(height, width)), "longer_side"
     else:
