@@ -17,11 +17,11 @@ Tabs (and their API names, for ``gradio_client``):
 
 Masks come back as lossless PNGs (0/255) through the UI and the API (gradio's default image format, WebP, is lossy).
 Each checkpoint can be replaced by a folder or Hub repo with ``DIFFUSERS_RETINA_PIPELINE``,
-``DIFFUSERS_RETINA_MASK2IMAGE``, ``DIFFUSERS_RETINA_FEATURES`` and ``DIFFUSERS_RETINA_ADAPTDIFF``. Runs on CPU: inputs are downscaled (longer side at
-most ``MAX_SIDE`` / ``SMALL_SIDE`` pixels), the segmentation tabs then segment each photograph at the scale its checkpoint
-learnt (``processing_resolution="auto"``: the field of view resized to the training diameter the checkpoint records,
-920 px for the references) and the default step counts are small. No network at run time unless
-``HF_HUB_OFFLINE=0`` is set.
+``DIFFUSERS_RETINA_MASK2IMAGE``, ``DIFFUSERS_RETINA_FEATURES`` and ``DIFFUSERS_RETINA_ADAPTDIFF``. Runs on CPU:
+inputs are downscaled (longer side at most ``MAX_SIDE`` / ``SMALL_SIDE`` pixels), the segmentation tabs then segment
+each photograph at the scale its checkpoint learnt (``processing_resolution="auto"``: the field of view resized to
+the training diameter the checkpoint records, 920 px for the references) and the default step counts are small. No
+network at run time unless ``HF_HUB_OFFLINE=0`` is set.
 """
 
 from __future__ import annotations
@@ -176,8 +176,8 @@ def segment_features(image: PIL.Image.Image, seed: int = 0,
     mask = out.masks[0]
     # the head's uncertainty is an entropy in nats: at most log 2 for two classes, shown as 0..255
     uncertainty = (out.uncertainty[0].float() / np.log(2.0)).clamp(0, 1).mul(255).round().byte().numpy()
-    summary = (f"{image.width}x{image.height} px photograph{processed_at(out.processing[0])}: vessel fraction {(mask > 0).float().mean():.3f}, mean uncertainty "
-               f"{out.uncertainty[0].float().mean():.4f} nats")
+    summary = (f"{image.width}x{image.height} px photograph{processed_at(out.processing[0])}: vessel fraction "
+               f"{(mask > 0).float().mean():.3f}, mean uncertainty {out.uncertainty[0].float().mean():.4f} nats")
     return binary_png(mask), PIL.Image.fromarray(uncertainty, mode="L"), summary
 
 

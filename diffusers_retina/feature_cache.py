@@ -6,7 +6,7 @@ change of any of them misses. The pipeline itself extracts without a cache (``Di
 
 Example:
     >>> from diffusers_retina.feature_cache import cached_extract  # doctest: +SKIP
-    >>> features = cached_extract(pipe, images, "runs/feature-cache", blocks=["up.1"], timesteps=[50], seed=0)  # doctest: +SKIP
+    >>> features = cached_extract(pipe, images, "runs/cache", blocks=["up.1"], timesteps=[50], seed=0)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -77,10 +77,10 @@ def cached_extract(pipe, images: torch.Tensor, cache_dir: Union[str, os.PathLike
                    timesteps: Sequence[int], policy: str = "noise", seed: Optional[int] = None,
                    feature_dtype: torch.dtype = torch.float16, num_noise_draws: int = 1, shared_noise: bool = False,
                    batch_size: Optional[int] = None, generator=None) -> Dict[str, torch.Tensor]:
-    """``pipe.extract(images, ...)`` (a ``DiffusionFeaturePipeline`` or any ``FeatureExtractionMixin``) with each image's
-    features kept in ``cache_dir``: hits are read, only the misses go through the UNet (as one batch) and are written.
-    The same image gets the same features wherever it sits in a batch: with ``seed`` its noise is drawn from (seed,
-    image content, draw). A cache with ``policy="noise"`` therefore needs ``seed`` (a generator's state cannot be
+    """``pipe.extract(images, ...)`` (a ``DiffusionFeaturePipeline`` or any ``FeatureExtractionMixin``) with each
+    image's features kept in ``cache_dir``: hits are read, only the misses go through the UNet (as one batch) and are
+    written. The same image gets the same features wherever it sits in a batch: with ``seed`` its noise is drawn from
+    (seed, image content, draw). A cache with ``policy="noise"`` therefore needs ``seed`` (a generator's state cannot be
     keyed); the deterministic policies need none. Returns what ``extract`` returns."""
     pipe.check_extract_inputs(blocks, timesteps, policy, num_noise_draws, feature_dtype, batch_size, seed)
     if policy == "noise" and seed is None:
