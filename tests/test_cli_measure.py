@@ -132,7 +132,9 @@ def test_segment_and_measure_with_member_intervals_and_resume(tmp_path, capsys):
     photos.mkdir()
     fundus.save(photos / "a.png")
     output = tmp_path / "out"
-    common = ["--output-dir", str(output), "--ensemble-size", "3", "--threads", "1", "--fov-degrees", "45"]
+    # native: a 128 px thumbnail would otherwise be segmented at the reference's 920 px scale (slow for a test)
+    common = ["--output-dir", str(output), "--ensemble-size", "3", "--threads", "1", "--fov-degrees", "45",
+              "--processing-resolution", "native"]
     assert cli.main(["measure", str(photos), *common]) == 0
     fundus.transpose(PIL.Image.FLIP_LEFT_RIGHT).save(photos / "b.png")
     capsys.readouterr()
