@@ -15,7 +15,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Any, Iterable, List, Optional, Tuple, Type, TypeVar, Union
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from .data import BratsSliceDataset, DataError, FolderPairDataset, HFSegmentatio
 from .data.hf import load_hf_dataset, pick_split, select_rows
 from .data.reading import open_pil
 from .image_processing import field_of_view_diameter
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -63,13 +65,19 @@ class DataArguments:
 
     @classmethod
     def from_args(cls, args: Union[argparse.Namespace, "DataArguments"]) -> "DataArguments":
-        """The data fields of parsed flags (fields a script does not define keep their defaults)."""
-        if isinstance(args, cls):
-            return args
-        defaults = cls()
-        return cls(**{field.name: (getattr(args, field.name, None) if getattr(args, field.name, None) is not None
-                                   else getattr(defaults, field.name))
-                      for field in dataclasses.fields(cls)})
+        """The data fields of parsed flags (:func:`arguments_from`)."""
+        return arguments_from(cls, args)
+
+
+def arguments_from(cls: Type[T], args: Any) -> T:
+    """The fields of dataclass ``cls`` read from parsed flags ``args``: a field the flags do not define, or leave None,
+    keeps its default; an instance of ``cls`` is returned as it is. The scripts own their parsers; the library takes
+    these typed, explicit arguments (:class:`DataArguments`, and ``training_utils``' run, optimisation and patch
+    arguments)."""
+    if isinstance(args, cls):
+        return args
+    return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)
+                  if getattr(args, field.name, None) is not None})
 
 
 def select_stems(dataset_root: Union[str, Path], patterns: str, image_dir: str = "images",

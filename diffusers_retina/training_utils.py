@@ -16,9 +16,9 @@ import math
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Type, TypeVar
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -59,6 +59,7 @@ from .training_arguments import (  # noqa: F401 (re-exported)
 from .training_data import (  # noqa: F401 (re-exported)
     DataArguments,
     EpochSampler,
+    arguments_from,
     augmentation_options,
     build_brats_datasets,
     build_datasets,
@@ -74,18 +75,6 @@ from .training_data import (  # noqa: F401 (re-exported)
     step_generator,
 )
 from .utils.io_utils import command_line, write_json
-
-T = TypeVar("T")
-
-
-def arguments_from(cls: Type[T], args: Any) -> T:
-    """The fields of dataclass ``cls`` read from parsed flags ``args`` (a field a script does not define keeps its
-    default); an instance of ``cls`` is returned as it is. The scripts own their parsers; the library takes these
-    typed, explicit arguments."""
-    if isinstance(args, cls):
-        return args
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
-
 
 @dataclass
 class RunArguments:
