@@ -43,6 +43,7 @@ from .field_of_view import (
     field_of_view_masks,
     fill_outside_field_of_view,
     plan_processing,
+    plan_processing_batch,
     rescale_to_field_of_view,
 )
 from .image_processor import OUTPUT_TYPES, RetinaImageProcessor, colormap
@@ -80,5 +81,6 @@ __all__ = [
     "pad_to_multiple",
     "prepare_images",
     "plan_processing",
+    "plan_processing_batch",
     "prepare_masks",
 ]

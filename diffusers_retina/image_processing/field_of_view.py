@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -100,6 +100,14 @@ def field_of_view_diameter(image: np.ndarray, threshold: float = 0.1) -> Optiona
     return box if fitted is None else max(box, int(round(fitted)))
 
 
+def _unit_arrays(images: torch.Tensor) -> np.ndarray:
+    """A batch as the pipelines hold it (``(N, C, H, W)`` float in ``[-1, 1]``) as ``(N, H, W, C)`` float32 arrays in
+    ``[0, 1]``, the form the field-of-view functions read."""
+    if images.ndim != 4:
+        raise ValueError(f"`images` must be an (N, C, H, W) batch in [-1, 1], got shape {tuple(images.shape)}.")
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+
+
 def field_of_view_masks(images: torch.Tensor, threshold: float = 0.1, erosion: int = 2) -> torch.Tensor:
     """:func:`field_of_view_mask` of every image of a batch as the pipelines hold it (``(N, C, H, W)`` float in
     ``[-1, 1]``); returns a bool ``(N, H, W)`` tensor on the images' device.
@@ -111,10 +119,7 @@ def field_of_view_masks(images: torch.Tensor, threshold: float = 0.1, erosion: i
         >>> fov.shape, bool(fov[0, 16, 16]), bool(fov[1, 0, 0])
         (torch.Size([2, 32, 32]), True, False)
     """
-    if images.ndim != 4:
-        raise ValueError(f"`images` must be an (N, C, H, W) batch in [-1, 1], got shape {tuple(images.shape)}.")
-    arrays = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
-    masks = [field_of_view_mask(array, threshold=threshold, erosion=erosion) for array in arrays]
+    masks = [field_of_view_mask(array, threshold=threshold, erosion=erosion) for array in _unit_arrays(images)]
     return torch.from_numpy(np.stack(masks)).to(images.device)
 
 
@@ -230,6 +235,18 @@ def plan_processing(image: np.ndarray, processing_resolution: Union[int, str, No
     if abs(scale - 1.0) <= tolerance:
         return ProcessingPlan(1.0, (height, width), "native", found)
     return ProcessingPlan(scale, (max(1, round(height * scale)), max(1, round(width * scale))), basis, found)
+
+
+def plan_processing_batch(images: torch.Tensor, processing_resolution: Union[int, str, None],
+                          training_diameter: Optional[int]) -> List[ProcessingPlan]:
+    """The :class:`ProcessingPlan` of every image of a batch as the pipelines hold it (``(N, C, H, W)`` float in
+    ``[-1, 1]``; :func:`plan_processing`). The pixels are only read when ``"auto"`` looks for the field of view."""
+    check_processing_resolution(processing_resolution)
+    if processing_resolution == "auto" and training_diameter is not None:
+        arrays = _unit_arrays(images)
+    else:  # only the size matters
+        arrays = [np.broadcast_to(np.float32(0), tuple(images.shape[-2:]))] * images.shape[0]
+    return [plan_processing(array, processing_resolution, training_diameter) for array in arrays]
 
 
 def rescale_to_field_of_view(image: PIL.Image.Image, diameter: int) -> Tuple[PIL.Image.Image, float]:

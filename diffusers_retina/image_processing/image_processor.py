@@ -45,14 +45,12 @@ from .conversion import (
     prepare_masks,
 )
 from .field_of_view import (
-    ProcessingPlan,
-    check_processing_resolution,
     downscale,
     field_of_view_diameter,
     field_of_view_mask,
     field_of_view_masks,
     fill_outside_field_of_view,
-    plan_processing,
+    plan_processing_batch,
     rescale_to_field_of_view,
 )
 
@@ -213,18 +211,7 @@ class RetinaImageProcessor(ConfigMixin):
         return [PIL.Image.fromarray(colormap(m / max(float(max_value), 1e-12))) for m in array]
 
     # ------------------------------------------------------------------------------------------------ resolution
-    @staticmethod
-    def plan_processing(images: torch.Tensor, processing_resolution: Union[int, str, None],
-                        training_diameter: Optional[int]) -> List[ProcessingPlan]:
-        """The :class:`~diffusers_retina.image_processing.ProcessingPlan` of every image of a prepared ``(N, C, H, W)``
-        batch in ``[-1, 1]`` (:func:`~diffusers_retina.image_processing.plan_processing`; the field of view is only
-        looked for under ``"auto"``)."""
-        check_processing_resolution(processing_resolution)
-        if processing_resolution != "auto" or training_diameter is None:
-            return [plan_processing(np.empty(images.shape[-2:]), processing_resolution, training_diameter)
-                    for _ in range(images.shape[0])]
-        arrays = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
-        return [plan_processing(array, processing_resolution, training_diameter) for array in arrays]
+    plan_processing = staticmethod(plan_processing_batch)
 
     @staticmethod
     def resize(tensor: torch.Tensor, size: Tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
