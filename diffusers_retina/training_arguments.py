@@ -54,6 +54,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, default_resolution: int 
     parser.add_argument("--mask_dir", type=str, default="masks")
     parser.add_argument("--image_suffix", type=str, default="")
     parser.add_argument("--mask_suffix", type=str, default="")
+    parser.add_argument("--loss_mask_dir", type=str, default=None,
+                        help="Sub-folder of masks (same stems as the images) of the pixels the supervised loss counts; "
+                             "the rest is left out (e.g. where pseudo-labels are not confident). Default: every pixel.")
     parser.add_argument("--train_stems", type=str, default=None,
                         help="Comma-separated glob patterns of file stems used for training (default: all).")
     parser.add_argument("--validation_stems", type=str, default=None,

@@ -58,6 +58,7 @@ class DataArguments:
     mask_dir: str = "masks"
     image_suffix: str = ""
     mask_suffix: str = ""
+    loss_mask_dir: Optional[str] = None
     num_classes: int = 2
     image_channels: int = 3
     train_stems: Optional[str] = None
@@ -183,7 +184,8 @@ def build_datasets(data: Union[DataArguments, argparse.Namespace]
     if data.dataset_name is not None:
         return build_hf_datasets(data)
     common = dict(image_dir=data.image_dir, mask_dir=data.mask_dir, image_suffix=data.image_suffix,
-                  mask_suffix=data.mask_suffix, num_classes=data.num_classes, image_channels=data.image_channels)
+                  mask_suffix=data.mask_suffix, num_classes=data.num_classes, image_channels=data.image_channels,
+                  fov_dir=data.loss_mask_dir)  # the dataset's field-of-view masks: where the loss counts
     train_stems = (select_stems(data.train_data_dir, data.train_stems, data.image_dir, data.image_suffix)
                    if data.train_stems else None)
     train = FolderPairDataset(data.train_data_dir, stems=train_stems, **common)
@@ -312,3 +314,28 @@ def epoch_dataloader(accelerator, train_dataloader, epoch: int, first_epoch: int
 def step_generator(seed: int, global_step: int, process_index: int = 0) -> torch.Generator:
     """Noise and timesteps from a generator tied to the step, so a resumed run draws the same ones."""
     return torch.Generator().manual_seed(seed * 1000003 + global_step * 131 + process_index)
+
+
+def training_vessel_fraction(samples: Iterable[Any], limit: int = 64) -> Optional[float]:
+    """The mean fraction of the field of view the training masks mark as vessel (over the first ``limit`` samples,
+    objects with ``image`` ``(H, W, 3)`` and binary ``mask`` ``(H, W)`` arrays, as the patch datasets hold them):
+    what adaptation's label-free transform rule compares a target's pseudo-labels to
+    (:func:`diffusers_retina.adaptation.choose_transform`). ``None`` without RGB photographs.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> disc = np.zeros((40, 40, 3), np.uint8); yy, xx = np.mgrid[:40, :40]
+        >>> disc[(yy - 20) ** 2 + (xx - 20) ** 2 < 15 ** 2] = 150
+        >>> mask = np.zeros((40, 40), np.uint8); mask[20, 10:30] = 1
+        >>> round(training_vessel_fraction([SimpleNamespace(image=disc, mask=mask)]), 3)
+        0.038
+    """
+    from .image_processing import field_of_view_mask
+
+    fractions = []
+    for sample in itertools.islice(samples, limit):
+        image, mask = np.asarray(sample.image), np.asarray(sample.mask)
+        if image.ndim == 3 and image.shape[-1] == 3:
+            fov = field_of_view_mask(image)
+            fractions.append(float((mask[fov] > 0).mean()) if fov.any() else 0.0)
+    return float(np.mean(fractions)) if fractions else None

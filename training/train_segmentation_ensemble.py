@@ -57,7 +57,7 @@ from diffusers_retina.metrics import dice as dice_score
 from diffusers_retina.fold_priors import FoldPriors
 from diffusers_retina.models import MedSegDiffUNet2DModel, PriorFeatureRefinerModel, segmenter_features
 from diffusers_retina.pipelines.sampling import segmenter_probabilities
-from diffusers_retina.training_data import training_field_of_view_diameter
+from diffusers_retina.training_data import training_field_of_view_diameter, training_vessel_fraction
 from diffusers_retina.training_utils import (
     DataArguments,
     OptimizationArguments,
@@ -156,6 +156,10 @@ def parse_args(argv=None):
                          "--prior_maps.")
         if not os.path.isfile(os.path.join(args.init_unet, "config.json")):
             parser.error(f"--init_unet {args.init_unet!r} has no config.json (a saved UNet2DModel folder).")
+    if args.loss_mask_dir is not None and (args.objective != "supervised" or args.distill_from is not None
+                                           or args.train_data_dir is None or args.data_format != "folder"):
+        parser.error("--loss_mask_dir masks the supervised loss of an image folder: it needs --objective supervised, "
+                     "--train_data_dir with --data_format folder, and no --distill_from.")
     check_data_arguments(parser, args)
     check_optimization_arguments(parser, args)  # zero steps/intervals, a batch larger than an epoch, ...
     resolve_data_format(parser, args)  # --data_format brats: image channels = modalities
@@ -276,17 +280,26 @@ def diffusion_loss(unet, noise_scheduler, images, masks, args, generator, prior=
     return output, F.mse_loss(output.sample[:, : clean_masks.shape[1]].float(), target.float())
 
 
-def supervised_loss(logits, masks, num_classes):
+def supervised_loss(logits, masks, num_classes, loss_mask=None):
     """The deterministic baseline's loss: BCE (binary) or cross-entropy (K classes) plus a soft Dice loss over the
-    batch (foreground classes)."""
+    batch (foreground classes; binary: its sums run over the batch and the columns, one Dice per patch row, as the
+    shipped segmenters were trained). ``loss_mask`` (bool ``(N, H, W)``, ``--loss_mask_dir``): only these pixels
+    count, in both terms."""
+    weight = None if loss_mask is None else loss_mask.float()
     if num_classes == 2:
         target = (masks > 0).float()
         probability = logits[:, 0].float().sigmoid()
-        overlap_loss = F.binary_cross_entropy_with_logits(logits[:, 0].float(), target)
+        pixel_loss = F.binary_cross_entropy_with_logits(logits[:, 0].float(), target, reduction="none")
     else:
         target = F.one_hot(masks.long(), num_classes).permute(0, 3, 1, 2)[:, 1:].float()
         probability = logits.float().softmax(dim=1)[:, 1:]
-        overlap_loss = F.cross_entropy(logits.float(), masks.long())
+        pixel_loss = F.cross_entropy(logits.float(), masks.long(), reduction="none")
+        weight = None if weight is None else weight[:, None]
+    if weight is None:
+        overlap_loss = pixel_loss.mean()
+    else:
+        overlap_loss = (pixel_loss * weight.reshape(pixel_loss.shape)).sum() / weight.sum().clamp(min=1.0)
+        probability, target = probability * weight, target * weight
     dims = (0, *range(2, probability.dim()))
     dice = (2 * (probability * target).sum(dims) + 1) / (probability.sum(dims) + target.sum(dims) + 1)
     return overlap_loss + (1 - dice).mean()
@@ -364,6 +377,9 @@ def main(argv=None):
     # the scale the models learn at: processing_resolution="auto" brings every photograph's field of view to it
     args.field_of_view_diameter = None if args.data_format == "brats" else training_field_of_view_diameter(
         sample.image for sample in state.train_dataloader.dataset.samples)
+    # what adaptation's label-free transform rule compares pseudo-labels to (diffusers_retina.adaptation)
+    args.training_vessel_fraction = None if args.data_format == "brats" or args.num_classes != 2 else \
+        training_vessel_fraction(state.train_dataloader.dataset.samples)
     teacher = fold_priors = None
     if args.distill_from:
         teacher = UNet2DModel.from_pretrained(args.distill_from, dtype=torch.float32)
@@ -391,7 +407,7 @@ def main(argv=None):
                 elif args.objective == "supervised":
                     inputs = images if prior is None else torch.cat([images, 2.0 * prior - 1.0], dim=1)
                     output = unet(inputs, torch.zeros(images.shape[0], dtype=torch.long, device=images.device))
-                    loss = supervised_loss(output.sample, batch["mask"], args.num_classes)
+                    loss = supervised_loss(output.sample, batch["mask"], args.num_classes, batch.get("fov"))
                 else:
                     generator = step_generator(args.seed, global_step, accelerator.process_index)
                     output, loss = diffusion_loss(unet, noise_scheduler, images, batch["mask"], args, generator,
