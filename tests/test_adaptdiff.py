@@ -207,7 +207,7 @@ def test_save_load_round_trip_and_loading_ways(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- workflow
-def write_domains(root: Path, count: int = 3, size: int = 48) -> dict:
+def write_domains(root: Path, count: int = 4, size: int = 48) -> dict:
     """A labelled source folder (synthetic photographs + masks) and an unlabelled target folder (their angiograms)."""
     (root / "source" / "images").mkdir(parents=True)
     (root / "source" / "masks").mkdir(parents=True)
@@ -256,7 +256,7 @@ def test_workflow_killed_in_step_2_resumes_there_to_the_same_adapted_weights(dom
     assert straight.returncode == 0, straight.stderr[-3000:]
     state = json.loads((tmp_path / "straight" / "workflow.json").read_text())
     assert all(state["steps"][s]["complete"] for s in ("pseudo-labels", "diffusion", "synthesis", "fine-tune"))
-    assert sorted(os.listdir(tmp_path / "straight" / "3-synthetic" / "images")) == ["s0-0.png", "s1-0.png", "s2-0.png"]
+    assert sorted(os.listdir(tmp_path / "straight" / "3-synthetic" / "images")) == ["s0-0.png", "s1-0.png", "s2-0.png", "s3-0.png"]
 
     crashed = tmp_path / "crashed"
     # SIGKILL while step 2 writes its checkpoint-8 (after checkpoint-4 is complete)
@@ -314,7 +314,7 @@ def test_workflow_corrupts_pseudo_labels_and_checks_its_arguments(domains, tmp_p
     np.testing.assert_array_equal(read("reused"), noisy)
     assert not (tmp_path / "clean" / "2-diffusion").exists()  # --to_step 1 stops there
     state = json.loads((tmp_path / "noisy" / "workflow.json").read_text())["steps"]["pseudo-labels"]
-    assert state["complete"] and state["images"] == 3
+    assert state["complete"] and state["images"] == 4
 
     with pytest.raises(SystemExit, match="needs step 2 \\(diffusion\\)"):
         module.main(workflow_args(domains, tmp_path / "fresh", "--from_step", "3"))

@@ -1,31 +1,42 @@
 #!/usr/bin/env python
-"""AdaptDiff as one resumable command: adapt a vessel segmenter to an unlabelled target modality.
+"""Adapt a vessel segmenter to unlabelled target photographs (another camera, or another modality) in one resumable
+command: AdaptDiff, self-training on confident pseudo-labels, or both (``diffusers-retina adapt-train`` runs it).
 
-    python training/adaptdiff_workflow.py \\
-        --source_data_dir SOURCE --source_mask_dir masks --source_segmenter checkpoints/vessel-segmenter-chase \\
+    python training/adaptdiff_workflow.py --method self-training \
+        --source_segmenter checkpoints/vessel-segmenter-chase --target_data_dir TARGET --target_image_dir . \
+        --work_dir runs/adapt --anchored_pipeline checkpoints/segmentation-anchored-features-chase
+
+    python training/adaptdiff_workflow.py --method adaptdiff \
+        --source_data_dir SOURCE --source_mask_dir masks --source_segmenter checkpoints/vessel-segmenter-chase \
         --target_data_dir TARGET --work_dir runs/adaptdiff
 
-Four steps over ``--work_dir`` (AdaptDiff, Hu et al., MICCAI SASHIMI 2024, arXiv 2410.04648):
+Four steps over ``--work_dir`` (AdaptDiff, Hu et al., MICCAI SASHIMI 2024, arXiv 2410.04648; the steps are in
+``adaptdiff_steps.py``). Every choice is made by a label-free rule of :mod:`diffusers_retina.adaptation`:
 
-1. ``pseudo-labels``: the source segmenter labels every target image (``AdaptDiffPipeline.pseudo_label``'s
-   threshold mode: AdaptDiff's argmax), optionally after a simple intensity transform towards the source
-   (``--pseudo_label_transform``: AdaptDiff's labels only need to be weak, but they must not be empty). ``--pseudo_label_fp/--pseudo_label_fn`` corrupt them on purpose (weak-label
-   studies, ``corrupt_mask``). Written to ``1-pseudo-labels/{images,masks}``.
-2. ``diffusion``: a ``ConditionalUNet2DModel`` learns target images given the pseudo-labels with
-   ``training/train_mask2image.py`` (AdaptDiff's recipe by default: SPADE in the decoder with instance norm,
+1. ``pseudo-labels``: each target photograph at the source's scale (``--processing_resolution auto``: its field of
+   view resized to the source segmenter's training diameter); the intensity transform towards the source
+   (``--pseudo_label_transform auto``: the one whose marked vessel fraction is closest to the source's); the
+   pseudo-label, the mean of five views (the photograph, two mirror images, a darker and a brighter copy) above the
+   threshold at which the folder's vessel fraction matches the source's (or ``--pseudo_label_threshold``); and the
+   confident pixels, where all five views agree. ``--pseudo_label_fp/--pseudo_label_fn`` corrupt the labels on purpose
+   (weak-label studies). Written to ``1-pseudo-labels/{images,masks,confident}``.
+2. ``diffusion`` (not for ``self-training``): a ``ConditionalUNet2DModel`` learns target images given the pseudo-labels
+   with ``training/train_mask2image.py`` (AdaptDiff's recipe by default: SPADE in the decoder with instance norm,
    T=300 linear betas, epsilon prediction, L1 loss). Checkpoints in ``2-diffusion``.
-3. ``synthesis``: target-style images painted from the source's *real* masks, histogram-matched to target
-   images (``AdaptDiffPipeline.__call__``). Written to ``3-synthetic/{images,masks}``, image by image.
-4. ``fine-tune``: the source segmenter fine-tuned on the synthetic pairs with ``training/train_segmentation_ensemble.py
-   --objective supervised --init_unet`` (BCE + a soft Dice that carries gradient; fresh random patches, flips and
-   photometric changes every epoch). The adapted ``AdaptDiffPipeline`` is saved to ``--output_dir``
-   (default ``<work_dir>/adapted``).
+3. ``synthesis`` (not for ``self-training``): target-style images painted from the source's *real* masks,
+   histogram-matched to target images. Written to ``3-synthetic/{images,masks}``, image by image.
+4. ``fine-tune``: the source segmenter fine-tuned with ``training/train_segmentation_ensemble.py --objective supervised
+   --init_unet --loss_mask_dir`` (BCE + soft Dice over the pixels that count) on ``--method``'s pairs: the painted
+   pairs (``adaptdiff``), the target photographs with their confident pseudo-labels (``self-training``), or both
+   (``combined``). Writes the adapted segmenter (``--segmenter_output_dir``), the anchored pipeline with it as its
+   prior (``--anchored_pipeline``) and, with a painter, the adapted ``AdaptDiffPipeline`` (``--output_dir``).
 
-Every step writes its output beside its final place and moves it in when complete, then records completion (and its
-wall time) in ``<work_dir>/workflow.json``. A killed run restarts in the step it stopped in -- the training steps
-from their newest complete checkpoint, the synthesis after its last finished image -- and never redoes a finished
-step (``--redo`` to force). ``--from_step/--to_step`` run a part. Runs on CPU, one GPU or many
-(``accelerate launch --multi_gpu training/adaptdiff_workflow.py ...``: the training steps use every process, the
+Before anything is trained the target folder is checked (at least 4 photographs, one size, nothing that is not an
+image: an error names the files). Every step writes its output beside its final place and moves it in when complete,
+then records completion (and its wall time) in ``<work_dir>/workflow.json``. A killed run restarts in the step it
+stopped in -- the training steps from their newest complete checkpoint, the synthesis after its last finished image --
+and never redoes a finished step (``--redo`` to force). ``--from_step/--to_step`` run a part. Runs on CPU, one GPU or
+many (``accelerate launch --multi_gpu training/adaptdiff_workflow.py ...``: the training steps use every process, the
 labelling and painting steps the main one).
 """
 
@@ -42,17 +53,24 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
-import PIL.Image
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the steps and the training scripts of steps 2 and 4
+from adaptdiff_steps import step_diffusion, step_finetune, step_pseudo_labels, step_synthesis  # noqa: E402
+
 STEPS = ("pseudo-labels", "diffusion", "synthesis", "fine-tune")
+METHODS = ("adaptdiff", "self-training", "combined")
+PAINTING_STEPS = ("diffusion", "synthesis")  # skipped by --method self-training
+ADAPTATION_RECORD = "adaptation.json"  # the workflow's record in the adapted segmenter's folder
 STATE_FILE = "workflow.json"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="AdaptDiff: adapt a vessel segmenter to an unlabelled modality.")
     source = parser.add_argument_group("source (labelled)")
-    source.add_argument("--source_data_dir", type=str, required=True, help="Folder with images/ and masks/.")
+    source.add_argument("--source_data_dir", type=str, default=None,
+                        help="Folder with images/ and masks/: the masks steps 2-3 paint (needed by --method adaptdiff "
+                             "and combined) and the photographs the *histmatch transforms match to.")
     source.add_argument("--source_image_dir", type=str, default="images")
     source.add_argument("--source_mask_dir", type=str, default="masks")
     source.add_argument("--source_mask_suffix", type=str, default="")
@@ -66,6 +84,20 @@ def parse_args(argv=None):
                         help="Sub-folder of --target_data_dir holding the images ('.' for the folder itself).")
     target.add_argument("--target_stems", type=str, default=None,
                         help="Comma-separated glob patterns of the target images used (default: all).")
+    parser.add_argument("--method", type=str, default="adaptdiff", choices=METHODS,
+                        help="adaptdiff: fine-tune on painted pairs (source masks, target appearance); self-training: "
+                             "fine-tune on the target photographs with their confident pseudo-labels (steps 2-3 are "
+                             "skipped); combined: both sets of pairs together.")
+    parser.add_argument("--processing_resolution", type=str, default="auto", choices=["auto", "native"],
+                        help="auto: bring every target photograph's field of view to the diameter the source segmenter "
+                             "learnt at before labelling, painting and fine-tuning (native: as they are).")
+    parser.add_argument("--segmenter_output_dir", type=str, default=None,
+                        help="The adapted segmenter, a UNet2DModel folder (default <work_dir>/adapted-segmenter).")
+    parser.add_argument("--anchored_pipeline", type=str, default=None,
+                        help="A prior-anchored SegmentationEnsemblePipeline folder whose prior is the source segmenter: "
+                             "saved again with the adapted segmenter as its prior (--anchored_output_dir).")
+    parser.add_argument("--anchored_output_dir", type=str, default=None,
+                        help="The adapted anchored pipeline (default <work_dir>/adapted-anchored).")
     parser.add_argument("--work_dir", type=str, required=True)
     parser.add_argument("--output_dir", type=str, default=None, help="The adapted pipeline (default <work_dir>/adapted).")
     parser.add_argument("--from_step", type=int, default=1, choices=range(1, 5))
@@ -75,17 +107,23 @@ def parse_args(argv=None):
     parser.add_argument("--tile_size", type=int, default=256, help="Windows of the segmenter and the painter.")
     # step 1
     parser.add_argument("--pseudo_label_transform", type=str, default="none",
-                        choices=["none", "invert", "histmatch", "invert+histmatch"],
+                        choices=["auto", "none", "invert", "histmatch", "invert+histmatch"],
                         help="Move target images towards the source's intensities before the source segmenter labels "
                              "them (none: AdaptDiff as published; see diffusers_retina.data.modality."
-                             "to_source_intensities). Choose it on training data: the labels only need to be weak.")
+                             "to_source_intensities). auto: the label-free rule of diffusers_retina.adaptation."
+                             "choose_transform (the vessel fraction closest to the source's).")
     parser.add_argument("--num_source_references", type=int, default=4,
                         help="Source photographs whose pooled histogram the *histmatch transforms match to.")
     parser.add_argument("--pseudo_labels_from", type=str, default=None,
                         help="Take step 1's labels from this folder's masks/<stem>.png (an earlier run's "
                              "1-pseudo-labels, or weak labels made elsewhere) instead of running the segmenter; "
                              "--pseudo_label_fp/fn still apply.")
-    parser.add_argument("--pseudo_label_threshold", type=float, default=0.5)
+    parser.add_argument("--pseudo_label_threshold", type=float, default=None,
+                        help="Threshold of the pseudo-labels (default: the label-free rule of diffusers_retina."
+                             "adaptation.fraction_matching_threshold: the source's vessel fraction; 0.5 when the "
+                             "source records none).")
+    parser.add_argument("--transform_sample", type=int, default=8,
+                        help="--pseudo_label_transform auto: the target photographs the rule looks at.")
     parser.add_argument("--pseudo_label_fp", type=float, default=0.0,
                         help="Corrupt the pseudo-labels: add this fraction of their vessel pixels as false positives.")
     parser.add_argument("--pseudo_label_fn", type=float, default=0.0,
@@ -125,19 +163,37 @@ def parse_args(argv=None):
 
     if args.from_step > args.to_step:
         parser.error(f"--from_step {args.from_step} comes after --to_step {args.to_step}.")
+    if args.source_data_dir is None and args.method != "self-training":
+        parser.error(f"--method {args.method} paints the source's masks: give --source_data_dir.")
+    if args.source_data_dir is None and "histmatch" in args.pseudo_label_transform:
+        parser.error(f"--pseudo_label_transform {args.pseudo_label_transform} matches to source photographs: give "
+                     "--source_data_dir.")
     for flag in ("source_data_dir", "target_data_dir"):
-        if not os.path.isdir(getattr(args, flag)):
+        if getattr(args, flag) is not None and not os.path.isdir(getattr(args, flag)):
             parser.error(f"--{flag} {getattr(args, flag)!r} is not a folder.")
-    for sub, flag in ((os.path.join(args.source_data_dir, args.source_mask_dir), "--source_mask_dir"),
-                      (os.path.join(args.source_data_dir, args.source_image_dir), "--source_image_dir"),
-                      (os.path.join(args.target_data_dir, args.target_image_dir), "--target_image_dir")):
+    folders = [(os.path.join(args.target_data_dir, args.target_image_dir), "--target_image_dir")]
+    if args.source_data_dir is not None:
+        folders += [(os.path.join(args.source_data_dir, args.source_mask_dir), "--source_mask_dir"),
+                    (os.path.join(args.source_data_dir, args.source_image_dir), "--source_image_dir")]
+    for sub, flag in folders:
         if not os.path.isdir(sub):
             parser.error(f"{flag}: {sub!r} is not a folder.")
+    from diffusers_retina.adaptation import check_target_folder
+    from diffusers_retina.data import DataError
+
+    try:  # before anything is trained: enough photographs, one size, nothing that is not an image
+        check_target_folder(os.path.join(args.target_data_dir, args.target_image_dir), args.target_stems)
+    except DataError as error:
+        parser.error(str(error))
+    if args.anchored_pipeline is not None and not os.path.isfile(
+            os.path.join(args.anchored_pipeline, "prior", "config.json")):
+        parser.error(f"--anchored_pipeline {args.anchored_pipeline!r} has no prior/ component (a prior-anchored "
+                     "SegmentationEnsemblePipeline folder).")
     if not os.path.isfile(os.path.join(args.source_segmenter, "config.json")):
         parser.error(f"--source_segmenter {args.source_segmenter!r} has no config.json (a saved UNet2DModel folder).")
     for flag in ("diffusion_steps", "diffusion_resolution", "diffusion_batch_size", "num_train_timesteps",
                  "paint_steps", "images_per_mask", "finetune_steps", "finetune_resolution", "finetune_batch_size",
-                 "checkpointing_steps", "tile_size"):
+                 "checkpointing_steps", "tile_size", "transform_sample"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be a positive integer, got {getattr(args, flag)}.")
     if args.pseudo_labels_from and not os.path.isdir(os.path.join(args.pseudo_labels_from, "masks")):
@@ -146,10 +202,8 @@ def parse_args(argv=None):
         parser.error(f"--paint_crop must be >= 0 (0: whole masks), got {args.paint_crop}.")
     if args.num_reference_images < 0 or args.num_source_references < 1:
         parser.error("--num_reference_images must be >= 0 and --num_source_references >= 1.")
-    if args.num_reference_images < 0:
-        parser.error("--num_reference_images must be >= 0.")
     for flag in ("pseudo_label_threshold", "pseudo_label_fn"):
-        if not 0.0 <= getattr(args, flag) <= 1.0:
+        if getattr(args, flag) is not None and not 0.0 <= getattr(args, flag) <= 1.0:
             parser.error(f"--{flag} must lie in [0, 1], got {getattr(args, flag)}.")
     if not (args.pseudo_label_fp >= 0.0 and np.isfinite(args.pseudo_label_fp)):
         parser.error(f"--pseudo_label_fp must be a finite number >= 0, got {args.pseudo_label_fp}.")
@@ -157,6 +211,8 @@ def parse_args(argv=None):
         if not (np.isfinite(getattr(args, flag)) and getattr(args, flag) >= 0):
             parser.error(f"--{flag} must be a finite number >= 0, got {getattr(args, flag)}.")
     args.output_dir = args.output_dir or os.path.join(args.work_dir, "adapted")
+    args.segmenter_output_dir = args.segmenter_output_dir or os.path.join(args.work_dir, "adapted-segmenter")
+    args.anchored_output_dir = args.anchored_output_dir or os.path.join(args.work_dir, "adapted-anchored")
     return args
 
 
@@ -178,199 +234,6 @@ class WorkflowState:
         os.replace(temporary, self.path)
 
 
-def _stems(folder: Path, patterns: Optional[str], suffix: str = "") -> Dict[str, Path]:
-    """``{stem: path}`` of the image files in ``folder`` whose stem (``suffix`` removed) matches ``patterns``."""
-    from fnmatch import fnmatch
-
-    from diffusers_retina.data import SUPPORTED_EXTENSIONS
-
-    found = {}
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.suffix.lower() not in SUPPORTED_EXTENSIONS:
-            continue
-        stem = path.stem[: -len(suffix)] if suffix and path.stem.endswith(suffix) else path.stem
-        if patterns is None or any(fnmatch(stem, p.strip()) for p in patterns.split(",")):
-            found[stem] = path
-    if not found:
-        raise SystemExit(f"No images{'' if patterns is None else f' matching {patterns!r}'} in '{folder}'.")
-    return found
-
-
-def _fresh_folder(path: Path) -> Path:
-    """An empty ``<path>.partial`` folder (a leftover of a killed run is removed)."""
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    return partial
-
-
-def _move_in(partial: Path, final: Path) -> None:
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
-
-
-def _save_png(array: np.ndarray, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    PIL.Image.fromarray(array).save(temporary, format="PNG")
-    os.replace(temporary, path)
-
-
-def _read_unit_image(path: Path) -> np.ndarray:
-    from diffusers_retina.data import read_image
-
-    array = read_image(path, 3)
-    return array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
-
-
-def load_segmenter(path: str):
-    from diffusers import UNet2DModel
-
-    return UNet2DModel.from_pretrained(path, use_safetensors=True, torch_dtype=torch.float32).eval()
-
-
-# ---------------------------------------------------------------------------------------------- steps
-def step_pseudo_labels(args, work_dir: Path) -> Dict:
-    """Step 1: pseudo-labels of the target images by the source segmenter (optionally corrupted)."""
-    from diffusers_retina.data import read_mask
-    from diffusers_retina.data.modality import corrupt_mask, field_of_view_mask, to_source_intensities
-    from diffusers_retina.image_processing import prepare_images
-    from diffusers_retina.pipelines.adaptdiff import pseudo_labels
-    from diffusers_retina.pipelines.sampling import segmenter_probabilities
-
-    final = work_dir / "1-pseudo-labels"
-    partial = _fresh_folder(final)
-    (partial / "images").mkdir()
-    (partial / "masks").mkdir()
-    segmenter = load_segmenter(args.source_segmenter)
-    references = reference_fovs = None
-    if "histmatch" in args.pseudo_label_transform:
-        sources = _stems(Path(args.source_data_dir) / args.source_image_dir, args.source_stems)
-        references = [_read_unit_image(p) for p in list(sources.values())[: args.num_source_references]]
-        reference_fovs = [field_of_view_mask(r) for r in references]
-    fractions = {}
-    for index, (stem, path) in enumerate(_stems(Path(args.target_data_dir) / args.target_image_dir,
-                                                args.target_stems).items()):
-        image = _read_unit_image(path)
-        if args.pseudo_labels_from:
-            given = Path(args.pseudo_labels_from) / "masks" / f"{stem}.png"
-            if not given.is_file():
-                raise SystemExit(f"--pseudo_labels_from: no label {given} for target image {path}.")
-            label = (read_mask(given, 2) > 0).astype(np.uint8)
-        else:
-            labelled = to_source_intensities(image, args.pseudo_label_transform, references, reference_fovs)
-            probabilities = segmenter_probabilities(segmenter, prepare_images(labelled, segmenter.config.in_channels),
-                                                    args.tile_size)
-            label = pseudo_labels(probabilities[0, 0], "threshold",
-                                  args.pseudo_label_threshold).numpy().astype(np.uint8)
-        if args.pseudo_label_fp or args.pseudo_label_fn:
-            label = corrupt_mask(label, args.pseudo_label_fp, args.pseudo_label_fn, seed=args.seed + index,
-                                 fov=field_of_view_mask(image))
-        _save_png((image * 255).round().astype(np.uint8), partial / "images" / f"{stem}.png")
-        _save_png(label * 255, partial / "masks" / f"{stem}.png")
-        fractions[stem] = float(label.mean())
-    _move_in(partial, final)
-    return {"images": len(fractions), "mean_vessel_fraction": float(np.mean(list(fractions.values())))}
-
-
-def step_diffusion(args, work_dir: Path) -> Dict:
-    """Step 2: the conditional diffusion model of target images given pseudo-labels (train_mask2image.py)."""
-    import train_mask2image
-
-    output = work_dir / "2-diffusion"
-    flags = [
-        "--task", "image", "--train_data_dir", str(work_dir / "1-pseudo-labels"), "--image_dir", "images",
-        "--mask_dir", "masks", "--output_dir", str(output), "--resolution", str(args.diffusion_resolution),
-        "--conditioning", "spade", "--spade_blocks", "decoder", "--spade_norm", "instance",
-        "--loss", "l1", "--prediction_type", args.diffusion_prediction_type,
-        "--num_train_timesteps", str(args.num_train_timesteps), "--beta_schedule", "linear",
-        "--block_out_channels", args.diffusion_block_out_channels,
-        "--train_batch_size", str(args.diffusion_batch_size), "--learning_rate", str(args.diffusion_learning_rate),
-        "--max_train_steps", str(args.diffusion_steps), "--checkpointing_steps", str(args.checkpointing_steps),
-        "--checkpoints_total_limit", "2", "--validation_steps", str(10 * args.diffusion_steps),
-        "--mixed_precision", args.mixed_precision, "--seed", str(args.seed), "--report_to", "none",
-        "--save_dtype", "float32", "--resume_from_checkpoint", "latest", *shlex.split(args.diffusion_args),
-    ]
-    train_mask2image.main(flags)
-    return {"command": "python training/train_mask2image.py " + " ".join(shlex.quote(f) for f in flags)}
-
-
-def step_synthesis(args, work_dir: Path) -> Dict:
-    """Step 3: target-style images painted from the source's real masks, histogram-matched to target images."""
-    from diffusers import DDIMScheduler
-
-    from diffusers_retina import AdaptDiffPipeline, Mask2ImagePipeline
-    from diffusers_retina.data import read_mask
-
-    final = work_dir / "3-synthetic"
-    partial = final.with_name(final.name + ".partial")  # kept across a kill: finished images are not painted again
-    (partial / "images").mkdir(parents=True, exist_ok=True)
-    (partial / "masks").mkdir(parents=True, exist_ok=True)
-    painter = Mask2ImagePipeline.from_pretrained(str(work_dir / "2-diffusion"), dtype=torch.float32)
-    scheduler = DDIMScheduler.from_config(painter.scheduler.config, timestep_spacing="trailing")
-    pipe = AdaptDiffPipeline(unet=painter.unet, scheduler=scheduler, segmenter=load_segmenter(args.source_segmenter))
-    pipe.set_progress_bar_config(disable=True)
-    targets = list(_stems(work_dir / "1-pseudo-labels" / "images", None).values())
-    references = [_read_unit_image(p) for p in targets[: args.num_reference_images]] or None
-    masks = _stems(Path(args.source_data_dir) / args.source_mask_dir, args.source_stems, args.source_mask_suffix)
-    from tqdm.auto import tqdm
-
-    painted = 0
-    for index, (stem, path) in enumerate(tqdm(masks.items(), desc="synthesis")):
-        whole = read_mask(path, 2)
-        for copy in range(args.images_per_mask):
-            name = f"{stem}-{copy}.png"
-            if (partial / "images" / name).is_file() and (partial / "masks" / name).is_file():
-                continue  # painted before a kill
-            seed = args.seed * 100_003 + index * 101 + copy
-            mask = whole
-            if args.paint_crop and min(whole.shape) > args.paint_crop:
-                rng = np.random.default_rng(seed)
-                top = int(rng.integers(0, whole.shape[0] - args.paint_crop + 1))
-                left = int(rng.integers(0, whole.shape[1] - args.paint_crop + 1))
-                mask = whole[top: top + args.paint_crop, left: left + args.paint_crop]
-            generator = torch.Generator().manual_seed(seed)
-            image = pipe(mask, num_inference_steps=args.paint_steps, guidance_scale=args.guidance_scale,
-                         reference_images=references, generator=generator, tile_size=args.tile_size,
-                         output_type="np").images[0]
-            _save_png(((mask > 0) * 255).astype(np.uint8), partial / "masks" / name)
-            _save_png((image * 255).round().astype(np.uint8), partial / "images" / name)  # last: marks it done
-            painted += 1
-    _move_in(partial, final)
-    return {"pairs": len(masks) * args.images_per_mask, "painted_this_run": painted}
-
-
-def step_finetune(args, work_dir: Path) -> Dict:
-    """Step 4: fine-tune the source segmenter on the synthetic pairs; save the adapted AdaptDiffPipeline."""
-    import train_segmentation_ensemble
-    from diffusers import DDIMScheduler
-
-    from diffusers_retina import AdaptDiffPipeline, Mask2ImagePipeline
-
-    output = work_dir / "4-fine-tune"
-    flags = [
-        "--objective", "supervised", "--init_unet", args.source_segmenter,
-        "--train_data_dir", str(work_dir / "3-synthetic"), "--image_dir", "images", "--mask_dir", "masks",
-        "--output_dir", str(output), "--resolution", str(args.finetune_resolution),
-        "--photometric_augmentation", str(args.finetune_photometric),
-        "--train_batch_size", str(args.finetune_batch_size), "--learning_rate", str(args.finetune_learning_rate),
-        "--lr_warmup_steps", str(min(50, args.finetune_steps // 10)), "--max_train_steps", str(args.finetune_steps),
-        "--checkpointing_steps", str(args.checkpointing_steps), "--checkpoints_total_limit", "2",
-        "--mixed_precision", args.mixed_precision, "--seed", str(args.seed), "--report_to", "none",
-        "--save_dtype", "float32", "--resume_from_checkpoint", "latest", *shlex.split(args.finetune_args),
-    ]
-    torch.set_grad_enabled(True)
-    train_segmentation_ensemble.main(flags)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        painter = Mask2ImagePipeline.from_pretrained(str(work_dir / "2-diffusion"), dtype=torch.float32)
-        scheduler = DDIMScheduler.from_config(painter.scheduler.config, timestep_spacing="trailing")
-        adapted = AdaptDiffPipeline(unet=painter.unet, scheduler=scheduler, segmenter=load_segmenter(str(output / "unet")))
-        adapted.save_pretrained(args.output_dir)  # crash-safe: written beside, swapped in
-    return {"command": "python training/train_segmentation_ensemble.py " + " ".join(shlex.quote(f) for f in flags),
-            "output_dir": args.output_dir}
-
-
 STEP_FUNCTIONS = {"pseudo-labels": step_pseudo_labels, "diffusion": step_diffusion, "synthesis": step_synthesis,
                   "fine-tune": step_finetune}
 MAIN_PROCESS_ONLY = ("pseudo-labels", "synthesis")
@@ -380,16 +243,26 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
     from accelerate import PartialState
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # the training scripts of steps 2 and 4
     state_of_run = PartialState()
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     state = WorkflowState(work_dir)
+    recorded = state.data.get("method", "adaptdiff" if state.data["steps"] else None)
+    if recorded is not None and recorded != args.method:
+        raise SystemExit(f"{work_dir} holds a --method {recorded} run; give another --work_dir for --method "
+                         f"{args.method}.")
+    if state_of_run.is_main_process and recorded is None:
+        state.data["method"] = args.method
     for number, step in enumerate(STEPS, start=1):
         if not args.from_step <= number <= args.to_step:
             continue
         if state.complete(step) and not args.redo:
             print(f"step {number} ({step}): already complete, skipped")
+            continue
+        if args.method == "self-training" and step in PAINTING_STEPS:
+            if state_of_run.is_main_process:
+                state.record(step, complete=True, skipped="--method self-training paints nothing", seconds=0.0)
+            print(f"step {number} ({step}): skipped (--method self-training)")
             continue
         if number > 1 and not state.complete(STEPS[number - 2]):
             raise SystemExit(f"step {number} ({step}) needs step {number - 1} ({STEPS[number - 2]}) to be complete "
@@ -416,8 +289,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
 
 def write_workflow_record(args, state: WorkflowState, argv: Optional[List[str]] = None) -> None:
-    """``<output_dir>/training_info.json``: the workflow's command and arguments and every step's record (commands
-    of the training steps, wall times), read by the model card (``diffusers_retina.hub.write_adaptdiff_card``)."""
+    """The workflow's command and arguments and every step's record (commands of the training steps, wall times):
+    ``adaptation.json`` in the adapted segmenter's (and anchored pipeline's) folder and, when a painter was trained,
+    ``<output_dir>/training_info.json`` (read by the model card, ``diffusers_retina.hub.write_adaptdiff_card``)."""
     from diffusers_retina.hub import TRAINING_INFO, read_json, write_json
 
     argv = sys.argv[1:] if argv is None else argv
@@ -428,10 +302,13 @@ def write_workflow_record(args, state: WorkflowState, argv: Optional[List[str]] 
         info = read_json(Path(args.work_dir) / folder / TRAINING_INFO) or {}
         if info.get("training_seconds") is not None:
             steps[step]["training_seconds"] = round(float(info["training_seconds"]), 1)
-    write_json(Path(args.output_dir) / TRAINING_INFO, {
-        "command": "python training/adaptdiff_workflow.py " + " ".join(shlex.quote(a) for a in argv),
-        "script": "training/adaptdiff_workflow.py", "args": vars(args), "steps": steps,
-    })
+    record = {"command": "python training/adaptdiff_workflow.py " + " ".join(shlex.quote(a) for a in argv),
+              "script": "training/adaptdiff_workflow.py", "method": args.method, "args": vars(args), "steps": steps}
+    write_json(Path(args.segmenter_output_dir) / ADAPTATION_RECORD, record)
+    if args.anchored_pipeline:
+        write_json(Path(args.anchored_output_dir) / ADAPTATION_RECORD, record)
+    if args.method != "self-training":
+        write_json(Path(args.output_dir) / TRAINING_INFO, record)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import diffusers_retina
 
-from . import adapt, demo, features, measure, push, segment, synthesize
+from . import adapt, adapt_train, demo, features, measure, push, segment, synthesize
 from .common import CLIError
 
 def _apply_offline_mode() -> None:
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     synthesize.build_synthesize_parser(subparsers)
     features.build_features_parser(subparsers)
     adapt.build_adapt_parser(subparsers)
+    adapt_train.build_adapt_train_parser(subparsers)
     demo.build_demo_parser(subparsers)
     push.build_push_parser(subparsers)
     return parser

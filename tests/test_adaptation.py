@@ -1,0 +1,203 @@
+"""Adaptation to a folder of unlabelled photographs: the label-free rules (diffusers_retina.adaptation), the target-folder
+checks, the masked fine-tuning loss, the workflow's self-training and combined methods, and ``adapt-train``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusers_retina.adaptation import (
+    MIN_TARGET_IMAGES,
+    check_target_folder,
+    choose_transform,
+    confident_pixels,
+    fraction_matching_threshold,
+    probability_histogram,
+    view_probabilities,
+    working_image,
+)
+from diffusers_retina.cli.main import main as cli_main
+from diffusers_retina.data import DataError
+
+from test_adaptdiff import workflow_args, write_domains
+from testing_utils import fundus, load_script
+
+
+def _photos(folder: Path, count: int, size=(32, 32), suffix=".png") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        image = (fundus(max(size), seed=index)[: size[0], : size[1]] * 255).astype(np.uint8)
+        PIL.Image.fromarray(image).save(folder / f"p{index}{suffix}")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- target folder checks
+def test_target_folder_check_accepts_one_camera_and_names_the_files_it_refuses(tmp_path):
+    good = _photos(tmp_path / "good", MIN_TARGET_IMAGES)
+    assert sorted(check_target_folder(good)) == [f"p{i}" for i in range(MIN_TARGET_IMAGES)]
+    with pytest.raises(DataError, match="has 2 photograph"):
+        check_target_folder(_photos(tmp_path / "few", 2))
+    mixed = _photos(tmp_path / "mixed", MIN_TARGET_IMAGES)
+    _photos(tmp_path / "other", 1, size=(24, 30))
+    (tmp_path / "other" / "p0.png").rename(mixed / "wide.png")
+    with pytest.raises(DataError, match=r"mixes photograph sizes.*32x32 \(HxW\): p0.png.*24x30 \(HxW\): wide.png"):
+        check_target_folder(mixed)
+    junk = _photos(tmp_path / "junk", MIN_TARGET_IMAGES)
+    (junk / "notes.txt").write_text("not a photograph")
+    (junk / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="not images: broken.png, notes.txt"):
+        check_target_folder(junk)
+    assert sorted(check_target_folder(junk, patterns="p*")) == [f"p{i}" for i in range(MIN_TARGET_IMAGES)]
+    with pytest.raises(DataError, match="is not a folder"):
+        check_target_folder(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------------------------------- label-free rules
+def test_fraction_matching_threshold_marks_the_source_fraction_within_bounds():
+    rng = np.random.default_rng(0)
+    probabilities = rng.beta(0.5, 3.0, size=(2, 64, 64))  # an under-confident target: few pixels above 0.5
+    histogram = sum(probability_histogram(p) for p in probabilities)
+    threshold = fraction_matching_threshold(histogram, 0.12)
+    assert 0.1 <= threshold < 0.5
+    assert abs(float((probabilities > threshold).mean()) - 0.12) < 0.01
+    # fields of view: pixels outside do not count
+    fov = np.zeros((64, 64), bool)
+    fov[:, :32] = True
+    assert probability_histogram(probabilities[0], fov).sum() == 64 * 32
+    # bounds: a fraction that would need a threshold below 0.1 (or above 0.9) stops there
+    assert fraction_matching_threshold(histogram, 0.9) == 0.1
+    assert fraction_matching_threshold(probability_histogram(np.ones((4, 4))), 0.5) == 0.9
+    with pytest.raises(ValueError, match="source_fraction"):
+        fraction_matching_threshold(histogram, 0.0)
+
+
+def test_confident_pixels_need_every_view_on_one_side_and_views_map_back():
+    views = np.array([[[0.9, 0.35, 0.05]], [[0.7, 0.2, 0.1]], [[0.8, 0.45, 0.3]]])
+    label, confident = confident_pixels(views, threshold=0.3)
+    assert label.tolist() == [[True, True, False]] and confident.tolist() == [[True, False, True]]
+    # a predictor that marks the left column: every view (mirrored ones too) agrees after mapping back
+    image = np.zeros((6, 6, 3))
+    image[:, 0] = 1.0
+
+    def predict(view):
+        return view[..., 0]
+
+    probabilities = view_probabilities(predict, image)
+    assert probabilities.shape == (5, 6, 6)
+    assert (probabilities[:, :, 0] == 1).all() and (probabilities[:, :, 1:] == 0).all()
+
+
+def test_choose_transform_prefers_the_source_fraction_and_the_first_on_ties():
+    assert choose_transform({"none": [0.02, 0.03], "invert": [0.09, 0.12]}, 0.1) == "invert"
+    assert choose_transform({"none": [0.05], "invert": [0.2]}, 0.1) == "none"  # equal log ratios: the first
+    assert choose_transform({"none": [0.0], "invert": [0.5]}, 0.1) == "invert"  # nothing marked counts as 1e-4
+    with pytest.raises(ValueError, match="source_fraction"):
+        choose_transform({"none": [0.1]}, 0.0)
+
+
+def test_working_image_matches_the_training_field_of_view():
+    photo = np.zeros((64, 80, 3))
+    yy, xx = np.mgrid[:64, :80]
+    photo[(yy - 32) ** 2 + (xx - 40) ** 2 < 25 ** 2] = 0.6
+    image, plan = working_image(photo, 98)
+    assert image.shape == (128, 160, 3) and plan.basis == "field_of_view" and 0 <= image.min() <= image.max() <= 1
+    same, plan = working_image(photo, None)  # no recorded diameter: as it is
+    assert same is photo and plan.basis == "native"
+
+
+# ---------------------------------------------------------------------------------------------- masked loss
+def test_supervised_loss_ignores_pixels_outside_the_loss_mask():
+    supervised_loss = load_script("train_segmentation_ensemble").supervised_loss
+    logits = torch.randn(2, 1, 8, 8, requires_grad=True)
+    masks = (torch.rand(2, 8, 8) > 0.7).long()
+    keep = torch.zeros(2, 8, 8, dtype=torch.bool)
+    keep[:, :4] = True
+    supervised_loss(logits, masks, 2, keep).backward()
+    assert logits.grad[:, :, 4:].abs().max() == 0 and logits.grad[:, :, :4].abs().max() > 0
+    # changing what is outside changes nothing; all-true equals no mask
+    other = logits.detach().clone()
+    other[:, :, 4:] = 50.0
+    assert torch.allclose(supervised_loss(logits.detach(), masks, 2, keep), supervised_loss(other, masks, 2, keep))
+    assert torch.allclose(supervised_loss(logits.detach(), masks, 2, torch.ones_like(keep)),
+                          supervised_loss(logits.detach(), masks, 2))
+
+
+# ---------------------------------------------------------------------------------------------- workflow and CLI
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    return write_domains(tmp_path_factory.mktemp("adaptation"))
+
+
+def test_self_training_writes_confident_labels_and_an_adapted_segmenter_and_anchored_pipeline(domains, tmp_path):
+    from diffusers_retina import SegmentationEnsemblePipeline
+
+    from diffusers import DDIMScheduler
+
+    from testing_utils import tiny_feature_pipeline
+
+    anchored = tiny_feature_pipeline(DDIMScheduler(num_train_timesteps=100))
+    anchored.save_pretrained(tmp_path / "anchored-source")
+    workflow = load_script("adaptdiff_workflow")
+    segmenter = tmp_path / "prior"
+    anchored.prior.save_pretrained(segmenter)
+    args = [a if a != str(domains["segmenter"]) else str(segmenter)
+            for a in workflow_args(domains, tmp_path / "work", "--method", "self-training",
+                                   "--anchored_pipeline", str(tmp_path / "anchored-source"))]
+    state = workflow.main(args)
+    steps = state["steps"]
+    assert state["method"] == "self-training"
+    assert steps["diffusion"]["skipped"] and steps["synthesis"]["skipped"]  # nothing painted
+    assert not (tmp_path / "work" / "2-diffusion").exists()
+    labels = tmp_path / "work" / "1-pseudo-labels"
+    confident = np.asarray(PIL.Image.open(labels / "confident" / "t0.png"))
+    assert set(np.unique(confident)) <= {0, 255}
+    # the threshold rule: the labels mark the source masks' vessel fraction (the tiny segmenter records none)
+    labelling = steps["pseudo-labels"]
+    assert 0.1 < labelling["threshold"] < 0.9 and labelling["threshold"] != 0.5
+    assert abs(labelling["mean_vessel_fraction"] - labelling["transform"]["source_vessel_fraction"]) < 0.02
+    assert "--loss_mask_dir confident" in steps["fine-tune"]["command"]
+    adapted = tmp_path / "work" / "adapted-segmenter"
+    weights = load_file(adapted / "diffusion_pytorch_model.safetensors")
+    source = load_file(segmenter / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(weights[k].float(), source[k].float()) for k in source)
+    assert json.loads((adapted / "adaptation.json").read_text())["method"] == "self-training"
+    pipe = SegmentationEnsemblePipeline.from_pretrained(tmp_path / "work" / "adapted-anchored")
+    prior = {k: v for k, v in pipe.prior.state_dict().items()}
+    assert all(torch.equal(prior[k].float(), weights[k].float()) for k in weights)  # the adapted prior
+    assert not (tmp_path / "work" / "adapted").exists()  # no painter, no AdaptDiffPipeline
+    # a work folder keeps its method
+    with pytest.raises(SystemExit, match="holds a --method self-training run"):
+        workflow.main([*args, "--method", "combined"])
+
+
+def test_workflow_refuses_bad_target_folders_before_training(domains, tmp_path, capsys):
+    workflow = load_script("adaptdiff_workflow")
+    few = _photos(tmp_path / "few" / "images", 2)
+    args = workflow_args({**domains, "target": few.parent}, tmp_path / "work", "--method", "self-training")
+    with pytest.raises(SystemExit) as error:
+        workflow.parse_args(args)
+    assert error.value.code == 2 and "has 2 photograph" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        workflow.parse_args([a for a in workflow_args(domains, tmp_path / "work") if a != str(domains["source"])
+                             and a != "--source_data_dir"])  # adaptdiff without source data
+    assert "paints the source's masks" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
+def test_adapt_train_command_checks_the_folder_before_anything(tmp_path, capsys):
+    junk = _photos(tmp_path / "junk", MIN_TARGET_IMAGES, suffix=".jpg")
+    (junk / "readme.md").write_text("notes")
+    with pytest.raises(SystemExit) as error:
+        cli_main(["adapt-train", str(junk), "--output-dir", str(tmp_path / "out")])
+    assert error.value.code == 1 and "readme.md" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["adapt-train", str(_photos(tmp_path / "ok", MIN_TARGET_IMAGES)), "--output-dir",
+                  str(tmp_path / "out"), "--method", "combined"])
+    assert "--source-data-dir" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
