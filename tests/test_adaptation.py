@@ -201,3 +201,29 @@ def test_adapt_train_command_checks_the_folder_before_anything(tmp_path, capsys)
                   str(tmp_path / "out"), "--method", "combined"])
     assert "--source-data-dir" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_combined_reuses_painted_pairs_and_adds_confident_target_photographs(domains, tmp_path):
+    from diffusers_retina import AdaptDiffPipeline
+
+    workflow = load_script("adaptdiff_workflow")
+    workflow.main(workflow_args(domains, tmp_path / "adaptdiff"))
+    state = workflow.main(workflow_args(domains, tmp_path / "combined", "--method", "combined",
+                                        "--reuse_from", str(tmp_path / "adaptdiff")))
+    for step in ("pseudo-labels", "diffusion", "synthesis"):  # steps 1-3 do not depend on the method: linked
+        assert state["steps"][step]["reused_from"] == str(tmp_path / "adaptdiff")
+    data = tmp_path / "combined" / "4-data"
+    names = sorted(p.name for p in (data / "images").iterdir())
+    assert names == sorted([f"s{i}-0.png" for i in range(4)] + [f"target-t{i}.png" for i in range(4)])
+    assert (np.asarray(PIL.Image.open(data / "confident" / "s0-0.png")) == 255).all()  # exact masks count everywhere
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(data / "confident" / "target-t0.png")),
+                                  np.asarray(PIL.Image.open(tmp_path / "adaptdiff" / "1-pseudo-labels" / "confident"
+                                                            / "t0.png")))
+    assert AdaptDiffPipeline.from_pretrained(tmp_path / "combined" / "adapted").segmenter is not None
+    a = load_file(tmp_path / "adaptdiff" / "adapted-segmenter" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "combined" / "adapted-segmenter" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # different pairs, different fine-tune
+    # self-training takes only the labels
+    state = workflow.main(workflow_args(domains, tmp_path / "self", "--method", "self-training",
+                                        "--reuse_from", str(tmp_path / "adaptdiff")))
+    assert state["steps"]["pseudo-labels"]["reused_from"] and state["steps"]["diffusion"]["skipped"]

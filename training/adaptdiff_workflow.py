@@ -63,6 +63,7 @@ METHODS = ("adaptdiff", "self-training", "combined")
 PAINTING_STEPS = ("diffusion", "synthesis")  # skipped by --method self-training
 ADAPTATION_RECORD = "adaptation.json"  # the workflow's record in the adapted segmenter's folder
 STATE_FILE = "workflow.json"
+STEP_FOLDERS = {"pseudo-labels": "1-pseudo-labels", "diffusion": "2-diffusion", "synthesis": "3-synthetic"}
 
 
 def parse_args(argv=None):
@@ -103,6 +104,9 @@ def parse_args(argv=None):
     parser.add_argument("--from_step", type=int, default=1, choices=range(1, 5))
     parser.add_argument("--to_step", type=int, default=4, choices=range(1, 5))
     parser.add_argument("--redo", action="store_true", help="Redo the selected steps even if they are complete.")
+    parser.add_argument("--reuse_from", type=str, default=None,
+                        help="Another work folder run with the same flags: its completed steps 1-3 (which do not "
+                             "depend on --method) are hard-linked here instead of being run again, to compare methods.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tile_size", type=int, default=256, help="Windows of the segmenter and the painter.")
     # step 1
@@ -196,6 +200,8 @@ def parse_args(argv=None):
                  "checkpointing_steps", "tile_size", "transform_sample"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be a positive integer, got {getattr(args, flag)}.")
+    if args.reuse_from and not os.path.isfile(os.path.join(args.reuse_from, STATE_FILE)):
+        parser.error(f"--reuse_from {args.reuse_from!r} has no {STATE_FILE} (a workflow's --work_dir).")
     if args.pseudo_labels_from and not os.path.isdir(os.path.join(args.pseudo_labels_from, "masks")):
         parser.error(f"--pseudo_labels_from {args.pseudo_labels_from!r} has no masks/ folder.")
     if args.paint_crop < 0:
@@ -267,6 +273,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         if number > 1 and not state.complete(STEPS[number - 2]):
             raise SystemExit(f"step {number} ({step}) needs step {number - 1} ({STEPS[number - 2]}) to be complete "
                              f"in {work_dir}: run it first (--from_step {number - 1}).")
+        if args.reuse_from and step in STEP_FOLDERS and reuse_step(args, work_dir, state, step):
+            print(f"step {number} ({step}): taken from {args.reuse_from}")
+            state = WorkflowState(work_dir)
+            continue
         if args.redo and step in ("diffusion", "fine-tune"):
             shutil.rmtree(work_dir / ("2-diffusion" if step == "diffusion" else "4-fine-tune"), ignore_errors=True)
         print(f"step {number} ({step}) ...")
@@ -286,6 +296,23 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if state.complete("fine-tune") and state_of_run.is_main_process:
         write_workflow_record(args, state, argv)
     return state.data
+
+
+def reuse_step(args, work_dir: Path, state: WorkflowState, step: str) -> bool:
+    """``--reuse_from``: hard-link a step that another work folder completed (steps 1-3 do not depend on ``--method``)
+    into this one and copy its record; False when the other folder has not completed it."""
+    from accelerate import PartialState
+
+    other = WorkflowState(Path(args.reuse_from))
+    if not other.complete(step) or other.data["steps"][step].get("skipped"):
+        return False
+    if PartialState().is_main_process:
+        target = work_dir / STEP_FOLDERS[step]
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(Path(args.reuse_from) / STEP_FOLDERS[step], target, copy_function=os.link)
+        state.record(step, **other.data["steps"][step], reused_from=str(args.reuse_from))
+    PartialState().wait_for_everyone()
+    return True
 
 
 def write_workflow_record(args, state: WorkflowState, argv: Optional[List[str]] = None) -> None:
