@@ -35,13 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 from evaluate_anchored import load_unet  # noqa: E402
 
+from diffusers_retina.adaptation import fit_logit_bias, shift_logits  # noqa: E402
 from diffusers_retina.data import CHASE_DB1_TEST, chase_db1  # noqa: E402
 from diffusers_retina.data.camera_shift import CAMERA_SHIFTS, apply_camera_shift  # noqa: E402
-from diffusers_retina.image_processing import RetinaImageProcessor  # noqa: E402
+from diffusers_retina.image_processing import RetinaImageProcessor, field_of_view_mask  # noqa: E402
 from diffusers_retina.metrics import MetricAccumulator, negative_log_likelihood  # noqa: E402
 from diffusers_retina.pipelines.sampling import segmenter_probabilities  # noqa: E402
 
 NONE = "none"
+SHIPPED_SEGMENTER = Path(__file__).resolve().parents[1] / "checkpoints" / "vessel-segmenter-chase"
 
 
 def parse_args(argv=None):
@@ -56,19 +58,37 @@ def parse_args(argv=None):
     parser.add_argument("--processing-resolutions", nargs="+", default=["native", "auto"],
                         choices=["native", "auto"])
     parser.add_argument("--images", nargs="+", default=list(CHASE_DB1_TEST))
+    parser.add_argument("--label-free-bias", action="store_true",
+                        help="Add a '+ label-free bias' row per row: its maps of each shift shifted by the logit bias "
+                             "under which their mean probability inside the photographs' fields of view equals the "
+                             "row's training vessel fraction (diffusers_retina.adaptation.fit_logit_bias; no labels).")
+    parser.add_argument("--label-free-bias-fraction", type=float, default=None,
+                        help="The vessel fraction --label-free-bias matches (default: the one the shipped segmenter "
+                             "records, its CHASE_DB1 training masks').")
     args = parser.parse_args(argv)
+    if args.label_free_bias and args.label_free_bias_fraction is None:
+        args.label_free_bias_fraction = recorded_training_value(str(SHIPPED_SEGMENTER), "training_vessel_fraction")
     if not (args.segmenter or args.pipelines):
         parser.error("Give at least one --segmenter or --diffusion row.")
     return args
 
 
+def recorded_training_value(path: str, name: str):
+    """A value a segmenter (or pipeline) folder's ``training_info.json`` records in its arguments (its prior's for an
+    anchored pipeline), e.g. the training field-of-view diameter; None when none is recorded."""
+    folder = _common.resolve_path(path)
+    for candidate in (folder / "training_info.json", folder / "unet" / "training_info.json",
+                      folder / "prior" / "training_info.json"):
+        if candidate.is_file():
+            value = json.loads(candidate.read_text()).get("args", {}).get(name)
+            if value is not None:
+                return value
+    return None
+
+
 def segmenter_diameter(path: str) -> Optional[int]:
     """The training field-of-view diameter a bare segmenter folder records (``training_info.json``)."""
-    folder = _common.resolve_path(path)
-    for candidate in (folder / "training_info.json", folder / "unet" / "training_info.json"):
-        if candidate.is_file():
-            return json.loads(candidate.read_text())["args"].get("field_of_view_diameter")
-    return None
+    return recorded_training_value(path, "field_of_view_diameter")
 
 
 def build_rows(args, device) -> List[Tuple[str, Callable]]:
@@ -110,10 +130,23 @@ def main(argv=None):
     for _, predict in rows:  # one untimed warm-up call per row
         predict(reference[0]["image"][:, :64, :64], "native")
 
-    keys = [(label, mode, shift) for label, _ in rows for mode in args.processing_resolutions for shift in args.shifts]
+    labels = [label for label, _ in rows]
+    bias_of = {label: f"{label} + label-free bias" for label in labels} if args.label_free_bias else {}
+    keys = [(label, mode, shift) for label in labels + list(bias_of.values()) for mode in args.processing_resolutions
+            for shift in args.shifts]
     accumulators = {key: MetricAccumulator() for key in keys}
     extra: Dict[tuple, Dict[str, list]] = {key: {"nll": [], "fraction": [], "reference_fraction": [], "seconds": []}
                                            for key in keys}
+    kept: Dict[tuple, list] = {key: [] for key in keys}  # --label-free-bias: the maps, scored again at the end
+
+    def score(key, name, probability, threshold, target, valid, seconds):
+        scores = accumulators[key].update(probability > threshold, probability, target, fov=valid, name=name)
+        extra[key]["nll"].append(negative_log_likelihood(probability[valid], target[valid]))
+        extra[key]["fraction"].append(float((probability[valid] > threshold).mean()))
+        extra[key]["reference_fraction"].append(float(target[valid].mean()))
+        extra[key]["seconds"].append(seconds)
+        return scores
+
     for name in args.images:
         item = reference[reference.stems.index(name)]
         photo = ((item["image"].float() + 1) / 2).permute(1, 2, 0).numpy()
@@ -124,21 +157,28 @@ def main(argv=None):
             else:
                 image, target, valid = apply_camera_shift(photo, mask, CAMERA_SHIFTS[shift])
             tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() * 2 - 1
+            fov = field_of_view_mask(image) if bias_of else None
             for label, predict in rows:
                 for mode in args.processing_resolutions:
                     start = time.perf_counter()
                     probability, threshold = predict(tensor, mode)
                     seconds = time.perf_counter() - start
                     probability = probability.float().cpu().numpy().astype(np.float64)
-                    key = (label, mode, shift)
-                    scores = accumulators[key].update(probability > threshold, probability, target, fov=valid,
-                                                      name=name)
-                    extra[key]["nll"].append(negative_log_likelihood(probability[valid], target[valid]))
-                    extra[key]["fraction"].append(float((probability[valid] > threshold).mean()))
-                    extra[key]["reference_fraction"].append(float(target[valid].mean()))
-                    extra[key]["seconds"].append(seconds)
+                    scores = score((label, mode, shift), name, probability, threshold, target, valid, seconds)
+                    if bias_of:
+                        kept[(label, mode, shift)].append((name, probability.astype(np.float32), threshold, target,
+                                                           valid, fov, seconds))
                     print(f"{name} {shift:<13s} {mode:<6s} {label:<40s} Dice {scores['dice']:.4f} ECE "
                           f"{scores['ece']:.4f} {seconds:6.1f} s", flush=True)
+    biases = {}
+    for (label, mode, shift), maps in kept.items():
+        if not maps:
+            continue
+        bias = fit_logit_bias([m[1] for m in maps], [m[5] for m in maps], args.label_free_bias_fraction)
+        biases[f"{label} | {mode} | {shift}"] = bias
+        for name, probability, threshold, target, valid, _, seconds in maps:
+            score((bias_of[label], mode, shift), name, shift_logits(probability.astype(np.float64), bias), threshold,
+                  target, valid, seconds)
 
     table = []
     for key in keys:
@@ -154,7 +194,8 @@ def main(argv=None):
                           r["seconds_mean"]] for r in table])
     result = {**_common.header(args, device), "images": args.images, "shifts": args.shifts,
               "shift_settings": {name: asdict(CAMERA_SHIFTS[name]) for name in args.shifts if name != NONE},
-              "rows": table}
+              "rows": table, **({"label_free_biases": biases,
+                                 "label_free_bias_fraction": args.label_free_bias_fraction} if biases else {})}
     print(f"wrote {_common.save_json(args.output, result)}")
     return result
 

@@ -233,3 +233,43 @@ def working_image(image: np.ndarray, training_diameter: Optional[int], processin
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
     resized = RetinaImageProcessor.resize(tensor, plan.size)[0].permute(1, 2, 0).numpy()
     return np.clip(resized, 0.0, 1.0), plan
+
+
+def fit_logit_bias(probabilities: Sequence[np.ndarray], fovs: Sequence[Optional[np.ndarray]], target_fraction: float,
+                   bounds: Tuple[float, float] = (-8.0, 8.0)) -> float:
+    """The logit bias ``b`` under which the mean probability inside the fields of view of a folder's maps equals
+    ``target_fraction`` (the source's vessel fraction): a label-free prior-shift correction,
+    ``p' = sigmoid(logit(p) + b)`` (:func:`shift_logits`), found by bisection within ``bounds``.
+
+    Example:
+        >>> maps = [np.full((4, 4), 0.05)]
+        >>> b = fit_logit_bias(maps, [None], 0.1)
+        >>> round(float(shift_logits(maps[0], b).mean()), 4)
+        0.1
+    """
+    if not 0.0 < target_fraction < 1.0:
+        raise ValueError(f"target_fraction must lie in (0, 1), got {target_fraction}.")
+    values = np.concatenate([np.asarray(p, np.float64)[np.ones(np.shape(p), bool) if f is None else np.asarray(f, bool)]
+                             for p, f in zip(probabilities, fovs)])
+    if values.size == 0:
+        raise ValueError("fit_logit_bias needs at least one pixel inside a field of view.")
+    logits = _logit(values)
+    low, high = bounds
+    for _ in range(60):
+        middle = (low + high) / 2
+        if (1.0 / (1.0 + np.exp(-(logits + middle)))).mean() < target_fraction:
+            low = middle
+        else:
+            high = middle
+    return float((low + high) / 2)
+
+
+def shift_logits(probability: np.ndarray, bias: float) -> np.ndarray:
+    """``sigmoid(logit(probability) + bias)`` (:func:`fit_logit_bias`), in the input's dtype."""
+    shifted = 1.0 / (1.0 + np.exp(-(_logit(np.asarray(probability, np.float64)) + bias)))
+    return shifted.astype(np.asarray(probability).dtype if np.asarray(probability).dtype.kind == "f" else np.float64)
+
+
+def _logit(values: np.ndarray) -> np.ndarray:
+    clipped = np.clip(values, 1e-6, 1.0 - 1e-6)
+    return np.log(clipped) - np.log1p(-clipped)

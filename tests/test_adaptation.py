@@ -227,3 +227,31 @@ def test_combined_reuses_painted_pairs_and_adds_confident_target_photographs(dom
     state = workflow.main(workflow_args(domains, tmp_path / "self", "--method", "self-training",
                                         "--reuse_from", str(tmp_path / "adaptdiff")))
     assert state["steps"]["pseudo-labels"]["reused_from"] and state["steps"]["diffusion"]["skipped"]
+
+
+def test_adapt_train_command_adapts_and_resumes(domains, tmp_path, capsys):
+    import shutil
+
+    target = domains["target"] / "images"
+    segmenter = tmp_path / "segmenter"
+    shutil.copytree(domains["segmenter"], segmenter)
+    argv = ["adapt-train", str(target), "--output-dir", str(tmp_path / "out"), "--segmenter", str(segmenter),
+            "--anchored-pipeline", "none", "--steps", "2", "--threads", "1",
+            "--workflow-args", "--finetune_resolution 16 --finetune_batch_size 2 --tile_size 16 "
+                               "--checkpointing_steps 2 --finetune_args '--patches_per_image 2'"]
+    with pytest.raises(SystemExit):  # no source data, and the segmenter records no vessel fraction: refused at once
+        cli_main(argv)
+    assert "records none" in capsys.readouterr().err and not (tmp_path / "out" / "work" / "1-pseudo-labels").exists()
+    (segmenter / "training_info.json").write_text(json.dumps({"args": {"training_vessel_fraction": 0.1}}))
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Adapted segmenter: " in printed and "diffusion      skipped" in printed
+    state = json.loads((tmp_path / "out" / "work" / "workflow.json").read_text())
+    assert state["method"] == "self-training" and state["steps"]["fine-tune"]["complete"]
+    assert (tmp_path / "out" / "segmenter" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (tmp_path / "out" / "anchored").exists()
+    record = json.loads((tmp_path / "out" / "segmenter" / "adaptation.json").read_text())
+    assert record["args"]["target_data_dir"] == str(target)
+    assert cli_main(argv) == 0  # a second run finds every step complete
+    again = capsys.readouterr().out
+    assert again.count("already complete, skipped") == 4 and "step 4 (fine-tune) ..." not in again

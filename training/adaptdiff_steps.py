@@ -66,15 +66,21 @@ def load_segmenter(path: str):
 
 
 # ---------------------------------------------------------------------------------------------- steps
+def recorded_training_args(segmenter: str) -> Dict:
+    """The training arguments a segmenter folder records (``training_info.json``; empty when none)."""
+    from diffusers_retina.hub import TRAINING_INFO, read_json
+
+    return (read_json(Path(segmenter) / TRAINING_INFO) or {}).get("args", {})
+
+
 def source_statistics(args):
     """The source's training field-of-view diameter and vessel fraction: the segmenter's ``training_info.json``,
     else (the fraction) its training masks in ``--source_data_dir``."""
     from diffusers_retina.adaptation import vessel_fraction
     from diffusers_retina.data import read_mask
-    from diffusers_retina.hub import TRAINING_INFO, read_json
     from diffusers_retina.image_processing import field_of_view_mask
 
-    recorded = (read_json(Path(args.source_segmenter) / TRAINING_INFO) or {}).get("args", {})
+    recorded = recorded_training_args(args.source_segmenter)
     diameter, fraction = recorded.get("field_of_view_diameter"), recorded.get("training_vessel_fraction")
     if fraction is None and args.source_data_dir is not None:
         images = _stems(Path(args.source_data_dir) / args.source_image_dir, args.source_stems)

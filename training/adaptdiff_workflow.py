@@ -56,7 +56,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the steps and the training scripts of steps 2 and 4
-from adaptdiff_steps import step_diffusion, step_finetune, step_pseudo_labels, step_synthesis  # noqa: E402
+from adaptdiff_steps import (  # noqa: E402
+    recorded_training_args,
+    step_diffusion,
+    step_finetune,
+    step_pseudo_labels,
+    step_synthesis,
+)
 
 STEPS = ("pseudo-labels", "diffusion", "synthesis", "fine-tune")
 METHODS = ("adaptdiff", "self-training", "combined")
@@ -153,7 +159,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_reference_images", type=int, default=4,
                         help="Target images whose pooled histogram the painted images are matched to (0: none).")
     # step 4
-    parser.add_argument("--finetune_steps", type=int, default=600)
+    parser.add_argument("--finetune_steps", type=int, default=300,
+                        help="Fine-tuning steps: a fixed budget, not tuned per target (the label-free rule for it).")
     parser.add_argument("--finetune_resolution", type=int, default=128)
     parser.add_argument("--finetune_batch_size", type=int, default=8)
     parser.add_argument("--finetune_learning_rate", type=float, default=3e-4)
@@ -200,6 +207,11 @@ def parse_args(argv=None):
                  "checkpointing_steps", "tile_size", "transform_sample"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be a positive integer, got {getattr(args, flag)}.")
+    if args.pseudo_label_transform == "auto" and args.source_data_dir is None and not args.pseudo_labels_from and \
+            recorded_training_args(args.source_segmenter).get("training_vessel_fraction") is None:
+        parser.error(f"--pseudo_label_transform auto compares with the source's vessel fraction: --source_segmenter "
+                     f"{args.source_segmenter} records none (training_info.json 'training_vessel_fraction'); give "
+                     "--source_data_dir or name a transform.")
     if args.reuse_from and not os.path.isfile(os.path.join(args.reuse_from, STATE_FILE)):
         parser.error(f"--reuse_from {args.reuse_from!r} has no {STATE_FILE} (a workflow's --work_dir).")
     if args.pseudo_labels_from and not os.path.isdir(os.path.join(args.pseudo_labels_from, "masks")):
