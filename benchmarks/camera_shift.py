@@ -36,7 +36,7 @@ import _common  # noqa: E402
 from evaluate_anchored import load_unet  # noqa: E402
 
 from diffusers_retina.adaptation import fit_logit_bias, shift_logits  # noqa: E402
-from diffusers_retina.data import CHASE_DB1_TEST, chase_db1  # noqa: E402
+from diffusers_retina.data import chase_db1  # noqa: E402
 from diffusers_retina.data.camera_shift import CAMERA_SHIFTS, apply_camera_shift  # noqa: E402
 from diffusers_retina.image_processing import RetinaImageProcessor, field_of_view_mask  # noqa: E402
 from diffusers_retina.metrics import MetricAccumulator, negative_log_likelihood  # noqa: E402
@@ -57,7 +57,10 @@ def parse_args(argv=None):
     parser.add_argument("--shifts", nargs="+", default=[NONE, *CAMERA_SHIFTS], choices=[NONE, *CAMERA_SHIFTS])
     parser.add_argument("--processing-resolutions", nargs="+", default=["native", "auto"],
                         choices=["native", "auto"])
-    parser.add_argument("--images", nargs="+", default=list(CHASE_DB1_TEST))
+    parser.add_argument("--split", default="test", choices=["train", "test"],
+                        help="CHASE_DB1 split the photographs come from (train: a development set for choosing "
+                             "settings without touching the test photographs).")
+    parser.add_argument("--images", nargs="+", default=None, help="Photographs of the split (default: all).")
     parser.add_argument("--label-free-bias", action="store_true",
                         help="Add a '+ label-free bias' row per row: its maps of each shift shifted by the logit bias "
                              "under which their mean probability inside the photographs' fields of view equals the "
@@ -125,7 +128,8 @@ def main(argv=None):
     root = _common.chase_root_or_exit()
     device = _common.setup(args)
     torch.set_grad_enabled(False)
-    reference = chase_db1(root=root, split="test", observer="1stHO")
+    reference = chase_db1(root=root, split=args.split, observer="1stHO")
+    args.images = args.images or list(reference.stems)
     rows = build_rows(args, device)
     for _, predict in rows:  # one untimed warm-up call per row
         predict(reference[0]["image"][:, :64, :64], "native")

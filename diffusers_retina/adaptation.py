@@ -249,8 +249,7 @@ def fit_logit_bias(probabilities: Sequence[np.ndarray], fovs: Sequence[Optional[
     """
     if not 0.0 < target_fraction < 1.0:
         raise ValueError(f"target_fraction must lie in (0, 1), got {target_fraction}.")
-    values = np.concatenate([np.asarray(p, np.float64)[np.ones(np.shape(p), bool) if f is None else np.asarray(f, bool)]
-                             for p, f in zip(probabilities, fovs)])
+    values = np.concatenate([np.asarray(p, np.float64)[_region(p, f)] for p, f in zip(probabilities, fovs)])
     if values.size == 0:
         raise ValueError("fit_logit_bias needs at least one pixel inside a field of view.")
     logits = _logit(values)
@@ -273,3 +272,60 @@ def shift_logits(probability: np.ndarray, bias: float) -> np.ndarray:
 def _logit(values: np.ndarray) -> np.ndarray:
     clipped = np.clip(values, 1e-6, 1.0 - 1e-6)
     return np.log(clipped) - np.log1p(-clipped)
+
+
+def fit_temperature(logits: Sequence[np.ndarray], teacher: Sequence[np.ndarray], fovs: Sequence[Optional[np.ndarray]],
+                    bounds: Tuple[float, float] = (0.25, 4.0), max_pixels: int = 2_000_000) -> float:
+    """The temperature ``T`` of an adapted segmenter's ``logits`` whose probabilities ``sigmoid(logits / T)`` best
+    match (binary cross-entropy, inside the fields of view) the source segmenter's probabilities ``teacher`` on the
+    same target photographs: the source's confidence level, which self-training on confident pixels alone loses
+    (it sharpens the student). Label-free; thresholding at one half is unchanged by any ``T``.
+    Golden-section search over ``log T`` within ``bounds``; at most ``max_pixels`` pixels (an even subsample).
+
+    Example:
+        >>> teacher = [np.array([0.2, 0.4, 0.6, 0.8])]
+        >>> logits = [3 * np.log(teacher[0] / (1 - teacher[0]))]  # three times too sharp
+        >>> round(fit_temperature(logits, teacher, [None]), 2)
+        3.0
+    """
+    z = np.concatenate([np.asarray(z, np.float64)[_region(z, f)] for z, f in zip(logits, fovs)])
+    q = np.concatenate([np.asarray(p, np.float64)[_region(p, f)] for p, f in zip(teacher, fovs)])
+    if z.size == 0 or z.size != q.size:
+        raise ValueError("fit_temperature needs logits and teacher maps of the same, non-empty regions.")
+    step = max(1, z.size // max_pixels)
+    z, q = z[::step], np.clip(q[::step], 0.0, 1.0)
+
+    def loss(log_t: float) -> float:
+        scaled = z / np.exp(log_t)
+        # BCE with logits: max(x, 0) - x q + log(1 + exp(-|x|))
+        return float(np.mean(np.maximum(scaled, 0) - scaled * q + np.log1p(np.exp(-np.abs(scaled)))))
+
+    low, high = np.log(bounds[0]), np.log(bounds[1])
+    ratio = (np.sqrt(5.0) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    for _ in range(60):
+        if loss(a) < loss(b):
+            high, b = b, a
+            a = high - ratio * (high - low)
+        else:
+            low, a = a, b
+            b = low + ratio * (high - low)
+    return float(np.exp((low + high) / 2))
+
+
+def fold_temperature(segmenter, temperature: float):
+    """Divide a ``UNet2DModel`` segmenter's output layer (``conv_out``: its logits are linear in it) by
+    ``temperature``, in place, so that the saved model carries the calibration (:func:`fit_temperature`)."""
+    import torch
+
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    with torch.no_grad():
+        segmenter.conv_out.weight.div_(temperature)
+        if segmenter.conv_out.bias is not None:
+            segmenter.conv_out.bias.div_(temperature)
+    return segmenter
+
+
+def _region(array, fov) -> np.ndarray:
+    return np.ones(np.shape(array), bool) if fov is None else np.asarray(fov, bool)

@@ -166,6 +166,13 @@ def test_self_training_writes_confident_labels_and_an_adapted_segmenter_and_anch
     weights = load_file(adapted / "diffusion_pytorch_model.safetensors")
     source = load_file(segmenter / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(weights[k].float(), source[k].float()) for k in source)
+    # step 5: the fitted temperature is folded into the output layer, nothing else changes
+    temperature = steps["calibrate"]["temperature"]
+    assert 0.25 <= temperature <= 4.0 and abs(temperature - 1.0) > 1e-3
+    tuned = load_file(tmp_path / "work" / "4-fine-tune" / "unet" / "diffusion_pytorch_model.safetensors")
+    for key in tuned:
+        expected = tuned[key] / temperature if key.startswith("conv_out.") else tuned[key]
+        torch.testing.assert_close(weights[key], expected, rtol=1e-4, atol=1e-6)
     assert json.loads((adapted / "adaptation.json").read_text())["method"] == "self-training"
     pipe = SegmentationEnsemblePipeline.from_pretrained(tmp_path / "work" / "adapted-anchored")
     prior = {k: v for k, v in pipe.prior.state_dict().items()}
@@ -254,4 +261,4 @@ def test_adapt_train_command_adapts_and_resumes(domains, tmp_path, capsys):
     assert record["args"]["target_data_dir"] == str(target)
     assert cli_main(argv) == 0  # a second run finds every step complete
     again = capsys.readouterr().out
-    assert again.count("already complete, skipped") == 4 and "step 4 (fine-tune) ..." not in again
+    assert again.count("already complete, skipped") == 5 and "step 4 (fine-tune) ..." not in again

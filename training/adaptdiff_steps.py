@@ -1,4 +1,4 @@
-"""The four steps of ``training/adaptdiff_workflow.py`` (pseudo-labels, diffusion, synthesis, fine-tune) and the
+"""The five steps of ``training/adaptdiff_workflow.py`` (pseudo-labels, diffusion, synthesis, fine-tune, calibrate) and the
 file helpers they share. Each step takes the workflow's parsed arguments and its ``work_dir``, writes its output beside
 its final place and moves it in when complete, and returns the details the workflow records in ``workflow.json``."""
 
@@ -91,6 +91,18 @@ def source_statistics(args):
     return diameter, fraction
 
 
+def _source_references(args, *transforms: str):
+    """``(references, reference_fovs)``: the source photographs the ``*histmatch`` transforms match to (None, None when
+    no transform needs them)."""
+    from diffusers_retina.data.modality import field_of_view_mask
+
+    if not any("histmatch" in name for name in transforms):
+        return None, None
+    sources = _stems(Path(args.source_data_dir) / args.source_image_dir, args.source_stems)
+    references = [_read_unit_image(p) for p in list(sources.values())[: args.num_source_references]]
+    return references, [field_of_view_mask(r) for r in references]
+
+
 def _candidate_transforms(args) -> List[str]:
     if args.pseudo_label_transform != "auto":
         return [args.pseudo_label_transform]
@@ -114,12 +126,8 @@ def step_pseudo_labels(args, work_dir: Path) -> Dict:
         (partial / folder).mkdir()
     segmenter = load_segmenter(args.source_segmenter)
     diameter, source_fraction = source_statistics(args)
-    references = reference_fovs = None
     candidates = _candidate_transforms(args)
-    if any("histmatch" in name for name in candidates):
-        sources = _stems(Path(args.source_data_dir) / args.source_image_dir, args.source_stems)
-        references = [_read_unit_image(p) for p in list(sources.values())[: args.num_source_references]]
-        reference_fovs = [field_of_view_mask(r) for r in references]
+    references, reference_fovs = _source_references(args, *candidates)
     targets = check_target_folder(Path(args.target_data_dir) / args.target_image_dir, args.target_stems)
 
     def predict(image: np.ndarray) -> np.ndarray:
@@ -317,18 +325,50 @@ def step_finetune(args, work_dir: Path) -> Dict:
     ]
     torch.set_grad_enabled(True)
     train_segmentation_ensemble.main(flags)
-    if PartialState().is_main_process:
-        save_adapted(args, work_dir, output)
-    outputs = {"segmenter_output_dir": args.segmenter_output_dir}
+    return {"command": "python training/train_segmentation_ensemble.py " + " ".join(shlex.quote(f) for f in flags)}
+
+
+def step_calibrate(args, work_dir: Path) -> Dict:
+    """Step 5: the fine-tuned segmenter's temperature fitted to the source segmenter's probabilities on the target
+    photographs (``--calibration teacher``; :func:`diffusers_retina.adaptation.fit_temperature`) and folded into its
+    output layer; then the adapted segmenter, anchored pipeline and AdaptDiffPipeline are saved."""
+    import json
+
+    from diffusers_retina.adaptation import fit_temperature, fold_temperature
+    from diffusers_retina.data.modality import field_of_view_mask, to_source_intensities
+    from diffusers_retina.image_processing import prepare_images
+    from diffusers_retina.pipelines.sampling import segmenter_probabilities
+
+    adapted = load_segmenter(str(work_dir / "4-fine-tune" / "unet"))
+    details: Dict = {"calibration": args.calibration}
+    if args.calibration == "teacher":
+        source = load_segmenter(args.source_segmenter)
+        labelling = json.loads((work_dir / "workflow.json").read_text())["steps"]["pseudo-labels"]
+        transform = labelling.get("transform", {}).get("chosen", args.pseudo_label_transform)
+        references, reference_fovs = _source_references(args, transform)
+        logits, teacher, fovs = [], [], []
+        for path in list(_stems(work_dir / "1-pseudo-labels" / "images", None).values())[: args.transform_sample]:
+            image = _read_unit_image(path)  # already at the working scale
+            fov = field_of_view_mask(image)
+            moved = to_source_intensities(image, transform, references, reference_fovs, fov=fov)
+            student = segmenter_probabilities(adapted, prepare_images(image, 3), args.tile_size)[0, 0].numpy()
+            teacher.append(segmenter_probabilities(source, prepare_images(moved, 3), args.tile_size)[0, 0].numpy())
+            logits.append(np.log(np.clip(student, 1e-6, 1 - 1e-6)) - np.log1p(-np.clip(student, 1e-6, 1 - 1e-6)))
+            fovs.append(fov)
+        temperature = fit_temperature(logits, teacher, fovs)
+        fold_temperature(adapted, temperature)
+        details["temperature"] = round(temperature, 4)
+        print(f"calibration: temperature {temperature:.3f} (fitted to the source segmenter's probabilities)")
+    save_adapted(args, work_dir, adapted)
+    details["segmenter_output_dir"] = args.segmenter_output_dir
     if args.anchored_pipeline:
-        outputs["anchored_output_dir"] = args.anchored_output_dir
+        details["anchored_output_dir"] = args.anchored_output_dir
     if args.method != "self-training":
-        outputs["output_dir"] = args.output_dir
-    return {"command": "python training/train_segmentation_ensemble.py " + " ".join(shlex.quote(f) for f in flags),
-            **outputs}
+        details["output_dir"] = args.output_dir
+    return details
 
 
-def save_adapted(args, work_dir: Path, output: Path) -> None:
+def save_adapted(args, work_dir: Path, adapted) -> None:
     """The adapted segmenter (with the fine-tune's ``training_info.json``: its training diameter), the anchored
     pipeline with it as its prior, and the AdaptDiffPipeline (painter + adapted segmenter), each written beside its
     place and swapped in."""
@@ -337,7 +377,7 @@ def save_adapted(args, work_dir: Path, output: Path) -> None:
     from diffusers_retina import AdaptDiffPipeline, Mask2ImagePipeline, SegmentationEnsemblePipeline
     from diffusers_retina.hub import TRAINING_INFO
 
-    adapted = load_segmenter(str(output / "unet"))
+    output = work_dir / "4-fine-tune"
     partial = _fresh_folder(Path(args.segmenter_output_dir))
     adapted.save_pretrained(partial)
     if (output / TRAINING_INFO).is_file():

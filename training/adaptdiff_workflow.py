@@ -2,16 +2,16 @@
 """Adapt a vessel segmenter to unlabelled target photographs (another camera, or another modality) in one resumable
 command: AdaptDiff, self-training on confident pseudo-labels, or both (``diffusers-retina adapt-train`` runs it).
 
-    python training/adaptdiff_workflow.py --method self-training \
-        --source_segmenter checkpoints/vessel-segmenter-chase --target_data_dir TARGET --target_image_dir . \
+    python training/adaptdiff_workflow.py --method self-training \\
+        --source_segmenter checkpoints/vessel-segmenter-chase --target_data_dir TARGET --target_image_dir . \\
         --work_dir runs/adapt --anchored_pipeline checkpoints/segmentation-anchored-features-chase
 
-    python training/adaptdiff_workflow.py --method adaptdiff \
-        --source_data_dir SOURCE --source_mask_dir masks --source_segmenter checkpoints/vessel-segmenter-chase \
+    python training/adaptdiff_workflow.py --method adaptdiff \\
+        --source_data_dir SOURCE --source_mask_dir masks --source_segmenter checkpoints/vessel-segmenter-chase \\
         --target_data_dir TARGET --work_dir runs/adaptdiff
 
-Four steps over ``--work_dir`` (AdaptDiff, Hu et al., MICCAI SASHIMI 2024, arXiv 2410.04648; the steps are in
-``adaptdiff_steps.py``). Every choice is made by a label-free rule of :mod:`diffusers_retina.adaptation`:
+Five steps over ``--work_dir`` (AdaptDiff, Hu et al., MICCAI SASHIMI 2024, arXiv 2410.04648, plus self-training and a
+label-free calibration; the steps are in ``adaptdiff_steps.py``). Every choice is made by a label-free rule of :mod:`diffusers_retina.adaptation`:
 
 1. ``pseudo-labels``: each target photograph at the source's scale (``--processing_resolution auto``: its field of
    view resized to the source segmenter's training diameter); the intensity transform towards the source
@@ -28,8 +28,11 @@ Four steps over ``--work_dir`` (AdaptDiff, Hu et al., MICCAI SASHIMI 2024, arXiv
 4. ``fine-tune``: the source segmenter fine-tuned with ``training/train_segmentation_ensemble.py --objective supervised
    --init_unet --loss_mask_dir`` (BCE + soft Dice over the pixels that count) on ``--method``'s pairs: the painted
    pairs (``adaptdiff``), the target photographs with their confident pseudo-labels (``self-training``), or both
-   (``combined``). Writes the adapted segmenter (``--segmenter_output_dir``), the anchored pipeline with it as its
-   prior (``--anchored_pipeline``) and, with a painter, the adapted ``AdaptDiffPipeline`` (``--output_dir``).
+   (``combined``), into ``4-fine-tune``.
+5. ``calibrate``: the fine-tuned segmenter's temperature fitted to the source segmenter's probabilities on the target
+   photographs (``--calibration teacher``; thresholds at one half are unchanged) and folded into its output layer;
+   then the adapted segmenter (``--segmenter_output_dir``), the anchored pipeline with it as its prior
+   (``--anchored_pipeline``) and, with a painter, the adapted ``AdaptDiffPipeline`` (``--output_dir``) are written.
 
 Before anything is trained the target folder is checked (at least 4 photographs, one size, nothing that is not an
 image: an error names the files). Every step writes its output beside its final place and moves it in when complete,
@@ -58,13 +61,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the steps and the training scripts of steps 2 and 4
 from adaptdiff_steps import (  # noqa: E402
     recorded_training_args,
+    step_calibrate,
     step_diffusion,
     step_finetune,
     step_pseudo_labels,
     step_synthesis,
 )
 
-STEPS = ("pseudo-labels", "diffusion", "synthesis", "fine-tune")
+STEPS = ("pseudo-labels", "diffusion", "synthesis", "fine-tune", "calibrate")
 METHODS = ("adaptdiff", "self-training", "combined")
 PAINTING_STEPS = ("diffusion", "synthesis")  # skipped by --method self-training
 ADAPTATION_RECORD = "adaptation.json"  # the workflow's record in the adapted segmenter's folder
@@ -107,8 +111,8 @@ def parse_args(argv=None):
                         help="The adapted anchored pipeline (default <work_dir>/adapted-anchored).")
     parser.add_argument("--work_dir", type=str, required=True)
     parser.add_argument("--output_dir", type=str, default=None, help="The adapted pipeline (default <work_dir>/adapted).")
-    parser.add_argument("--from_step", type=int, default=1, choices=range(1, 5))
-    parser.add_argument("--to_step", type=int, default=4, choices=range(1, 5))
+    parser.add_argument("--from_step", type=int, default=1, choices=range(1, 6))
+    parser.add_argument("--to_step", type=int, default=5, choices=range(1, 6))
     parser.add_argument("--redo", action="store_true", help="Redo the selected steps even if they are complete.")
     parser.add_argument("--reuse_from", type=str, default=None,
                         help="Another work folder run with the same flags: its completed steps 1-3 (which do not "
@@ -169,6 +173,11 @@ def parse_args(argv=None):
     parser.add_argument("--finetune_args", type=str, default="",
                         help="More flags for training/train_segmentation_ensemble.py, as one quoted string.")
     parser.add_argument("--checkpointing_steps", type=int, default=100)
+    # step 5
+    parser.add_argument("--calibration", type=str, default="teacher", choices=["teacher", "none"],
+                        help="teacher: fold into the adapted segmenter the temperature under which its probabilities "
+                             "on the target photographs best match the source segmenter's (label-free; thresholds at "
+                             "one half are unchanged); none: leave it as fine-tuned.")
     parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
     args = parser.parse_args(argv)
 
@@ -253,8 +262,9 @@ class WorkflowState:
 
 
 STEP_FUNCTIONS = {"pseudo-labels": step_pseudo_labels, "diffusion": step_diffusion, "synthesis": step_synthesis,
+                  "calibrate": step_calibrate,
                   "fine-tune": step_finetune}
-MAIN_PROCESS_ONLY = ("pseudo-labels", "synthesis")
+MAIN_PROCESS_ONLY = ("pseudo-labels", "synthesis", "calibrate")
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
@@ -305,7 +315,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             print(f"step {number} ({step}): complete in {seconds:.0f} s")
         state_of_run.wait_for_everyone()
         state = WorkflowState(work_dir)
-    if state.complete("fine-tune") and state_of_run.is_main_process:
+    if state.complete("calibrate") and state_of_run.is_main_process:
         write_workflow_record(args, state, argv)
     return state.data
 
