@@ -42,7 +42,10 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import numpy as np
 import PIL.Image
 
+import torch
+
 from .data import SUPPORTED_EXTENSIONS, DataError
+from .image_processing import RetinaImageProcessor, plan_processing
 
 #: The fewest target photographs an adaptation trains on (fewer: :func:`check_target_folder` refuses the folder).
 MIN_TARGET_IMAGES = 4
@@ -223,10 +226,6 @@ def working_image(image: np.ndarray, training_diameter: Optional[int], processin
         >>> working_image(photo, 98)[0].shape
         (128, 160, 3)
     """
-    import torch
-
-    from .image_processing import RetinaImageProcessor, plan_processing
-
     plan = plan_processing(image, processing_resolution, training_diameter)
     if tuple(plan.size) == tuple(image.shape[:2]):
         return image, plan

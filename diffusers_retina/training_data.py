@@ -23,7 +23,7 @@ import torch
 from .data import BratsSliceDataset, DataError, FolderPairDataset, HFSegmentationDataset
 from .data.hf import load_hf_dataset, pick_split, select_rows
 from .data.reading import open_pil
-from .image_processing import field_of_view_diameter
+from .image_processing import field_of_view_diameter, field_of_view_mask
 
 T = TypeVar("T")
 
@@ -330,8 +330,6 @@ def training_vessel_fraction(samples: Iterable[Any], limit: int = 64) -> Optiona
         >>> round(training_vessel_fraction([SimpleNamespace(image=disc, mask=mask)]), 3)
         0.038
     """
-    from .image_processing import field_of_view_mask
-
     fractions = []
     for sample in itertools.islice(samples, limit):
         image, mask = np.asarray(sample.image), np.asarray(sample.mask)

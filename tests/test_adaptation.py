@@ -25,8 +25,7 @@ from diffusers_retina.adaptation import (
 from diffusers_retina.cli.main import main as cli_main
 from diffusers_retina.data import DataError
 
-from test_adaptdiff import workflow_args, write_domains
-from testing_utils import fundus, load_script
+from testing_utils import adaptdiff_workflow_args as workflow_args, fundus, load_script, write_domains
 
 
 def _photos(folder: Path, count: int, size=(32, 32), suffix=".png") -> Path:

@@ -26,7 +26,14 @@ from diffusers_retina.data.modality import (
 )
 from diffusers_retina.pipelines.adaptdiff import pseudo_labels
 
-from testing_utils import KILLING_RUNNER, fundus, load_script, tiny_adaptdiff
+from testing_utils import (
+    KILLING_RUNNER,
+    adaptdiff_workflow_args as workflow_args,
+    fundus,
+    load_script,
+    tiny_adaptdiff,
+    write_domains,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / "training" / "adaptdiff_workflow.py"
@@ -207,37 +214,6 @@ def test_save_load_round_trip_and_loading_ways(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- workflow
-def write_domains(root: Path, count: int = 4, size: int = 48) -> dict:
-    """A labelled source folder (synthetic photographs + masks) and an unlabelled target folder (their angiograms)."""
-    (root / "source" / "images").mkdir(parents=True)
-    (root / "source" / "masks").mkdir(parents=True)
-    (root / "target" / "images").mkdir(parents=True)
-    for index in range(count):
-        image = fundus(size, seed=index)
-        mask = np.zeros((size, size), dtype=np.uint8)
-        mask[size // 2 - 1: size // 2 + 2, 4:-4] = 255
-        PIL.Image.fromarray((image * 255).astype(np.uint8)).save(root / "source" / "images" / f"s{index}.png")
-        PIL.Image.fromarray(mask).save(root / "source" / "masks" / f"s{index}.png")
-        angiogram = fluorescein_like(image, seed=index)
-        PIL.Image.fromarray((angiogram * 255).astype(np.uint8)).save(root / "target" / "images" / f"t{index}.png")
-    segmenter = tiny_adaptdiff().segmenter
-    segmenter.save_pretrained(root / "segmenter")
-    return {"source": root / "source", "target": root / "target", "segmenter": root / "segmenter"}
-
-
-def workflow_args(domains: dict, work_dir: Path, *extra: str) -> list:
-    return [
-        "--source_data_dir", str(domains["source"]), "--source_segmenter", str(domains["segmenter"]),
-        "--target_data_dir", str(domains["target"]), "--work_dir", str(work_dir),
-        "--diffusion_steps", "8", "--diffusion_resolution", "16", "--diffusion_batch_size", "2",
-        "--diffusion_block_out_channels", "8,16",
-        "--diffusion_args", "--norm_num_groups 4 --spade_hidden_channels 8 --patches_per_image 2",
-        "--paint_steps", "2", "--finetune_steps", "4", "--finetune_resolution", "16", "--finetune_batch_size", "2",
-        "--finetune_args", "--patches_per_image 2", "--checkpointing_steps", "4", "--tile_size", "16",
-        "--num_reference_images", "2", *extra,
-    ]
-
-
 def _run(args, runner=None, **env):
     command = [sys.executable, str(WORKFLOW), *args] if runner is None else [sys.executable, "-c", runner,
                                                                              str(WORKFLOW), *args]

@@ -33,6 +33,7 @@ from diffusers_retina import (
     Mask2ImagePipeline,
     SegmentationEnsemblePipeline,
 )
+from diffusers_retina.data.modality import fluorescein_like
 from diffusers_retina.models import ConditionalUNet2DModel, PixelMLPEnsemble, PriorFeatureRefinerModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -361,3 +362,36 @@ def check_call_example(pipeline_cls) -> None:
     defined |= {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)}
     used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
     assert used - defined - set(dir(builtins)) == set()
+
+
+# ---------------------------------------------------------------------------------------------- adaptation
+def write_domains(root: Path, count: int = 4, size: int = 48) -> dict:
+    """A labelled source folder (synthetic photographs + masks) and an unlabelled target folder (their angiograms)."""
+    (root / "source" / "images").mkdir(parents=True)
+    (root / "source" / "masks").mkdir(parents=True)
+    (root / "target" / "images").mkdir(parents=True)
+    for index in range(count):
+        image = fundus(size, seed=index)
+        mask = np.zeros((size, size), dtype=np.uint8)
+        mask[size // 2 - 1: size // 2 + 2, 4:-4] = 255
+        Image.fromarray((image * 255).astype(np.uint8)).save(root / "source" / "images" / f"s{index}.png")
+        Image.fromarray(mask).save(root / "source" / "masks" / f"s{index}.png")
+        angiogram = fluorescein_like(image, seed=index)
+        Image.fromarray((angiogram * 255).astype(np.uint8)).save(root / "target" / "images" / f"t{index}.png")
+    segmenter = tiny_adaptdiff().segmenter
+    segmenter.save_pretrained(root / "segmenter")
+    return {"source": root / "source", "target": root / "target", "segmenter": root / "segmenter"}
+
+
+def adaptdiff_workflow_args(domains: dict, work_dir: Path, *extra: str) -> list:
+    """Flags of training/adaptdiff_workflow.py for :func:`write_domains`' folders at tiny sizes (seconds on a CPU)."""
+    return [
+        "--source_data_dir", str(domains["source"]), "--source_segmenter", str(domains["segmenter"]),
+        "--target_data_dir", str(domains["target"]), "--work_dir", str(work_dir),
+        "--diffusion_steps", "8", "--diffusion_resolution", "16", "--diffusion_batch_size", "2",
+        "--diffusion_block_out_channels", "8,16",
+        "--diffusion_args", "--norm_num_groups 4 --spade_hidden_channels 8 --patches_per_image 2",
+        "--paint_steps", "2", "--finetune_steps", "4", "--finetune_resolution", "16", "--finetune_batch_size", "2",
+        "--finetune_args", "--patches_per_image 2", "--checkpointing_steps", "4", "--tile_size", "16",
+        "--num_reference_images", "2", *extra,
+    ]

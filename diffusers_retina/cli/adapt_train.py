@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import shlex
 import sys
 from pathlib import Path
 from typing import List
 
 import diffusers_retina
 
+from ..adaptation import check_target_folder
+from ..data import DataError
 from .common import CLIError, apply_threads, check_output_dir, positive_int
 
 #: The repository root of a source checkout (holds ``training/`` and ``checkpoints/``).
@@ -81,8 +84,6 @@ def build_adapt_train_parser(subparsers: "argparse._SubParsersAction") -> argpar
 
 def workflow_argv(args: argparse.Namespace) -> List[str]:
     """The ``training/adaptdiff_workflow.py`` flags of an ``adapt-train`` call."""
-    import shlex
-
     out = args.output_dir
     argv = ["--method", args.method, "--source_segmenter", str(args.segmenter),
             "--target_data_dir", str(args.target), "--target_image_dir", ".", "--work_dir", str(out / "work"),
@@ -99,9 +100,6 @@ def workflow_argv(args: argparse.Namespace) -> List[str]:
 def run_adapt_train(args: argparse.Namespace) -> int:
     """The ``adapt-train`` sub-command: checks the target folder (through the workflow's own checks, before any
     training), then runs or resumes the workflow."""
-    from ..adaptation import check_target_folder
-    from ..data import DataError
-
     if not WORKFLOW.is_file():
         raise CLIError(f"adapt-train runs {WORKFLOW.relative_to(REPOSITORY)} of a source checkout, and this "
                        "installation has none: clone the repository and `pip install -e .` there.")
