@@ -17,8 +17,12 @@ from diffusers_retina.adaptation import (
     check_target_folder,
     choose_transform,
     confident_pixels,
+    fit_logit_bias,
+    fit_temperature,
+    fold_temperature,
     fraction_matching_threshold,
     probability_histogram,
+    shift_logits,
     view_probabilities,
     working_image,
 )
@@ -108,6 +112,39 @@ def test_working_image_matches_the_training_field_of_view():
     assert image.shape == (128, 160, 3) and plan.basis == "field_of_view" and 0 <= image.min() <= image.max() <= 1
     same, plan = working_image(photo, None)  # no recorded diameter: as it is
     assert same is photo and plan.basis == "native"
+
+
+def test_temperature_fitted_to_a_teacher_and_folded_into_the_output_layer():
+    from testing_utils import tiny_prior
+
+    rng = np.random.default_rng(0)
+    teacher_logits = rng.normal(-2.0, 2.0, size=(2, 32, 32))
+    teacher = 1 / (1 + np.exp(-teacher_logits))
+    student = 2.5 * teacher_logits  # the same ranking, 2.5 times too sharp
+    fov = np.zeros((32, 32), bool)
+    fov[4:28, 4:28] = True
+    assert abs(fit_temperature(list(student), list(teacher), [fov, fov]) - 2.5) < 0.01
+    # outside the fields of view nothing counts
+    wild = student.copy()
+    wild[:, ~fov] = 40.0
+    assert abs(fit_temperature(list(wild), list(teacher), [fov, fov]) - 2.5) < 0.01
+    segmenter = tiny_prior().eval()
+    image = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        before = segmenter(image, 0).sample
+        after = fold_temperature(segmenter, 2.0)(image, 0).sample
+    torch.testing.assert_close(after, before / 2.0, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        fold_temperature(segmenter, 0.0)
+
+
+def test_logit_bias_matches_the_target_fraction_inside_the_fields_of_view():
+    rng = np.random.default_rng(1)
+    maps = [rng.beta(0.5, 6.0, size=(16, 16)) for _ in range(3)]
+    fovs = [np.ones((16, 16), bool)] * 3
+    bias = fit_logit_bias(maps, fovs, 0.2)
+    assert bias > 0 and abs(np.mean([shift_logits(m, bias).mean() for m in maps]) - 0.2) < 1e-3
+    assert fit_logit_bias(maps, fovs, float(np.mean(maps))) == pytest.approx(0.0, abs=1e-3)  # already there
 
 
 # ---------------------------------------------------------------------------------------------- masked loss

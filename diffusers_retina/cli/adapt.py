@@ -3,7 +3,7 @@
 Each INPUT (an image of the target modality, e.g. a fluorescein angiogram) gives ``<stem>_mask.png`` (0/255; with
 ``--labels soft`` 8-bit probabilities, with ``--labels confident`` 0/128/255 where 128 means "not sure") and
 ``<stem>_probability.png`` (the vessel probability, 0..1 as 0..255). The adaptation itself is trained by
-``training/adaptdiff_workflow.py``.
+``diffusers-retina adapt-train`` (``training/adaptdiff_workflow.py``).
 
 Folders run sharded and resumable like ``segment`` (see :mod:`diffusers_retina.sharded_inference`): under
 ``accelerate launch`` each process takes its share, finished inputs are skipped (``--overwrite`` redoes them),
@@ -61,7 +61,7 @@ HELP = "segment target-modality images with an AdaptDiff-adapted segmenter"
 DESCRIPTION = (
     "Segment each INPUT image of the adapted (target) modality with an AdaptDiffPipeline's segmenter: "
     "write <stem>_mask.png and <stem>_probability.png. Sharded under `accelerate launch`, resumable, one row per "
-    "image in results.jsonl. Train an adaptation with training/adaptdiff_workflow.py."
+    "image in results.jsonl. Train an adaptation with `diffusers-retina adapt-train`."
 )
 
 
