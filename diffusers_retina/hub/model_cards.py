@@ -308,19 +308,35 @@ def _segmenter_card(folder: Path, info: Dict[str, Any], repo_id: str) -> CardPar
 
 
 #: What each AdaptDiff workflow step does, from the workflow's arguments (the card's step table).
-_ADAPTDIFF_STEPS: Dict[str, Callable[[Dict[str, Any]], str]] = {
-    "pseudo-labels": lambda args: (
+_ADAPTDIFF_STEPS: Dict[str, Callable[[Dict[str, Any], Dict[str, Any]], str]] = {
+    "pseudo-labels": lambda args, record: (
         "the source segmenter labels the target images"
-        + (f" after `{args['pseudo_label_transform']}`" if args.get("pseudo_label_transform", "none") != "none" else "")
+        + (f" after `{_chosen_transform(args, record)}`" if _chosen_transform(args, record) != "none" else "")
+        + (f" (five agreeing views; threshold {record['threshold']:.3f})" if record.get("threshold") is not None
+           else "")
         + (f", corrupted at {args['pseudo_label_fp']:.0%} FP / {args['pseudo_label_fn']:.0%} FN"
            if args.get("pseudo_label_fp") or args.get("pseudo_label_fn") else "")),
-    "diffusion": lambda args: (f"{args['diffusion_steps']} steps of the conditional diffusion model on "
-                               f"{args['diffusion_resolution']}² crops of the target images given their pseudo-labels"),
-    "synthesis": lambda args: (f"{args['images_per_mask']} synthetic image(s) per real source mask, "
-                               f"{args['paint_steps']} DDIM steps, histogram-matched to target images"),
-    "fine-tune": lambda args: (f"{args['finetune_steps']} steps of fine-tuning on the synthetic pairs (BCE + soft "
-                               "Dice, fresh patches, flips and photometric changes each epoch)"),
+    "diffusion": lambda args, record: (f"{args['diffusion_steps']} steps of the conditional diffusion model on "
+                                       f"{args['diffusion_resolution']}² crops of the target images given their "
+                                       "pseudo-labels"),
+    "synthesis": lambda args, record: (f"{args['images_per_mask']} synthetic image(s) per real source mask"
+                                       + (f" ({args['paint_crop']}² crops)" if args.get("paint_crop") else "") + ", "
+                                       f"{args['paint_steps']} DDIM steps, histogram-matched to target images"),
+    "fine-tune": lambda args, record: (
+        f"{args['finetune_steps']} steps of fine-tuning on "
+        + {"combined": "the synthetic pairs and the target images with their confident pseudo-labels",
+           "self-training": "the target images with their confident pseudo-labels"}.get(
+            args.get("method", "adaptdiff"), "the synthetic pairs")
+        + " (BCE + soft Dice, fresh patches, flips and photometric changes each epoch)"),
+    "calibrate": lambda args, record: (
+        f"temperature {record['temperature']:.2f} fitted to the source segmenter's probabilities on the target, "
+        "folded into the output layer" if record.get("temperature") else "no calibration"),
 }
+
+
+def _chosen_transform(args: Dict[str, Any], record: Dict[str, Any]) -> str:
+    """The pseudo-label transform a run used (``auto`` resolves to the one its label-free rule chose)."""
+    return (record.get("transform") or {}).get("chosen") or args.get("pseudo_label_transform", "none")
 
 
 def _step_wall_time(step: Dict[str, Any]) -> str:
@@ -344,13 +360,16 @@ def _adaptdiff_card(folder: Path, info: Dict[str, Any], repo_id: str) -> CardPar
     unet_config = read_json(folder / "unet" / "config.json") or {}
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json") or {}
     steps = info.get("steps", {})
-    rows = "\n".join(f"| {number}. {name} | {describe(args)} | {_step_wall_time(steps.get(name, {}))} |"
-                     for number, (name, describe) in enumerate(_ADAPTDIFF_STEPS.items(), start=1))
-    transform = args.get("pseudo_label_transform", "none")
+    rows = "\n".join(f"| {number}. {name} | {describe(args, steps.get(name, {}))} | "
+                     f"{_step_wall_time(steps.get(name, {}))} |"
+                     for number, (name, describe) in enumerate(_ADAPTDIFF_STEPS.items(), start=1) if name in steps)
+    transform = _chosen_transform(args, steps.get("pseudo-labels", {}))
     note = ("Pseudo-labels: AdaptDiff labels the raw target images with the source segmenter. "
             + (f"Here the target images were first moved towards the source's intensities (`{transform}`, "
-               "`diffusers_retina.data.modality.to_source_intensities`), chosen on the training images: the labels "
-               "only need to be weak, but on the raw target the source segmenter marks almost nothing."
+               "`diffusers_retina.data.modality.to_source_intensities`), chosen "
+               + ("by the workflow's label-free rule (the vessel fraction closest to the source's)"
+                  if args.get("pseudo_label_transform") == "auto" else "on the training images")
+               + ": the labels only need to be weak, but on the raw target the source segmenter marks almost nothing."
                if transform != "none" else "Here the raw target images were labelled, as published."))
     return card_data, dict(
         base_model=base_model or args.get("source_segmenter"),
@@ -360,7 +379,7 @@ def _adaptdiff_card(folder: Path, info: Dict[str, Any], repo_id: str) -> CardPar
         prediction_type=scheduler_config.get("prediction_type", args.get("diffusion_prediction_type")),
         source_description=data_description(source, {"train_data_dir": args["source_data_dir"]}),
         target_description=data_description({**target, "mask_dir": None}, {"train_data_dir": args["target_data_dir"]}),
-        command=info["command"], step_rows=rows, pseudo_label_note=note,
+        command=info["command"], step_rows=rows, pseudo_label_note=note, method=args.get("method", "adaptdiff"),
         evaluation=(measured_markdown(evaluation)
                     or "Not evaluated yet: run `benchmarks/evaluate_adaptdiff.py --write-card ...`."),
     )
