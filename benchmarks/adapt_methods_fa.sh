@@ -4,7 +4,8 @@
 # photographs in the target modality (unlabelled); source masks: their CHASE_DB1 masks; scored on the 8 test
 # photographs in the target modality (benchmarks/evaluate_adaptdiff.py). The painter is the narrow one shipped in
 # checkpoints/adaptdiff-chase-fa (16,32,64,64 channels, SPADE hidden 16). combined and self-training take steps 1-3 of
-# the AdaptDiff run (--reuse_from: those steps do not depend on the method). THREADS (default 2).
+# the AdaptDiff run (--reuse_from: those steps do not depend on the method). THREADS (default 2); SHIP=1 ships the
+# combined run as checkpoints/adaptdiff-chase-fa and writes its card.
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS HF_HUB_OFFLINE=1 DIFFUSERS_RETINA_DATA=../shared/data/chase_db1
@@ -19,9 +20,26 @@ for method in combined self-training; do
   .venv/bin/python training/adaptdiff_workflow.py "${COMMON[@]}" --method $method --work_dir runs/fa/$method \
     --reuse_from runs/fa/adaptdiff || exit 1
 done
+# the combined run ships as checkpoints/adaptdiff-chase-fa (fp16; its card is written from this evaluation)
+[ "$SHIP" = 1 ] && .venv/bin/python - <<'PY'
+import shutil
+from pathlib import Path
+import torch
+from diffusers_retina import AdaptDiffPipeline
+source, target = Path("runs/fa/combined/adapted"), Path("checkpoints/adaptdiff-chase-fa")
+staging = target.with_name(target.name + ".new")
+shutil.rmtree(staging, ignore_errors=True)
+pipe = AdaptDiffPipeline.from_pretrained(source, dtype=torch.float32)
+pipe.unet.to(torch.float16); pipe.segmenter.to(torch.float16)
+pipe.save_pretrained(staging)
+shutil.copy2(source / "training_info.json", staging / "training_info.json")
+shutil.rmtree(target, ignore_errors=True)
+staging.rename(target)
+PY
 .venv/bin/python benchmarks/evaluate_adaptdiff.py --threads "$THREADS" --target_dir runs/chase-fa \
   --output benchmarks/results/adapt_methods_fa.json \
-  --row "Source, inversion + histogram matching=checkpoints/vessel-segmenter-chase@invert+histmatch" \
-  --row "AdaptDiff (painted pairs)=runs/fa/adaptdiff/adapted-segmenter" \
-  --row "Self-training (confident pseudo-labels)=runs/fa/self-training/adapted-segmenter" \
-  --row "Combined (painted pairs + confident pseudo-labels)=runs/fa/combined/adapted-segmenter"
+  --row "1. Source, inversion + histogram matching=checkpoints/vessel-segmenter-chase@invert+histmatch" \
+  --row "2. AdaptDiff (painted pairs)=runs/fa/adaptdiff/adapted-segmenter" \
+  --row "3. Self-training (confident pseudo-labels)=runs/fa/self-training/adapted-segmenter" \
+  --row "4. Combined (painted pairs + confident pseudo-labels)=checkpoints/adaptdiff-chase-fa" \
+  --write-card "4. Combined (painted pairs + confident pseudo-labels)=checkpoints/adaptdiff-chase-fa"
