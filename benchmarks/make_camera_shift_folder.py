@@ -17,7 +17,7 @@ import PIL.Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from diffusers_retina.data import CHASE_DB1_TEST, chase_db1  # noqa: E402
+from diffusers_retina.data import chase_db1  # noqa: E402
 from diffusers_retina.data.camera_shift import CAMERA_SHIFTS, apply_camera_shift  # noqa: E402
 
 
@@ -35,11 +35,12 @@ def main(argv=None):
         item = reference[index]
         photo = ((item["image"].float() + 1) / 2).permute(1, 2, 0).numpy()
         image, mask, valid = apply_camera_shift(photo, item["mask"].numpy().astype(bool), CAMERA_SHIFTS[args.shift])
-        PIL.Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(output / "images" / f"{name}.png")
+        pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        PIL.Image.fromarray(pixels).save(output / "images" / f"{name}.png")
         PIL.Image.fromarray(mask.astype(np.uint8) * 255).save(output / "masks" / f"{name}.png")
         PIL.Image.fromarray(valid.astype(np.uint8) * 255).save(output / "valid" / f"{name}.png")
-    print(f"wrote {len(reference)} photographs ({args.split}, {args.shift}) to {output}"
-          f"{' (the CHASE_DB1 test split)' if args.split == 'test' and list(reference.stems) == list(CHASE_DB1_TEST) else ''}")
+    print(f"wrote {len(reference)} CHASE_DB1 {args.split} photographs as the {args.shift} camera takes them "
+          f"to {output}")
 
 
 if __name__ == "__main__":

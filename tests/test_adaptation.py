@@ -1,5 +1,6 @@
-"""Adaptation to a folder of unlabelled photographs: the label-free rules (diffusers_retina.adaptation), the target-folder
-checks, the masked fine-tuning loss, the workflow's self-training and combined methods, and ``adapt-train``."""
+"""Adaptation to a folder of unlabelled photographs: the label-free rules (diffusers_retina.adaptation), the
+target-folder checks, the masked fine-tuning loss, the workflow's self-training and combined methods, and
+``adapt-train``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""The five steps of ``training/adaptdiff_workflow.py`` (pseudo-labels, diffusion, synthesis, fine-tune, calibrate) and the
-file helpers they share. Each step takes the workflow's parsed arguments and its ``work_dir``, writes its output beside
-its final place and moves it in when complete, and returns the details the workflow records in ``workflow.json``."""
+"""The five steps of ``training/adaptdiff_workflow.py`` (pseudo-labels, diffusion, synthesis, fine-tune, calibrate)
+and the file helpers they share. Each step takes the workflow's parsed arguments and its ``work_dir``, writes its
+output beside its final place and moves it in when complete, and returns the details the workflow records in
+``workflow.json``."""
 
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ command: AdaptDiff, self-training on confident pseudo-labels, or both (``diffuse
         --target_data_dir TARGET --work_dir runs/adaptdiff
 
 Five steps over ``--work_dir`` (AdaptDiff, Hu et al., MICCAI SASHIMI 2024, arXiv 2410.04648, plus self-training and a
-label-free calibration; the steps are in ``adaptdiff_steps.py``). Every choice is made by a label-free rule of :mod:`diffusers_retina.adaptation`:
+label-free calibration; the steps are in ``adaptdiff_steps.py``). Every choice is made by a label-free rule of
+:mod:`diffusers_retina.adaptation`:
 
 1. ``pseudo-labels``: each target photograph at the source's scale (``--processing_resolution auto``: its field of
    view resized to the source segmenter's training diameter); the intensity transform towards the source
@@ -105,8 +106,8 @@ def parse_args(argv=None):
     parser.add_argument("--segmenter_output_dir", type=str, default=None,
                         help="The adapted segmenter, a UNet2DModel folder (default <work_dir>/adapted-segmenter).")
     parser.add_argument("--anchored_pipeline", type=str, default=None,
-                        help="A prior-anchored SegmentationEnsemblePipeline folder whose prior is the source segmenter: "
-                             "saved again with the adapted segmenter as its prior (--anchored_output_dir).")
+                        help="A prior-anchored SegmentationEnsemblePipeline folder whose prior is the source "
+                             "segmenter: saved again with the adapted segmenter as its prior (--anchored_output_dir).")
     parser.add_argument("--anchored_output_dir", type=str, default=None,
                         help="The adapted anchored pipeline (default <work_dir>/adapted-anchored).")
     parser.add_argument("--work_dir", type=str, required=True)

@@ -49,8 +49,8 @@ DEFAULT_ANCHORED = REPOSITORY / "checkpoints" / "segmentation-anchored-features-
 WORKFLOW = REPOSITORY / "training" / "adaptdiff_workflow.py"
 
 HELP = "adapt the vessel segmenter to a folder of unlabelled photographs"
-DESCRIPTION = ("Adapt the vessel segmenter (and the anchored pipeline built on it) to TARGET_FOLDER, photographs of one "
-               "camera or modality without labels: self-training on confident pseudo-labels, AdaptDiff's painted "
+DESCRIPTION = ("Adapt the vessel segmenter (and the anchored pipeline built on it) to TARGET_FOLDER, photographs of "
+               "one camera or modality without labels: self-training on confident pseudo-labels, AdaptDiff's painted "
                "pairs, or both. Every setting is chosen by a label-free rule. Resumable: run it again to go on.")
 
 
