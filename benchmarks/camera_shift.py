@@ -63,8 +63,8 @@ def parse_args(argv=None):
     parser.add_argument("--images", nargs="+", default=None, help="Photographs of the split (default: all).")
     parser.add_argument("--label-free-bias", action="store_true",
                         help="Add a '+ label-free bias' row per row: its maps of each shift shifted by the logit bias "
-                             "under which their mean probability inside the photographs' fields of view equals the "
-                             "row's training vessel fraction (diffusers_retina.adaptation.fit_logit_bias; no labels).")
+                             "under which their mean probability inside the photographs' fields of view equals "
+                             "--label-free-bias-fraction (diffusers_retina.adaptation.fit_logit_bias; no labels).")
     parser.add_argument("--label-free-bias-fraction", type=float, default=None,
                         help="The vessel fraction --label-free-bias matches (default: the one the shipped segmenter "
                              "records, its CHASE_DB1 training masks').")
