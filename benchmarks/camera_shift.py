@@ -21,7 +21,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import json  # noqa: E402
 from dataclasses import asdict  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -37,6 +36,7 @@ from evaluate_anchored import load_unet  # noqa: E402
 
 from diffusers_retina.adaptation import fit_logit_bias, shift_logits  # noqa: E402
 from diffusers_retina.data import chase_db1  # noqa: E402
+from diffusers_retina.hub import recorded_training_args  # noqa: E402
 from diffusers_retina.data.camera_shift import CAMERA_SHIFTS, apply_camera_shift  # noqa: E402
 from diffusers_retina.image_processing import RetinaImageProcessor, field_of_view_mask  # noqa: E402
 from diffusers_retina.metrics import MetricAccumulator, negative_log_likelihood  # noqa: E402
@@ -80,12 +80,10 @@ def recorded_training_value(path: str, name: str):
     """A value a segmenter (or pipeline) folder's ``training_info.json`` records in its arguments (its prior's for an
     anchored pipeline), e.g. the training field-of-view diameter; None when none is recorded."""
     folder = _common.resolve_path(path)
-    for candidate in (folder / "training_info.json", folder / "unet" / "training_info.json",
-                      folder / "prior" / "training_info.json"):
-        if candidate.is_file():
-            value = json.loads(candidate.read_text()).get("args", {}).get(name)
-            if value is not None:
-                return value
+    for candidate in (folder, folder / "unet", folder / "prior"):
+        value = recorded_training_args(candidate).get(name)
+        if value is not None:
+            return value
     return None
 
 

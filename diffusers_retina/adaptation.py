@@ -251,7 +251,7 @@ def fit_logit_bias(probabilities: Sequence[np.ndarray], fovs: Sequence[Optional[
     values = np.concatenate([np.asarray(p, np.float64)[_region(p, f)] for p, f in zip(probabilities, fovs)])
     if values.size == 0:
         raise ValueError("fit_logit_bias needs at least one pixel inside a field of view.")
-    logits = _logit(values)
+    logits = logit(values)
     low, high = bounds
     for _ in range(60):
         middle = (low + high) / 2
@@ -264,11 +264,13 @@ def fit_logit_bias(probabilities: Sequence[np.ndarray], fovs: Sequence[Optional[
 
 def shift_logits(probability: np.ndarray, bias: float) -> np.ndarray:
     """``sigmoid(logit(probability) + bias)`` (:func:`fit_logit_bias`), in the input's dtype."""
-    shifted = 1.0 / (1.0 + np.exp(-(_logit(np.asarray(probability, np.float64)) + bias)))
+    shifted = 1.0 / (1.0 + np.exp(-(logit(np.asarray(probability, np.float64)) + bias)))
     return shifted.astype(np.asarray(probability).dtype if np.asarray(probability).dtype.kind == "f" else np.float64)
 
 
-def _logit(values: np.ndarray) -> np.ndarray:
+def logit(values: np.ndarray) -> np.ndarray:
+    """``log(p / (1 - p))`` of probabilities, clipped to [1e-6, 1 - 1e-6] first (maps thresholded at 0 or 1 stay
+    finite)."""
     clipped = np.clip(values, 1e-6, 1.0 - 1e-6)
     return np.log(clipped) - np.log1p(-clipped)
 

@@ -20,6 +20,7 @@ from typing import Any, Iterable, List, Optional, Tuple, Type, TypeVar, Union
 import numpy as np
 import torch
 
+from .adaptation import vessel_fraction
 from .data import BratsSliceDataset, DataError, FolderPairDataset, HFSegmentationDataset
 from .data.hf import load_hf_dataset, pick_split, select_rows
 from .data.reading import open_pil
@@ -334,6 +335,5 @@ def training_vessel_fraction(samples: Iterable[Any], limit: int = 64) -> Optiona
     for sample in itertools.islice(samples, limit):
         image, mask = np.asarray(sample.image), np.asarray(sample.mask)
         if image.ndim == 3 and image.shape[-1] == 3:
-            fov = field_of_view_mask(image)
-            fractions.append(float((mask[fov] > 0).mean()) if fov.any() else 0.0)
+            fractions.append(vessel_fraction(mask, field_of_view_mask(image)))
     return float(np.mean(fractions)) if fractions else None

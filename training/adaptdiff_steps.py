@@ -67,18 +67,12 @@ def load_segmenter(path: str):
 
 
 # ---------------------------------------------------------------------------------------------- steps
-def recorded_training_args(segmenter: str) -> Dict:
-    """The training arguments a segmenter folder records (``training_info.json``; empty when none)."""
-    from diffusers_retina.hub import TRAINING_INFO, read_json
-
-    return (read_json(Path(segmenter) / TRAINING_INFO) or {}).get("args", {})
-
-
 def source_statistics(args):
     """The source's training field-of-view diameter and vessel fraction: the segmenter's ``training_info.json``,
     else (the fraction) its training masks in ``--source_data_dir``."""
     from diffusers_retina.adaptation import vessel_fraction
     from diffusers_retina.data import read_mask
+    from diffusers_retina.hub import recorded_training_args
     from diffusers_retina.image_processing import field_of_view_mask
 
     recorded = recorded_training_args(args.source_segmenter)
@@ -135,8 +129,17 @@ def step_pseudo_labels(args, work_dir: Path) -> Dict:
         return segmenter_probabilities(segmenter, prepare_images(image, segmenter.config.in_channels),
                                        args.tile_size)[0, 0].numpy()
 
-    def working(path: Path):
-        return working_image(_read_unit_image(path), diameter, args.processing_resolution)
+    kept: Dict[Path, tuple] = {}  # the photographs the transform rule looked at, for pass 1
+
+    def working(path: Path, keep: bool = False):
+        """``(image at the working scale, plan, field of view)``, read and resized once per photograph."""
+        if path in kept:
+            return kept.pop(path)
+        image, plan = working_image(_read_unit_image(path), diameter, args.processing_resolution)
+        result = (image, plan, field_of_view_mask(image))
+        if keep:
+            kept[path] = result
+        return result
 
     choice = {"candidates": candidates, "source_vessel_fraction": source_fraction}
     transform = candidates[0]
@@ -147,8 +150,7 @@ def step_pseudo_labels(args, work_dir: Path) -> Dict:
                              "give --source_data_dir or name a transform.")
         fractions = {name: [] for name in candidates}
         for path in list(targets.values())[: args.transform_sample]:
-            image, _ = working(path)
-            fov = field_of_view_mask(image)
+            image, _, fov = working(path, keep=True)
             for name in candidates:
                 moved = to_source_intensities(image, name, references, reference_fovs, fov=fov)
                 fractions[name].append(vessel_fraction(predict(moved) > 0.5, fov))
@@ -160,9 +162,8 @@ def step_pseudo_labels(args, work_dir: Path) -> Dict:
     (partial / "views").mkdir()
     histogram, scales = 0, {}
     for stem, path in targets.items():
-        image, plan = working(path)
+        image, plan, fov = working(path)
         scales[stem] = round(plan.scale, 4)
-        fov = field_of_view_mask(image)
         _save_png((image * 255).round().astype(np.uint8), partial / "images" / f"{stem}.png")
         _save_png(fov.astype(np.uint8) * 255, partial / "views" / f"{stem}-fov.png")
         if not args.pseudo_labels_from:
@@ -335,7 +336,7 @@ def step_calibrate(args, work_dir: Path) -> Dict:
     output layer; then the adapted segmenter, anchored pipeline and AdaptDiffPipeline are saved."""
     import json
 
-    from diffusers_retina.adaptation import fit_temperature, fold_temperature
+    from diffusers_retina.adaptation import fit_temperature, fold_temperature, logit
     from diffusers_retina.data.modality import field_of_view_mask, to_source_intensities
     from diffusers_retina.image_processing import prepare_images
     from diffusers_retina.pipelines.sampling import segmenter_probabilities
@@ -354,7 +355,7 @@ def step_calibrate(args, work_dir: Path) -> Dict:
             moved = to_source_intensities(image, transform, references, reference_fovs, fov=fov)
             student = segmenter_probabilities(adapted, prepare_images(image, 3), args.tile_size)[0, 0].numpy()
             teacher.append(segmenter_probabilities(source, prepare_images(moved, 3), args.tile_size)[0, 0].numpy())
-            logits.append(np.log(np.clip(student, 1e-6, 1 - 1e-6)) - np.log1p(-np.clip(student, 1e-6, 1 - 1e-6)))
+            logits.append(logit(student))
             fovs.append(fov)
         temperature = fit_temperature(logits, teacher, fovs)
         fold_temperature(adapted, temperature)

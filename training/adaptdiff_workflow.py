@@ -61,7 +61,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the steps and the training scripts of steps 2 and 4
 from adaptdiff_steps import (  # noqa: E402
-    recorded_training_args,
     step_calibrate,
     step_diffusion,
     step_finetune,
@@ -217,6 +216,8 @@ def parse_args(argv=None):
                  "checkpointing_steps", "tile_size", "transform_sample"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be a positive integer, got {getattr(args, flag)}.")
+    from diffusers_retina.hub import recorded_training_args
+
     if args.pseudo_label_transform == "auto" and args.source_data_dir is None and not args.pseudo_labels_from and \
             recorded_training_args(args.source_segmenter).get("training_vessel_fraction") is None:
         parser.error(f"--pseudo_label_transform auto compares with the source's vessel fraction: --source_segmenter "

@@ -3,7 +3,7 @@ data provenance they record (:mod:`.provenance`), the measured records they repo
 and the upload of a checkpoint folder (:mod:`.upload`)."""
 
 from ..utils.io_utils import command_line, read_json, write_json  # noqa: F401 (re-exported: hub.read_json, ...)
-from .evaluation_records import EVALUATION, METRIC_LABELS, TRAINING_INFO  # noqa: F401
+from .evaluation_records import EVALUATION, METRIC_LABELS, TRAINING_INFO, recorded_training_args  # noqa: F401
 from .model_cards import (  # noqa: F401
     CARD_KINDS,
     TEMPLATES,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from huggingface_hub import EvalResult
 
@@ -32,6 +32,13 @@ def training_info(folder: Path) -> Dict[str, Any]:
     if info is None:
         raise FileNotFoundError(f"{folder / TRAINING_INFO} is missing: it is written by the training script.")
     return info
+
+
+def recorded_training_args(folder: Union[str, Path]) -> Dict[str, Any]:
+    """The training arguments ``training_info.json`` of ``folder`` records (an empty dict when it records none): the
+    values a trained folder carries for later steps, such as ``field_of_view_diameter`` and
+    ``training_vessel_fraction``."""
+    return (read_json(Path(folder) / TRAINING_INFO) or {}).get("args", {})
 
 
 def format_duration(seconds: Optional[float]) -> str:
