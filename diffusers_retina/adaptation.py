@@ -12,11 +12,14 @@ The user has no labels of the target photographs, so every choice is made by a r
   which the source segmenter marks a vessel fraction of the target's field of view closest, in ratio, to the vessel
   fraction of the source's own training masks (:func:`vessel_fraction`). A transform that leaves the segmenter blind
   (almost nothing marked) or fooled (background marked) is far from it either way.
-* **Pseudo-label threshold** (:func:`fraction_matching_threshold`): a segmenter that has not seen the target camera
+* **Pseudo-label threshold** (:func:`mean_probability_threshold`): a segmenter that has not seen the target camera
   marks too little (faint, thin vessels fall below one half), and self-training on its labels would teach it to miss
-  them for good. The threshold on the mean probability of the agreement views is the one at which the target
-  folder's marked vessel fraction (pooled over its fields of view) equals the source's, kept within
-  :data:`THRESHOLD_BOUNDS`.
+  them for good. Its probabilities still say how much vessel it expects: their mean over the target folder's fields
+  of view. The threshold on the mean probability of the agreement views is the one at which the folder's marked
+  vessel fraction equals that mean probability (the pseudo-labels hold as much vessel as the segmenter itself
+  expects), kept within :data:`THRESHOLD_BOUNDS`. It assumes nothing about the target's vessel fraction, which
+  changes with the camera's field-of-view angle. (:func:`fraction_matching_threshold`, the first rule, matched the
+  source's training fraction instead; on wider-angle cameras that marks far too much.)
 * **Confident pixels** (:func:`confident_pixels`): the pseudo-label of a pixel is kept for self-training only where
   the source segmenter puts it on the same side of that threshold in every one of :data:`AGREEMENT_VIEWS` (the
   photograph, its two mirror images, and a darker and a brighter copy): stability under changes that must not
@@ -175,6 +178,28 @@ def fraction_matching_threshold(histogram: np.ndarray, source_fraction: float,
     edges = np.linspace(0.0, 1.0, len(histogram) + 1)[:-1]
     index = int(np.argmax(above <= source_fraction)) if (above <= source_fraction).any() else len(histogram) - 1
     return float(np.clip(edges[index], *bounds))
+
+
+def histogram_mean(histogram: np.ndarray) -> float:
+    """The mean probability of a pooled :func:`probability_histogram` (bin centres)."""
+    histogram = np.asarray(histogram, np.float64)
+    if histogram.sum() <= 0:
+        raise ValueError("histogram_mean needs a non-empty histogram.")
+    centres = (np.arange(len(histogram)) + 0.5) / len(histogram)
+    return float((histogram * centres).sum() / histogram.sum())
+
+
+def mean_probability_threshold(histogram: np.ndarray, bounds: Tuple[float, float] = THRESHOLD_BOUNDS) -> float:
+    """The threshold above which the pooled ``histogram`` (:func:`probability_histogram`) holds as large a fraction
+    of its pixels as its mean probability (:func:`histogram_mean`), clipped to ``bounds``: the pseudo-labels then
+    hold the vessel fraction the segmenter's own probabilities expect.
+
+    Example:
+        >>> histogram = probability_histogram(np.linspace(0, 1, 1001) ** 3)  # one half would mark 21 %
+        >>> round(histogram_mean(histogram), 3), round(mean_probability_threshold(histogram), 3)  # this marks 25 %
+        (0.25, 0.422)
+    """
+    return fraction_matching_threshold(histogram, histogram_mean(histogram), bounds)
 
 
 def augmented_views(image: np.ndarray) -> Iterable[Tuple[str, np.ndarray, Callable[[np.ndarray], np.ndarray]]]:

@@ -22,6 +22,8 @@ from diffusers_retina.adaptation import (
     fit_temperature,
     fold_temperature,
     fraction_matching_threshold,
+    histogram_mean,
+    mean_probability_threshold,
     probability_histogram,
     shift_logits,
     view_probabilities,
@@ -79,6 +81,46 @@ def test_fraction_matching_threshold_marks_the_source_fraction_within_bounds():
     assert fraction_matching_threshold(probability_histogram(np.ones((4, 4))), 0.5) == 0.9
     with pytest.raises(ValueError, match="source_fraction"):
         fraction_matching_threshold(histogram, 0.0)
+
+
+def test_mean_probability_threshold_marks_the_fraction_the_probabilities_expect():
+    rng = np.random.default_rng(0)
+    probabilities = rng.beta(0.5, 3.0, size=(2, 64, 64))  # an under-confident target: few pixels above 0.5
+    histogram = sum(probability_histogram(p) for p in probabilities)
+    assert abs(histogram_mean(histogram) - probabilities.mean()) < 1e-3
+    threshold = mean_probability_threshold(histogram)
+    assert 0.1 <= threshold < 0.5  # lower than one half: the faint pixels are marked too
+    assert abs(float((probabilities > threshold).mean()) - probabilities.mean()) < 0.01
+    sure = np.r_[np.full(90, 0.01), np.full(10, 0.99)]  # a sure segmenter marks its 10 % whatever the rule
+    assert (sure > mean_probability_threshold(probability_histogram(sure))).mean() == 0.1
+    with pytest.raises(ValueError, match="non-empty"):
+        mean_probability_threshold(np.zeros(10))
+
+
+def test_threshold_option_takes_a_number_or_a_rule():
+    workflow = load_script("adaptdiff_workflow")
+    assert workflow.threshold_rule("0.4") == 0.4 and workflow.threshold_rule("source-fraction") == "source-fraction"
+    for bad in ("1.5", "median"):
+        with pytest.raises(Exception, match="mean-probability"):
+            workflow.threshold_rule(bad)
+
+
+def test_combined_data_weighs_painted_pairs_and_target_photographs_equally(tmp_path):
+    from types import SimpleNamespace
+
+    steps = load_script("adaptdiff_steps")
+    for folder, stems in (("3-synthetic", [f"s{i}-{k}" for i in range(2) for k in range(4)]),
+                          ("1-pseudo-labels", ["t0", "t1", "t2"])):
+        for sub in ("images", "masks", "confident"):
+            (tmp_path / folder / sub).mkdir(parents=True)
+            for stem in stems:
+                PIL.Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / folder / sub / f"{stem}.png")
+    data = steps.finetune_data(SimpleNamespace(method="combined"), tmp_path)
+    names = sorted(p.name for p in (data / "masks").iterdir())
+    targets = [n for n in names if n.startswith("target-")]
+    assert len(names) - len(targets) == 8  # 8 painted pairs, 3 photographs listed round(8 / 3) = 3 times
+    assert targets == sorted(f"target-{c}-t{i}.png" for c in range(3) for i in range(3))
+    assert steps.finetune_data(SimpleNamespace(method="self-training"), tmp_path) == tmp_path / "1-pseudo-labels"
 
 
 def test_confident_pixels_need_every_view_on_one_side_and_views_map_back():
@@ -194,10 +236,10 @@ def test_self_training_writes_confident_labels_and_an_adapted_segmenter_and_anch
     labels = tmp_path / "work" / "1-pseudo-labels"
     confident = np.asarray(PIL.Image.open(labels / "confident" / "t0.png"))
     assert set(np.unique(confident)) <= {0, 255}
-    # the threshold rule: the labels mark the source masks' vessel fraction (the tiny segmenter records none)
+    # the default threshold rule: the labels mark as much vessel as the source's mean probability expects
     labelling = steps["pseudo-labels"]
     assert 0.1 < labelling["threshold"] < 0.9 and labelling["threshold"] != 0.5
-    assert abs(labelling["mean_vessel_fraction"] - labelling["transform"]["source_vessel_fraction"]) < 0.02
+    assert abs(labelling["mean_vessel_fraction"] - labelling["mean_probability"]) < 0.02
     assert "--loss_mask_dir confident" in steps["fine-tune"]["command"]
     adapted = tmp_path / "work" / "adapted-segmenter"
     weights = load_file(adapted / "diffusion_pytorch_model.safetensors")
@@ -218,6 +260,12 @@ def test_self_training_writes_confident_labels_and_an_adapted_segmenter_and_anch
     # a work folder keeps its method
     with pytest.raises(SystemExit, match="holds a --method self-training run"):
         workflow.main([*args, "--method", "combined"])
+    # the other rule: the labels mark the source masks' vessel fraction (the tiny segmenter records none)
+    other = workflow.main([a if a != str(tmp_path / "work") else str(tmp_path / "other") for a in args]
+                          + ["--to_step", "1", "--pseudo_label_threshold", "source-fraction"])
+    labelling = other["steps"]["pseudo-labels"]
+    assert abs(labelling["mean_vessel_fraction"] - labelling["transform"]["source_vessel_fraction"]) < 0.02
+    assert labelling["threshold"] != steps["pseudo-labels"]["threshold"]
 
 
 def test_workflow_refuses_bad_target_folders_before_training(domains, tmp_path, capsys):
@@ -258,9 +306,9 @@ def test_combined_reuses_painted_pairs_and_adds_confident_target_photographs(dom
         assert state["steps"][step]["reused_from"] == str(tmp_path / "adaptdiff")
     data = tmp_path / "combined" / "4-data"
     names = sorted(p.name for p in (data / "images").iterdir())
-    assert names == sorted([f"s{i}-0.png" for i in range(4)] + [f"target-t{i}.png" for i in range(4)])
+    assert names == sorted([f"s{i}-0.png" for i in range(4)] + [f"target-0-t{i}.png" for i in range(4)])
     assert (np.asarray(PIL.Image.open(data / "confident" / "s0-0.png")) == 255).all()  # exact masks count everywhere
-    np.testing.assert_array_equal(np.asarray(PIL.Image.open(data / "confident" / "target-t0.png")),
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(data / "confident" / "target-0-t0.png")),
                                   np.asarray(PIL.Image.open(tmp_path / "adaptdiff" / "1-pseudo-labels" / "confident"
                                                             / "t0.png")))
     assert AdaptDiffPipeline.from_pretrained(tmp_path / "combined" / "adapted").segmenter is not None

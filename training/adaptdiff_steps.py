@@ -108,8 +108,10 @@ def step_pseudo_labels(args, work_dir: Path) -> Dict:
     """Step 1: the target photographs at the source's scale, their pseudo-labels by the source segmenter (the mean of
     the agreement views) and the confident pixels (every view agrees), optionally corrupted."""
     from diffusers_retina.adaptation import (check_target_folder, choose_transform, confident_pixels,
-                                             fraction_matching_threshold, probability_histogram,
-                                             view_probabilities, vessel_fraction, working_image)
+                                             fraction_matching_threshold, histogram_mean,
+                                             mean_probability_threshold,
+                                             probability_histogram, view_probabilities, vessel_fraction,
+                                             working_image)
     from diffusers_retina.data import read_mask
     from diffusers_retina.data.modality import corrupt_mask, field_of_view_mask, to_source_intensities
     from diffusers_retina.image_processing import prepare_images
@@ -171,10 +173,13 @@ def step_pseudo_labels(args, work_dir: Path) -> Dict:
             views = view_probabilities(predict, moved)
             np.save(partial / "views" / f"{stem}.npy", (views * 255).round().astype(np.uint8))
             histogram = histogram + probability_histogram(views.mean(axis=0), fov)
-    threshold = args.pseudo_label_threshold
-    if threshold is None:  # the label-free rule: the source's vessel fraction
-        threshold = 0.5 if source_fraction is None or args.pseudo_labels_from else \
-            fraction_matching_threshold(histogram, source_fraction)
+    threshold = args.pseudo_label_threshold  # a number, or a label-free rule (adaptdiff_workflow.THRESHOLD_RULES)
+    if args.pseudo_labels_from and isinstance(threshold, str):
+        threshold = 0.5  # given labels: no probabilities to read
+    elif threshold == "mean-probability":
+        threshold = mean_probability_threshold(histogram)
+    elif threshold == "source-fraction":
+        threshold = 0.5 if source_fraction is None else fraction_matching_threshold(histogram, source_fraction)
     print(f"pseudo-label threshold: {threshold:.3f}")
     # pass 2: labels and confident pixels
     fractions, confident_fractions = {}, {}
@@ -202,6 +207,7 @@ def step_pseudo_labels(args, work_dir: Path) -> Dict:
     shutil.rmtree(partial / "views")
     _move_in(partial, final)
     return {"images": len(fractions), "transform": choice, "threshold": threshold, "scales": scales,
+            "mean_probability": None if args.pseudo_labels_from else histogram_mean(histogram),
             "mean_vessel_fraction": float(np.mean(list(fractions.values()))),
             "mean_confident_fraction": float(np.mean(list(confident_fractions.values())))}
 
@@ -283,7 +289,9 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def finetune_data(args, work_dir: Path) -> Path:
     """The fine-tuning pairs of ``--method``: ``images/``, ``masks/`` and ``confident/`` (the pixels the loss counts).
     adaptdiff: the painted pairs (every pixel counts); self-training: the target photographs with their confident
-    pseudo-labels; combined: both, in one folder (``4-data``; target files prefixed ``target-``)."""
+    pseudo-labels; combined: both, in one folder (``4-data``; target files prefixed ``target-<copy>-``), the two
+    kinds counting equally: each target photograph is listed as many times as there are painted pairs per target
+    photograph (rounded, at least once), so neither kind outnumbers the other in the sampled batches."""
     synthetic, labelled = work_dir / "3-synthetic", work_dir / "1-pseudo-labels"
     if args.method == "self-training":
         return labelled
@@ -291,14 +299,17 @@ def finetune_data(args, work_dir: Path) -> Path:
     partial = _fresh_folder(final)
     for folder in ("images", "masks", "confident"):
         (partial / folder).mkdir()
-    for path in sorted((synthetic / "masks").glob("*.png")):
+    painted = sorted((synthetic / "masks").glob("*.png"))
+    for path in painted:
         _link_or_copy(synthetic / "images" / path.name, partial / "images" / path.name)
         _link_or_copy(path, partial / "masks" / path.name)
         _save_png(np.full(PIL.Image.open(path).size[::-1], 255, np.uint8), partial / "confident" / path.name)
     if args.method == "combined":
-        for path in sorted((labelled / "masks").glob("*.png")):
-            for folder in ("images", "masks", "confident"):
-                _link_or_copy(labelled / folder / path.name, partial / folder / f"target-{path.name}")
+        targets = sorted((labelled / "masks").glob("*.png"))
+        for copy in range(max(1, round(len(painted) / max(1, len(targets))))):
+            for path in targets:
+                for folder in ("images", "masks", "confident"):
+                    _link_or_copy(labelled / folder / path.name, partial / folder / f"target-{copy}-{path.name}")
     _move_in(partial, final)
     return final
 

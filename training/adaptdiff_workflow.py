@@ -18,9 +18,9 @@ label-free calibration; the steps are in ``adaptdiff_steps.py``). Every choice i
    view resized to the source segmenter's training diameter); the intensity transform towards the source
    (``--pseudo_label_transform auto``: the one whose marked vessel fraction is closest to the source's); the
    pseudo-label, the mean of five views (the photograph, two mirror images, a darker and a brighter copy) above the
-   threshold at which the folder's vessel fraction matches the source's (or ``--pseudo_label_threshold``); and the
-   confident pixels, where all five views agree. ``--pseudo_label_fp/--pseudo_label_fn`` corrupt the labels on purpose
-   (weak-label studies). Written to ``1-pseudo-labels/{images,masks,confident}``.
+   threshold at which the folder's marked vessel fraction equals its mean probability (``--pseudo_label_threshold``);
+   and the confident pixels, where all five views agree. ``--pseudo_label_fp/--pseudo_label_fn`` corrupt the labels
+   on purpose (weak-label studies). Written to ``1-pseudo-labels/{images,masks,confident}``.
 2. ``diffusion`` (not for ``self-training``): a ``ConditionalUNet2DModel`` learns target images given the pseudo-labels
    with ``training/train_mask2image.py`` (AdaptDiff's recipe by default: SPADE in the decoder with instance norm,
    T=300 linear betas, epsilon prediction, L1 loss). Checkpoints in ``2-diffusion``.
@@ -74,6 +74,23 @@ PAINTING_STEPS = ("diffusion", "synthesis")  # skipped by --method self-training
 ADAPTATION_RECORD = "adaptation.json"  # the workflow's record in the adapted segmenter's folder
 STATE_FILE = "workflow.json"
 STEP_FOLDERS = {"pseudo-labels": "1-pseudo-labels", "diffusion": "2-diffusion", "synthesis": "3-synthetic"}
+
+
+THRESHOLD_RULES = ("mean-probability", "source-fraction")
+
+
+def threshold_rule(value: str):
+    """``--pseudo_label_threshold``: one of :data:`THRESHOLD_RULES`, or a number in [0, 1]."""
+    if value in THRESHOLD_RULES:
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if number is None or not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or one of {', '.join(THRESHOLD_RULES)}, "
+                                         f"got {value!r}")
+    return number
 
 
 def parse_args(argv=None):
@@ -132,10 +149,11 @@ def parse_args(argv=None):
                         help="Take step 1's labels from this folder's masks/<stem>.png (an earlier run's "
                              "1-pseudo-labels, or weak labels made elsewhere) instead of running the segmenter; "
                              "--pseudo_label_fp/fn still apply.")
-    parser.add_argument("--pseudo_label_threshold", type=float, default=None,
-                        help="Threshold of the pseudo-labels (default: the label-free rule of diffusers_retina."
-                             "adaptation.fraction_matching_threshold: the source's vessel fraction; 0.5 when the "
-                             "source records none).")
+    parser.add_argument("--pseudo_label_threshold", type=threshold_rule, default="mean-probability",
+                        help="Threshold of the pseudo-labels: a number in [0, 1], or a label-free rule of "
+                             "diffusers_retina.adaptation: mean-probability (default: the folder's marked vessel "
+                             "fraction equals its mean probability) or source-fraction (equals the source's "
+                             "training fraction; 0.5 when the source records none).")
     parser.add_argument("--transform_sample", type=int, default=8,
                         help="--pseudo_label_transform auto: the target photographs the rule looks at.")
     parser.add_argument("--pseudo_label_fp", type=float, default=0.0,
@@ -231,9 +249,8 @@ def parse_args(argv=None):
         parser.error(f"--paint_crop must be >= 0 (0: whole masks), got {args.paint_crop}.")
     if args.num_reference_images < 0 or args.num_source_references < 1:
         parser.error("--num_reference_images must be >= 0 and --num_source_references >= 1.")
-    for flag in ("pseudo_label_threshold", "pseudo_label_fn"):
-        if getattr(args, flag) is not None and not 0.0 <= getattr(args, flag) <= 1.0:
-            parser.error(f"--{flag} must lie in [0, 1], got {getattr(args, flag)}.")
+    if not 0.0 <= args.pseudo_label_fn <= 1.0:
+        parser.error(f"--pseudo_label_fn must lie in [0, 1], got {args.pseudo_label_fn}.")
     if not (args.pseudo_label_fp >= 0.0 and np.isfinite(args.pseudo_label_fp)):
         parser.error(f"--pseudo_label_fp must be a finite number >= 0, got {args.pseudo_label_fp}.")
     for flag in ("diffusion_learning_rate", "finetune_learning_rate", "guidance_scale"):
