@@ -17,9 +17,9 @@ label-free calibration; the steps are in ``adaptdiff_steps.py``). Every choice i
 1. ``pseudo-labels``: each target photograph at the source's scale (``--processing_resolution auto``: its field of
    view resized to the source segmenter's training diameter); the intensity transform towards the source
    (``--pseudo_label_transform auto``: the one whose marked vessel fraction is closest to the source's); the
-   pseudo-label, the mean of five views (the photograph, two mirror images, a darker and a brighter copy) above the
-   threshold at which the folder's marked vessel fraction equals its mean probability (``--pseudo_label_threshold``);
-   and the confident pixels, where all five views agree. ``--pseudo_label_fp/--pseudo_label_fn`` corrupt the labels
+   pseudo-label, the mean of five views (the photograph, two mirror images, a darker and a brighter copy) above one
+   half (``--pseudo_label_threshold``: another number, or a rule by name); and the confident pixels, where all five
+   views agree. ``--pseudo_label_fp/--pseudo_label_fn`` corrupt the labels
    on purpose (weak-label studies). Written to ``1-pseudo-labels/{images,masks,confident}``.
 2. ``diffusion`` (not for ``self-training``): a ``ConditionalUNet2DModel`` learns target images given the pseudo-labels
    with ``training/train_mask2image.py`` (AdaptDiff's recipe by default: SPADE in the decoder with instance norm,
@@ -149,11 +149,12 @@ def parse_args(argv=None):
                         help="Take step 1's labels from this folder's masks/<stem>.png (an earlier run's "
                              "1-pseudo-labels, or weak labels made elsewhere) instead of running the segmenter; "
                              "--pseudo_label_fp/fn still apply.")
-    parser.add_argument("--pseudo_label_threshold", type=threshold_rule, default="mean-probability",
-                        help="Threshold of the pseudo-labels: a number in [0, 1], or a label-free rule of "
-                             "diffusers_retina.adaptation: mean-probability (default: the folder's marked vessel "
-                             "fraction equals its mean probability) or source-fraction (equals the source's "
-                             "training fraction; 0.5 when the source records none).")
+    parser.add_argument("--pseudo_label_threshold", type=threshold_rule, default=0.5,
+                        help="Threshold of the pseudo-labels: a number in [0, 1] (default 0.5, the Bayes threshold "
+                             "of a calibrated segmenter), or a label-free rule of diffusers_retina.adaptation: "
+                             "mean-probability (the folder's marked vessel fraction equals its mean probability) or "
+                             "source-fraction (equals the source's training fraction; 0.5 when the source records "
+                             "none).")
     parser.add_argument("--transform_sample", type=int, default=8,
                         help="--pseudo_label_transform auto: the target photographs the rule looks at.")
     parser.add_argument("--pseudo_label_fp", type=float, default=0.0,

@@ -16,7 +16,8 @@ Methods: ``self-training`` (default; needs no source data): fine-tune on the tar
 pseudo-labels; ``adaptdiff``: paint the target's appearance on the source's real masks and fine-tune on those pairs
 (needs ``--source-data-dir``); ``combined``: both sets of pairs. Every choice is made by a label-free rule
 (:mod:`diffusers_retina.adaptation`): the working scale (the field of view matched to the source's), the pseudo-label
-transform and threshold (the source's vessel fraction), the confident pixels (agreement of five views). The run is
+transform (the source's vessel fraction), the confident pixels (agreement of five views; pseudo-labels at one half,
+the threshold that did best on unseen development photographs). The run is
 done by ``training/adaptdiff_workflow.py`` of a source checkout (the training scripts are not part of the wheel).
 
 Examples::
