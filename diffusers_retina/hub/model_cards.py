@@ -324,7 +324,7 @@ _ADAPTDIFF_STEPS: Dict[str, Callable[[Dict[str, Any], Dict[str, Any]], str]] = {
                                        f"{args['paint_steps']} DDIM steps, histogram-matched to target images"),
     "fine-tune": lambda args, record: (
         f"{args['finetune_steps']} steps of fine-tuning on "
-        + {"combined": "the synthetic pairs and the target images with their confident pseudo-labels",
+        + {"combined": "the synthetic pairs and, as often, the target images with their confident pseudo-labels",
            "self-training": "the target images with their confident pseudo-labels"}.get(
             args.get("method", "adaptdiff"), "the synthetic pairs")
         + " (BCE + soft Dice, fresh patches, flips and photometric changes each epoch)"),
