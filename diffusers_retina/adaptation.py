@@ -16,8 +16,9 @@ The user has no labels of the target photographs, so every choice is made by a r
   segmenter's ECE stays near 0.02 on the simulated cameras). Two label-free rules that lower it for a segmenter that
   marks too little are here by name: :func:`mean_probability_threshold` (the folder's marked vessel fraction equals
   its mean probability) and :func:`fraction_matching_threshold` (equals the source's training fraction). On
-  development photographs the source had not learnt, both raised recall and lowered precision for no better
-  pseudo-labels than one half, and the second assumes a vessel fraction that changes with the camera's angle.
+  development photographs the source had not learnt, both raised recall and lowered precision for pseudo-labels no
+  better than one half's on average (worse on wide-angle cameras), and the second assumes a vessel fraction that
+  changes with the camera's angle.
 * **Confident pixels** (:func:`confident_pixels`): the pseudo-label of a pixel is kept for self-training only where
   the source segmenter puts it on the same side of the threshold in every one of :data:`AGREEMENT_VIEWS` (the
   photograph, its two mirror images, and a darker and a brighter copy): stability under changes that must not
