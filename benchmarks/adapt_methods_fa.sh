@@ -5,7 +5,7 @@
 # photographs in the target modality (benchmarks/evaluate_adaptdiff.py). The painter is the narrow one shipped in
 # checkpoints/adaptdiff-chase-fa (16,32,64,64 channels, SPADE hidden 16). combined and self-training take steps 1-3 of
 # the AdaptDiff run (--reuse_from: those steps do not depend on the method). The pseudo-label threshold rule is the one
-# these runs were made with (source-fraction; the workflow's default is now mean-probability). THREADS (default 2);
+# these runs were made with (source-fraction; the workflow's default is now one half). THREADS (default 2);
 # SHIP=1 ships the combined run as checkpoints/adaptdiff-chase-fa and writes its card.
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}

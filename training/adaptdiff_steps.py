@@ -108,8 +108,7 @@ def step_pseudo_labels(args, work_dir: Path) -> Dict:
     """Step 1: the target photographs at the source's scale, their pseudo-labels by the source segmenter (the mean of
     the agreement views) and the confident pixels (every view agrees), optionally corrupted."""
     from diffusers_retina.adaptation import (check_target_folder, choose_transform, confident_pixels,
-                                             fraction_matching_threshold, histogram_mean,
-                                             mean_probability_threshold,
+                                             fraction_matching_threshold, histogram_mean, mean_probability_threshold,
                                              probability_histogram, view_probabilities, vessel_fraction,
                                              working_image)
     from diffusers_retina.data import read_mask

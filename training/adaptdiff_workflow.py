@@ -19,8 +19,8 @@ label-free calibration; the steps are in ``adaptdiff_steps.py``). Every choice i
    (``--pseudo_label_transform auto``: the one whose marked vessel fraction is closest to the source's); the
    pseudo-label, the mean of five views (the photograph, two mirror images, a darker and a brighter copy) above one
    half (``--pseudo_label_threshold``: another number, or a rule by name); and the confident pixels, where all five
-   views agree. ``--pseudo_label_fp/--pseudo_label_fn`` corrupt the labels
-   on purpose (weak-label studies). Written to ``1-pseudo-labels/{images,masks,confident}``.
+   views agree. ``--pseudo_label_fp/--pseudo_label_fn`` corrupt the labels on purpose (weak-label studies). Written
+   to ``1-pseudo-labels/{images,masks,confident}``.
 2. ``diffusion`` (not for ``self-training``): a ``ConditionalUNet2DModel`` learns target images given the pseudo-labels
    with ``training/train_mask2image.py`` (AdaptDiff's recipe by default: SPADE in the decoder with instance norm,
    T=300 linear betas, epsilon prediction, L1 loss). Checkpoints in ``2-diffusion``.
