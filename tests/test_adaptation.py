@@ -299,7 +299,11 @@ def test_combined_reuses_painted_pairs_and_adds_confident_target_photographs(dom
     from diffusers_retina import AdaptDiffPipeline
 
     workflow = load_script("adaptdiff_workflow")
-    workflow.main(workflow_args(domains, tmp_path / "adaptdiff"))
+    reading = workflow.main(workflow_args(domains, tmp_path / "adaptdiff"))["steps"]["synthesis"]["mask_faithfulness"]
+    assert 0.0 <= reading["dice"] <= 1.0 and reading["mask_fraction"] > 0  # the paintings read against their masks
+    painted = tmp_path / "adaptdiff" / "3-synthetic" / "masks"
+    masks = [np.asarray(PIL.Image.open(p)) > 0 for p in sorted(painted.iterdir())]
+    assert reading["mask_fraction"] == pytest.approx(np.mean([m.mean() for m in masks]))
     state = workflow.main(workflow_args(domains, tmp_path / "combined", "--method", "combined",
                                         "--reuse_from", str(tmp_path / "adaptdiff")))
     for step in ("pseudo-labels", "diffusion", "synthesis"):  # steps 1-3 do not depend on the method: linked

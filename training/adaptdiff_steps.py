@@ -274,8 +274,49 @@ def step_synthesis(args, work_dir: Path) -> Dict:
             _save_png(((mask > 0) * 255).astype(np.uint8), partial / "masks" / name)
             _save_png((image * 255).round().astype(np.uint8), partial / "images" / name)  # last: marks it done
             painted += 1
+    faithfulness = painting_faithfulness(args, work_dir, pipe.segmenter, partial)
     _move_in(partial, final)
-    return {"pairs": len(masks) * args.images_per_mask, "painted_this_run": painted}
+    return {"pairs": len(masks) * args.images_per_mask, "painted_this_run": painted, "mask_faithfulness": faithfulness}
+
+
+def chosen_transform(args, work_dir: Path) -> str:
+    """The intensity transform step 1 chose (recorded in ``workflow.json``)."""
+    import json
+
+    labelling = json.loads((work_dir / "workflow.json").read_text())["steps"]["pseudo-labels"]
+    return labelling.get("transform", {}).get("chosen", args.pseudo_label_transform)
+
+
+def painting_faithfulness(args, work_dir: Path, segmenter, folder: Path) -> Dict:
+    """How faithfully the paintings in ``folder`` show the masks they were painted from, read by the source segmenter
+    through step 1's transform (no target labels needed; :func:`diffusers_retina.synthesis.mask_faithfulness` is the
+    same measure for images a segmentation pipeline reads as they are): the mean Dice of its reading against the
+    exact masks, and the vessel fraction it marks against the masks'. A painter that has not learnt the target's
+    vessels leaves many of them unreadable (a low Dice, a marked fraction well under the masks')."""
+    from diffusers_retina.adaptation import vessel_fraction
+    from diffusers_retina.data import read_mask
+    from diffusers_retina.data.modality import field_of_view_mask, to_source_intensities
+    from diffusers_retina.image_processing import prepare_images
+    from diffusers_retina.metrics import dice
+    from diffusers_retina.pipelines.sampling import segmenter_probabilities
+
+    transform = chosen_transform(args, work_dir)
+    references, reference_fovs = _source_references(args, transform)
+    scores, marked, masked = [], [], []
+    for path in sorted((folder / "images").glob("*.png")):
+        image, mask = _read_unit_image(path), read_mask(folder / "masks" / path.name, 2) > 0
+        moved = to_source_intensities(image, transform, references, reference_fovs, fov=field_of_view_mask(image))
+        reading = segmenter_probabilities(segmenter, prepare_images(moved, 3), args.tile_size)[0, 0].numpy() > 0.5
+        scores.append(float(dice(reading, mask)))
+        marked.append(vessel_fraction(reading))
+        masked.append(vessel_fraction(mask))
+    if not scores:
+        return {}
+    reading = {"dice": float(np.mean(scores)), "marked_fraction": float(np.mean(marked)),
+               "mask_fraction": float(np.mean(masked))}
+    print(f"mask faithfulness of the paintings: Dice {reading['dice']:.3f}, marked fraction {reading['marked_fraction']:.3f} "
+          f"(masks {reading['mask_fraction']:.3f})")
+    return reading
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -344,8 +385,6 @@ def step_calibrate(args, work_dir: Path) -> Dict:
     """Step 5: the fine-tuned segmenter's temperature fitted to the source segmenter's probabilities on the target
     photographs (``--calibration teacher``; :func:`diffusers_retina.adaptation.fit_temperature`) and folded into its
     output layer; then the adapted segmenter, anchored pipeline and AdaptDiffPipeline are saved."""
-    import json
-
     from diffusers_retina.adaptation import fit_temperature, fold_temperature, logit
     from diffusers_retina.data.modality import field_of_view_mask, to_source_intensities
     from diffusers_retina.image_processing import prepare_images
@@ -355,8 +394,7 @@ def step_calibrate(args, work_dir: Path) -> Dict:
     details: Dict = {"calibration": args.calibration}
     if args.calibration == "teacher":
         source = load_segmenter(args.source_segmenter)
-        labelling = json.loads((work_dir / "workflow.json").read_text())["steps"]["pseudo-labels"]
-        transform = labelling.get("transform", {}).get("chosen", args.pseudo_label_transform)
+        transform = chosen_transform(args, work_dir)
         references, reference_fovs = _source_references(args, transform)
         logits, teacher, fovs = [], [], []
         for path in list(_stems(work_dir / "1-pseudo-labels" / "images", None).values())[: args.transform_sample]:
