@@ -105,6 +105,17 @@ def test_threshold_option_takes_a_number_or_a_rule():
             workflow.threshold_rule(bad)
 
 
+def test_painted_pixels_count_unless_every_view_contradicts_the_mask():
+    from diffusers_retina.adaptation import uncontradicted_pixels
+
+    mask = np.array([[1, 1, 1, 0, 0, 0]])
+    views = np.array([[[0.9, 0.05, 0.3, 0.1, 0.95, 0.7]],
+                      [[0.8, 0.20, 0.7, 0.2, 0.90, 0.3]]])
+    # shown vessel, unshown vessel (dropped), faint vessel, background, painted extra vessel (dropped), unsure
+    assert uncontradicted_pixels(views, mask).tolist() == [[True, False, True, True, False, True]]
+    assert uncontradicted_pixels(views, mask, threshold=0.04).tolist()[0][1]  # above a low threshold it is shown
+
+
 def test_combined_data_weighs_painted_pairs_and_target_photographs_equally(tmp_path):
     from types import SimpleNamespace
 
@@ -304,6 +315,9 @@ def test_combined_reuses_painted_pairs_and_adds_confident_target_photographs(dom
     painted = tmp_path / "adaptdiff" / "3-synthetic" / "masks"
     masks = [np.asarray(PIL.Image.open(p)) > 0 for p in sorted(painted.iterdir())]
     assert reading["mask_fraction"] == pytest.approx(np.mean([m.mean() for m in masks]))
+    counted = tmp_path / "adaptdiff" / "3-synthetic" / "confident"
+    assert reading["counted_fraction"] == pytest.approx(
+        np.mean([(np.asarray(PIL.Image.open(p)) > 0).mean() for p in sorted(counted.iterdir())]))
     state = workflow.main(workflow_args(domains, tmp_path / "combined", "--method", "combined",
                                         "--reuse_from", str(tmp_path / "adaptdiff")))
     for step in ("pseudo-labels", "diffusion", "synthesis"):  # steps 1-3 do not depend on the method: linked
@@ -311,7 +325,9 @@ def test_combined_reuses_painted_pairs_and_adds_confident_target_photographs(dom
     data = tmp_path / "combined" / "4-data"
     names = sorted(p.name for p in (data / "images").iterdir())
     assert names == sorted([f"s{i}-0.png" for i in range(4)] + [f"target-0-t{i}.png" for i in range(4)])
-    assert (np.asarray(PIL.Image.open(data / "confident" / "s0-0.png")) == 255).all()  # exact masks count everywhere
+    np.testing.assert_array_equal(  # painted pairs count where the source's reading does not contradict the mask
+        np.asarray(PIL.Image.open(data / "confident" / "s0-0.png")),
+        np.asarray(PIL.Image.open(tmp_path / "adaptdiff" / "3-synthetic" / "confident" / "s0-0.png")))
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(data / "confident" / "target-0-t0.png")),
                                   np.asarray(PIL.Image.open(tmp_path / "adaptdiff" / "1-pseudo-labels" / "confident"
                                                             / "t0.png")))

@@ -274,48 +274,66 @@ def step_synthesis(args, work_dir: Path) -> Dict:
             _save_png(((mask > 0) * 255).astype(np.uint8), partial / "masks" / name)
             _save_png((image * 255).round().astype(np.uint8), partial / "images" / name)  # last: marks it done
             painted += 1
-    faithfulness = painting_faithfulness(args, work_dir, pipe.segmenter, partial)
+    faithfulness = read_paintings(args, work_dir, pipe.segmenter, partial)
     _move_in(partial, final)
     return {"pairs": len(masks) * args.images_per_mask, "painted_this_run": painted, "mask_faithfulness": faithfulness}
 
 
-def chosen_transform(args, work_dir: Path) -> str:
-    """The intensity transform step 1 chose (recorded in ``workflow.json``)."""
+def labelling_record(work_dir: Path) -> Dict:
+    """What step 1 recorded in ``workflow.json`` (its transform choice, threshold, ...)."""
     import json
 
-    labelling = json.loads((work_dir / "workflow.json").read_text())["steps"]["pseudo-labels"]
-    return labelling.get("transform", {}).get("chosen", args.pseudo_label_transform)
+    return json.loads((work_dir / "workflow.json").read_text())["steps"]["pseudo-labels"]
 
 
-def painting_faithfulness(args, work_dir: Path, segmenter, folder: Path) -> Dict:
-    """How faithfully the paintings in ``folder`` show the masks they were painted from, read by the source segmenter
-    through step 1's transform (no target labels needed; :func:`diffusers_retina.synthesis.mask_faithfulness` is the
-    same measure for images a segmentation pipeline reads as they are): the mean Dice of its reading against the
-    exact masks, and the vessel fraction it marks against the masks'. A painter that has not learnt the target's
-    vessels leaves many of them unreadable (a low Dice, a marked fraction well under the masks')."""
-    from diffusers_retina.adaptation import vessel_fraction
+def chosen_transform(args, work_dir: Path) -> str:
+    """The intensity transform step 1 chose."""
+    return labelling_record(work_dir).get("transform", {}).get("chosen", args.pseudo_label_transform)
+
+
+def read_paintings(args, work_dir: Path, segmenter, folder: Path) -> Dict:
+    """The source segmenter reads each painting in ``folder`` through step 1's transform and agreement views (no
+    target label needed) and writes ``folder/confident/<name>.png``, the pixels that count in fine-tuning: all but
+    those where every view contradicts the exact mask (:func:`diffusers_retina.adaptation.uncontradicted_pixels`: a
+    vessel the painting does not show, or one it shows where the mask has none). Returns the paintings' mask
+    faithfulness (:func:`diffusers_retina.synthesis.mask_faithfulness` is the same measure for images a segmentation
+    pipeline reads as they are): the mean Dice of the reading against the exact masks, the vessel fraction it marks
+    against the masks', and the fraction of pixels that count. A painter that has not learnt the target's vessels
+    leaves many unreadable: a low Dice, a marked fraction well under the masks'."""
+    from diffusers_retina.adaptation import uncontradicted_pixels, view_probabilities, vessel_fraction
     from diffusers_retina.data import read_mask
     from diffusers_retina.data.modality import field_of_view_mask, to_source_intensities
     from diffusers_retina.image_processing import prepare_images
     from diffusers_retina.metrics import dice
     from diffusers_retina.pipelines.sampling import segmenter_probabilities
 
+    def predict(image: np.ndarray) -> np.ndarray:
+        return segmenter_probabilities(segmenter, prepare_images(image, segmenter.config.in_channels),
+                                       args.tile_size)[0, 0].numpy()
+
     transform = chosen_transform(args, work_dir)
+    threshold = labelling_record(work_dir).get("threshold", 0.5)
     references, reference_fovs = _source_references(args, transform)
-    scores, marked, masked = [], [], []
+    (folder / "confident").mkdir(exist_ok=True)
+    scores, marked, masked, counted = [], [], [], []
     for path in sorted((folder / "images").glob("*.png")):
         image, mask = _read_unit_image(path), read_mask(folder / "masks" / path.name, 2) > 0
         moved = to_source_intensities(image, transform, references, reference_fovs, fov=field_of_view_mask(image))
-        reading = segmenter_probabilities(segmenter, prepare_images(moved, 3), args.tile_size)[0, 0].numpy() > 0.5
+        views = view_probabilities(predict, moved)
+        reading = views.mean(axis=0) > threshold
+        counts = uncontradicted_pixels(views, mask, threshold)
+        _save_png(counts.astype(np.uint8) * 255, folder / "confident" / path.name)
         scores.append(float(dice(reading, mask)))
         marked.append(vessel_fraction(reading))
         masked.append(vessel_fraction(mask))
+        counted.append(float(counts.mean()))
     if not scores:
         return {}
     reading = {"dice": float(np.mean(scores)), "marked_fraction": float(np.mean(marked)),
-               "mask_fraction": float(np.mean(masked))}
-    print(f"mask faithfulness of the paintings: Dice {reading['dice']:.3f}, marked fraction {reading['marked_fraction']:.3f} "
-          f"(masks {reading['mask_fraction']:.3f})")
+               "mask_fraction": float(np.mean(masked)), "counted_fraction": float(np.mean(counted))}
+    print(f"mask faithfulness of the paintings: Dice {reading['dice']:.3f}, marked fraction "
+          f"{reading['marked_fraction']:.3f} (masks {reading['mask_fraction']:.3f}); pixels that count "
+          f"{reading['counted_fraction']:.3f}")
     return reading
 
 
@@ -328,10 +346,11 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def finetune_data(args, work_dir: Path) -> Path:
     """The fine-tuning pairs of ``--method``: ``images/``, ``masks/`` and ``confident/`` (the pixels the loss counts).
-    adaptdiff: the painted pairs (every pixel counts); self-training: the target photographs with their confident
-    pseudo-labels; combined: both, in one folder (``4-data``; target files prefixed ``target-<copy>-``), the two
-    kinds counting equally: each target photograph is listed as many times as there are painted pairs per target
-    photograph (rounded, at least once), so neither kind outnumbers the other in the sampled batches."""
+    adaptdiff: the painted pairs (the pixels step 3 found uncontradicted); self-training: the target photographs with
+    their confident pseudo-labels; combined: both, in one folder (``4-data``; target files prefixed
+    ``target-<copy>-``), the two kinds counting equally: each target photograph is listed as many times as there are
+    painted pairs per target photograph (rounded, at least once), so neither kind outnumbers the other in the sampled
+    batches."""
     synthetic, labelled = work_dir / "3-synthetic", work_dir / "1-pseudo-labels"
     if args.method == "self-training":
         return labelled
@@ -343,7 +362,10 @@ def finetune_data(args, work_dir: Path) -> Path:
     for path in painted:
         _link_or_copy(synthetic / "images" / path.name, partial / "images" / path.name)
         _link_or_copy(path, partial / "masks" / path.name)
-        _save_png(np.full(PIL.Image.open(path).size[::-1], 255, np.uint8), partial / "confident" / path.name)
+        if (synthetic / "confident" / path.name).is_file():  # step 3's pixels that count
+            _link_or_copy(synthetic / "confident" / path.name, partial / "confident" / path.name)
+        else:  # a run painted before step 3 read its paintings: every pixel counts
+            _save_png(np.full(PIL.Image.open(path).size[::-1], 255, np.uint8), partial / "confident" / path.name)
     if args.method == "combined":
         targets = sorted((labelled / "masks").glob("*.png"))
         for copy in range(max(1, round(len(painted) / max(1, len(targets))))):

@@ -25,7 +25,9 @@ label-free calibration; the steps are in ``adaptdiff_steps.py``). Every choice i
    with ``training/train_mask2image.py`` (AdaptDiff's recipe by default: SPADE in the decoder with instance norm,
    T=300 linear betas, epsilon prediction, L1 loss). Checkpoints in ``2-diffusion``.
 3. ``synthesis`` (not for ``self-training``): target-style images painted from the source's *real* masks,
-   histogram-matched to target images. Written to ``3-synthetic/{images,masks}``, image by image.
+   histogram-matched to target images. Written to ``3-synthetic/{images,masks}``, image by image; then the source reads
+   each painting (step 1's transform and views): the pixels where every view contradicts the mask are left out
+   (``3-synthetic/confident``) and the paintings' mask faithfulness is recorded.
 4. ``fine-tune``: the source segmenter fine-tuned with ``training/train_segmentation_ensemble.py --objective supervised
    --init_unet --loss_mask_dir`` (BCE + soft Dice over the pixels that count) on ``--method``'s pairs: the painted
    pairs (``adaptdiff``), the target photographs with their confident pseudo-labels (``self-training``), or both
