@@ -182,6 +182,21 @@ def test_reference_images_match_the_histogram_and_latent_skips_it():
         pipe(masks(1), num_inference_steps=2, reference_images=[])
 
 
+def test_grey_references_make_grey_paintings_and_colour_ones_keep_colour():
+    pipe = tiny_adaptdiff()
+    grey = np.tile(np.linspace(0.2, 0.9, 16, dtype=np.float32)[:, None, None], (1, 16, 3))
+    colour = grey * np.array([1.0, 0.6, 0.3], dtype=np.float32)
+
+    def paint(reference):
+        return pipe(masks(1), num_inference_steps=2, reference_images=[reference],
+                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+    painted = paint(grey)
+    np.testing.assert_array_equal(painted[..., 0], painted[..., 1])
+    np.testing.assert_array_equal(painted[..., 1], painted[..., 2])
+    assert np.abs(paint(colour)[..., 0] - paint(colour)[..., 2]).max() > 0.05
+
+
 def test_callback_sees_the_painting_loop():
     pipe = tiny_adaptdiff()
     seen = []

@@ -116,6 +116,11 @@ class AdaptDiffSegmentationOutput(BaseOutput):
     probabilities: Union[List[PIL.Image.Image], np.ndarray, torch.Tensor]
 
 
+def is_grey(image: np.ndarray, tolerance: float = 1.0 / 255) -> bool:
+    """Whether an ``(H, W, C)`` image in [0, 1] has equal channels (within one 8-bit level)."""
+    return image.shape[-1] == 1 or float(np.abs(image - image.mean(axis=-1, keepdims=True)).max()) <= tolerance
+
+
 class AdaptDiffPipeline(RetinaPipelineMixin, DiffusionPipeline):
     r"""Cross-modality adaptation of a vessel segmenter with weakly conditioned semantic diffusion (AdaptDiff).
 
@@ -257,7 +262,8 @@ class AdaptDiffPipeline(RetinaPipelineMixin, DiffusionPipeline):
             num_images_per_mask: images painted per mask.
             reference_images: target-modality images; when given, every painted image is histogram-matched to their
                 pooled intensity distribution inside the field of view (AdaptDiff matches its synthetic images to the
-                target this way). Ignored for ``output_type="latent"``.
+                target this way), and made grey first when every reference is grey (an angiogram's three channels
+                are equal; a painter's need not be). Ignored for ``output_type="latent"``.
             generator: a ``torch.Generator`` or one per image (masks x ``num_images_per_mask``, mask-major).
             batch_size, tile_size, tile_overlap: as in [`Mask2ImagePipeline`].
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
@@ -286,6 +292,8 @@ class AdaptDiffPipeline(RetinaPipelineMixin, DiffusionPipeline):
         self._num_timesteps = painter.num_timesteps
         if references is not None:
             reference_fovs = [field_of_view_mask(reference) for reference in references]
+            if images.shape[-1] == 3 and all(is_grey(reference) for reference in references):
+                images = np.repeat(images.mean(axis=-1, keepdims=True), 3, axis=-1)  # a grey target: grey paintings
             images = np.stack([match_histograms(image, references, field_of_view_mask(image), reference_fovs)
                                for image in images]).astype(np.float32)
             if output_type != "np":
