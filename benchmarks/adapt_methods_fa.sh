@@ -4,16 +4,16 @@
 # photographs in the target modality (unlabelled); source masks: their CHASE_DB1 masks; scored on the 8 test
 # photographs in the target modality (benchmarks/evaluate_adaptdiff.py). The painter is the narrow one shipped in
 # checkpoints/adaptdiff-chase-fa (16,32,64,64 channels, SPADE hidden 16). combined and self-training take steps 1-3 of
-# the AdaptDiff run (--reuse_from: those steps do not depend on the method). The pseudo-label threshold rule is the one
-# these runs were made with (source-fraction; the workflow's default is now one half). THREADS (default 2);
-# SHIP=1 ships the combined run as checkpoints/adaptdiff-chase-fa and writes its card.
+# the AdaptDiff run (--reuse_from: those steps do not depend on the method). Every other setting is the workflow's
+# default (pseudo-label threshold one half, painted pixels left out where the source's reading contradicts the mask,
+# grey paintings for a grey target). THREADS (default 2); SHIP=1 ships the combined run as
+# checkpoints/adaptdiff-chase-fa and writes its card.
 cd "$(dirname "$0")/.."
 THREADS=${THREADS:-2}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS HF_HUB_OFFLINE=1 DIFFUSERS_RETINA_DATA=../shared/data/chase_db1
 COMMON=(--source_data_dir ../shared/data/chase_db1 --source_mask_dir 1stHO --source_mask_suffix _1stHO
         --source_stems 'Image_0*,Image_10*' --source_segmenter checkpoints/vessel-segmenter-chase
         --target_data_dir runs/chase-fa --target_stems 'Image_0*,Image_10*' --pseudo_label_transform auto
-        --pseudo_label_threshold source-fraction
         --diffusion_steps 1200 --diffusion_block_out_channels 16,32,64,64 --diffusion_args "--spade_hidden_channels 16"
         --paint_steps 10 --paint_crop 256 --images_per_mask 3 --checkpointing_steps 100
         --anchored_pipeline checkpoints/segmentation-anchored-features-chase)
@@ -38,10 +38,16 @@ shutil.copy2(source / "training_info.json", staging / "training_info.json")
 shutil.rmtree(target, ignore_errors=True)
 staging.rename(target)
 PY
+# without SHIP the combined row is scored from its run folder and no card is written
+COMBINED=runs/fa/combined/adapted-segmenter
+CARD=()
+if [ "$SHIP" = 1 ]; then
+  COMBINED=checkpoints/adaptdiff-chase-fa
+  CARD=(--write-card "4. Combined (painted pairs + confident pseudo-labels)=$COMBINED")
+fi
 .venv/bin/python benchmarks/evaluate_adaptdiff.py --threads "$THREADS" --target_dir runs/chase-fa \
-  --output benchmarks/results/adapt_methods_fa.json \
+  --output benchmarks/results/adapt_methods_fa_defaults.json \
   --row "1. Source, inversion + histogram matching=checkpoints/vessel-segmenter-chase@invert+histmatch" \
-  --row "2. AdaptDiff (painted pairs)=runs/fa/adaptdiff/adapted-segmenter" \
+  --row "2. AdaptDiff (painted pairs; grey, uncontradicted pixels)=runs/fa/adaptdiff/adapted-segmenter" \
   --row "3. Self-training (confident pseudo-labels)=runs/fa/self-training/adapted-segmenter" \
-  --row "4. Combined (painted pairs + confident pseudo-labels)=checkpoints/adaptdiff-chase-fa" \
-  --write-card "4. Combined (painted pairs + confident pseudo-labels)=checkpoints/adaptdiff-chase-fa"
+  --row "4. Combined (painted pairs + confident pseudo-labels)=$COMBINED" "${CARD[@]}"
