@@ -20,6 +20,10 @@ class TestDiffusionFeaturePipeline(RetinaPipelineTesterMixin):
     output_fields = ("probabilities", "uncertainty")
     supports_callbacks = False
     supports_output_type = False
+    # decisive_head's large random weights amplify the UNet features' round-off (up to 2e-4 in probability on an
+    # AVX-512 CPU between batched and single runs, or a saved and a reloaded pipeline); one re-drawn UNet weight
+    # tensor moves them by up to 1
+    atol = 1e-3
 
     def get_dummy_components(self):
         pipe = tiny_diffusion_features()
