@@ -48,7 +48,8 @@ def main(argv=None) -> Path:
     command = shlex.split(state["steps"]["fine-tune"]["command"])[2:]  # drop "python training/..."
     if len(command) % 2 or any(not flag.startswith("--") or value.startswith("--")
                                for flag, value in zip(command[::2], command[1::2])):
-        raise SystemExit(f"{work}: step 4's command is not all '--flag value' pairs; re-run it by hand on the moved data.")
+        raise SystemExit(f"{work}: step 4's command is not all '--flag value' pairs; fine-tune the moved data by "
+                         "hand.")
     flags = dict(zip(command[::2], command[1::2]))
     data, output = Path(flags["--train_data_dir"]), work / "source-space" / "4-fine-tune"
     transform = adaptdiff_steps.chosen_transform(argparse.Namespace(pseudo_label_transform="none"), work)
