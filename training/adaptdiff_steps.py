@@ -66,6 +66,16 @@ def load_segmenter(path: str):
     return UNet2DModel.from_pretrained(path, use_safetensors=True, torch_dtype=torch.float32).eval()
 
 
+def probability_map(segmenter, image: np.ndarray, tile_size: int) -> np.ndarray:
+    """The segmenter's ``(H, W)`` vessel probabilities of one ``(H, W, C)`` image in [0, 1] (``tile_size`` windows):
+    steps 1, 3 and 5 read photographs and paintings with it."""
+    from diffusers_retina.image_processing import prepare_images
+    from diffusers_retina.pipelines.sampling import segmenter_probabilities
+
+    return segmenter_probabilities(segmenter, prepare_images(image, segmenter.config.in_channels),
+                                   tile_size)[0, 0].numpy()
+
+
 # ---------------------------------------------------------------------------------------------- steps
 def source_statistics(args):
     """The source's training field-of-view diameter and vessel fraction: the segmenter's ``training_info.json``,
@@ -113,8 +123,6 @@ def step_pseudo_labels(args, work_dir: Path) -> Dict:
                                              working_image)
     from diffusers_retina.data import read_mask
     from diffusers_retina.data.modality import corrupt_mask, field_of_view_mask, to_source_intensities
-    from diffusers_retina.image_processing import prepare_images
-    from diffusers_retina.pipelines.sampling import segmenter_probabilities
 
     final = work_dir / "1-pseudo-labels"
     partial = _fresh_folder(final)
@@ -127,8 +135,7 @@ def step_pseudo_labels(args, work_dir: Path) -> Dict:
     targets = check_target_folder(Path(args.target_data_dir) / args.target_image_dir, args.target_stems)
 
     def predict(image: np.ndarray) -> np.ndarray:
-        return segmenter_probabilities(segmenter, prepare_images(image, segmenter.config.in_channels),
-                                       args.tile_size)[0, 0].numpy()
+        return probability_map(segmenter, image, args.tile_size)
 
     kept: Dict[Path, tuple] = {}  # the photographs the transform rule looked at, for pass 1
 
@@ -303,13 +310,10 @@ def read_paintings(args, work_dir: Path, segmenter, folder: Path) -> Dict:
     from diffusers_retina.adaptation import uncontradicted_pixels, view_probabilities, vessel_fraction
     from diffusers_retina.data import read_mask
     from diffusers_retina.data.modality import field_of_view_mask, to_source_intensities
-    from diffusers_retina.image_processing import prepare_images
     from diffusers_retina.metrics import dice
-    from diffusers_retina.pipelines.sampling import segmenter_probabilities
 
     def predict(image: np.ndarray) -> np.ndarray:
-        return segmenter_probabilities(segmenter, prepare_images(image, segmenter.config.in_channels),
-                                       args.tile_size)[0, 0].numpy()
+        return probability_map(segmenter, image, args.tile_size)
 
     transform = chosen_transform(args, work_dir)
     threshold = labelling_record(work_dir).get("threshold", 0.5)
@@ -409,8 +413,6 @@ def step_calibrate(args, work_dir: Path) -> Dict:
     output layer; then the adapted segmenter, anchored pipeline and AdaptDiffPipeline are saved."""
     from diffusers_retina.adaptation import fit_temperature, fold_temperature, logit
     from diffusers_retina.data.modality import field_of_view_mask, to_source_intensities
-    from diffusers_retina.image_processing import prepare_images
-    from diffusers_retina.pipelines.sampling import segmenter_probabilities
 
     adapted = load_segmenter(str(work_dir / "4-fine-tune" / "unet"))
     details: Dict = {"calibration": args.calibration}
@@ -423,8 +425,8 @@ def step_calibrate(args, work_dir: Path) -> Dict:
             image = _read_unit_image(path)  # already at the working scale
             fov = field_of_view_mask(image)
             moved = to_source_intensities(image, transform, references, reference_fovs, fov=fov)
-            student = segmenter_probabilities(adapted, prepare_images(image, 3), args.tile_size)[0, 0].numpy()
-            teacher.append(segmenter_probabilities(source, prepare_images(moved, 3), args.tile_size)[0, 0].numpy())
+            student = probability_map(adapted, image, args.tile_size)
+            teacher.append(probability_map(source, moved, args.tile_size))
             logits.append(logit(student))
             fovs.append(fov)
         temperature = fit_temperature(logits, teacher, fovs)
