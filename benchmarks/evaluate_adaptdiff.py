@@ -8,7 +8,9 @@
         --row "AdaptDiff=checkpoints/adaptdiff-chase-fa"
 
 A row is ``LABEL=PATH[@TRANSFORM]``: ``PATH`` is a saved ``UNet2DModel`` segmenter or an ``AdaptDiffPipeline`` folder
-(its ``segmenter``); ``TRANSFORM`` is applied to every target image first: ``none`` (default), ``invert``
+(its ``segmenter``); without ``@TRANSFORM`` the transform the model stores is applied (the pipeline's
+``input_transform``, or ``input_transform`` in the segmenter's ``training_info.json``: what the adaptation workflow
+fine-tuned through), else none. ``TRANSFORM`` is applied to every target image first: ``none``, ``invert``
 (``1 - x`` inside the field of view), ``histmatch`` (each image's histogram matched to the pooled histogram of
 ``--source_reference_count`` source training photographs, inside the fields of view) or ``invert+histmatch`` (both,
 in that order). Metrics (Dice, clDice,
@@ -62,6 +64,18 @@ def load_segmenter(path: str, device):
     return UNet2DModel.from_pretrained(str(folder), use_safetensors=True, torch_dtype=torch.float32).to(device).eval()
 
 
+def recorded_input_transform(path: str):
+    """The ``input_transform`` record a pipeline folder (its config) or a segmenter folder (``training_info.json``)
+    keeps; None when it keeps none."""
+    import json
+
+    folder = _common.resolve_path(path)
+    for name in ("model_index.json", "training_info.json"):
+        if (folder / name).is_file():
+            return json.loads((folder / name).read_text()).get("input_transform")
+    return None
+
+
 def _unit(path: Path) -> np.ndarray:
     from diffusers_retina.data import read_image
 
@@ -78,7 +92,7 @@ def _files(folder: Path, patterns: str) -> Dict[str, Path]:
 
 def build_rows(args, device) -> List[Tuple[str, Callable[[np.ndarray, np.ndarray], np.ndarray], Dict]]:
     from diffusers_retina.data.modality import INTENSITY_TRANSFORMS, field_of_view_mask, to_source_intensities
-    from diffusers_retina.image_processing import prepare_images
+    from diffusers_retina.image_processing import apply_source_intensity_transform, prepare_images
     from diffusers_retina.pipelines.sampling import segmenter_probabilities
 
     source_references = source_fovs = None
@@ -86,22 +100,26 @@ def build_rows(args, device) -> List[Tuple[str, Callable[[np.ndarray, np.ndarray
     for spec in args.row:
         label, _, rest = spec.partition("=")
         path, _, transform = rest.partition("@")
-        transform = transform or "none"
+        record = None if transform else recorded_input_transform(path)
+        transform = transform or (record["transform"] if record else "none")
         if not label or not path or transform not in INTENSITY_TRANSFORMS:
             sys.exit(f"--row {spec!r}: expected LABEL=PATH[@{'|'.join(INTENSITY_TRANSFORMS)}].")
-        if "histmatch" in transform and source_references is None:
+        if "histmatch" in transform and record is None and source_references is None:
             root = Path(args.source_dir) if args.source_dir else _common.chase_root_or_exit()
             files = list(_files(root / "images", args.source_stems).values())[: args.source_reference_count]
             source_references = [_unit(p) for p in files]
             source_fovs = [field_of_view_mask(r) for r in source_references]
         segmenter = load_segmenter(path, device)
 
-        def predict(image, fov, segmenter=segmenter, transform=transform):
-            image = to_source_intensities(image, transform, source_references, source_fovs, fov)
+        def predict(image, fov, segmenter=segmenter, transform=transform, record=record):
+            if record is not None:  # the model's own stored transform
+                image = apply_source_intensity_transform(image, record, fov)
+            else:
+                image = to_source_intensities(image, transform, source_references, source_fovs, fov)
             pixels = prepare_images(image, segmenter.config.in_channels, "image").to(device)
             return segmenter_probabilities(segmenter, pixels, args.tile_size)[0, 0].cpu().numpy()
 
-        rows.append((label, predict, {"path": path, "transform": transform}))
+        rows.append((label, predict, {"path": path, "transform": transform + (" (stored)" if record else "")}))
     return rows
 
 

@@ -279,6 +279,55 @@ def test_self_training_writes_confident_labels_and_an_adapted_segmenter_and_anch
         assert abs(labelling["mean_vessel_fraction"] - target) < 0.02
 
 
+def test_fine_tuning_in_the_source_space_stores_the_transform_with_every_adapted_model(domains, tmp_path):
+    from types import SimpleNamespace
+
+    from diffusers import DDIMScheduler
+
+    from diffusers_retina import SegmentationEnsemblePipeline
+    from diffusers_retina.image_processing import apply_source_intensity_transform
+
+    from testing_utils import tiny_feature_pipeline
+
+    anchored = tiny_feature_pipeline(DDIMScheduler(num_train_timesteps=100))
+    anchored.save_pretrained(tmp_path / "anchored-source")
+    segmenter = tmp_path / "prior"
+    anchored.prior.save_pretrained(segmenter)
+    workflow, steps = load_script("adaptdiff_workflow"), load_script("adaptdiff_steps")
+    work = tmp_path / "work"
+    args = [a if a != str(domains["segmenter"]) else str(segmenter)
+            for a in workflow_args(domains, work, "--method", "self-training", "--pseudo_label_transform",
+                                   "invert+histmatch", "--anchored_pipeline", str(tmp_path / "anchored-source"))]
+    state = workflow.main(args)
+    finetune = state["steps"]["fine-tune"]
+    assert finetune["input_transform"] == "invert+histmatch"
+    moved = work / steps.SOURCE_SPACE_DATA
+    assert f"--train_data_dir {moved} " in finetune["command"]  # trained on the moved pairs
+    record = json.loads((moved / steps.INPUT_TRANSFORM_FILE).read_text())
+    assert record["transform"] == "invert+histmatch" and len(record["reference_quantiles"]) == 3
+    for name in ("t0.png", "t3.png"):
+        photo = steps._read_unit_image(work / "1-pseudo-labels" / "images" / name)
+        np.testing.assert_allclose(steps._read_unit_image(moved / "images" / name),
+                                   apply_source_intensity_transform(photo, record), atol=0.5 / 255 + 1e-6)
+        for folder in ("masks", "confident"):  # the labels are the pseudo-labels', unmoved
+            np.testing.assert_array_equal(np.asarray(PIL.Image.open(moved / folder / name)),
+                                          np.asarray(PIL.Image.open(work / "1-pseudo-labels" / folder / name)))
+    # every adapted model reads the target through the transform it was fine-tuned through
+    assert SegmentationEnsemblePipeline.from_pretrained(work / "adapted-anchored").config.input_transform == record
+    info = json.loads((work / "adapted-segmenter" / "training_info.json").read_text())
+    assert info["input_transform"] == record and "args" in info  # the fine-tune's record kept beside it
+    # --finetune_space target (or the transform none): the pairs as they are, nothing stored
+    for space, transform in (("target", "invert+histmatch"), ("source", "none")):
+        namespace = SimpleNamespace(finetune_space=space, pseudo_label_transform=transform, source_data_dir=None)
+        if transform == "none":
+            other = tmp_path / "none"
+            other.mkdir()
+            (other / "workflow.json").write_text(json.dumps({"steps": {"pseudo-labels": {}}}))
+            assert steps.finetune_input_transform(namespace, other) is None
+        else:
+            assert steps.finetune_input_transform(namespace, work) is None
+
+
 def test_workflow_refuses_bad_target_folders_before_training(domains, tmp_path, capsys):
     workflow = load_script("adaptdiff_workflow")
     few = _photos(tmp_path / "few" / "images", 2)

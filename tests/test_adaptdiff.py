@@ -76,6 +76,51 @@ def test_match_histograms_inside_the_field_of_view():
     assert grey.shape == (32, 32, 3)
 
 
+def test_stored_transform_is_the_quantile_mapping_without_the_source_photographs():
+    from diffusers_retina.image_processing import (
+        apply_source_intensity_transform,
+        check_source_intensity_transform,
+        source_intensity_transform,
+        tensor_to_source_intensities,
+    )
+    from diffusers_retina.image_processing.intensity import match_quantiles, reference_quantiles, to_source_intensities
+
+    rng = np.random.default_rng(0)
+    references = [fundus() * rng.uniform(0.6, 1.0, 3).astype(np.float32) for _ in range(2)]
+    fovs = [field_of_view_mask(r) for r in references]
+    image = invert_intensity(fundus())[..., 1:2].repeat(3, axis=-1) * 0.7  # angiogram-like: grey, bright vessels
+    # match_histograms is the quantile mapping onto the references' pooled quantiles
+    np.testing.assert_array_equal(match_histograms(image, references, None, fovs),
+                                  match_quantiles(image, reference_quantiles(references, fovs)))
+    record = source_intensity_transform("invert+histmatch", references, fovs)
+    assert record["transform"] == "invert+histmatch" and np.shape(record["reference_quantiles"]) == (3, 257)
+    check_source_intensity_transform(json.loads(json.dumps(record)))  # JSON-able, as the pipeline config keeps it
+    fov = field_of_view_mask(image)
+    moved = apply_source_intensity_transform(image, record, fov)
+    direct = to_source_intensities(image, "invert+histmatch", references, fovs, fov)
+    assert moved.shape == direct.shape and np.abs(moved - direct)[fov].mean() < 0.01  # 257 stored levels vs 1025
+    assert not np.allclose(moved, image, atol=0.05)
+    np.testing.assert_array_equal(apply_source_intensity_transform(image, None), image)
+    # the tensor form (the pipelines' NCHW batches in [-1, 1]) is the same transform
+    batch = torch.from_numpy(image).permute(2, 0, 1)[None] * 2 - 1
+    np.testing.assert_allclose((tensor_to_source_intensities(batch, record)[0].permute(1, 2, 0).numpy() + 1) / 2,
+                               apply_source_intensity_transform(image, record), atol=1e-6)
+    assert tensor_to_source_intensities(batch, None) is batch
+    grey = tensor_to_source_intensities(batch[:, :1], record)  # a one-channel model input stays one channel
+    assert grey.shape == (1, 1, 64, 64)
+    invert = source_intensity_transform("invert")
+    assert invert == {"transform": "invert", "reference_quantiles": None}
+    for bad, match in (({"transform": "gamma", "reference_quantiles": None}, "transform"),
+                       ({"transform": "histmatch", "reference_quantiles": None}, "reference_quantiles"),
+                       ({"transform": "histmatch", "reference_quantiles": [[0.5, 0.2]]}, "reference_quantiles"),
+                       ({"transform": "invert", "reference_quantiles": [[0.0, 1.0]]}, "reference_quantiles"),
+                       ({"transform": "invert"}, "input_transform"), ("invert", "input_transform")):
+        with pytest.raises(ValueError, match=match):
+            check_source_intensity_transform(bad)
+    with pytest.raises(ValueError, match="references"):
+        source_intensity_transform("histmatch")
+
+
 def test_invert_intensity_keeps_the_surround_black():
     image = fundus()
     inverted = invert_intensity(image)
@@ -195,6 +240,27 @@ def test_grey_references_make_grey_paintings_and_colour_ones_keep_colour():
     np.testing.assert_array_equal(painted[..., 0], painted[..., 1])
     np.testing.assert_array_equal(painted[..., 1], painted[..., 2])
     assert np.abs(paint(colour)[..., 0] - paint(colour)[..., 2]).max() > 0.05
+
+
+def test_input_transform_moves_what_the_segmenter_reads_and_is_saved(tmp_path):
+    from diffusers_retina.image_processing import apply_source_intensity_transform, source_intensity_transform
+
+    pipe = tiny_adaptdiff()
+    record = source_intensity_transform("invert+histmatch", [fundus(16) * 0.8])
+    moved_pipe = AdaptDiffPipeline(unet=pipe.unet, scheduler=pipe.scheduler, segmenter=pipe.segmenter,
+                                   input_transform=record)
+    moved_pipe.set_progress_bar_config(disable=True)
+    image = invert_intensity(fundus(16)) * 0.6
+    read = moved_pipe.segment(image, output_type="np").probabilities
+    np.testing.assert_allclose(read, pipe.segment(apply_source_intensity_transform(image, record),
+                                                  output_type="np").probabilities, atol=1e-5)
+    assert np.abs(read - pipe.segment(image, output_type="np").probabilities).max() > 1e-4
+    moved_pipe.save_pretrained(tmp_path / "moved")
+    loaded = AdaptDiffPipeline.from_pretrained(tmp_path / "moved")
+    assert loaded.config.input_transform == record
+    with pytest.raises(ValueError, match="input_transform"):
+        AdaptDiffPipeline(unet=pipe.unet, scheduler=pipe.scheduler, segmenter=pipe.segmenter,
+                          input_transform={"transform": "flip", "reference_quantiles": None})
 
 
 def test_callback_sees_the_painting_loop():

@@ -147,6 +147,35 @@ def test_defaults_travel_with_the_checkpoint(tmp_path, image):
     torch.testing.assert_close(a, b)
 
 
+def test_input_transform_moves_every_input_first_and_travels_with_the_checkpoint(tmp_path):
+    from diffusers_retina.image_processing import apply_source_intensity_transform, source_intensity_transform
+
+    from testing_utils import fundus
+
+    record = source_intensity_transform("invert+histmatch", [fundus(IMAGE_SIZE)])
+    pipe = anchored_pipeline("features")
+    moved_pipe = SegmentationEnsemblePipeline.from_pretrained(_saved(pipe, tmp_path / "plain"),
+                                                              input_transform=record)
+    moved_pipe.set_progress_bar_config(disable=True)
+    photo = np.where(fundus(IMAGE_SIZE) > 0, 1 - fundus(IMAGE_SIZE), 0).astype(np.float32)  # read inverted
+    run = dict(num_inference_steps=2, ensemble_size=2, output_type="np", processing_resolution=None)
+    through = moved_pipe(photo, generator=seeded(3), **run).probabilities
+    by_hand = pipe(apply_source_intensity_transform(photo, record), generator=seeded(3), **run).probabilities
+    np.testing.assert_allclose(through, by_hand, atol=1e-5)
+    assert np.abs(through - pipe(photo, generator=seeded(3), **run).probabilities).max() > 1e-4
+    moved_pipe.save_pretrained(tmp_path / "moved")
+    assert json.loads((tmp_path / "moved" / "model_index.json").read_text())["input_transform"] == record
+    assert SegmentationEnsemblePipeline.from_pretrained(tmp_path / "moved").config.input_transform == record
+    with pytest.raises(ValueError, match="input_transform"):
+        SegmentationEnsemblePipeline(unet=pipe.unet, scheduler=pipe.scheduler, prior=pipe.prior, anchor="residual",
+                                     input_transform={"transform": "histmatch", "reference_quantiles": None})
+
+
+def _saved(pipe, folder):
+    pipe.save_pretrained(folder)
+    return folder
+
+
 def test_bad_anchoring_arguments_are_named():
     with pytest.raises(ValueError, match="anchor"):
         SegmentationEnsemblePipeline(unet=tiny_unet(image_channels=4), scheduler=DDIMScheduler(),

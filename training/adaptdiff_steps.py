@@ -286,11 +286,16 @@ def step_synthesis(args, work_dir: Path) -> Dict:
     return {"pairs": len(masks) * args.images_per_mask, "painted_this_run": painted, "mask_faithfulness": faithfulness}
 
 
-def labelling_record(work_dir: Path) -> Dict:
-    """What step 1 recorded in ``workflow.json`` (its transform choice, threshold, ...)."""
+def step_record(work_dir: Path, step: str) -> Dict:
+    """What ``step`` recorded in the workflow's ``workflow.json`` (empty before it ran)."""
     import json
 
-    return json.loads((work_dir / "workflow.json").read_text())["steps"]["pseudo-labels"]
+    return json.loads((work_dir / "workflow.json").read_text())["steps"].get(step, {})
+
+
+def labelling_record(work_dir: Path) -> Dict:
+    """What step 1 recorded in ``workflow.json`` (its transform choice, threshold, ...)."""
+    return step_record(work_dir, "pseudo-labels")
 
 
 def chosen_transform(args, work_dir: Path) -> str:
@@ -387,10 +392,15 @@ def step_finetune(args, work_dir: Path) -> Dict:
     from accelerate import PartialState
 
     output = work_dir / "4-fine-tune"
+    data = work_dir / ("1-pseudo-labels" if args.method == "self-training" else "4-data")
+    record = finetune_input_transform(args, work_dir)
     if PartialState().is_main_process:
         finetune_data(args, work_dir)
+        if record is not None:
+            move_to_source_space(data, work_dir / SOURCE_SPACE_DATA, record)
     PartialState().wait_for_everyone()
-    data = work_dir / ("1-pseudo-labels" if args.method == "self-training" else "4-data")
+    if record is not None:
+        data = work_dir / SOURCE_SPACE_DATA
     flags = [
         "--objective", "supervised", "--init_unet", args.source_segmenter,
         "--train_data_dir", str(data), "--image_dir", "images", "--mask_dir", "masks", "--loss_mask_dir", "confident",
@@ -404,7 +414,61 @@ def step_finetune(args, work_dir: Path) -> Dict:
     ]
     torch.set_grad_enabled(True)
     train_segmentation_ensemble.main(flags)
-    return {"command": "python training/train_segmentation_ensemble.py " + " ".join(shlex.quote(f) for f in flags)}
+    return {"command": "python training/train_segmentation_ensemble.py " + " ".join(shlex.quote(f) for f in flags),
+            "input_transform": None if record is None else record["transform"]}
+
+
+#: ``--finetune_space source``: the fine-tuning pairs moved through step 1's transform, and the stored transform
+SOURCE_SPACE_DATA = "4-data-source"
+INPUT_TRANSFORM_FILE = "input_transform.json"
+
+
+def finetune_input_transform(args, work_dir: Path) -> Optional[Dict]:
+    """The input transform the adapted models read the target through: step 1's transform as a stored record
+    (:func:`diffusers_retina.image_processing.source_intensity_transform`: the source photographs' quantiles, so
+    the adapted pipelines need no source photograph), or None with ``--finetune_space target`` or when step 1 chose
+    ``none``."""
+    from diffusers_retina.image_processing import source_intensity_transform
+
+    transform = chosen_transform(args, work_dir)
+    if args.finetune_space == "target" or transform == "none":
+        return None
+    references, reference_fovs = _source_references(args, transform)
+    return source_intensity_transform(transform, references, reference_fovs)
+
+
+def move_to_source_space(data: Path, final: Path, record: Dict) -> Path:
+    """``data``'s ``images/`` moved through the stored transform ``record`` (its ``masks/`` and ``confident/``
+    linked) into ``final``, with ``record`` as ``input_transform.json``. A photograph listed several times (hard
+    links) is moved once."""
+    import json
+
+    from diffusers_retina.image_processing import apply_source_intensity_transform
+
+    partial = _fresh_folder(final)
+    for folder in ("images", "masks", "confident"):
+        (partial / folder).mkdir()
+    moved: Dict = {}
+    for path in sorted((data / "images").glob("*.png")):
+        key = (os.stat(path).st_dev, os.stat(path).st_ino)
+        if key not in moved:
+            moved[key] = apply_source_intensity_transform(_read_unit_image(path), record)
+        _save_png((np.clip(moved[key], 0, 1) * 255).round().astype(np.uint8), partial / "images" / path.name)
+        for folder in ("masks", "confident"):
+            _link_or_copy(data / folder / path.name, partial / folder / path.name)
+    (partial / INPUT_TRANSFORM_FILE).write_text(json.dumps(record) + "\n")
+    _move_in(partial, final)
+    print(f"fine-tuning in the source's intensity space: {len(moved)} images moved through {record['transform']}")
+    return final
+
+
+def stored_input_transform(work_dir: Path) -> Optional[Dict]:
+    """The record step 4 fine-tuned through (None: it fine-tuned on the pairs as they are)."""
+    import json
+
+    if not step_record(work_dir, "fine-tune").get("input_transform"):
+        return None
+    return json.loads((work_dir / SOURCE_SPACE_DATA / INPUT_TRANSFORM_FILE).read_text())
 
 
 def step_calibrate(args, work_dir: Path) -> Dict:
@@ -414,7 +478,10 @@ def step_calibrate(args, work_dir: Path) -> Dict:
     from diffusers_retina.adaptation import fit_temperature, fold_temperature, logit
     from diffusers_retina.data.modality import field_of_view_mask, to_source_intensities
 
+    from diffusers_retina.image_processing import apply_source_intensity_transform
+
     adapted = load_segmenter(str(work_dir / "4-fine-tune" / "unet"))
+    record = stored_input_transform(work_dir)
     details: Dict = {"calibration": args.calibration}
     if args.calibration == "teacher":
         source = load_segmenter(args.source_segmenter)
@@ -425,7 +492,7 @@ def step_calibrate(args, work_dir: Path) -> Dict:
             image = _read_unit_image(path)  # already at the working scale
             fov = field_of_view_mask(image)
             moved = to_source_intensities(image, transform, references, reference_fovs, fov=fov)
-            student = probability_map(adapted, image, args.tile_size)
+            student = probability_map(adapted, apply_source_intensity_transform(image, record, fov), args.tile_size)
             teacher.append(probability_map(source, moved, args.tile_size))
             logits.append(logit(student))
             fovs.append(fov)
@@ -433,7 +500,7 @@ def step_calibrate(args, work_dir: Path) -> Dict:
         fold_temperature(adapted, temperature)
         details["temperature"] = round(temperature, 4)
         print(f"calibration: temperature {temperature:.3f} (fitted to the source segmenter's probabilities)")
-    save_adapted(args, work_dir, adapted)
+    save_adapted(args, work_dir, adapted, record)
     details["segmenter_output_dir"] = args.segmenter_output_dir
     if args.anchored_pipeline:
         details["anchored_output_dir"] = args.anchored_output_dir
@@ -442,26 +509,30 @@ def step_calibrate(args, work_dir: Path) -> Dict:
     return details
 
 
-def save_adapted(args, work_dir: Path, adapted) -> None:
-    """The adapted segmenter (with the fine-tune's ``training_info.json``: its training diameter), the anchored
-    pipeline with it as its prior, and the AdaptDiffPipeline (painter + adapted segmenter), each written beside its
-    place and swapped in."""
+def save_adapted(args, work_dir: Path, adapted, record: Optional[Dict] = None) -> None:
+    """The adapted segmenter (with the fine-tune's ``training_info.json``: its training diameter and, when it was
+    fine-tuned in the source's intensity space, the ``input_transform`` record), the anchored pipeline with it as its
+    prior, and the AdaptDiffPipeline (painter + adapted segmenter), both with ``input_transform=record``; each written
+    beside its place and swapped in."""
     from diffusers import DDIMScheduler
 
     from diffusers_retina import AdaptDiffPipeline, Mask2ImagePipeline, SegmentationEnsemblePipeline
-    from diffusers_retina.hub import TRAINING_INFO
+    from diffusers_retina.hub import TRAINING_INFO, read_json, write_json
 
     output = work_dir / "4-fine-tune"
     partial = _fresh_folder(Path(args.segmenter_output_dir))
     adapted.save_pretrained(partial)
-    if (output / TRAINING_INFO).is_file():
-        shutil.copy2(output / TRAINING_INFO, partial / TRAINING_INFO)
+    info = read_json(output / TRAINING_INFO) or {}
+    if info or record is not None:
+        write_json(partial / TRAINING_INFO, {**info, "input_transform": record})
     _move_in(partial, Path(args.segmenter_output_dir))
     if args.anchored_pipeline:
-        anchored = SegmentationEnsemblePipeline.from_pretrained(args.anchored_pipeline, dtype=torch.float32)
+        anchored = SegmentationEnsemblePipeline.from_pretrained(args.anchored_pipeline, dtype=torch.float32,
+                                                                input_transform=record)
         anchored.register_modules(prior=adapted)
         anchored.save_pretrained(args.anchored_output_dir)
     if args.method != "self-training":
         painter = Mask2ImagePipeline.from_pretrained(str(work_dir / "2-diffusion"), dtype=torch.float32)
         scheduler = DDIMScheduler.from_config(painter.scheduler.config, timestep_spacing="trailing")
-        AdaptDiffPipeline(unet=painter.unet, scheduler=scheduler, segmenter=adapted).save_pretrained(args.output_dir)
+        AdaptDiffPipeline(unet=painter.unet, scheduler=scheduler, segmenter=adapted,
+                          input_transform=record).save_pretrained(args.output_dir)

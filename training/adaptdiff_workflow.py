@@ -189,6 +189,11 @@ def parse_args(argv=None):
     parser.add_argument("--finetune_resolution", type=int, default=128)
     parser.add_argument("--finetune_batch_size", type=int, default=8)
     parser.add_argument("--finetune_learning_rate", type=float, default=3e-4)
+    parser.add_argument("--finetune_space", type=str, default="source", choices=["source", "target"],
+                        help="source (default): the fine-tuning pairs move through step 1's intensity transform, the "
+                             "space where the source segmenter already reads the target, and the adapted models store "
+                             "it (input_transform) and read every target photograph through it; target: fine-tune on "
+                             "the pairs as they are. The same when step 1 chose the transform none.")
     parser.add_argument("--finetune_photometric", type=float, default=0.5,
                         help="--photometric_augmentation of the fine-tuning patches.")
     parser.add_argument("--finetune_args", type=str, default="",

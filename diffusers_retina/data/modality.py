@@ -1,5 +1,6 @@
 """Field of view, a fluorescein-angiography-like target modality, and the simple intensity baselines of domain
-adaptation (histogram matching, inversion).
+adaptation (histogram matching, inversion; defined in :mod:`diffusers_retina.image_processing.intensity`, re-exported
+here).
 
 Everything here takes ``(H, W)`` or ``(H, W, C)`` arrays (``C`` = 1 or 3): floats in ``[0, 1]``, or 8/16-bit integers
 as :func:`diffusers_retina.data.read_image` returns them; results are float32 in ``[0, 1]``.
@@ -27,6 +28,17 @@ from ..image_processing.field_of_view import (  # noqa: F401 (re-exported: data.
     field_of_view_masks,
     fill_outside_field_of_view,
     unit_image,
+)
+from ..image_processing.intensity import (  # noqa: F401 (re-exported: data.modality.match_histograms, ...)
+    INTENSITY_TRANSFORMS,
+    apply_source_intensity_transform,
+    check_source_intensity_transform,
+    invert_intensity,
+    match_histograms,
+    match_quantiles,
+    reference_quantiles,
+    source_intensity_transform,
+    to_source_intensities,
 )
 
 # The documented fluorescein-angiography-like transform (see `fluorescein_like`)
@@ -76,45 +88,6 @@ def fluorescein_like(image: np.ndarray, seed: int = 0, fov: Optional[np.ndarray]
     angiogram = angiogram + FA_NOISE_SIGMA * np.random.default_rng(seed).standard_normal(green.shape)
     angiogram = np.where(fov, np.clip(angiogram, 0.0, 1.0), 0.0).astype(np.float32)
     return np.repeat(angiogram[..., None], 3, axis=-1)
-
-
-def match_histograms(image: np.ndarray, reference: np.ndarray, image_fov: Optional[np.ndarray] = None,
-                     reference_fov: Optional[np.ndarray] = None) -> np.ndarray:
-    """Map every channel of ``image`` onto the intensity distribution of ``reference`` (quantile mapping), using only
-    the pixels inside each field of view (the black surround would otherwise dominate both histograms); pixels
-    outside ``image_fov`` are left unchanged. A grey image matched to a colour reference gets three channels.
-
-    AdaptDiff matches its synthetic images to the target this way; "histogram matching of the input to the source"
-    is one of the simple adaptation baselines. ``reference`` may be a list of images (their pooled histogram)."""
-    array = unit_image(image, "image")
-    references = reference if isinstance(reference, (list, tuple)) else [reference]
-    references = [unit_image(r, "reference") for r in references]
-    if reference_fov is None:
-        reference_fovs = [np.ones(r.shape[:2], dtype=bool) for r in references]
-    else:
-        reference_fovs = reference_fov if isinstance(reference_fov, (list, tuple)) else [reference_fov]
-    image_fov = np.ones(array.shape[:2], dtype=bool) if image_fov is None else np.asarray(image_fov, dtype=bool)
-    channels = max(array.shape[-1], references[0].shape[-1])
-    array = np.repeat(array, channels, axis=-1) if array.shape[-1] == 1 else array
-    quantiles = np.linspace(0.0, 1.0, 1025)
-    out = array.copy()
-    for channel in range(channels):
-        pooled = np.concatenate([r[..., min(channel, r.shape[-1] - 1)][f] for r, f in zip(references, reference_fovs)])
-        values = array[..., channel][image_fov]
-        if values.size == 0 or pooled.size == 0:
-            continue
-        source_q = np.quantile(values, quantiles)
-        target_q = np.quantile(pooled, quantiles)
-        out[..., channel][image_fov] = np.interp(values, source_q, target_q)
-    return np.clip(out, 0.0, 1.0)
-
-
-def invert_intensity(image: np.ndarray, fov: Optional[np.ndarray] = None) -> np.ndarray:
-    """``1 - x`` inside the field of view (computed when not given), black outside: the intensity-inversion baseline
-    (an angiogram's bright vessels become dark, as in the green channel of a colour photograph)."""
-    array = unit_image(image, "image")
-    fov = field_of_view_mask(array) if fov is None else np.asarray(fov, dtype=bool)
-    return np.where(fov[..., None], 1.0 - array, 0.0).astype(np.float32)
 
 
 def _disc_pixels(candidates: np.ndarray, count: int, radius: float, rng: np.random.Generator,
@@ -172,25 +145,3 @@ def corrupt_mask(mask: np.ndarray, fp_rate: float = 0.0, fn_rate: float = 0.0, s
     removed = _disc_pixels(vessels, int(round(fn_rate * total)), radius, rng, vessels)
     added = _disc_pixels(~vessels & region, int(round(fp_rate * total)), radius, rng, region)
     return ((vessels & ~removed) | added).astype(np.uint8)
-
-
-INTENSITY_TRANSFORMS = ("none", "invert", "histmatch", "invert+histmatch")
-
-
-def to_source_intensities(image: np.ndarray, transform: str, references: Optional[list] = None,
-                          reference_fovs: Optional[list] = None, fov: Optional[np.ndarray] = None) -> np.ndarray:
-    """A target image moved towards the source's intensities by a simple transform: ``none``, ``invert``
-    (:func:`invert_intensity`), ``histmatch`` (:func:`match_histograms` to the pooled histogram of the source
-    photographs ``references``) or ``invert+histmatch`` (both, in that order). The simple baselines of adaptation,
-    and a way to get usable pseudo-labels from a source segmenter that cannot read the raw target."""
-    if transform not in INTENSITY_TRANSFORMS:
-        raise ValueError(f"`transform` must be one of {INTENSITY_TRANSFORMS}, got {transform!r}.")
-    array = unit_image(image, "image")
-    fov = field_of_view_mask(array) if fov is None else np.asarray(fov, dtype=bool)
-    if "invert" in transform:
-        array = invert_intensity(array, fov)
-    if "histmatch" in transform:
-        if not references:
-            raise ValueError(f"`transform={transform!r}` needs source `references` to match the histogram to.")
-        array = match_histograms(array, list(references), fov, reference_fovs)
-    return array

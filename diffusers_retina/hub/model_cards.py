@@ -327,6 +327,9 @@ _ADAPTDIFF_STEPS: Dict[str, Callable[[Dict[str, Any], Dict[str, Any]], str]] = {
         + {"combined": "the synthetic pairs and, as often, the target images with their confident pseudo-labels",
            "self-training": "the target images with their confident pseudo-labels"}.get(
             args.get("method", "adaptdiff"), "the synthetic pairs")
+        + (f", moved into the source's intensity space (`{record['input_transform']}`; the pipeline stores the "
+           "transform as its `input_transform` and reads every target image through it)"
+           if record.get("input_transform") else "")
         + " (BCE + soft Dice, fresh patches, flips and photometric changes each epoch)"),
     "calibrate": lambda args, record: (
         f"temperature {record['temperature']:.2f} fitted to the source segmenter's probabilities on the target, "

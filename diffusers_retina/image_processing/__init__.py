@@ -4,6 +4,7 @@
 * :mod:`.conversion` -- user inputs to the models' ``[-1, 1]`` tensors and back (``prepare_images``, ``prepare_masks``,
   padding, PIL outputs);
 * :mod:`.field_of_view` -- the circular field of view of fundus photographs;
+* :mod:`.intensity` -- inversion, histogram matching and the stored ``input_transform`` of adapted checkpoints;
 * :mod:`.image_processor` -- :class:`RetinaImageProcessor`, the one object the pipelines and the demo use.
 
 This package imports no other module of diffusers_retina.
@@ -46,6 +47,13 @@ from .field_of_view import (
     plan_processing_batch,
     rescale_to_field_of_view,
 )
+from .intensity import (
+    INTENSITY_TRANSFORMS,
+    apply_source_intensity_transform,
+    check_source_intensity_transform,
+    source_intensity_transform,
+    tensor_to_source_intensities,
+)
 from .image_processor import OUTPUT_TYPES, RetinaImageProcessor, colormap
 
 __all__ = [
@@ -55,6 +63,7 @@ __all__ = [
     "PROCESSING_MODES",
     "SCALE_TOLERANCE",
     "ProcessingPlan",
+    "INTENSITY_TRANSFORMS",
     "DataError",
     "ImageInput",
     "ImageTooLargeError",
@@ -62,6 +71,8 @@ __all__ = [
     "RetinaImageProcessor",
     "check_pixel_count",
     "check_processing_resolution",
+    "apply_source_intensity_transform",
+    "check_source_intensity_transform",
     "colormap",
     "diffusion_to_probabilities",
     "downscale",
@@ -83,4 +94,6 @@ __all__ = [
     "plan_processing",
     "plan_processing_batch",
     "prepare_masks",
+    "source_intensity_transform",
+    "tensor_to_source_intensities",
 ]

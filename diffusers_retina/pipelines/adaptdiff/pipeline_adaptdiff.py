@@ -26,7 +26,15 @@ from diffusers.schedulers import SchedulerMixin
 from diffusers.utils import BaseOutput, replace_example_docstring
 
 from ...data.modality import match_histograms
-from ...image_processing import ImageInput, MaskInput, RetinaImageProcessor, field_of_view_mask, prepare_images
+from ...image_processing import (
+    ImageInput,
+    MaskInput,
+    RetinaImageProcessor,
+    check_source_intensity_transform,
+    field_of_view_mask,
+    prepare_images,
+    tensor_to_source_intensities,
+)
 from ...models import ConditionalUNet2DModel
 from ..checks import check_finite_output
 from ..pipeline_utils import RetinaPipelineMixin
@@ -130,16 +138,23 @@ class AdaptDiffPipeline(RetinaPipelineMixin, DiffusionPipeline):
         scheduler: any diffusers scheduler for ``unet``.
         segmenter: a deterministic vessel segmenter (``UNet2DModel``: image in ``[-1, 1]`` at timestep 0, one logit
             channel out): the source segmenter before adaptation, the adapted one after.
+        input_transform: the intensity transform target images go through before ``segmenter`` reads them
+            (:func:`diffusers_retina.image_processing.source_intensity_transform`, e.g. inversion and histogram
+            matching to the source photographs' stored quantiles): written by the adaptation workflow when the
+            segmenter was fine-tuned in the source's intensity space; None: images as given. Painting is unaffected.
     """
 
     model_cpu_offload_seq = "segmenter->unet"
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet: ConditionalUNet2DModel, scheduler: SchedulerMixin, segmenter: UNet2DModel):
+    def __init__(self, unet: ConditionalUNet2DModel, scheduler: SchedulerMixin, segmenter: UNet2DModel,
+                 input_transform: Optional[Dict[str, Any]] = None):
         super().__init__()
         if segmenter.config.out_channels < 1:
             raise ValueError("`segmenter` must return at least one logit channel.")
+        check_source_intensity_transform(input_transform)
         self.register_modules(unet=unet, scheduler=scheduler, segmenter=segmenter)
+        self.register_to_config(input_transform=input_transform)
         self.image_processor = RetinaImageProcessor(size_multiple=self.segmenter_multiple)
 
     @property
@@ -167,7 +182,8 @@ class AdaptDiffPipeline(RetinaPipelineMixin, DiffusionPipeline):
         r"""Segment vessels with ``segmenter`` (after adaptation: the adapted segmenter).
 
         Args:
-            images: target-modality images (PIL, numpy ``HWC``/``NHWC`` uint8 or ``[0, 1]`` floats, or a tensor).
+            images: target-modality images (PIL, numpy ``HWC``/``NHWC`` uint8 or ``[0, 1]`` floats, or a tensor); the
+                pipeline's ``input_transform``, if any, is applied first.
             threshold: probability above which a pixel is a vessel.
             tile_size: run the segmenter on overlapping windows of this size (Gaussian-blended; for full
                 photographs on small memory). A multiple of the segmenter's down-sampling factor.
@@ -206,7 +222,8 @@ class AdaptDiffPipeline(RetinaPipelineMixin, DiffusionPipeline):
         """
         check_pseudo_label_settings(mode, threshold, confidence)
         check_common_inputs(self.segmenter_multiple, batch_size, tile_size, tile_overlap, output_type, [], [])
-        pixels = prepare_images(images, self.segmenter.config.in_channels, "images")
+        pixels = tensor_to_source_intensities(prepare_images(images, self.segmenter.config.in_channels, "images"),
+                                              self.config.get("input_transform"))
         device = self._execution_device
         chunk = samples_per_call(batch_size, len(pixels), window_pixels(*pixels.shape[-2:], tile_size), device,
                                  self.segmenter.dtype)

@@ -47,8 +47,10 @@ from ...image_processing import (
     RetinaImageProcessor,
     diffusion_to_probabilities,
     check_processing_resolution,
+    check_source_intensity_transform,
     pad_to_multiple,
     prepare_images,
+    tensor_to_source_intensities,
 )
 from ..checks import (
     check_feature_refiner,
@@ -143,6 +145,10 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         default_threshold: ``threshold`` when the call does not give it (chosen on training data); None: 0.5.
         field_of_view_diameter: the field-of-view diameter, in pixels, of the photographs the models learnt from
             (``processing_resolution="auto"`` brings every photograph to it); None: unknown.
+        input_transform: an intensity transform every input goes through first
+            (:func:`diffusers_retina.image_processing.source_intensity_transform`: inversion and/or histogram matching
+            to the source photographs' stored quantiles). Written by the adaptation workflow when its segmenter was
+            fine-tuned in the source's intensity space (e.g. angiograms read inverted); None: inputs as given.
 
     Masks have one channel (binary, ``2m - 1``) or ``K`` one-hot channels in ``[-1, 1]`` (``K`` classes).
     """
@@ -155,7 +161,7 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
                  scheduler: SchedulerMixin, prior: Optional[UNet2DModel] = None, anchor: Optional[str] = None,
                  anchor_strength: float = 1.0,
                  default_denoising_steps: Optional[int] = None, default_threshold: Optional[float] = None,
-                 field_of_view_diameter: Optional[int] = None):
+                 field_of_view_diameter: Optional[int] = None, input_transform: Optional[Dict[str, Any]] = None):
         super().__init__()
         if isinstance(unet, PriorFeatureRefinerModel):
             check_feature_refiner(unet, prior, anchor)
@@ -172,10 +178,11 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         if default_threshold is not None and not 0.0 < default_threshold < 1.0:
             raise ValueError(f"`default_threshold` must lie in (0, 1), got {default_threshold!r}.")
         check_field_of_view_diameter(field_of_view_diameter)
+        check_source_intensity_transform(input_transform)
         self.register_modules(unet=unet, scheduler=scheduler, prior=prior)
         self.register_to_config(anchor=anchor, anchor_strength=float(anchor_strength),
                                 default_denoising_steps=default_denoising_steps, default_threshold=default_threshold,
-                                field_of_view_diameter=field_of_view_diameter)
+                                field_of_view_diameter=field_of_view_diameter, input_transform=input_transform)
         self.image_processor = RetinaImageProcessor(size_multiple=self.size_multiple)
         if prior is not None:
             if prior.config.out_channels != 1 or self.mask_channels != 1:
@@ -440,7 +447,8 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         dtype = self.unet.dtype
 
         # 2. Prepare the images, one generator per sample, and the size each image is segmented at
-        images = prepare_images(image, self.image_channels).to(device=device, dtype=dtype)
+        images = tensor_to_source_intensities(prepare_images(image, self.image_channels),
+                                              self.config.get("input_transform")).to(device=device, dtype=dtype)
         num_images, size = images.shape[0], tuple(images.shape[-2:])
         generators = per_sample_generators(generator, num_images * ensemble_size, device,
                                            "member and image (images x ensemble_size)")
