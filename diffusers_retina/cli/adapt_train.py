@@ -17,7 +17,9 @@ pseudo-labels; ``adaptdiff``: paint the target's appearance on the source's real
 (needs ``--source-data-dir``); ``combined``: both sets of pairs. Every choice is made by a label-free rule
 (:mod:`diffusers_retina.adaptation`): the working scale (the field of view matched to the source's), the pseudo-label
 transform (the source's vessel fraction), the confident pixels (agreement of five views; pseudo-labels at one half,
-the threshold that did best on unseen development photographs). The run is
+the threshold that did best on unseen development photographs), and the space fine-tuning happens in (the pairs
+moved through that transform; the adapted models store it as ``input_transform`` and read every photograph through
+it). The run is
 done by ``training/adaptdiff_workflow.py`` of a source checkout (the training scripts are not part of the wheel).
 
 Examples::
