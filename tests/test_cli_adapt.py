@@ -50,6 +50,25 @@ def test_adapt_writes_masks_probabilities_and_rows(adapted, tmp_path):
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
 
 
+def test_adapt_reads_through_the_pipelines_input_transform(tmp_path):
+    from diffusers_retina.image_processing import source_intensity_transform
+
+    tiny = tiny_adaptdiff()
+    record = source_intensity_transform("invert+histmatch", [np.random.default_rng(1).random((16, 16, 3))])
+    AdaptDiffPipeline(unet=tiny.unet, scheduler=tiny.scheduler, segmenter=tiny.segmenter,
+                      input_transform=record).save_pretrained(tmp_path / "pipe")
+    write_images(tmp_path / "in", count=1)
+    out = tmp_path / "out"
+    assert cli.main(["adapt", str(tmp_path / "in"), "--output-dir", str(out), "--pipeline", str(tmp_path / "pipe"),
+                     "--tile-size", "0"]) == 0
+    image = np.asarray(PIL.Image.open(tmp_path / "in" / "angio0.png"))
+    probability = np.asarray(PIL.Image.open(out / "angio0_probability.png")) / 255.0
+    tiny.set_progress_bar_config(disable=True)
+    plain = tiny.segment(image, output_type="np").probabilities[0]  # the same segmenter without the transform
+    assert np.abs(probability - plain).max() > 2 / 255
+    assert json.loads((out / "summary.json").read_text())["settings"]["input_transform"] == "invert+histmatch"
+
+
 def test_adapt_confident_labels_and_errors(adapted, tmp_path, capsys):
     write_images(tmp_path / "in", count=1)
     out = tmp_path / "out"

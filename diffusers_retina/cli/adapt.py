@@ -43,6 +43,7 @@ from .common import (
     collect_inputs,
     describe_image_row,
     image_group,
+    input_transform_name,
     load_pipeline,
     non_negative_int,
     positive_int,
@@ -105,6 +106,7 @@ def run_adapt(args: argparse.Namespace) -> int:
                        "down-sampling factor).")
     settings = {"pipeline": source, "labels": args.labels, "threshold": args.threshold,
                 "confidence": args.confidence, "tile_size": tile_size, "dtype": args.dtype,
+                "input_transform": input_transform_name(pipe),
                 "image_batch_size": args.image_batch_size, "device": str(device),
                 "diffusers_retina_version": diffusers_retina.__version__}
     items = [WorkItem(name=path.stem, label=str(path), payload=path) for path in files]
