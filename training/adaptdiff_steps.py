@@ -473,11 +473,12 @@ def stored_input_transform(work_dir: Path) -> Optional[Dict]:
 
 def step_calibrate(args, work_dir: Path) -> Dict:
     """Step 5: the fine-tuned segmenter's temperature fitted to the source segmenter's probabilities on the target
-    photographs (``--calibration teacher``; :func:`diffusers_retina.adaptation.fit_temperature`) and folded into its
-    output layer; then the adapted segmenter, anchored pipeline and AdaptDiffPipeline are saved."""
+    photographs (``--calibration teacher``; :func:`diffusers_retina.adaptation.fit_temperature`; each model reads them
+    through its own transform: the source through step 1's, the student through the one it was fine-tuned through)
+    and folded into its output layer; then the adapted segmenter, anchored pipeline and AdaptDiffPipeline are
+    saved."""
     from diffusers_retina.adaptation import fit_temperature, fold_temperature, logit
     from diffusers_retina.data.modality import field_of_view_mask, to_source_intensities
-
     from diffusers_retina.image_processing import apply_source_intensity_transform
 
     adapted = load_segmenter(str(work_dir / "4-fine-tune" / "unet"))
