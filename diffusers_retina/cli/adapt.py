@@ -25,7 +25,7 @@ import numpy as np
 
 import diffusers_retina
 
-from ..image_processing import numpy_to_pil_maps
+from ..image_processing import numpy_to_pil_maps, transform_name
 from ..pipelines import AdaptDiffPipeline
 from ..pipelines.adaptdiff import PSEUDO_LABEL_MODES
 from ..sharded_inference import WorkItem
@@ -43,7 +43,6 @@ from .common import (
     collect_inputs,
     describe_image_row,
     image_group,
-    input_transform_name,
     load_pipeline,
     non_negative_int,
     positive_int,
@@ -106,7 +105,7 @@ def run_adapt(args: argparse.Namespace) -> int:
                        "down-sampling factor).")
     settings = {"pipeline": source, "labels": args.labels, "threshold": args.threshold,
                 "confidence": args.confidence, "tile_size": tile_size, "dtype": args.dtype,
-                "input_transform": input_transform_name(pipe),
+                "input_transform": transform_name(pipe.config.get("input_transform")),
                 "image_batch_size": args.image_batch_size, "device": str(device),
                 "diffusers_retina_version": diffusers_retina.__version__}
     items = [WorkItem(name=path.stem, label=str(path), payload=path) for path in files]

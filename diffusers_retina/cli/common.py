@@ -423,12 +423,6 @@ def image_group(channels: int) -> Callable[[WorkItem], Tuple[Tuple[int, ...], st
     return group_of
 
 
-def input_transform_name(pipe) -> str:
-    """The intensity transform a pipeline moves its inputs through first (``input_transform``; ``"none"``), as the
-    commands' summaries report it."""
-    return (pipe.config.get("input_transform") or {}).get("transform", "none")
-
-
 def processing_note(row: Dict[str, Any]) -> str:
     """`` (segmented at HxW, xS by field of view)`` for a row whose image was resized (``--processing-resolution``),
     else nothing."""

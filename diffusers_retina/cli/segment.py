@@ -31,6 +31,7 @@ from diffusers_retina.data import (
     nifti_case,
     read_nifti_case,
 )
+from diffusers_retina.image_processing import transform_name
 from diffusers_retina.pipelines import SegmentationEnsemblePipeline
 from diffusers_retina.pipelines.sampling import per_sample_generators
 from diffusers_retina.sharded_inference import RESULTS_FILE, SUMMARY_FILE, WorkItem
@@ -47,7 +48,6 @@ from .common import (
     collect_inputs,
     image_group,
     IMAGE_EXTENSIONS,
-    input_transform_name,
     load_pipeline,
     open_unit_float,
     overlap_fraction,
@@ -217,7 +217,7 @@ def _settings(args: argparse.Namespace, pipe: SegmentationEnsemblePipeline, sour
         "tile_size": args.tile_size or None,
         "tile_overlap": args.tile_overlap,
         "processing_resolution": args.processing_resolution,
-        "input_transform": input_transform_name(pipe),
+        "input_transform": transform_name(pipe.config.get("input_transform")),
         "seed": args.seed,
         "batch_size": args.batch_size,
         "save_members": args.save_members,

@@ -53,6 +53,7 @@ from .intensity import (
     check_source_intensity_transform,
     source_intensity_transform,
     tensor_to_source_intensities,
+    transform_name,
 )
 from .image_processor import OUTPUT_TYPES, RetinaImageProcessor, colormap
 
@@ -96,4 +97,5 @@ __all__ = [
     "prepare_masks",
     "source_intensity_transform",
     "tensor_to_source_intensities",
+    "transform_name",
 ]

@@ -166,6 +166,11 @@ def check_source_intensity_transform(record, name: str = "input_transform") -> N
                          f"in [0, 1], got {np.shape(quantiles) if table.size else quantiles!r:.200}.")
 
 
+def transform_name(record: Optional[Dict[str, Any]]) -> str:
+    """The name of a stored transform record (``"none"`` for None): what the commands' summaries report."""
+    return record["transform"] if record else "none"
+
+
 def apply_source_intensity_transform(image: np.ndarray, record: Optional[Dict[str, Any]],
                                      fov: Optional[np.ndarray] = None) -> np.ndarray:
     """``image`` moved by a stored :func:`source_intensity_transform` record (``None``: unchanged, as float32 in
