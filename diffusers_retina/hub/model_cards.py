@@ -362,6 +362,7 @@ def _adaptdiff_card(folder: Path, info: Dict[str, Any], repo_id: str) -> CardPar
                            eval_results=eval_results(evaluation))
     unet_config = read_json(folder / "unet" / "config.json") or {}
     scheduler_config = read_json(folder / "scheduler" / "scheduler_config.json") or {}
+    input_transform = (read_json(folder / "model_index.json") or {}).get("input_transform")
     steps = info.get("steps", {})
     rows = "\n".join(f"| {number}. {name} | {describe(args, steps.get(name, {}))} | "
                      f"{_step_wall_time(steps.get(name, {}))} |"
@@ -383,6 +384,11 @@ def _adaptdiff_card(folder: Path, info: Dict[str, Any], repo_id: str) -> CardPar
         source_description=data_description(source, {"train_data_dir": args["source_data_dir"]}),
         target_description=data_description({**target, "mask_dir": None}, {"train_data_dir": args["target_data_dir"]}),
         command=info["command"], step_rows=rows, pseudo_label_note=note, method=args.get("method", "adaptdiff"),
+        input_transform_note=(
+            f"`input_transform` (in `model_index.json`): `{input_transform['transform']}`, the transform the segmenter "
+            "was fine-tuned through (for histogram matching, the source photographs' intensity quantiles are stored); "
+            "`segment` and `pseudo_label` move every image through it first, so pass target images as they are"
+            if input_transform else "`input_transform`: none (`segment` reads target images as they are)"),
         evaluation=(measured_markdown(evaluation)
                     or "Not evaluated yet: run `benchmarks/evaluate_adaptdiff.py --write-card ...`."),
     )
