@@ -38,6 +38,9 @@ def test_files_record_and_card():
     assert not list(ADAPTED.rglob("*.bin")) and not list(ADAPTED.rglob("*.pkl"))
     index = json.loads((ADAPTED / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_adapt_diff", "AdaptDiffPipeline"]
+    # fine-tuned in the source's intensity space: it reads angiograms through the stored transform, source-free
+    assert index["input_transform"]["transform"] == "invert+histmatch"
+    assert np.shape(index["input_transform"]["reference_quantiles"]) == (3, 257)
     info = json.loads((ADAPTED / "training_info.json").read_text())
     assert all(info["steps"][step]["complete"] for step in ("pseudo-labels", "diffusion", "synthesis", "fine-tune"))
     assert info["args"]["target_stems"] == "Image_0*,Image_10*"  # adapted on training images only
