@@ -159,6 +159,38 @@ def test_the_feature_pipeline_uses_the_same_rule(tmp_path):
     assert DiffusionFeaturePipeline.from_pretrained(tmp_path / "features").config.field_of_view_diameter == 48
 
 
+def test_camera_degrees_match_pixels_per_degree_instead_of_diameters(tmp_path):
+    """A model trained at 32 px over 30 degrees, a photograph from a 45-degree camera: "auto" alone brings its circle
+    to 32 px; with camera_degrees=45 to 48 px, the training pixels per degree."""
+    pipe = SegmentationEnsemblePipeline(unet=tiny_unet(), scheduler=DDIMScheduler(num_train_timesteps=100),
+                                        field_of_view_diameter=32, field_of_view_degrees=30)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.from_numpy(photo(40, 40, 24, seed=1)).permute(2, 0, 1).float() / 255
+    found = field_of_view_diameter(photo(40, 40, 24, seed=1))
+    plain = call(pipe, image, (0, 1)).processing[0]
+    wide = call(pipe, image, (0, 1), camera_degrees=45).processing[0]
+    assert plain.scale == pytest.approx(32 / found) and wide.scale == pytest.approx(48 / found)
+    assert wide.size == (round(40 * 48 / found),) * 2
+    pipe.save_pretrained(tmp_path / "seg")
+    assert SegmentationEnsemblePipeline.from_pretrained(tmp_path / "seg").config.field_of_view_degrees == 30
+    with pytest.raises(ValueError, match="camera_degrees"):
+        call(pipe, image, (0, 1), camera_degrees=45, processing_resolution="native")
+    with pytest.raises(ValueError, match="camera_degrees"):
+        call(pipe, image, (0, 1), camera_degrees=500)
+    with pytest.raises(ValueError, match="field_of_view_degrees"):  # the checkpoint does not know its angle
+        call(segmentation_pipeline(diameter=32), image, (0, 1), camera_degrees=45)
+    with pytest.raises(ValueError, match="field_of_view_degrees"):
+        SegmentationEnsemblePipeline(unet=tiny_unet(), scheduler=DDIMScheduler(num_train_timesteps=100),
+                                     field_of_view_degrees=-3)
+    # the feature pipeline, the same rule
+    base = tiny_diffusion_features()
+    features = DiffusionFeaturePipeline(unet=base.unet, scheduler=base.scheduler, head=decisive_head(),
+                                        field_of_view_diameter=32, field_of_view_degrees=30)
+    features.set_progress_bar_config(disable=True)
+    out = features(photo(40, 40, 24, seed=1), output="segmentation", camera_degrees=45, generator=seeded(0))
+    assert out.processing[0].scale == pytest.approx(48 / found) and out.masks.shape == (1, 40, 40)
+
+
 def test_the_diameter_of_a_field_of_view_cut_by_the_frame_comes_from_a_circle_fit():
     """Many cameras crop the top and bottom of the circle, and crops cut it on every side: the bounding box then
     under-states the diameter, the fitted circle does not."""

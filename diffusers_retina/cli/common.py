@@ -18,7 +18,6 @@ import torch
 import diffusers
 import diffusers_retina
 from diffusers_retina.data import DataError, read_image
-from diffusers_retina.image_processing import PROCESSING_MODES
 from diffusers_retina.pipelines import SegmentationEnsemblePipeline
 from diffusers_retina.pipelines.sampling import AUTO_BATCH
 from diffusers_retina.sharded_inference import (
@@ -29,6 +28,13 @@ from diffusers_retina.sharded_inference import (
     WorkItem,
     make_batches,
     process_state,
+)
+
+from .processing import (
+    add_processing_resolution_argument,
+    check_processing_flags,
+    processing_call_kwargs,
+    processing_note,
 )
 
 #: The embedded reference checkpoint, trained by ``training/train_segmentation_ensemble.py``.
@@ -63,6 +69,7 @@ _FLAG_NAMES: Dict[str, str] = {
     "`batch_size`": "--batch-size",
     "`tile_size`": "--tile-size",
     "`tile_overlap`": "--tile-overlap",
+    "`camera_degrees`": "--camera-degrees",
 }
 
 
@@ -111,26 +118,6 @@ def batch_size_argument(text: str) -> Union[int, str]:
         return positive_int(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a positive integer or {AUTO_BATCH!r}, got {text!r}") from None
-
-
-def processing_resolution_argument(text: str) -> Union[int, str]:
-    """``--processing-resolution``: ``auto``, ``native`` or the longer side in pixels (an integer >= 8)."""
-    if text in PROCESSING_MODES:
-        return text
-    if not text.isdigit() or int(text) < 8:
-        raise argparse.ArgumentTypeError(f"expected 'auto', 'native' or a longer side in pixels (>= 8), got {text!r}")
-    return int(text)
-
-
-def add_processing_resolution_argument(parser: argparse.ArgumentParser) -> None:
-    """``--processing-resolution`` (the pipelines' ``processing_resolution``), shared by every segmenting command."""
-    parser.add_argument("--processing-resolution", type=processing_resolution_argument, default="auto",
-                        metavar="auto|native|PIXELS",
-                        help="the size photographs are segmented at; outputs come back at the input's size. auto: "
-                        "the photograph's field of view is resized to span the checkpoint's training diameter (920 px "
-                        "for the CHASE_DB1 references; within 5%% the photograph is kept; a crop without a dark "
-                        "surround is only shrunk to that size; checkpoints that record no diameter run natively); "
-                        "native: as given; PIXELS: the longer side (default: auto)")
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -289,6 +276,7 @@ def check_pipeline_settings(pipe: SegmentationEnsemblePipeline, args: argparse.N
     try:
         pipe.check_inputs(args.ensemble_size, fusion, threshold, args.batch_size, args.tile_size or None,
                           tile_overlap, "pil", ["latents"])
+        check_processing_flags(pipe, args)
     except ValueError as error:
         message = str(error)
         for name, flag in _FLAG_NAMES.items():
@@ -423,15 +411,6 @@ def image_group(channels: int) -> Callable[[WorkItem], Tuple[Tuple[int, ...], st
     return group_of
 
 
-def processing_note(row: Dict[str, Any]) -> str:
-    """`` (segmented at HxW, xS by field of view)`` for a row whose image was resized (``--processing-resolution``),
-    else nothing."""
-    if row.get("processing_basis") in (None, "native"):
-        return ""
-    return (f" (segmented at {row['processing_height']}x{row['processing_width']}, x{row['processing_scale']:.2f} by "
-            f"{row['processing_basis'].replace('_', ' ')})")
-
-
 def describe_image_row(output_dir: Path) -> Callable[[Dict[str, Any]], str]:
     """The progress line of one finished image: its size (and processing size), time and output stem."""
     return lambda row: (f"{row['height']}x{row['width']}{processing_note(row)}, {row['seconds']:.2f} s -> "
@@ -491,7 +470,7 @@ def run_folder_command(
 
 def pipeline_call_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The ``SegmentationEnsemblePipeline`` call arguments of the shared segmentation flags (``segment``, ``measure``,
-    ``demo``): steps, ensemble size, fusion, threshold, batch size, tiles and processing resolution."""
+    ``demo``): steps, ensemble size, fusion, threshold, batch size, tiles, processing resolution and camera angle."""
     return dict(num_inference_steps=args.steps, ensemble_size=args.ensemble_size, fusion=args.fusion,
                 threshold=args.threshold, batch_size=args.batch_size, tile_size=args.tile_size or None,
-                tile_overlap=args.tile_overlap, processing_resolution=args.processing_resolution)
+                tile_overlap=args.tile_overlap, **processing_call_kwargs(args))

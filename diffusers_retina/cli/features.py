@@ -44,7 +44,6 @@ from .common import (
     add_device_argument,
     add_folder_run_arguments,
     add_image_input_arguments,
-    add_processing_resolution_argument,
     apply_threads,
     check_output_dir,
     collect_inputs,
@@ -57,6 +56,7 @@ from .common import (
     resolve_device,
     run_folder_command,
 )
+from .processing import add_processing_resolution_argument, check_processing_flags, processing_call_kwargs
 
 #: The embedded feature-head reference checkpoint, trained by ``training/train_feature_head.py``.
 DEFAULT_FEATURE_PIPELINE: Path = (Path(diffusers_retina.__file__).resolve().parents[1] / "checkpoints"
@@ -163,6 +163,11 @@ def check_feature_settings(pipe: DiffusionFeaturePipeline, args: argparse.Namesp
         if tile_size % pipe.size_multiple:
             raise CLIError(f"--tile-size {tile_size} must be a multiple of {pipe.size_multiple} (the UNet's "
                            "down-sampling factor).")
+    if output == "segmentation":
+        try:
+            check_processing_flags(pipe, args)
+        except ValueError as error:
+            raise CLIError(str(error).replace("`camera_degrees`", "--camera-degrees")) from error
     return {"output": output, "blocks": blocks, "timesteps": timesteps, "policy": policy, "tile_size": tile_size}
 
 
@@ -179,6 +184,7 @@ def run_features(args: argparse.Namespace) -> int:
     output = resolved["output"]
     settings = {"pipeline": source, **resolved, "field_of_view": args.field_of_view if output == "segmentation"
                 else None, "processing_resolution": args.processing_resolution if output == "segmentation" else None,
+                "camera_degrees": args.camera_degrees if output == "segmentation" else None,
                 "seed": args.seed, "feature_dtype": args.feature_dtype,
                 "dtype": args.dtype, "image_batch_size": args.image_batch_size, "device": str(device),
                 "diffusers_retina_version": diffusers_retina.__version__}
@@ -193,7 +199,7 @@ def run_features(args: argparse.Namespace) -> int:
                       timesteps=resolved["timesteps"], policy=resolved["policy"], output=output, seed=args.seed,
                       feature_dtype=FEATURE_DTYPES[args.feature_dtype], tile_size=resolved["tile_size"],
                       field_of_view="auto" if args.field_of_view else False,
-                      **({"processing_resolution": args.processing_resolution} if output == "segmentation" else {}))
+                      **(processing_call_kwargs(args) if output == "segmentation" else {}))
         rows = []
         for index, (item, image) in enumerate(zip(batch, images)):
             height, width = image.shape[:2]

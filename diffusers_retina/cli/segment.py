@@ -52,12 +52,12 @@ from .common import (
     open_unit_float,
     overlap_fraction,
     pipeline_call_kwargs,
-    processing_note,
     read_input_image,
     resolve_device,
     resolve_steps,
     run_folder_command,
 )
+from .processing import processing_note
 
 def _nifti_or_cli_error(paths: Sequence[Union[str, Path]], name: Optional[str] = None) -> NiftiCase:
     """:func:`diffusers_retina.data.nifti_case`, its errors (and a missing nibabel) as CLIErrors."""
@@ -217,6 +217,7 @@ def _settings(args: argparse.Namespace, pipe: SegmentationEnsemblePipeline, sour
         "tile_size": args.tile_size or None,
         "tile_overlap": args.tile_overlap,
         "processing_resolution": args.processing_resolution,
+        "camera_degrees": args.camera_degrees,
         "input_transform": transform_name(pipe.config.get("input_transform")),
         "seed": args.seed,
         "batch_size": args.batch_size,

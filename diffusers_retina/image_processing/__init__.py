@@ -37,6 +37,7 @@ from .field_of_view import (
     PROCESSING_MODES,
     SCALE_TOLERANCE,
     ProcessingPlan,
+    check_field_of_view_degrees,
     check_processing_resolution,
     downscale,
     field_of_view_diameter,
@@ -45,6 +46,7 @@ from .field_of_view import (
     fill_outside_field_of_view,
     plan_processing,
     plan_processing_batch,
+    processing_diameter,
     rescale_to_field_of_view,
 )
 from .intensity import (
@@ -70,6 +72,7 @@ __all__ = [
     "ImageTooLargeError",
     "MaskInput",
     "RetinaImageProcessor",
+    "check_field_of_view_degrees",
     "check_pixel_count",
     "check_processing_resolution",
     "apply_source_intensity_transform",
@@ -95,6 +98,7 @@ __all__ = [
     "plan_processing",
     "plan_processing_batch",
     "prepare_masks",
+    "processing_diameter",
     "source_intensity_transform",
     "tensor_to_source_intensities",
     "transform_name",

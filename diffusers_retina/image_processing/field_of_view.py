@@ -197,6 +197,39 @@ def check_processing_resolution(processing_resolution: Union[int, str, None]) ->
                          f"pixels), got {processing_resolution!r}.")
 
 
+def check_field_of_view_degrees(value, name: str = "field_of_view_degrees") -> None:
+    """``None`` or a field-of-view angle in degrees (a number in [10, 200]: fundus cameras span 20-60°, wide-field
+    ones up to 200°); ``ValueError`` naming ``name`` otherwise."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 10 <= value <= 200:
+        raise ValueError(f"`{name}` must be None or a field-of-view angle in degrees (a number in [10, 200], e.g. 45 "
+                         f"for most non-mydriatic cameras), got {value!r}.")
+
+
+def processing_diameter(training_diameter: Optional[int], training_degrees: Optional[float] = None,
+                        camera_degrees: Optional[float] = None) -> Optional[int]:
+    """The field-of-view diameter ``processing_resolution="auto"`` brings a photograph to: the training photographs'
+    ``training_diameter``; or, when the photograph's camera angle ``camera_degrees`` is known, the training
+    photographs' pixels per degree times that angle (``training_diameter * camera_degrees / training_degrees``), so
+    that a wider camera's vessels get the width in pixels the model learnt, not just its circle the training size.
+
+    Example:
+        >>> processing_diameter(920, 30, 45)  # a 45-degree photograph of a model trained at 920 px over 30 degrees
+        1380
+        >>> processing_diameter(920)
+        920
+    """
+    if camera_degrees is None:
+        return training_diameter
+    check_field_of_view_degrees(camera_degrees, "camera_degrees")
+    if training_diameter is None or training_degrees is None:
+        raise ValueError("`camera_degrees` needs a checkpoint that records the field-of-view diameter and angle of its "
+                         "training photographs (`field_of_view_diameter`, `field_of_view_degrees` in its config); "
+                         f"this one records {training_diameter!r} px and {training_degrees!r} degrees.")
+    return int(round(training_diameter * camera_degrees / training_degrees))
+
+
 def plan_processing(image: np.ndarray, processing_resolution: Union[int, str, None],
                     training_diameter: Optional[int], tolerance: float = SCALE_TOLERANCE) -> ProcessingPlan:
     """The :class:`ProcessingPlan` of one image (``(H, W[, C])``, as :func:`field_of_view_mask` takes it) under

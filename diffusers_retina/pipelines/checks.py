@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from ..image_processing import processing_diameter
 from ..models import PriorFeatureRefinerModel, segmenter_feature_channels
 
 
@@ -48,6 +49,18 @@ def check_field_of_view_diameter(value, name: str = "field_of_view_diameter") ->
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 8:
         raise ValueError(f"`{name}` must be None or the training photographs' field-of-view diameter in pixels "
                          f"(an int >= 8), got {value!r}.")
+
+
+def auto_processing_diameter(config, processing_resolution, camera_degrees: Optional[float]) -> Optional[int]:
+    """The field-of-view diameter a segmenting pipeline's ``processing_resolution="auto"`` aims at: its checkpoint's
+    ``field_of_view_diameter``, or with ``camera_degrees`` the checkpoint's pixels per degree times that angle
+    (:func:`diffusers_retina.image_processing.processing_diameter`). ``camera_degrees`` with another
+    ``processing_resolution`` is an error (it would be ignored)."""
+    if camera_degrees is not None and processing_resolution != "auto":
+        raise ValueError(f"`camera_degrees` ({camera_degrees!r}) sets the scale of processing_resolution='auto'; got "
+                         f"processing_resolution={processing_resolution!r}.")
+    return processing_diameter(config.get("field_of_view_diameter"), config.get("field_of_view_degrees"),
+                               camera_degrees)
 
 
 def check_feature_refiner(unet: PriorFeatureRefinerModel, prior, anchor: Optional[str]) -> None:

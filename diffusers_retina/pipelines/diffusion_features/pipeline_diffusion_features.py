@@ -35,13 +35,14 @@ from ...image_processing import (
     ImageInput,
     ProcessingPlan,
     RetinaImageProcessor,
+    check_field_of_view_degrees,
     check_processing_resolution,
     field_of_view_masks,
     fill_outside_field_of_view,
     pad_to_multiple,
     prepare_images,
 )
-from ..checks import check_field_of_view_diameter, check_finite_output
+from ..checks import auto_processing_diameter, check_field_of_view_diameter, check_finite_output
 from ..pipeline_utils import RetinaPipelineMixin
 from ..sampling import blend_windows, per_sample_generators, processing_groups
 from ...feature_cache import cached_extract
@@ -105,17 +106,21 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
             features; its config names the blocks, timesteps and policy it was trained with.
         field_of_view_diameter: the field-of-view diameter, in pixels, of the photographs the head learnt from
             (``processing_resolution="auto"`` brings every photograph to it); None: unknown.
+        field_of_view_degrees: the field-of-view angle of those photographs (30 for CHASE_DB1; a call's
+            ``camera_degrees`` then matches pixels per degree); None: unknown.
     """
 
     model_cpu_offload_seq = "unet->head"
     _optional_components = ["head"]
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin, head: Optional[torch.nn.Module] = None,
-                 field_of_view_diameter: Optional[int] = None):
+                 field_of_view_diameter: Optional[int] = None, field_of_view_degrees: Optional[float] = None):
         super().__init__()
         check_field_of_view_diameter(field_of_view_diameter)
+        check_field_of_view_degrees(field_of_view_degrees)
         self.register_modules(unet=unet, scheduler=scheduler, head=head)
-        self.register_to_config(field_of_view_diameter=field_of_view_diameter)
+        self.register_to_config(field_of_view_diameter=field_of_view_diameter,
+                                field_of_view_degrees=field_of_view_degrees)
         self.image_processor = RetinaImageProcessor(size_multiple=self.size_multiple)
 
     def set_head(self, head: Optional[torch.nn.Module]) -> None:
@@ -215,15 +220,16 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
 
     def segment_photographs(self, images: torch.Tensor, field_of_view, processing_resolution: Union[int, str, None],
                             tile_size: Optional[int] = None, tile_overlap: float = 0.25,
-                            **extract_kwargs: Any) -> DiffusionFeaturePipelineOutput:
+                            camera_degrees: Optional[float] = None, **extract_kwargs: Any
+                            ) -> DiffusionFeaturePipelineOutput:
         """``output="segmentation"`` on prepared (unpadded) ``images``: each group of images that share a processing
         size (``processing_resolution``) is resized there, filled outside its field of view, padded and segmented
         (:meth:`segment`); probabilities and uncertainty come back at the input's size (bilinear) and are restricted
         to the field of view found at that size."""
         size = tuple(images.shape[-2:])
         fov = self._field_of_view(field_of_view, images)
-        plans = self.image_processor.plan_processing(images, processing_resolution,
-                                                     self.config.get("field_of_view_diameter"))
+        plans = self.image_processor.plan_processing(images, processing_resolution, auto_processing_diameter(
+            self.config, processing_resolution, camera_degrees))
         groups = processing_groups(plans)
         generator = extract_kwargs.get("generator")
         draws = extract_kwargs.get("num_noise_draws", 1) if extract_kwargs.get("policy") == "noise" else 1
@@ -278,6 +284,7 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
         tile_overlap: float = 0.25,
         field_of_view: Union[str, bool, np.ndarray, torch.Tensor, None] = "auto",
         processing_resolution: Union[int, str, None] = "auto",
+        camera_degrees: Optional[float] = None,
         return_dict: bool = True,
     ) -> Union[DiffusionFeaturePipelineOutput, tuple]:
         r"""Extract features, or segment with the head.
@@ -321,6 +328,9 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
                 without a dark surround the image is only shrunk), the rule of ``SegmentationEnsemblePipeline``;
                 ``None`` / ``"native"``: as given; an int: the longer side in pixels. Features (``output="features"``)
                 are always read at the image's own size.
+            camera_degrees: with ``"auto"``, the field-of-view angle of the camera that took the photographs (e.g.
+                45): the checkpoint's pixels per degree are matched instead of its diameter (as in
+                ``SegmentationEnsemblePipeline``); needs a checkpoint that records ``field_of_view_degrees``.
             return_dict: return a [`DiffusionFeaturePipelineOutput`] instead of a tuple.
 
         Examples:
@@ -343,7 +353,7 @@ class DiffusionFeaturePipeline(FeatureExtractionMixin, RetinaPipelineMixin, Diff
             result = self.extract_features(images, **extract_kwargs)
         else:
             result = self.segment_photographs(images, field_of_view, processing_resolution, tile_size, tile_overlap,
-                                              **extract_kwargs)
+                                              camera_degrees, **extract_kwargs)
         self.maybe_free_model_hooks()
         if not return_dict:
             return result.to_tuple()  # the fields that are set, in order

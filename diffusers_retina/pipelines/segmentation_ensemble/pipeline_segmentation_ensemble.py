@@ -46,6 +46,7 @@ from ...image_processing import (
     ProcessingPlan,
     RetinaImageProcessor,
     diffusion_to_probabilities,
+    check_field_of_view_degrees,
     check_processing_resolution,
     check_source_intensity_transform,
     pad_to_multiple,
@@ -53,6 +54,7 @@ from ...image_processing import (
     tensor_to_source_intensities,
 )
 from ..checks import (
+    auto_processing_diameter,
     check_feature_refiner,
     check_field_of_view_diameter,
     check_finite_output,
@@ -145,10 +147,10 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         default_threshold: ``threshold`` when the call does not give it (chosen on training data); None: 0.5.
         field_of_view_diameter: the field-of-view diameter, in pixels, of the photographs the models learnt from
             (``processing_resolution="auto"`` brings every photograph to it); None: unknown.
-        input_transform: an intensity transform every input goes through first
-            (:func:`diffusers_retina.image_processing.source_intensity_transform`: inversion and/or histogram matching
-            to the source photographs' stored quantiles). Written by the adaptation workflow when its segmenter was
-            fine-tuned in the source's intensity space (e.g. angiograms read inverted); None: inputs as given.
+        field_of_view_degrees: their field-of-view angle (30 for CHASE_DB1; for a call's ``camera_degrees``).
+        input_transform: an intensity transform every input goes through first (``image_processing.
+            source_intensity_transform``: inversion and/or histogram matching to stored source quantiles), written by
+            the adaptation workflow when it fine-tuned in the source's intensity space; None: inputs as given.
 
     Masks have one channel (binary, ``2m - 1``) or ``K`` one-hot channels in ``[-1, 1]`` (``K`` classes).
     """
@@ -161,7 +163,8 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
                  scheduler: SchedulerMixin, prior: Optional[UNet2DModel] = None, anchor: Optional[str] = None,
                  anchor_strength: float = 1.0,
                  default_denoising_steps: Optional[int] = None, default_threshold: Optional[float] = None,
-                 field_of_view_diameter: Optional[int] = None, input_transform: Optional[Dict[str, Any]] = None):
+                 field_of_view_diameter: Optional[int] = None, field_of_view_degrees: Optional[float] = None,
+                 input_transform: Optional[Dict[str, Any]] = None):
         super().__init__()
         if isinstance(unet, PriorFeatureRefinerModel):
             check_feature_refiner(unet, prior, anchor)
@@ -178,11 +181,13 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         if default_threshold is not None and not 0.0 < default_threshold < 1.0:
             raise ValueError(f"`default_threshold` must lie in (0, 1), got {default_threshold!r}.")
         check_field_of_view_diameter(field_of_view_diameter)
+        check_field_of_view_degrees(field_of_view_degrees)
         check_source_intensity_transform(input_transform)
         self.register_modules(unet=unet, scheduler=scheduler, prior=prior)
         self.register_to_config(anchor=anchor, anchor_strength=float(anchor_strength),
                                 default_denoising_steps=default_denoising_steps, default_threshold=default_threshold,
-                                field_of_view_diameter=field_of_view_diameter, input_transform=input_transform)
+                                field_of_view_diameter=field_of_view_diameter,
+                                field_of_view_degrees=field_of_view_degrees, input_transform=input_transform)
         self.image_processor = RetinaImageProcessor(size_multiple=self.size_multiple)
         if prior is not None:
             if prior.config.out_channels != 1 or self.mask_channels != 1:
@@ -378,6 +383,7 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         tile_size: Optional[int] = None,
         tile_overlap: float = 0.25,
         processing_resolution: Union[int, str, None] = "auto",
+        camera_degrees: Optional[float] = None,
         output_type: str = "pil",
         return_members: bool = False,
         return_dict: bool = True,
@@ -422,6 +428,9 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
                 shrunk, to a longer side of at most that diameter; a checkpoint that records no diameter segments
                 natively. ``None`` or ``"native"``: as given. An int: the longer side in pixels.
                 ``output.processing`` says what each image got.
+            camera_degrees: the camera's field-of-view angle (e.g. 45), when known: ``"auto"`` then matches the
+                checkpoint's pixels per degree (``field_of_view_diameter / field_of_view_degrees``), not its diameter,
+                so a wider camera's vessels get the width the models learnt.
             output_type: ``"pil"``, ``"np"`` or ``"pt"``.
             return_members: also return each member's probabilities.
             return_dict: return a [`SegmentationEnsemblePipelineOutput`] instead of a tuple.
@@ -452,8 +461,8 @@ class SegmentationEnsemblePipeline(RetinaPipelineMixin, DiffusionPipeline):
         num_images, size = images.shape[0], tuple(images.shape[-2:])
         generators = per_sample_generators(generator, num_images * ensemble_size, device,
                                            "member and image (images x ensemble_size)")
-        plans = self.image_processor.plan_processing(images, processing_resolution,
-                                                     self.config.get("field_of_view_diameter"))
+        plans = self.image_processor.plan_processing(images, processing_resolution, auto_processing_diameter(
+            self.config, processing_resolution, camera_degrees))
         groups = processing_groups(plans)
         anchor = self.config.get("anchor") if self.prior is not None else None
 
