@@ -1,7 +1,9 @@
 """The hard camera-shift benchmark: CHASE_DB1's 8 test photographs re-taken as other cameras would take them
 (``diffusers_retina.data.camera_shift.CAMERA_SHIFTS``: two wide-angle cameras at 565 and 768 px, vignetting and uneven
 illumination, another colour response, defocus, JPEG at quality 35, and all together), each model segmenting at
-``--processing-resolution native`` and ``auto`` (its field of view resized to the training diameter).
+``--processing-resolution native`` and ``auto`` (its field of view resized to the training diameter) and, with
+``--processing-resolutions auto-degrees``, ``auto`` given the camera's angle (``camera_degrees``: the shift's
+field-of-view angle, 30 for the shifts that keep CHASE_DB1's camera), which matches the training pixels per degree.
 
 Rows (repeatable, ``LABEL=...``): ``--segmenter LABEL=DIR`` (a deterministic ``UNet2DModel``; its training diameter from
 its ``training_info.json``) and ``--diffusion LABEL=DIR@STEPS`` (a ``SegmentationEnsemblePipeline``, ``--ensemble-size``
@@ -38,11 +40,17 @@ from diffusers_retina.adaptation import fit_logit_bias, shift_logits  # noqa: E4
 from diffusers_retina.data import chase_db1  # noqa: E402
 from diffusers_retina.hub import recorded_training_args  # noqa: E402
 from diffusers_retina.data.camera_shift import CAMERA_SHIFTS, apply_camera_shift  # noqa: E402
-from diffusers_retina.image_processing import RetinaImageProcessor, field_of_view_mask  # noqa: E402
+from diffusers_retina.image_processing import (  # noqa: E402
+    RetinaImageProcessor,
+    field_of_view_mask,
+    processing_diameter,
+)
 from diffusers_retina.metrics import MetricAccumulator, negative_log_likelihood  # noqa: E402
 from diffusers_retina.pipelines.sampling import segmenter_probabilities  # noqa: E402
 
 NONE = "none"
+AUTO_DEGREES = "auto-degrees"  # "auto" given the camera's field-of-view angle
+SOURCE_DEGREES = 30.0  # CHASE_DB1's camera
 SHIPPED_SEGMENTER = Path(__file__).resolve().parents[1] / "checkpoints" / "vessel-segmenter-chase"
 
 
@@ -56,7 +64,7 @@ def parse_args(argv=None):
     parser.add_argument("--tile-size", type=int, default=256)
     parser.add_argument("--shifts", nargs="+", default=[NONE, *CAMERA_SHIFTS], choices=[NONE, *CAMERA_SHIFTS])
     parser.add_argument("--processing-resolutions", nargs="+", default=["native", "auto"],
-                        choices=["native", "auto"])
+                        choices=["native", "auto", AUTO_DEGREES])
     parser.add_argument("--split", default="test", choices=["train", "test"],
                         help="CHASE_DB1 split the photographs come from (train: a development set for choosing "
                              "settings without touching the test photographs).")
@@ -92,6 +100,12 @@ def segmenter_diameter(path: str) -> Optional[int]:
     return recorded_training_value(path, "field_of_view_diameter")
 
 
+def camera_degrees_of(shift: str) -> float:
+    """The field-of-view angle of the camera a shift simulates (CHASE_DB1's own 30° for the photometric shifts)."""
+    degrees = CAMERA_SHIFTS[shift].field_of_view_degrees if shift != NONE else None
+    return float(degrees) if degrees is not None else SOURCE_DEGREES
+
+
 def build_rows(args, device) -> List[Tuple[str, Callable]]:
     """``(label, predict(image (3, H, W) in [-1, 1], mode) -> (probability (H, W), threshold))`` per row."""
     rows = []
@@ -99,11 +113,13 @@ def build_rows(args, device) -> List[Tuple[str, Callable]]:
     for spec in args.segmenter:
         label, path = spec.split("=", 1)
         unet, diameter = load_unet(path, device), segmenter_diameter(path)
+        degrees = recorded_training_value(path, "field_of_view_degrees")
 
-        def predict(image, mode, unet=unet, diameter=diameter):
+        def predict(image, mode, camera_degrees=None, unet=unet, diameter=diameter, degrees=degrees):
             # the pipelines' rule, applied around a bare U-Net
             images = image[None].to(device)
-            plan = RetinaImageProcessor.plan_processing(images, mode, diameter)[0]
+            target = processing_diameter(diameter, degrees, camera_degrees)
+            plan = RetinaImageProcessor.plan_processing(images, mode, target)[0]
             resized = RetinaImageProcessor.resize(images, plan.size)
             probability = segmenter_probabilities(unet, resized, **tiles)
             return RetinaImageProcessor.resize(probability, tuple(image.shape[-2:]), mode="bilinear")[0, 0], \
@@ -111,10 +127,10 @@ def build_rows(args, device) -> List[Tuple[str, Callable]]:
 
         rows.append((label, predict))
     for label, _, pipe, threshold, step_count in _common.pipeline_rows(args.pipelines, device, args.threshold):
-        def predict(image, mode, pipe=pipe, step_count=step_count, threshold=threshold):
+        def predict(image, mode, camera_degrees=None, pipe=pipe, step_count=step_count, threshold=threshold):
             out = pipe((image + 1) / 2, num_inference_steps=step_count, ensemble_size=args.ensemble_size,
                        threshold=threshold, generator=_common.generator(args.seed), batch_size="auto",
-                       output_type="pt", processing_resolution=mode, **tiles)
+                       output_type="pt", processing_resolution=mode, camera_degrees=camera_degrees, **tiles)
             return out.probabilities[0, 0], threshold
 
         rows.append((label, predict))
@@ -163,7 +179,10 @@ def main(argv=None):
             for label, predict in rows:
                 for mode in args.processing_resolutions:
                     start = time.perf_counter()
-                    probability, threshold = predict(tensor, mode)
+                    if mode == AUTO_DEGREES:
+                        probability, threshold = predict(tensor, "auto", camera_degrees_of(shift))
+                    else:
+                        probability, threshold = predict(tensor, mode)
                     seconds = time.perf_counter() - start
                     probability = probability.float().cpu().numpy().astype(np.float64)
                     scores = score((label, mode, shift), name, probability, threshold, target, valid, seconds)

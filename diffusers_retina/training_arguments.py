@@ -48,6 +48,10 @@ def add_data_arguments(parser: argparse.ArgumentParser, default_resolution: int 
     parser.add_argument("--dataset_id", type=str, default=None,
                         help="The dataset's name for the card's `datasets:` metadata (default: from the provenance file, "
                              "the --dataset_name, or the data folder's name).")
+    parser.add_argument("--field_of_view_degrees", type=float, default=None,
+                        help="The training photographs' field-of-view angle in degrees (CHASE_DB1: 30), recorded with "
+                             "the checkpoint: a pipeline call's camera_degrees then matches pixels per degree. Default: "
+                             "not recorded.")
     parser.add_argument("--image_column", type=str, default="image")
     parser.add_argument("--mask_column", type=str, default="mask")
     parser.add_argument("--image_dir", type=str, default="images")

@@ -69,3 +69,15 @@ def test_diffusers_checkpoints_load_with_diffusers_classes(folder):
     else:
         model = UNet2DModel.from_pretrained(folder)
         assert model.config.out_channels == 1
+
+
+def test_every_segmenting_checkpoint_records_its_training_scale():
+    """The CHASE_DB1 segmenters record the field of view of their training photographs, diameter and angle (30
+    degrees, CHASE_DB1's camera), so that processing_resolution="auto" and camera_degrees work with them."""
+    segmenting = [p for p in PIPELINES if _class_name(p) in ("SegmentationEnsemblePipeline", "DiffusionFeaturePipeline")]
+    assert len(segmenting) >= 5
+    for folder in segmenting:
+        index = json.loads((folder / "model_index.json").read_text())
+        assert 800 <= index["field_of_view_diameter"] <= 1000 and index["field_of_view_degrees"] == 30, folder.name
+    info = json.loads((CHECKPOINTS / "vessel-segmenter-chase" / "training_info.json").read_text())
+    assert info["args"]["field_of_view_degrees"] == 30

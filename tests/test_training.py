@@ -73,13 +73,15 @@ def test_checkpoints_total_limit_and_saved_pipeline(folder_dataset, tmp_path):
         pixels = np.asarray(Image.open(path).convert("RGB")).astype(np.float64) * 0.5 + 100
         Image.fromarray((pixels * disc).astype(np.uint8)).save(path)
     run_training(["--train_data_dir", str(data), *TINY, "--max_train_steps", "4", "--checkpointing_steps", "1",
-                  "--checkpoints_total_limit", "2", "--save_dtype", "float16", "--output_dir", str(out)], REPO)
+                  "--checkpoints_total_limit", "2", "--save_dtype", "float16", "--field_of_view_degrees", "30",
+                  "--output_dir", str(out)], REPO)
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
 
     # the saved pipeline: remote-code layout, fp16 safetensors, training record and model card
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline_segmentation_ensemble", "SegmentationEnsemblePipeline"]
     assert abs(index["field_of_view_diameter"] - 30) <= 1
+    assert index["field_of_view_degrees"] == 30  # the angle it was told, for a call's camera_degrees
     assert list((out / "unet").glob("*.bin")) == []
     info = json.loads((out / "training_info.json").read_text())
     assert info["global_step"] == 4 and "train_segmentation_ensemble.py" in info["command"]

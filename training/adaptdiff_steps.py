@@ -391,6 +391,8 @@ def step_finetune(args, work_dir: Path) -> Dict:
     import train_segmentation_ensemble
     from accelerate import PartialState
 
+    from diffusers_retina.hub import recorded_training_args
+
     output = work_dir / "4-fine-tune"
     data = work_dir / ("1-pseudo-labels" if args.method == "self-training" else "4-data")
     record = finetune_input_transform(args, work_dir)
@@ -412,6 +414,9 @@ def step_finetune(args, work_dir: Path) -> Dict:
         "--mixed_precision", args.mixed_precision, "--seed", str(args.seed), "--report_to", "none",
         "--save_dtype", "float32", "--resume_from_checkpoint", "latest", *shlex.split(args.finetune_args),
     ]
+    degrees = recorded_training_args(args.source_segmenter).get("field_of_view_degrees")
+    if degrees is not None:  # the adapted segmenter learns at the source's scale: it keeps the source's angle
+        flags += ["--field_of_view_degrees", str(degrees)]
     torch.set_grad_enabled(True)
     train_segmentation_ensemble.main(flags)
     return {"command": "python training/train_segmentation_ensemble.py " + " ".join(shlex.quote(f) for f in flags),

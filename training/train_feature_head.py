@@ -69,6 +69,9 @@ def parse_args(argv=None):
     parser.add_argument("--mask_suffix", type=str, default="")
     parser.add_argument("--train_stems", type=str, default=None, help="Glob patterns of the candidate images.")
     parser.add_argument("--num_labelled", type=int, default=5, help="N: the first N candidate images (sorted).")
+    parser.add_argument("--field_of_view_degrees", type=float, default=None,
+                        help="The photographs' field-of-view angle in degrees (CHASE_DB1: 30), recorded in the "
+                             "pipeline's config for a call's camera_degrees. Default: not recorded.")
     parser.add_argument("--crop", type=int, default=128, help="Side of the random crops features are taken from.")
     parser.add_argument("--crops_per_image", type=int, default=8)
     parser.add_argument("--field_of_view", type=int, default=1, choices=[0, 1],
@@ -208,7 +211,8 @@ def main(argv=None):
     photographs = prepare_photographs(items, args)
     # the scale the head learns at: processing_resolution="auto" brings every photograph's field of view to it
     pipe.register_to_config(field_of_view_diameter=training_field_of_view_diameter(
-        ((item["image"] + 1) / 2).permute(1, 2, 0).numpy() for item in items))
+        ((item["image"] + 1) / 2).permute(1, 2, 0).numpy() for item in items),
+        field_of_view_degrees=args.field_of_view_degrees)
     images, masks, fovs, boxes = random_crops(items, photographs, args, pipe.size_multiple)
     logger.info(f"{len(images)} crops of {images.shape[-1]} px from {args.num_labelled} labelled image(s); "
                 f"{fovs.float().mean().item():.1%} of their pixels inside the field of view; features of the "

@@ -476,6 +476,7 @@ def save_pipeline(accelerator, unet, ema_unet, noise_scheduler, args, global_ste
         SegmentationEnsemblePipeline(unet=model, scheduler=inference_scheduler(noise_scheduler),
                                      default_denoising_steps=args.default_denoising_steps,
                                      field_of_view_diameter=getattr(args, "field_of_view_diameter", None),
+                                     field_of_view_degrees=args.field_of_view_degrees,
                                      **anchoring).save_pretrained(args.output_dir)
     extra = {}
     if args.anchor is not None:  # the card names how the prior was made
