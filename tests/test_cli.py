@@ -135,6 +135,11 @@ def test_segment_processing_resolution(tiny_pipeline_dir, tmp_path, capsys):
     assert summary["images"][0]["processing_basis"] == "native"
     expect_error(["segment", str(image), "--output-dir", str(tmp_path / "bad"), "--pipeline", str(tiny_pipeline_dir),
                   "--processing-resolution", "big"], capsys, "--processing-resolution", code=2)
+    # --camera-degrees needs a checkpoint that knows its training angle: refused before anything is written
+    expect_error(["segment", str(image), "--output-dir", str(tmp_path / "angle"), "--pipeline",
+                  str(tiny_pipeline_dir), "--camera-degrees", "45"], capsys, "--camera-degrees",
+                 "field_of_view_degrees")
+    assert not (tmp_path / "angle").exists()
 
 
 def test_segment_folder_and_scheduler(tiny_pipeline_dir, image_folder, tmp_path):

@@ -119,6 +119,10 @@ def test_bad_masks_name_the_file_and_write_nothing(case, tmp_path, capsys):
 
 def test_measure_needs_photographs_or_masks(tmp_path, capsys):
     expect_error(["measure", "--output-dir", str(tmp_path / "out")], capsys, "INPUT", "--masks")
+    # one camera, one angle: the units' angle and the processing scale's angle must agree
+    expect_error(["measure", "--output-dir", str(tmp_path / "out"), "--fov-degrees", "45", "--camera-degrees", "50",
+                  str(tmp_path)], capsys, "--fov-degrees", "--camera-degrees")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -106,7 +106,8 @@ def build_measure_parser(subparsers: "argparse._SubParsersAction") -> argparse.A
     scale.add_argument("--fov-diameter-um", type=positive_float, default=None, metavar="UM",
                        help="the field of view's diameter on the retina in micrometres")
     scale.add_argument("--fov-degrees", type=positive_float, default=None, metavar="DEG",
-                       help="the camera's field-of-view angle (e.g. 30, 45, 50), at 288 um per degree")
+                       help="the camera's field-of-view angle (e.g. 30, 45, 50), at 288 um per degree (units "
+                       "only; --camera-degrees also sets the scale photographs are segmented at)")
     parser.add_argument("--confidence", type=open_unit_float, default=DEFAULT_CONFIDENCE, metavar="C",
                         help="central interval of the member measures (default: 0.9)")
     parser.add_argument("--threshold", type=open_unit_float, default=0.5, metavar="P",
@@ -189,6 +190,9 @@ def _number(value: Optional[float]) -> str:
 def run_measure(args: argparse.Namespace) -> int:
     output_dir: Path = args.output_dir
     check_output_dir(output_dir)
+    if None not in (args.fov_degrees, args.camera_degrees) and args.fov_degrees != args.camera_degrees:
+        raise CLIError(f"--fov-degrees {args.fov_degrees:g} and --camera-degrees {args.camera_degrees:g} name two "
+                       "angles for one camera: give the same angle (or only one of them).")
     scale = dict(pixel_size_um=args.pixel_size_um, fov_diameter_um=args.fov_diameter_um,
                  fov_degrees=args.fov_degrees)
     settings: Dict[str, Any] = {"command": "measure", **scale, "confidence": args.confidence,
