@@ -67,12 +67,12 @@ def load_segmenter(path: str, device):
 def recorded_input_transform(path: str):
     """The ``input_transform`` record a pipeline folder (its config) or a segmenter folder (``training_info.json``)
     keeps; None when it keeps none."""
-    import json
+    from diffusers_retina.hub import TRAINING_INFO, read_json
 
     folder = _common.resolve_path(path)
-    for name in ("model_index.json", "training_info.json"):
+    for name in ("model_index.json", TRAINING_INFO):
         if (folder / name).is_file():
-            return json.loads((folder / name).read_text()).get("input_transform")
+            return (read_json(folder / name) or {}).get("input_transform")
     return None
 
 
@@ -91,8 +91,13 @@ def _files(folder: Path, patterns: str) -> Dict[str, Path]:
 
 
 def build_rows(args, device) -> List[Tuple[str, Callable[[np.ndarray, np.ndarray], np.ndarray], Dict]]:
-    from diffusers_retina.data.modality import INTENSITY_TRANSFORMS, field_of_view_mask, to_source_intensities
-    from diffusers_retina.image_processing import apply_source_intensity_transform, prepare_images
+    from diffusers_retina.data.modality import INTENSITY_TRANSFORMS, field_of_view_mask
+    from diffusers_retina.image_processing import (
+        apply_source_intensity_transform,
+        prepare_images,
+        source_intensity_transform,
+    )
+    from diffusers_retina.image_processing.intensity import MATCHING_QUANTILES
     from diffusers_retina.pipelines.sampling import segmenter_probabilities
 
     source_references = source_fovs = None
@@ -110,16 +115,16 @@ def build_rows(args, device) -> List[Tuple[str, Callable[[np.ndarray, np.ndarray
             source_references = [_unit(p) for p in files]
             source_fovs = [field_of_view_mask(r) for r in source_references]
         segmenter = load_segmenter(path, device)
+        stored = record is not None  # the model's own transform, else the row's, built once for every image
+        record = record or source_intensity_transform(transform, source_references, source_fovs, MATCHING_QUANTILES,
+                                                      decimals=None)
 
-        def predict(image, fov, segmenter=segmenter, transform=transform, record=record):
-            if record is not None:  # the model's own stored transform
-                image = apply_source_intensity_transform(image, record, fov)
-            else:
-                image = to_source_intensities(image, transform, source_references, source_fovs, fov)
+        def predict(image, fov, segmenter=segmenter, record=record):
+            image = apply_source_intensity_transform(image, record, fov)
             pixels = prepare_images(image, segmenter.config.in_channels, "image").to(device)
             return segmenter_probabilities(segmenter, pixels, args.tile_size)[0, 0].cpu().numpy()
 
-        rows.append((label, predict, {"path": path, "transform": transform + (" (stored)" if record else "")}))
+        rows.append((label, predict, {"path": path, "transform": transform + (" (stored)" if stored else "")}))
     return rows
 
 

@@ -108,6 +108,18 @@ def _source_references(args, *transforms: str):
     return references, [field_of_view_mask(r) for r in references]
 
 
+def source_transforms(args, *transforms: str) -> Dict[str, Dict]:
+    """Each transform as a record with the source photographs' quantiles as :func:`to_source_intensities` computes
+    them (``MATCHING_QUANTILES``, unrounded: the same mapping), built once for all the images a step moves and applied
+    with ``apply_source_intensity_transform``."""
+    from diffusers_retina.image_processing import source_intensity_transform
+    from diffusers_retina.image_processing.intensity import MATCHING_QUANTILES
+
+    references, reference_fovs = _source_references(args, *transforms)
+    return {name: source_intensity_transform(name, references, reference_fovs, MATCHING_QUANTILES, decimals=None)
+            for name in transforms}
+
+
 def _candidate_transforms(args) -> List[str]:
     if args.pseudo_label_transform != "auto":
         return [args.pseudo_label_transform]
@@ -122,7 +134,8 @@ def step_pseudo_labels(args, work_dir: Path) -> Dict:
                                              probability_histogram, view_probabilities, vessel_fraction,
                                              working_image)
     from diffusers_retina.data import read_mask
-    from diffusers_retina.data.modality import corrupt_mask, field_of_view_mask, to_source_intensities
+    from diffusers_retina.data.modality import corrupt_mask, field_of_view_mask
+    from diffusers_retina.image_processing import apply_source_intensity_transform
 
     final = work_dir / "1-pseudo-labels"
     partial = _fresh_folder(final)
@@ -131,7 +144,7 @@ def step_pseudo_labels(args, work_dir: Path) -> Dict:
     segmenter = load_segmenter(args.source_segmenter)
     diameter, source_fraction = source_statistics(args)
     candidates = _candidate_transforms(args)
-    references, reference_fovs = _source_references(args, *candidates)
+    records = source_transforms(args, *candidates)
     targets = check_target_folder(Path(args.target_data_dir) / args.target_image_dir, args.target_stems)
 
     def predict(image: np.ndarray) -> np.ndarray:
@@ -160,7 +173,7 @@ def step_pseudo_labels(args, work_dir: Path) -> Dict:
         for path in list(targets.values())[: args.transform_sample]:
             image, _, fov = working(path, keep=True)
             for name in candidates:
-                moved = to_source_intensities(image, name, references, reference_fovs, fov=fov)
+                moved = apply_source_intensity_transform(image, records[name], fov)
                 fractions[name].append(vessel_fraction(predict(moved) > 0.5, fov))
         transform = choose_transform(fractions, source_fraction)
         choice["fractions"] = {name: float(np.mean(values)) for name, values in fractions.items()}
@@ -175,7 +188,7 @@ def step_pseudo_labels(args, work_dir: Path) -> Dict:
         _save_png((image * 255).round().astype(np.uint8), partial / "images" / f"{stem}.png")
         _save_png(fov.astype(np.uint8) * 255, partial / "views" / f"{stem}-fov.png")
         if not args.pseudo_labels_from:
-            moved = to_source_intensities(image, transform, references, reference_fovs, fov=fov)
+            moved = apply_source_intensity_transform(image, records[transform], fov)
             views = view_probabilities(predict, moved)
             np.save(partial / "views" / f"{stem}.npy", (views * 255).round().astype(np.uint8))
             histogram = histogram + probability_histogram(views.mean(axis=0), fov)
@@ -314,7 +327,8 @@ def read_paintings(args, work_dir: Path, segmenter, folder: Path) -> Dict:
     leaves many unreadable: a low Dice, a marked fraction well under the masks'."""
     from diffusers_retina.adaptation import uncontradicted_pixels, view_probabilities, vessel_fraction
     from diffusers_retina.data import read_mask
-    from diffusers_retina.data.modality import field_of_view_mask, to_source_intensities
+    from diffusers_retina.data.modality import field_of_view_mask
+    from diffusers_retina.image_processing import apply_source_intensity_transform
     from diffusers_retina.metrics import dice
 
     def predict(image: np.ndarray) -> np.ndarray:
@@ -322,12 +336,12 @@ def read_paintings(args, work_dir: Path, segmenter, folder: Path) -> Dict:
 
     transform = chosen_transform(args, work_dir)
     threshold = labelling_record(work_dir).get("threshold", 0.5)
-    references, reference_fovs = _source_references(args, transform)
+    record = source_transforms(args, transform)[transform]
     (folder / "confident").mkdir(exist_ok=True)
     scores, marked, masked, counted = [], [], [], []
     for path in sorted((folder / "images").glob("*.png")):
         image, mask = _read_unit_image(path), read_mask(folder / "masks" / path.name, 2) > 0
-        moved = to_source_intensities(image, transform, references, reference_fovs, fov=field_of_view_mask(image))
+        moved = apply_source_intensity_transform(image, record, field_of_view_mask(image))
         views = view_probabilities(predict, moved)
         reading = views.mean(axis=0) > threshold
         counts = uncontradicted_pixels(views, mask, threshold)
@@ -455,7 +469,8 @@ def move_to_source_space(data: Path, final: Path, record: Dict) -> Path:
         (partial / folder).mkdir()
     moved: Dict = {}
     for path in sorted((data / "images").glob("*.png")):
-        key = (os.stat(path).st_dev, os.stat(path).st_ino)
+        status = os.stat(path)
+        key = (status.st_dev, status.st_ino)
         if key not in moved:
             moved[key] = apply_source_intensity_transform(_read_unit_image(path), record)
         _save_png((np.clip(moved[key], 0, 1) * 255).round().astype(np.uint8), partial / "images" / path.name)
@@ -483,7 +498,7 @@ def step_calibrate(args, work_dir: Path) -> Dict:
     and folded into its output layer; then the adapted segmenter, anchored pipeline and AdaptDiffPipeline are
     saved."""
     from diffusers_retina.adaptation import fit_temperature, fold_temperature, logit
-    from diffusers_retina.data.modality import field_of_view_mask, to_source_intensities
+    from diffusers_retina.data.modality import field_of_view_mask
     from diffusers_retina.image_processing import apply_source_intensity_transform
 
     adapted = load_segmenter(str(work_dir / "4-fine-tune" / "unet"))
@@ -492,12 +507,12 @@ def step_calibrate(args, work_dir: Path) -> Dict:
     if args.calibration == "teacher":
         source = load_segmenter(args.source_segmenter)
         transform = chosen_transform(args, work_dir)
-        references, reference_fovs = _source_references(args, transform)
+        teacher_transform = source_transforms(args, transform)[transform]
         logits, teacher, fovs = [], [], []
         for path in list(_stems(work_dir / "1-pseudo-labels" / "images", None).values())[: args.transform_sample]:
             image = _read_unit_image(path)  # already at the working scale
             fov = field_of_view_mask(image)
-            moved = to_source_intensities(image, transform, references, reference_fovs, fov=fov)
+            moved = apply_source_intensity_transform(image, teacher_transform, fov)
             student = probability_map(adapted, apply_source_intensity_transform(image, record, fov), args.tile_size)
             teacher.append(probability_map(source, moved, args.tile_size))
             logits.append(logit(student))

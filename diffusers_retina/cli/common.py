@@ -69,7 +69,6 @@ _FLAG_NAMES: Dict[str, str] = {
     "`batch_size`": "--batch-size",
     "`tile_size`": "--tile-size",
     "`tile_overlap`": "--tile-overlap",
-    "`camera_degrees`": "--camera-degrees",
 }
 
 

@@ -167,7 +167,7 @@ def check_feature_settings(pipe: DiffusionFeaturePipeline, args: argparse.Namesp
         try:
             check_processing_flags(pipe, args)
         except ValueError as error:
-            raise CLIError(str(error).replace("`camera_degrees`", "--camera-degrees")) from error
+            raise CLIError(str(error)) from error
     return {"output": output, "blocks": blocks, "timesteps": timesteps, "policy": policy, "tile_size": tile_size}
 
 

@@ -8,6 +8,7 @@ import argparse
 from typing import Any, Dict, Union
 
 from diffusers_retina.image_processing import PROCESSING_MODES
+from diffusers_retina.pipelines.checks import auto_processing_diameter
 
 
 def processing_resolution_argument(text: str) -> Union[int, str]:
@@ -42,10 +43,11 @@ def processing_call_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 def check_processing_flags(pipe, args: argparse.Namespace) -> None:
     """``--camera-degrees`` against the pipeline, before anything runs: it needs ``--processing-resolution auto`` and
-    a checkpoint that records its training angle (``ValueError`` naming ``camera_degrees``)."""
-    from diffusers_retina.pipelines.checks import auto_processing_diameter
-
-    auto_processing_diameter(pipe.config, args.processing_resolution, getattr(args, "camera_degrees", None))
+    a checkpoint that records its training angle (``ValueError`` naming ``--camera-degrees``)."""
+    try:
+        auto_processing_diameter(pipe.config, args.processing_resolution, getattr(args, "camera_degrees", None))
+    except ValueError as error:
+        raise ValueError(str(error).replace("`camera_degrees`", "--camera-degrees")) from error
 
 
 def processing_note(row: Dict[str, Any]) -> str:

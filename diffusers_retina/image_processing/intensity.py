@@ -17,7 +17,11 @@ import torch
 from .field_of_view import field_of_view_mask, unit_image
 
 
-def reference_quantiles(references, reference_fovs=None, num_quantiles: int = 1025) -> np.ndarray:
+#: Quantile levels of histogram matching to source photographs
+MATCHING_QUANTILES = 1025
+
+
+def reference_quantiles(references, reference_fovs=None, num_quantiles: int = MATCHING_QUANTILES) -> np.ndarray:
     """The pooled intensity quantiles of the source photographs ``references`` (one image or a list), per channel and
     inside each field of view (``reference_fovs``; None: every pixel): a ``(C, num_quantiles)`` float array at evenly
     spaced probabilities from 0 to 1. What :func:`match_histograms` maps onto, and what a checkpoint stores so that
@@ -93,38 +97,26 @@ def _check_transform_name(transform, name: str = "transform") -> None:
         raise ValueError(f"`{name}` must be one of {INTENSITY_TRANSFORMS}, got {transform!r}.")
 
 
-def _moved(array: np.ndarray, transform: str, quantiles, fov: np.ndarray) -> np.ndarray:
-    if "invert" in transform:
-        array = invert_intensity(array, fov)
-    if "histmatch" in transform:
-        array = match_quantiles(array, quantiles, fov)
-    return array
-
-
 def to_source_intensities(image: np.ndarray, transform: str, references: Optional[list] = None,
                           reference_fovs: Optional[list] = None, fov: Optional[np.ndarray] = None) -> np.ndarray:
     """A target image moved towards the source's intensities by a simple transform: ``none``, ``invert``
     (:func:`invert_intensity`), ``histmatch`` (:func:`match_histograms` to the pooled histogram of the source
     photographs ``references``) or ``invert+histmatch`` (both, in that order). The simple baselines of adaptation,
-    and a way to get usable pseudo-labels from a source segmenter that cannot read the raw target."""
-    _check_transform_name(transform)
-    array = unit_image(image, "image")
-    fov = field_of_view_mask(array) if fov is None else np.asarray(fov, dtype=bool)
-    quantiles = None
-    if "histmatch" in transform:
-        if not references:
-            raise ValueError(f"`transform={transform!r}` needs source `references` to match the histogram to.")
-        quantiles = reference_quantiles(list(references), reference_fovs)
-    return _moved(array, transform, quantiles, fov)
+    and a way to get usable pseudo-labels from a source segmenter that cannot read the raw target. Moving many images
+    the same way, build the record once (``source_intensity_transform(..., num_quantiles=MATCHING_QUANTILES,
+    decimals=None)``: the same mapping) and apply it with :func:`apply_source_intensity_transform`."""
+    record = source_intensity_transform(transform, references, reference_fovs, MATCHING_QUANTILES, decimals=None)
+    return apply_source_intensity_transform(image, record, fov)
 
 
 def source_intensity_transform(transform: str, references: Optional[list] = None,
-                               reference_fovs: Optional[list] = None,
-                               num_quantiles: int = STORED_QUANTILES) -> Dict[str, Any]:
+                               reference_fovs: Optional[list] = None, num_quantiles: int = STORED_QUANTILES,
+                               decimals: Optional[int] = 6) -> Dict[str, Any]:
     """:func:`to_source_intensities` as a JSON-able record a checkpoint keeps, so that it moves its inputs without
     the source photographs: ``{"transform": NAME, "reference_quantiles": [[...], ...] or None}`` (the references'
-    pooled quantiles per channel, :func:`reference_quantiles`, rounded to 6 decimals). Apply it with
-    :func:`apply_source_intensity_transform`; pipelines take it as their ``input_transform``.
+    pooled ``num_quantiles`` quantiles per channel, :func:`reference_quantiles`, rounded to ``decimals``; None: as
+    computed). Apply it with :func:`apply_source_intensity_transform`; pipelines take it as their
+    ``input_transform``.
 
     Example:
         >>> photo = np.zeros((32, 32, 3)); photo[4:28, 4:28] = (0.8, 0.4, 0.2)
@@ -138,7 +130,7 @@ def source_intensity_transform(transform: str, references: Optional[list] = None
         if not references:
             raise ValueError(f"`transform={transform!r}` needs source `references` to match the histogram to.")
         table = reference_quantiles(list(references), reference_fovs, num_quantiles)
-        quantiles = [[round(float(v), 6) for v in row] for row in table]
+        quantiles = [[float(v) if decimals is None else round(float(v), decimals) for v in row] for row in table]
     return {"transform": transform, "reference_quantiles": quantiles}
 
 
@@ -179,7 +171,11 @@ def apply_source_intensity_transform(image: np.ndarray, record: Optional[Dict[st
     if record is None or record["transform"] == "none":
         return array.astype(np.float32)
     fov = field_of_view_mask(array) if fov is None else np.asarray(fov, dtype=bool)
-    return _moved(array, record["transform"], record["reference_quantiles"], fov).astype(np.float32)
+    if "invert" in record["transform"]:
+        array = invert_intensity(array, fov)
+    if "histmatch" in record["transform"]:
+        array = match_quantiles(array, record["reference_quantiles"], fov)
+    return array.astype(np.float32)
 
 
 def tensor_to_source_intensities(images: torch.Tensor, record: Optional[Dict[str, Any]]) -> torch.Tensor:
